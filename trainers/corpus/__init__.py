@@ -1,0 +1,1 @@
+"""Speech corpora: synthesized with espeak-ng over real sentences, or loaded from directories and datasets."""
