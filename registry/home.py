@@ -1,0 +1,42 @@
+"""The project's home directory: imported bases, and (later) the expert registry.
+
+Resolution order: an explicit path, then ``WHISPER_EXPERTS_HOME``, then ``$XDG_CACHE_HOME/whisper-experts``
+(``~/.cache/whisper-experts`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "WHISPER_EXPERTS_HOME"
+
+
+def home_dir(override: str | os.PathLike | None = None) -> Path:
+    """The home directory (not created)."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "whisper-experts"
+
+
+def bases_dir(home: str | os.PathLike | None = None) -> Path:
+    """Where imported base models live: ``<home>/bases/<name>/`` (Hugging Face directories)."""
+    return home_dir(home) / "bases"
+
+
+def ensure_writable(directory: Path, what: str) -> Path:
+    """Create ``directory`` if needed and check it can be written, with an error that says how to fix it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write {what} to {directory} ({e.strerror or e}); choose another location "
+            f"(set {ENV_VAR} or pass --home) or fix its permissions / free disk space"
+        ) from e
+    return directory

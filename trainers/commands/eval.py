@@ -1,0 +1,94 @@
+"""``whisper-experts eval``: WER/CER per language of a base model on a corpus split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trainers.commands.common import split_list
+
+DESCRIPTION = """\
+Decode a corpus split with a base Whisper (batched, greedy unless --beams) and report per language WER and
+CER, raw and normalized with Whisper's BasicTextNormalizer, the utterance count and the real-time factor.
+The language token is forced to each utterance's language, or detected with --language auto (then the
+language-ID accuracy is reported too). Decoding is bounded against runaway repetition; the report says how.
+
+examples:
+  whisper-experts eval --base whisper-base --data data/corpus --split test
+  whisper-experts eval --base whisper-base --data data/corpus --languages de,uk --language auto --out de-uk.json
+  whisper-experts eval --base openai/whisper-small --data data/corpus --limit 20 --batch-size 8
+"""
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoding options shared by commands that decode."""
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per batch (default 16)")
+    p.add_argument("--language", default=None,
+                   help="'auto' to detect each utterance's language, a code to force one; default: the corpus label")
+    p.add_argument("--beams", type=int, default=1, help="beam size (default 1 = greedy)")
+    p.add_argument("--guard", choices=["reference", "duration"], default="reference",
+                   help="bound on new tokens: from reference lengths (default) or audio duration")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="explicit bound, overrides --guard")
+
+
+def decode_options(args):
+    from trainers.evaluation import DecodeOptions
+
+    return DecodeOptions(batch_size=args.batch_size, language=args.language, num_beams=args.beams,
+                         guard=args.guard, max_new_tokens=args.max_new_tokens)
+
+
+def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True) -> dict:
+    """Load base + corpus, evaluate, print the table, optionally write JSON; returns the report dict."""
+    from registry.bases import load_base
+    from trainers.corpus.loading import load_corpus
+    from trainers.evaluation import evaluate, utterances_from_dataset
+
+    if out:
+        out_path = Path(out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if not out_path.parent.is_dir():
+            raise OSError(f"cannot write results to {out_path}: its directory does not exist")
+    corpus = load_corpus(data)
+    if split not in corpus:
+        raise ValueError(f"{data} has no split {split!r}; it has {', '.join(corpus)}")
+    utterances = utterances_from_dataset(corpus[split], languages, limit)
+    if not utterances:
+        raise ValueError(f"no utterances to evaluate in {data} [{split}]")
+    base = load_base(base_spec)
+    if opts.language not in (None, "auto") and base.multilingual and opts.language not in base.languages:
+        raise ValueError(f"unknown language {opts.language!r} for {base.name}; it knows {', '.join(base.languages)}")
+    for lang in sorted({u.language for u in utterances}):
+        if base.multilingual and lang not in base.languages:
+            raise ValueError(f"corpus language {lang!r} is not a Whisper language of {base.name}")
+    report = evaluate(base.model, base.processor, utterances, opts, progress=progress)
+    report.meta.update({"base": base.name, "base_fingerprint": base.fingerprint, "data": str(data), "split": split,
+                        "language_mode": opts.language or "labelled", "num_beams": opts.num_beams})
+    print(report.markdown())
+    print(f"\ndecoding bound: {report.guard}")
+    result = report.as_dict()
+    if out:
+        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return result
+
+
+def _run(args) -> int:
+    run_eval(args.base, args.data, args.split, split_list(args.languages), args.limit, decode_options(args), args.out)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="WER/CER per language on a corpus split", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="whisper-base", help="base model: name, directory or hub id (default whisper-base)")
+    p.add_argument("--data", required=True, help="corpus directory (from `corpus synth` / `corpus from-dir`)")
+    p.add_argument("--split", default="test", help="split to decode (default test)")
+    p.add_argument("--languages", help="comma-separated language codes to keep (default: all)")
+    p.add_argument("--limit", type=int, help="at most N utterances per language")
+    p.add_argument("--out", help="write the JSON report here")
+    add_decode_arguments(p)
+    p.set_defaults(func=_run)

@@ -1,0 +1,276 @@
+"""The evaluation harness: batched greedy decoding and WER/CER per language.
+
+Per language it reports WER and CER both raw (case and punctuation kept) and normalized with Whisper's
+``BasicTextNormalizer`` (the headline figures; CER is the one to read for languages written without spaces),
+the utterance count and the real-time factor (decoding seconds / audio seconds). Error rates are corpus
+level: total edits over total reference words (characters), as jiwer computes them over a list.
+
+Runaway repetition (a known Whisper failure on odd audio) is bounded by ``max_new_tokens``, derived from the
+reference lengths (``guard="reference"``: twice the longest reference of the language in tokens, plus 8) or
+from the audio duration (``guard="duration"``: 8 tokens per second plus 16), and the report says which.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import jiwer
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+from trainers.audio import SAMPLE_RATE, load_audio
+
+_normalizer = BasicTextNormalizer()
+
+
+def normalize(text: str) -> str:
+    """Whisper's basic (language-independent) normalization: lowercase, no punctuation or symbols."""
+    return " ".join(_normalizer(text).split())
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How utterances are decoded. Frozen: derive variants with ``dataclasses.replace``."""
+
+    batch_size: int = 16  # utterances per generate() call
+    language: str | None = None  # force this language token; None: each utterance's own (``auto``: detect)
+    task: str = "transcribe"  # or "translate"
+    num_beams: int = 1  # 1 = greedy
+    guard: str = "reference"  # max_new_tokens bound: "reference" lengths or audio "duration"
+    max_new_tokens: int | None = None  # explicit bound, overrides ``guard``
+
+
+@dataclass
+class Utterance:
+    """One item to decode: audio (16 kHz float32), reference text, language code, an id."""
+
+    id: str
+    audio: np.ndarray
+    text: str
+    language: str
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+@dataclass
+class LanguageResult:
+    """Scores for one language (fractions, not percentages)."""
+
+    language: str
+    n: int
+    wer: float
+    cer: float
+    wer_raw: float
+    cer_raw: float
+    rtf: float
+    audio_seconds: float
+    detected_accuracy: float | None = None  # share of utterances whose detected language was right (auto mode)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("wer", "cer", "wer_raw", "cer_raw", "n", "rtf", "audio_seconds")}
+        if self.detected_accuracy is not None:
+            d["language_id_accuracy"] = self.detected_accuracy
+        return d
+
+
+@dataclass
+class EvalReport:
+    """Per-language results, the decoded hypotheses, and how decoding was bounded."""
+
+    languages: dict[str, LanguageResult]
+    hypotheses: list[dict] = field(default_factory=list)
+    guard: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "meta": {**self.meta, "guard": self.guard},
+            "languages": {k: v.as_dict() for k, v in self.languages.items()},
+            "utterances": self.hypotheses,
+        }
+
+    def markdown(self) -> str:
+        """A Markdown table: one row per language, percentages with one decimal."""
+        head = "| language | n | WER % | CER % | WER raw % | CER raw % | RTF |"
+        if any(r.detected_accuracy is not None for r in self.languages.values()):
+            head += " LID acc % |"
+        rows = [head, "|" + "---|" * (head.count("|") - 1)]
+        for lang, r in sorted(self.languages.items()):
+            row = (f"| {lang} | {r.n} | {100 * r.wer:.1f} | {100 * r.cer:.1f} | {100 * r.wer_raw:.1f} | "
+                   f"{100 * r.cer_raw:.1f} | {r.rtf:.3f} |")
+            if r.detected_accuracy is not None:
+                row += f" {100 * r.detected_accuracy:.1f} |"
+            rows.append(row)
+        return "\n".join(rows)
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Corpus-level WER/CER, raw and normalized. Pairs whose reference is empty after normalization are
+    skipped for the normalized figures (they have no words to get wrong)."""
+    out = {}
+    for suffix, fn in (("_raw", lambda s: " ".join(s.split())), ("", normalize)):
+        pairs = [(fn(r), fn(h)) for r, h in zip(references, hypotheses)]
+        pairs = [(r, h) for r, h in pairs if r]
+        if not pairs:
+            out["wer" + suffix] = out["cer" + suffix] = float("nan")
+            continue
+        refs, hyps = zip(*pairs)
+        out["wer" + suffix] = float(jiwer.wer(list(refs), list(hyps)))
+        out["cer" + suffix] = float(jiwer.cer(list(refs), list(hyps)))
+    return out
+
+
+def _bound(opts: DecodeOptions, tokenizer, utterances: Sequence[Utterance], limit: int) -> tuple[int, str]:
+    if opts.max_new_tokens:
+        return min(opts.max_new_tokens, limit), f"max_new_tokens={min(opts.max_new_tokens, limit)} (explicit)"
+    if opts.guard == "reference" and all(u.text for u in utterances):
+        longest = max(len(tokenizer(u.text, add_special_tokens=False).input_ids) for u in utterances)
+        n = min(2 * longest + 8, limit)
+        return n, f"max_new_tokens={n} (2 x longest reference of {longest} tokens + 8)"
+    seconds = max(u.seconds for u in utterances)
+    n = min(int(math.ceil(8 * seconds)) + 16, limit)
+    return n, f"max_new_tokens={n} (8 tokens/s x {seconds:.1f}s + 16)"
+
+
+@torch.inference_mode()
+def detect_languages(model, features: torch.Tensor, allowed: Iterable[str] | None = None) -> list[tuple[str, float]]:
+    """Whisper's language ID from the first decoder step: (code, probability) per sample.
+
+    Args:
+        features: log-mel features, shape (batch, n_mels, 3000).
+        allowed: restrict the choice to these codes (None: every language the model knows).
+    """
+    gc = model.generation_config
+    lang_to_id = dict(gc.lang_to_id)
+    if allowed is not None:
+        allowed = set(allowed)
+        lang_to_id = {t: i for t, i in lang_to_id.items() if t[2:-2] in allowed}
+    sot = torch.full((features.shape[0], 1), gc.decoder_start_token_id, device=features.device)
+    logits = model(input_features=features, decoder_input_ids=sot).logits[:, -1].float()
+    ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
+    probs = logits[:, ids].softmax(-1)
+    best = probs.argmax(-1)
+    codes = [t[2:-2] for t in lang_to_id]
+    return [(codes[b], float(probs[i, b])) for i, b in enumerate(best.tolist())]
+
+
+@torch.inference_mode()
+def transcribe_batch(model, processor, audios: Sequence[np.ndarray], languages: Sequence[str | None],
+                     opts: DecodeOptions, max_new_tokens: int) -> list[str]:
+    """Decode one batch (each utterance with its own language token; None entries get detected)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    feats = feats.to(device, dtype)
+    kwargs = dict(task=opts.task, max_new_tokens=max_new_tokens, num_beams=opts.num_beams, do_sample=False)
+    if getattr(model.generation_config, "is_multilingual", False):
+        kwargs["language"] = list(languages)
+    else:
+        kwargs.pop("task")
+    out = model.generate(feats, **kwargs)
+    return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOptions = DecodeOptions(),
+             progress: bool = True, on_batch: Callable[[int], None] | None = None) -> EvalReport:
+    """Decode ``utterances`` in length-sorted batches and score them per language.
+
+    Args:
+        model: a ``WhisperForConditionalGeneration`` (with or without experts attached).
+        processor: its ``WhisperProcessor``.
+        utterances: what to decode; each language is bounded and scored separately.
+        opts: decoding options; ``opts.language="auto"`` detects each utterance's language first.
+
+    Returns:
+        An :class:`EvalReport`.
+    """
+    model.eval()
+    limit = model.config.max_target_positions - 4  # room for the <|sot|><|lang|><|task|><|notimestamps|> prompt
+    by_lang: dict[str, list[Utterance]] = {}
+    for u in utterances:
+        by_lang.setdefault(u.language, []).append(u)
+    results: dict[str, LanguageResult] = {}
+    hyps: list[dict] = []
+    guards = []
+    bar = tqdm(total=len(utterances), desc="decoding", unit="utt", disable=not progress)
+    for lang, items in by_lang.items():
+        max_new, guard = _bound(opts, processor.tokenizer, items, limit)
+        guards.append(f"{lang}: {guard}")
+        order = sorted(range(len(items)), key=lambda i: items[i].seconds)
+        texts: dict[int, str] = {}
+        detected: dict[int, tuple[str, float]] = {}
+        decode_seconds = 0.0
+        for start in range(0, len(order), opts.batch_size):
+            idx = order[start:start + opts.batch_size]
+            audios = [items[i].audio for i in idx]
+            t0 = time.perf_counter()
+            if opts.language == "auto" and getattr(model.generation_config, "is_multilingual", False):
+                device = next(model.parameters()).device
+                feats = processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+                found = detect_languages(model, feats.to(device, next(model.parameters()).dtype))
+                langs = [c for c, _ in found]
+                detected.update(zip(idx, found))
+            else:
+                langs = [opts.language or items[i].language for i in idx]
+            out = transcribe_batch(model, processor, audios, langs, opts, max_new)
+            decode_seconds += time.perf_counter() - t0
+            texts.update(zip(idx, out))
+            bar.update(len(idx))
+            if on_batch:
+                on_batch(len(idx))
+        refs = [items[i].text for i in range(len(items))]
+        hyp = [texts[i] for i in range(len(items))]
+        rates = error_rates(refs, hyp)
+        audio_s = sum(u.seconds for u in items)
+        acc = None
+        if detected:
+            acc = sum(detected[i][0] == lang for i in range(len(items))) / len(items)
+        results[lang] = LanguageResult(lang, len(items), rates["wer"], rates["cer"], rates["wer_raw"],
+                                       rates["cer_raw"], decode_seconds / max(audio_s, 1e-9), audio_s, acc)
+        for i, u in enumerate(items):
+            rec = {"id": u.id, "language": lang, "reference": u.text, "hypothesis": texts[i]}
+            if i in detected:
+                rec["detected_language"], rec["language_probability"] = detected[i]
+            hyps.append(rec)
+    bar.close()
+    return EvalReport(results, hyps, "; ".join(guards))
+
+
+def utterances_from_dataset(dataset, languages: Iterable[str] | None = None, limit: int | None = None) -> list[Utterance]:
+    """Turn a corpus split (columns ``audio``, ``text``, ``language``, ``id``) into :class:`Utterance` s.
+
+    Args:
+        languages: keep only these codes (None: all).
+        limit: at most this many utterances per language (first ones in dataset order).
+    """
+    from trainers.audio import AudioError
+
+    wanted = set(languages) if languages else None
+    counts: dict[str, int] = {}
+    out = []
+    for row in dataset:
+        lang = row["language"]
+        if wanted is not None and lang not in wanted:
+            continue
+        if limit is not None and counts.get(lang, 0) >= limit:
+            continue
+        uid = str(row.get("id", len(out)))
+        try:
+            audio = load_audio(row["audio"])
+        except AudioError as e:
+            raise AudioError(f"utterance {uid} ({lang}): {e}") from e
+        out.append(Utterance(uid, audio, row["text"], lang))
+        counts[lang] = counts.get(lang, 0) + 1
+    if wanted:
+        missing = sorted(wanted - set(counts))
+        if missing:
+            have = sorted(set(dataset["language"]))
+            raise ValueError(f"no utterances for language(s) {', '.join(missing)} in this split; it has {', '.join(have)}")
+    return out
