@@ -1,0 +1,101 @@
+"""Baseline WER/CER of the bundled whisper-base on a synthesized multilingual corpus.
+
+    python benchmarks/baseline_wer.py                       # 12 languages x 50 test utterances (~10 min on 2 CPU cores)
+    python benchmarks/baseline_wer.py --languages de,uk --test-per-language 10 --out /tmp/bl
+
+Synthesizes (or reuses) the corpus under --corpus, decodes the test split greedily with each utterance's
+language token forced, and writes ``<out>/baseline_wer.json``, ``baseline_wer.md`` (the README's table) and
+``baseline_wer.png`` (WER and CER per language).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LANGUAGES = "en,es,de,it,ru,uk,bg,cs,pt,nl,fa,tr"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--languages", default=LANGUAGES)
+    p.add_argument("--test-per-language", type=int, default=50, help="test utterances per language (default 50)")
+    p.add_argument("--base", default="whisper-base")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--corpus", default="data/baseline-corpus", help="corpus directory (reused if present)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from registry.bases import load_base
+    from trainers.corpus.loading import load_corpus
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+
+    languages = [x.strip() for x in args.languages.split(",") if x.strip()]
+    corpus_dir = Path(args.corpus)
+    if (corpus_dir / "dataset_dict.json").is_file():
+        corpus = load_corpus(corpus_dir)
+    else:
+        # Half of each language's sentences go to test so that test_per_language is reached with few sentences.
+        per_language = 2 * args.test_per_language
+        cfg = SynthConfig(languages=tuple(languages), per_language=per_language, train_fraction=0.4,
+                          validation_fraction=0.1, test_fraction=0.5, seed=args.seed)
+        corpus = synthesize_corpus(cfg, corpus_dir)
+    utterances = utterances_from_dataset(corpus["test"], languages, args.test_per_language)
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    base = load_base(args.base)
+    t0 = time.time()
+    report = evaluate(base.model, base.processor, utterances, DecodeOptions(batch_size=args.batch_size))
+    elapsed = time.time() - t0
+    report.meta.update({
+        "base": base.name, "base_fingerprint": base.fingerprint, "corpus": str(corpus_dir), "split": "test",
+        "seconds": round(elapsed, 1), "machine": f"{platform.processor() or platform.machine()}, "
+                                                  f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
+        "command": "python benchmarks/baseline_wer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "baseline_wer.json").write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    table = report.markdown()
+    mean_wer = sum(r.wer for r in report.languages.values()) / len(report.languages)
+    mean_cer = sum(r.cer for r in report.languages.values()) / len(report.languages)
+    md = (f"{table}\n| **mean** | {sum(r.n for r in report.languages.values())} | {100 * mean_wer:.1f} | "
+          f"{100 * mean_cer:.1f} | | | |\n\nDecoding bound: {report.guard.split(';')[0]} (per language). "
+          f"{len(utterances)} utterances decoded in {elapsed:.0f} s on {report.meta['machine']}.\n")
+    (out / "baseline_wer.md").write_text(md)
+    print(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        langs = sorted(report.languages)
+        x = range(len(langs))
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        ax.bar([i - 0.2 for i in x], [100 * report.languages[l].wer for l in langs], 0.4, label="WER")
+        ax.bar([i + 0.2 for i in x], [100 * report.languages[l].cer for l in langs], 0.4, label="CER")
+        ax.set_xticks(list(x), langs)
+        ax.set_ylabel("%")
+        ax.set_title(f"{base.name} on synthesized speech (test split, normalized)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "baseline_wer.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Importing, listing and loading base models; fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from registry.bases import BaseNotFoundError, find_bundle, import_base, list_bases, load_base
+from registry.convert import ct2_variables_from_whisper
+from registry.ct2 import write_ct2_model
+from registry.fingerprint import tokenizer_fingerprint, weight_fingerprint
+from tests.tiny import bundled_ct2_config, bundled_tokenizer_json
+
+
+@pytest.fixture()
+def home(tmp_path):
+    return tmp_path / "home"
+
+
+@pytest.fixture()
+def tiny_ct2_dir(tiny_whisper, tmp_path):
+    model, _ = tiny_whisper
+    d = tmp_path / "faster-whisper-tiny"
+    d.mkdir()
+    variables, aliases = ct2_variables_from_whisper(model.state_dict(), model.config)
+    write_ct2_model(d / "model.bin", variables, aliases=aliases, quantization="float16")
+    shutil.copy(bundled_tokenizer_json(), d / "tokenizer.json")
+    (d / "config.json").write_text(json.dumps(bundled_ct2_config()))
+    return d
+
+
+def test_import_list_load_by_name(tiny_ct2_dir, home):
+    target = import_base(tiny_ct2_dir, "tiny", home=home, progress=None)
+    assert (target / "model.safetensors").is_file() and (target / "base.json").is_file()
+    rows = {r["name"]: r for r in list_bases(home)}
+    assert rows["tiny"]["status"] == "imported"
+    base = load_base("tiny", home=home, device="cpu")
+    assert base.multilingual and "uk" in base.languages and len(base.languages) >= 99
+    assert base.fingerprint == rows["tiny"]["fingerprint"] == weight_fingerprint(base.model)
+    assert base.tokenizer_fingerprint == tokenizer_fingerprint(base.processor.tokenizer, base.processor.feature_extractor)
+    # Importing again is a no-op; --overwrite redoes it.
+    assert import_base(tiny_ct2_dir, "tiny", home=home, progress=None) == target
+
+
+def test_ct2_directory_loads_directly_and_is_cached(tiny_ct2_dir, home):
+    a = load_base(str(tiny_ct2_dir), home=home, device="cpu")
+    converted = list((home / "bases" / "_converted").iterdir())
+    assert len(converted) == 1
+    b = load_base(str(tiny_ct2_dir), home=home, device="cpu")
+    assert a.fingerprint == b.fingerprint
+    assert len(list((home / "bases" / "_converted").iterdir())) == 1
+
+
+def test_fingerprint_ignores_storage_dtype_but_sees_any_weight_change(tiny_whisper_dir):
+    from transformers import WhisperForConditionalGeneration
+
+    half = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir, dtype=torch.float16)
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir, dtype=torch.float32)
+    half32 = half.float()
+    assert weight_fingerprint(half32) == weight_fingerprint(model.half().float())
+    fp = weight_fingerprint(model)
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.weight[0, 0] += 1e-3
+    assert weight_fingerprint(model) != fp
+
+
+def test_hf_directory_loads(tiny_whisper_dir, home):
+    base = load_base(str(tiny_whisper_dir), home=home, device="cpu")
+    assert base.path == tiny_whisper_dir and base.model.config.d_model == 64
+
+
+def test_unknown_base_and_offline_hub_id_give_clear_errors(home):
+    with pytest.raises(BaseNotFoundError, match="unknown base 'whisper-nope'.*base list"):
+        load_base("whisper-nope", home=home)
+    with pytest.raises(BaseNotFoundError, match="openai/whisper-nonexistent-xyz"):
+        load_base("openai/whisper-nonexistent-xyz", home=home)
+
+
+def test_bundled_packages_are_found():
+    bundle, dirs = find_bundle("whisper-base")
+    names = {p.name for d in dirs for p in d.iterdir()}
+    assert {"model.bin.part1", "model.bin.part2", "tokenizer.json", "config.json"} <= names
+
+
+def test_unwritable_home_is_refused_before_any_work(tiny_ct2_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write base models"):
+        import_base(tiny_ct2_dir, "tiny", home=blocker / "home", progress=None)
+
+
+def test_import_of_a_broken_directory_leaves_nothing(tiny_ct2_dir, home):
+    blob = (tiny_ct2_dir / "model.bin").read_bytes()
+    (tiny_ct2_dir / "model.bin").write_bytes(blob[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        import_base(tiny_ct2_dir, "tiny", home=home, progress=None)
+    assert [p.name for p in (home / "bases").iterdir()] == []
