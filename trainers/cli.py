@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.home:
         os.environ["WHISPER_EXPERTS_HOME"] = args.home
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.debug:
+        # transformers repeats generation-config notices on every generate() call; keep the terminal readable.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -1,0 +1,19 @@
+"""Every example script runs (smoke test on the tiny Whisper)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_evaluate_base_example(tiny_whisper_dir, tmp_path):
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "evaluate_base.py"), "--base", str(tiny_whisper_dir),
+                    "--languages", "de,uk", "--per-language", "4", "--out", str(out)], check=True, cwd=tmp_path,
+                   capture_output=True)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["languages"]) == {"de", "uk"}
