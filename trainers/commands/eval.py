@@ -46,10 +46,10 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     from trainers.evaluation import evaluate, utterances_from_dataset
 
     if out:
-        out_path = Path(out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        if not out_path.parent.is_dir():
-            raise OSError(f"cannot write results to {out_path}: its directory does not exist")
+        from registry.home import ensure_writable
+
+        # Fail before minutes of decoding, not after.
+        ensure_writable(Path(out).parent, "the evaluation report", hint="choose another --out")
     corpus = load_corpus(data)
     if split not in corpus:
         raise ValueError(f"{data} has no split {split!r}; it has {', '.join(corpus)}")
