@@ -56,6 +56,17 @@ def _fused_qkv(state: dict, hf: str, v: dict, ct2: str, d_model: int) -> None:
         _linear(state, f"{hf}.{proj}", w[rows], None if (b is None or proj == "k_proj") else b[rows])
 
 
+def _self_attention_and_ffn(state: dict, v: dict, hf: str, ct: str, d_model: int) -> None:
+    """The parts encoder and decoder layers share: self-attention (fused q/k/v), its norm, the FFN and its norm."""
+    _fused_qkv(state, f"{hf}.self_attn", v, f"{ct}/self_attention/linear_0", d_model)
+    _linear(state, f"{hf}.self_attn.out_proj", v[f"{ct}/self_attention/linear_1/weight"],
+            v[f"{ct}/self_attention/linear_1/bias"])
+    _layer_norm(state, f"{hf}.self_attn_layer_norm", v, f"{ct}/self_attention/layer_norm")
+    _linear(state, f"{hf}.fc1", v[f"{ct}/ffn/linear_0/weight"], v[f"{ct}/ffn/linear_0/bias"])
+    _linear(state, f"{hf}.fc2", v[f"{ct}/ffn/linear_1/weight"], v[f"{ct}/ffn/linear_1/bias"])
+    _layer_norm(state, f"{hf}.final_layer_norm", v, f"{ct}/ffn/layer_norm")
+
+
 def whisper_state_dict(model: CT2Model) -> tuple[dict[str, torch.Tensor], dict]:
     """Map a CTranslate2 ``WhisperSpec`` model to Hugging Face ``WhisperForConditionalGeneration`` names.
 
@@ -91,24 +102,14 @@ def whisper_state_dict(model: CT2Model) -> tuple[dict[str, torch.Tensor], dict]:
         s["model.encoder.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
         _layer_norm(s, "model.encoder.layer_norm", v, "encoder/layer_norm")
         for i in range(n_enc):
-            hf, ct = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-            _fused_qkv(s, f"{hf}.self_attn", v, f"{ct}/self_attention/linear_0", d_model)
-            _linear(s, f"{hf}.self_attn.out_proj", v[f"{ct}/self_attention/linear_1/weight"],
-                    v[f"{ct}/self_attention/linear_1/bias"])
-            _layer_norm(s, f"{hf}.self_attn_layer_norm", v, f"{ct}/self_attention/layer_norm")
-            _linear(s, f"{hf}.fc1", v[f"{ct}/ffn/linear_0/weight"], v[f"{ct}/ffn/linear_0/bias"])
-            _linear(s, f"{hf}.fc2", v[f"{ct}/ffn/linear_1/weight"], v[f"{ct}/ffn/linear_1/bias"])
-            _layer_norm(s, f"{hf}.final_layer_norm", v, f"{ct}/ffn/layer_norm")
+            _self_attention_and_ffn(s, v, f"model.encoder.layers.{i}", f"encoder/layer_{i}", d_model)
 
         s["model.decoder.embed_tokens.weight"] = v["decoder/embeddings/weight"]
         s["model.decoder.embed_positions.weight"] = v["decoder/position_encodings/encodings"]
         _layer_norm(s, "model.decoder.layer_norm", v, "decoder/layer_norm")
         for i in range(n_dec):
             hf, ct = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-            _fused_qkv(s, f"{hf}.self_attn", v, f"{ct}/self_attention/linear_0", d_model)
-            _linear(s, f"{hf}.self_attn.out_proj", v[f"{ct}/self_attention/linear_1/weight"],
-                    v[f"{ct}/self_attention/linear_1/bias"])
-            _layer_norm(s, f"{hf}.self_attn_layer_norm", v, f"{ct}/self_attention/layer_norm")
+            _self_attention_and_ffn(s, v, hf, ct, d_model)
             _linear(s, f"{hf}.encoder_attn.q_proj", v[f"{ct}/attention/linear_0/weight"],
                     v[f"{ct}/attention/linear_0/bias"])
             kv_w, kv_b = v[f"{ct}/attention/linear_1/weight"], v[f"{ct}/attention/linear_1/bias"]
@@ -117,9 +118,6 @@ def whisper_state_dict(model: CT2Model) -> tuple[dict[str, torch.Tensor], dict]:
             _linear(s, f"{hf}.encoder_attn.out_proj", v[f"{ct}/attention/linear_2/weight"],
                     v[f"{ct}/attention/linear_2/bias"])
             _layer_norm(s, f"{hf}.encoder_attn_layer_norm", v, f"{ct}/attention/layer_norm")
-            _linear(s, f"{hf}.fc1", v[f"{ct}/ffn/linear_0/weight"], v[f"{ct}/ffn/linear_0/bias"])
-            _linear(s, f"{hf}.fc2", v[f"{ct}/ffn/linear_1/weight"], v[f"{ct}/ffn/linear_1/bias"])
-            _layer_norm(s, f"{hf}.final_layer_norm", v, f"{ct}/ffn/layer_norm")
     except KeyError as e:
         raise CT2FormatError(f"CTranslate2 Whisper model lacks variable {e}; the file is incomplete or not Whisper") from e
     return {k: t.contiguous() for k, t in s.items()}, dims
