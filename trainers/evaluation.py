@@ -5,9 +5,11 @@ Per language it reports WER and CER both raw (case and punctuation kept) and nor
 the utterance count and the real-time factor (decoding seconds / audio seconds). Error rates are corpus
 level: total edits over total reference words (characters), as jiwer computes them over a list.
 
-Runaway repetition (a known Whisper failure on odd audio) is bounded by ``max_new_tokens``, derived from the
-reference lengths (``guard="reference"``: twice the longest reference of the language in tokens, plus 8) or
-from the audio duration (``guard="duration"``: 8 tokens per second plus 16), and the report says which.
+Runaway repetition (a known Whisper failure on odd audio) is bounded twice, and the report says how: by
+``max_new_tokens``, derived from the reference lengths (``guard="reference"``: twice the longest reference of
+the language in tokens, plus 8) or from the audio duration (``guard="duration"``: 8 tokens per second plus
+16); and by the repetition guard of :mod:`trainers.decoding` (a loop ends the hypothesis and is cut to one
+copy), whose firings are counted per language (``guarded``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from typing import Callable, Iterable, Sequence
 
 import jiwer
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from trainers.audio import SAMPLE_RATE, load_audio
+from trainers.decoding import detect_languages, log_mel, transcribe_batch
 
 _normalizer = BasicTextNormalizer()
 
@@ -43,6 +45,7 @@ class DecodeOptions:
     num_beams: int = 1  # 1 = greedy
     guard: str = "reference"  # max_new_tokens bound: "reference" lengths or audio "duration"
     max_new_tokens: int | None = None  # explicit bound, overrides ``guard``
+    repetition_guard: bool = True  # stop repetition loops and keep one copy of the repeated unit
 
 
 @dataclass
@@ -72,9 +75,10 @@ class LanguageResult:
     rtf: float
     audio_seconds: float
     detected_accuracy: float | None = None  # share of utterances whose detected language was right (auto mode)
+    guarded: int = 0  # hypotheses the repetition guard stopped
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("wer", "cer", "wer_raw", "cer_raw", "n", "rtf", "audio_seconds")}
+        d = {k: getattr(self, k) for k in ("wer", "cer", "wer_raw", "cer_raw", "n", "rtf", "audio_seconds", "guarded")}
         if self.detected_accuracy is not None:
             d["language_id_accuracy"] = self.detected_accuracy
         return d
@@ -98,13 +102,13 @@ class EvalReport:
 
     def markdown(self) -> str:
         """A Markdown table: one row per language, percentages with one decimal."""
-        head = "| language | n | WER % | CER % | WER raw % | CER raw % | RTF |"
+        head = "| language | n | WER % | CER % | WER raw % | CER raw % | RTF | loops cut |"
         if any(r.detected_accuracy is not None for r in self.languages.values()):
             head += " LID acc % |"
         rows = [head, "|" + "---|" * (head.count("|") - 1)]
         for lang, r in sorted(self.languages.items()):
             row = (f"| {lang} | {r.n} | {100 * r.wer:.1f} | {100 * r.cer:.1f} | {100 * r.wer_raw:.1f} | "
-                   f"{100 * r.cer_raw:.1f} | {r.rtf:.3f} |")
+                   f"{100 * r.cer_raw:.1f} | {r.rtf:.3f} | {r.guarded} |")
             if r.detected_accuracy is not None:
                 row += f" {100 * r.detected_accuracy:.1f} |"
             rows.append(row)
@@ -139,45 +143,6 @@ def _bound(opts: DecodeOptions, tokenizer, utterances: Sequence[Utterance], limi
     return n, f"max_new_tokens={n} (8 tokens/s x {seconds:.1f}s + 16)"
 
 
-@torch.inference_mode()
-def detect_languages(model, features: torch.Tensor, allowed: Iterable[str] | None = None) -> list[tuple[str, float]]:
-    """Whisper's language ID from the first decoder step: (code, probability) per sample.
-
-    Args:
-        features: log-mel features, shape (batch, n_mels, 3000).
-        allowed: restrict the choice to these codes (None: every language the model knows).
-    """
-    gc = model.generation_config
-    lang_to_id = dict(gc.lang_to_id)
-    if allowed is not None:
-        allowed = set(allowed)
-        lang_to_id = {t: i for t, i in lang_to_id.items() if t[2:-2] in allowed}
-    sot = torch.full((features.shape[0], 1), gc.decoder_start_token_id, device=features.device)
-    logits = model(input_features=features, decoder_input_ids=sot).logits[:, -1].float()
-    ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
-    probs = logits[:, ids].softmax(-1)
-    best = probs.argmax(-1)
-    codes = [t[2:-2] for t in lang_to_id]
-    return [(codes[b], float(probs[i, b])) for i, b in enumerate(best.tolist())]
-
-
-@torch.inference_mode()
-def transcribe_batch(model, processor, audios: Sequence[np.ndarray], languages: Sequence[str | None],
-                     opts: DecodeOptions, max_new_tokens: int) -> list[str]:
-    """Decode one batch (each utterance with its own language token; None entries get detected)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    feats = processor.feature_extractor(list(audios), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-    feats = feats.to(device, dtype)
-    kwargs = dict(task=opts.task, max_new_tokens=max_new_tokens, num_beams=opts.num_beams, do_sample=False)
-    if getattr(model.generation_config, "is_multilingual", False):
-        kwargs["language"] = list(languages)
-    else:
-        kwargs.pop("task")
-    out = model.generate(feats, **kwargs)
-    return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
 def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOptions = DecodeOptions(),
              progress: bool = True, on_batch: Callable[[int], None] | None = None) -> EvalReport:
     """Decode ``utterances`` in length-sorted batches and score them per language.
@@ -202,26 +167,30 @@ def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOpti
     bar = tqdm(total=len(utterances), desc="decoding", unit="utt", disable=not progress)
     for lang, items in by_lang.items():
         max_new, guard = _bound(opts, processor.tokenizer, items, limit)
+        if opts.repetition_guard:
+            guard += " + repetition guard"
         guards.append(f"{lang}: {guard}")
         order = sorted(range(len(items)), key=lambda i: items[i].seconds)
         texts: dict[int, str] = {}
         detected: dict[int, tuple[str, float]] = {}
+        guarded: set[int] = set()
         decode_seconds = 0.0
         for start in range(0, len(order), opts.batch_size):
             idx = order[start:start + opts.batch_size]
             audios = [items[i].audio for i in idx]
             t0 = time.perf_counter()
+            feats = log_mel(processor, audios, model)
             if opts.language == "auto" and getattr(model.generation_config, "is_multilingual", False):
-                device = next(model.parameters()).device
-                feats = processor.feature_extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-                found = detect_languages(model, feats.to(device, next(model.parameters()).dtype))
+                found = detect_languages(model, feats)
                 langs = [c for c, _ in found]
                 detected.update(zip(idx, found))
             else:
                 langs = [opts.language or items[i].language for i in idx]
-            out = transcribe_batch(model, processor, audios, langs, opts, max_new)
+            out = transcribe_batch(model, processor, feats, langs, max_new_tokens=max_new, task=opts.task,
+                                   num_beams=opts.num_beams, repetition_guard=opts.repetition_guard)
             decode_seconds += time.perf_counter() - t0
-            texts.update(zip(idx, out))
+            texts.update(zip(idx, out.texts))
+            guarded.update(i for i, g in zip(idx, out.guarded) if g)
             bar.update(len(idx))
             if on_batch:
                 on_batch(len(idx))
@@ -233,9 +202,10 @@ def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOpti
         if detected:
             acc = sum(detected[i][0] == lang for i in range(len(items))) / len(items)
         results[lang] = LanguageResult(lang, len(items), rates["wer"], rates["cer"], rates["wer_raw"],
-                                       rates["cer_raw"], decode_seconds / max(audio_s, 1e-9), audio_s, acc)
+                                       rates["cer_raw"], decode_seconds / max(audio_s, 1e-9), audio_s, acc,
+                                       len(guarded))
         for i, u in enumerate(items):
-            rec = {"id": u.id, "language": lang, "reference": u.text, "hypothesis": texts[i]}
+            rec = {"id": u.id, "language": lang, "reference": u.text, "hypothesis": texts[i], "loop_cut": i in guarded}
             if i in detected:
                 rec["detected_language"], rec["language_probability"] = detected[i]
             hyps.append(rec)

@@ -44,7 +44,7 @@ def test_whisper_base_wer_on_synthesized_english_and_spanish(whisper_base, speec
 
 
 def test_language_detection_on_real_speech(whisper_base, speech):
-    from trainers.evaluation import detect_languages
+    from trainers.decoding import detect_languages
     from trainers.audio import load_audio
 
     rows = [r for r in speech][:6]
