@@ -23,6 +23,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LANGUAGES = "en,es,de,it,ru,uk,bg,cs,pt,nl,fa,tr"
 
 
+def plot(report: dict, path: Path) -> None:
+    """Bar chart of normalized WER and CER per language from a report dict (``EvalReport.as_dict()``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    rows = report["languages"]
+    langs = sorted(rows)
+    x = range(len(langs))
+    wer = [100 * rows[lang]["wer"] for lang in langs]
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.bar([i - 0.2 for i in x], wer, 0.4, label="WER")
+    ax.bar([i + 0.2 for i in x], [100 * rows[lang]["cer"] for lang in langs], 0.4, label="CER")
+    ax.set_xticks(list(x), langs)
+    ax.set_ylim(0, 1.25 * max(wer))
+    ax.set_ylabel("%")
+    ax.set_title(f"{report['meta'].get('base', 'base')} on synthesized speech (test split, normalized)")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--languages", default=LANGUAGES)
@@ -32,9 +59,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--corpus", default="data/baseline-corpus", help="corpus directory (reused if present)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from <out>/baseline_wer.json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / "baseline_wer.json").read_text()), Path(args.out) / "baseline_wer.png")
+        return 0
 
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate() repeats config notices on every call
 
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
@@ -75,25 +109,7 @@ def main(argv=None) -> int:
           f"{len(utterances)} utterances decoded in {elapsed:.0f} s on {report.meta['machine']}.\n")
     (out / "baseline_wer.md").write_text(md)
     print(md)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        langs = sorted(report.languages)
-        x = range(len(langs))
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        ax.bar([i - 0.2 for i in x], [100 * report.languages[l].wer for l in langs], 0.4, label="WER")
-        ax.bar([i + 0.2 for i in x], [100 * report.languages[l].cer for l in langs], 0.4, label="CER")
-        ax.set_xticks(list(x), langs)
-        ax.set_ylabel("%")
-        ax.set_title(f"{base.name} on synthesized speech (test split, normalized)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "baseline_wer.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plot(report.as_dict(), out / "baseline_wer.png")
     return 0
 
 

@@ -30,13 +30,16 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guard", choices=["reference", "duration"], default="reference",
                    help="bound on new tokens: from reference lengths (default) or audio duration")
     p.add_argument("--max-new-tokens", type=int, default=None, help="explicit bound, overrides --guard")
+    p.add_argument("--no-repetition-guard", dest="repetition_guard", action="store_false",
+                   help="do not stop and cut repetition loops (see trainers/decoding.py)")
 
 
 def decode_options(args):
     from trainers.evaluation import DecodeOptions
 
     return DecodeOptions(batch_size=args.batch_size, language=args.language, num_beams=args.beams,
-                         guard=args.guard, max_new_tokens=args.max_new_tokens)
+                         guard=args.guard, max_new_tokens=args.max_new_tokens,
+                         repetition_guard=args.repetition_guard)
 
 
 def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True) -> dict:
