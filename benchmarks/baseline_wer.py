@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--corpus", default="data/baseline-corpus", help="corpus directory (reused if present)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--no-repetition-guard", dest="repetition_guard", action="store_false",
+                   help="decode without the repetition guard (to measure what it changes)")
     p.add_argument("--replot", action="store_true", help="only redraw the plot from <out>/baseline_wer.json")
     args = p.parse_args(argv)
     if args.replot:
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     base = load_base(args.base)
     t0 = time.time()
-    report = evaluate(base.model, base.processor, utterances, DecodeOptions(batch_size=args.batch_size))
+    report = evaluate(base.model, base.processor, utterances, DecodeOptions(batch_size=args.batch_size,
+                                                                             repetition_guard=args.repetition_guard))
     elapsed = time.time() - t0
     report.meta.update({
         "base": base.name, "base_fingerprint": base.fingerprint, "corpus": str(corpus_dir), "split": "test",
