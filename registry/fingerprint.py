@@ -35,10 +35,19 @@ def weight_fingerprint(model: torch.nn.Module, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+# Special tokens OpenAI renamed without changing their id or role; older packagings carry the old name.
+_RENAMED_TOKENS = {"<|nocaptions|>": "<|nospeech|>"}
+
+
 def tokenizer_fingerprint(tokenizer, feature_extractor=None, length: int = 16) -> str:
-    """Hex sha256 prefix over the vocabulary (token -> id) and the feature extractor's shape parameters."""
+    """Hex sha256 prefix over the vocabulary (token -> id) and the feature extractor's shape parameters.
+
+    Renamed special tokens are hashed under their current name, so two packagings of the same Whisper
+    tokenizer (e.g. ``<|nocaptions|>`` vs ``<|nospeech|>`` at id 50362) share a fingerprint.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    vocab = {_RENAMED_TOKENS.get(tok, tok): i for tok, i in tokenizer.get_vocab().items()}
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
     if feature_extractor is not None:
         fe = {k: getattr(feature_extractor, k, None) for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length")}
         h.update(json.dumps(fe, sort_keys=True).encode())
