@@ -127,7 +127,8 @@ def summary_rows(corpus) -> list[dict]:
     return rows
 
 
-def _print_summary(corpus, out: str | Path) -> None:
+def print_summary(corpus, out: str | Path) -> None:
+    """Print where the corpus is and its per-language table (splits, hours, voices)."""
     from trainers.corpus.loading import SPLITS
 
     print(f"corpus at {out}")
@@ -147,7 +148,7 @@ def _synth(args) -> int:
     if args.pitch:
         fields["pitch_range"] = args.pitch
     corpus = synthesize_corpus(SynthConfig(**fields), args.out, progress=not args.quiet, overwrite=args.overwrite)
-    _print_summary(corpus, args.out)
+    print_summary(corpus, args.out)
     return 0
 
 
@@ -168,7 +169,7 @@ def _from_dir(args) -> int:
                              default_split=args.default_split)
     save_corpus(corpus, args.out, overwrite=args.overwrite,
                 card={"kind": "recorded", "source": str(Path(args.directory).resolve())}, progress=False)
-    _print_summary(load_corpus(args.out), args.out)
+    print_summary(load_corpus(args.out), args.out)
     return 0
 
 
@@ -187,7 +188,7 @@ def _from_hf(args) -> int:
                             max_per_split=args.max_per_split)
     save_corpus(corpus, args.out, overwrite=args.overwrite,
                 card={"kind": "imported", "dataset": args.name, "config": args.config}, progress=False)
-    _print_summary(load_corpus(args.out), args.out)
+    print_summary(load_corpus(args.out), args.out)
     return 0
 
 
@@ -198,7 +199,7 @@ def _info(args) -> int:
     card = corpus_card(args.directory)
     if card:
         print(f"kind: {card.get('kind', '?')}" + (f", {card['synthesizer']}" if card.get("synthesizer") else ""))
-    _print_summary(corpus, args.directory)
+    print_summary(corpus, args.directory)
     return 0
 
 

@@ -22,6 +22,7 @@ examples:
 
 def _run(args) -> int:
     from registry.bases import import_base
+    from trainers.commands.corpus import print_summary
     from trainers.commands.eval import run_eval
     from trainers.corpus.loading import load_corpus
     from trainers.corpus.synth import SynthConfig, synthesize_corpus
@@ -40,8 +41,9 @@ def _run(args) -> int:
             raise ValueError(f"{corpus_dir} exists with languages {sorted(have)}; remove it or choose another --out")
         print("      reusing existing corpus")
     else:
-        synthesize_corpus(SynthConfig(languages=tuple(languages), per_language=args.per_language, seed=args.seed),
-                          corpus_dir)
+        corpus = synthesize_corpus(SynthConfig(languages=tuple(languages), per_language=args.per_language,
+                                               seed=args.seed), corpus_dir)
+    print_summary(corpus, corpus_dir)
     print("[3/3] baseline evaluation on the test split")
     run_eval(args.base, str(corpus_dir), "test", languages, None, DecodeOptions(batch_size=args.batch_size),
              str(out / "baseline.json"))
