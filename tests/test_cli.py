@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -17,8 +18,16 @@ def _help(argv, capsys):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [[], *[[c] for c in COMMANDS],
-                                  ["base", "import"], ["base", "list"], ["corpus", "synth"], ["corpus", "sources"]])
+def _command_paths(parser, prefix=()):
+    """Every command path of the parser tree: (), ("base",), ("base", "import"), ..."""
+    yield list(prefix)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+@pytest.mark.parametrize("argv", list(_command_paths(build_parser())), ids=lambda a: " ".join(a) or "top")
 def test_every_help_has_an_example(argv, capsys):
     out = _help(argv, capsys)
     assert "example" in out and "whisper-experts" in out
