@@ -1,0 +1,215 @@
+"""The expert file: one ``.safetensors`` file per expert, its manifest in the header.
+
+Tensor names are the Whisper module paths the tensors attach to (for a LoRA expert,
+``model.decoder.layers.0.self_attn.q_proj.lora_A`` of shape (rank, in_features) and ``...lora_B`` of shape
+(out_features, rank)). The safetensors header metadata holds one key, ``whisper_experts``, whose value is the
+JSON manifest:
+
+=====================  =================================================================================
+``format_version``     int, this module's ``FORMAT_VERSION``
+``kind``               ``lora`` | ``clsr`` | ``task_vector`` | ``mask`` | ``sparse``
+``languages``          Whisper language codes the expert serves
+``base``               ``{"name", "fingerprint", "tokenizer_fingerprint"}`` of the base it was trained on
+``hyperparameters``    kind-specific (LoRA: ``rank``, ``alpha``, ``dropout``, ``target_modules``, ...)
+``data``               training data summary (``corpus``, ``utterances``, ``hours``, ...)
+``metrics``            per language: ``{"validation": {"wer", "cer"}, "test": {...}}``
+``lineage``            ``{"parents": [...], "method": ..., ...}`` (empty for a freshly trained expert)
+``created``            ISO-8601 time
+``package_version``    the ``whisper-experts`` version that wrote it
+=====================  =================================================================================
+
+Files are never unpickled: safetensors only. Writes are atomic (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "whisper_experts"
+KINDS = ("lora", "clsr", "task_vector", "mask", "sparse")
+REQUIRED = ("format_version", "kind", "languages", "base")
+
+
+class ExpertFormatError(ValueError):
+    """An expert file is missing, truncated, corrupt, or its manifest is invalid."""
+
+
+class ExpertMismatchError(ValueError):
+    """An expert was trained on another base (weights or tokenizer) than the one it is being loaded onto."""
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("whisper-experts")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+@dataclass
+class Expert:
+    """An expert in memory: tensors keyed by Whisper module path, and its manifest.
+
+    Attributes:
+        tensors: name -> tensor (CPU, contiguous).
+        manifest: see the module docstring; :func:`new_manifest` builds a valid one.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.manifest.get("languages", []))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def new_manifest(kind: str, languages, base, hyperparameters: dict | None = None, **extra) -> dict:
+    """A manifest with every required field.
+
+    Args:
+        kind: one of ``KINDS``.
+        languages: Whisper codes.
+        base: a ``registry.bases.Base`` or a dict with ``name``, ``fingerprint``, ``tokenizer_fingerprint``.
+        extra: ``data``, ``metrics``, ``lineage`` or other fields to set.
+    """
+    if not isinstance(base, dict):
+        base = {"name": base.name, "fingerprint": base.fingerprint, "tokenizer_fingerprint": base.tokenizer_fingerprint}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "languages": list(languages),
+        "base": dict(base),
+        "hyperparameters": dict(hyperparameters or {}),
+        "data": {},
+        "metrics": {},
+        "lineage": {"parents": []},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "package_version": package_version(),
+    }
+    manifest.update(extra)
+    validate_manifest(manifest, "<new>")
+    return manifest
+
+
+def validate_manifest(manifest: dict, where: str) -> None:
+    """Raise :class:`ExpertFormatError` naming ``where`` if the manifest lacks a field or has a bad value."""
+    if not isinstance(manifest, dict):
+        raise ExpertFormatError(f"{where}: manifest is not a JSON object")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ExpertFormatError(f"{where}: manifest lacks {', '.join(missing)}; not a whisper-experts expert file")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ExpertFormatError(f"{where}: expert format version {manifest['format_version']} is newer than this "
+                                f"package understands ({FORMAT_VERSION}); upgrade whisper-experts")
+    if manifest["kind"] not in KINDS:
+        raise ExpertFormatError(f"{where}: unknown expert kind {manifest['kind']!r} (known: {', '.join(KINDS)})")
+    base = manifest["base"]
+    if not isinstance(base, dict) or not base.get("fingerprint"):
+        raise ExpertFormatError(f"{where}: manifest base has no weight fingerprint")
+    if not isinstance(manifest["languages"], list):
+        raise ExpertFormatError(f"{where}: manifest languages must be a list of Whisper codes")
+
+
+def expert_bytes(expert: Expert) -> bytes:
+    """The file content of ``expert`` (deterministic: same tensors and manifest give the same bytes)."""
+    validate_manifest(expert.manifest, "expert")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(expert.tensors.items())}
+    return save(tensors, metadata={MANIFEST_KEY: json.dumps(expert.manifest, sort_keys=True, ensure_ascii=False)})
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def save_expert(expert: Expert, path: Path | str) -> Path:
+    """Write an expert file atomically; returns its path."""
+    return atomic_write_bytes(path, expert_bytes(expert))
+
+
+def read_manifest(path: Path | str) -> dict:
+    """The manifest of an expert file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertFormatError(f"expert file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ExpertFormatError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt") from e
+    if MANIFEST_KEY not in meta:
+        raise ExpertFormatError(f"{path} has no '{MANIFEST_KEY}' manifest in its header; not an expert file "
+                                "(a PEFT adapter? use `whisper-experts registry import DIR`)")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except ValueError as e:
+        raise ExpertFormatError(f"{path}: manifest is not valid JSON ({e})") from e
+    validate_manifest(manifest, str(path))
+    return manifest
+
+
+def load_expert(path: Path | str) -> Expert:
+    """Read an expert file (tensors on CPU) and validate its manifest."""
+    manifest = read_manifest(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ExpertFormatError(f"{path}: tensor data is truncated or corrupt ({e})") from e
+    return Expert(tensors, manifest)
+
+
+def check_compatible(manifest: dict, base, *, force: bool = False, what: str = "expert") -> None:
+    """Refuse an expert trained on another base: compares weight and tokenizer fingerprints.
+
+    Args:
+        manifest: the expert's manifest.
+        base: a ``registry.bases.Base`` (anything with ``name``, ``fingerprint``, ``tokenizer_fingerprint``).
+        force: skip the weight check (the tokenizer must still match: token ids would be meaningless).
+    """
+    want = manifest["base"]
+    if want.get("tokenizer_fingerprint") and want["tokenizer_fingerprint"] != base.tokenizer_fingerprint:
+        raise ExpertMismatchError(
+            f"{what} was trained with the tokenizer of {want.get('name')} ({want['tokenizer_fingerprint']}), but "
+            f"{base.name} has tokenizer {base.tokenizer_fingerprint}; token ids differ, so it cannot be used here"
+        )
+    if want["fingerprint"] != base.fingerprint and not force:
+        raise ExpertMismatchError(
+            f"{what} was trained on base {want.get('name')} (fingerprint {want['fingerprint']}), but the loaded "
+            f"base is {base.name} (fingerprint {base.fingerprint}); load it on its own base, or pass --force "
+            "to apply it anyway"
+        )
