@@ -1,0 +1,53 @@
+"""Configuration of a LoRA language expert: which Whisper linear layers it adapts, and how."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+FFN = ("fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LoraExpertConfig:
+    """A LoRA expert's shape. Frozen: derive variants with ``dataclasses.replace``."""
+
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # scaling numerator: the update is (alpha / r) * B A
+    dropout: float = 0.05  # dropout on the LoRA path's input during training
+    target_modules: tuple[str, ...] = ATTENTION + FFN  # linear layer names to adapt (attention q/k/v/out, fc1/fc2)
+    side: str = "decoder"  # "decoder", "encoder" or "both"; a decoder-only expert lets training cache encoder outputs
+    cross_attention: bool = True  # in the decoder, also adapt encoder_attn (cross-attention) projections
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.side not in ("decoder", "encoder", "both"):
+            raise ValueError(f"side must be decoder, encoder or both, got {self.side!r}")
+        unknown = set(self.target_modules) - set(ATTENTION + FFN)
+        if unknown or not self.target_modules:
+            raise ValueError(f"unknown target module(s) {sorted(unknown)}; choose from {', '.join(ATTENTION + FFN)}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def touches_encoder(self) -> bool:
+        return self.side in ("encoder", "both")
+
+    def target_regex(self) -> str:
+        """A regex peft full-matches against module paths of ``WhisperForConditionalGeneration``."""
+        sides = {"decoder": "decoder", "encoder": "encoder", "both": "encoder|decoder"}[self.side]
+        attn = [m for m in self.target_modules if m in ATTENTION]
+        ffn = [m for m in self.target_modules if m in FFN]
+        blocks = "self_attn|encoder_attn" if self.cross_attention else "self_attn"
+        parts = []
+        if attn:
+            parts.append(rf"({blocks})\.({'|'.join(attn)})")
+        if ffn:
+            parts.append(rf"({'|'.join(ffn)})")
+        return rf"model\.({sides})\.layers\.\d+\.({'|'.join(parts)})"
+
+    def hyperparameters(self) -> dict:
+        """The manifest's ``hyperparameters`` for this config."""
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
