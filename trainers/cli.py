@@ -13,14 +13,16 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "eval"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "eval", "registry"]
 
 EPILOG = """\
 examples:
   whisper-experts quickstart                      # import whisper-base, synthesize a corpus, print baseline WER
   whisper-experts base import                     # convert the bundled whisper-base into Hugging Face format
   whisper-experts corpus synth --languages de,uk --per-language 40 --out data/de-uk
-  whisper-experts eval --base whisper-base --data data/de-uk --split test
+  whisper-experts train --data data/de-uk --language uk --name uk-espeak
+  whisper-experts eval --base whisper-base --data data/de-uk --split test --expert uk-espeak@latest
+  whisper-experts registry list --language uk
 
 Run `whisper-experts COMMAND --help` for each command's options.
 """
@@ -29,8 +31,8 @@ Run `whisper-experts COMMAND --help` for each command's options.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whisper-experts",
-        description="Parameter-efficient language experts for Whisper: bases, corpora, evaluation "
-                    "(training, fusion, registry and routing arrive with later releases).",
+        description="Parameter-efficient language experts for Whisper: bases, corpora, LoRA expert training, "
+                    "evaluation (fusion and routing arrive with later releases).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

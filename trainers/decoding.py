@@ -113,13 +113,14 @@ def detect_languages(model, features: torch.Tensor, allowed: Iterable[str] | Non
 
 
 @torch.inference_mode()
-def transcribe_batch(model, processor, features: torch.Tensor, languages: Sequence[str | None], *,
-                     max_new_tokens: int, task: str = "transcribe", num_beams: int = 1,
-                     repetition_guard: bool = True) -> BatchResult:
+def transcribe_batch(model, processor, features: torch.Tensor | None = None, languages: Sequence[str | None] = (),
+                     *, max_new_tokens: int, task: str = "transcribe", num_beams: int = 1,
+                     repetition_guard: bool = True, encoder_hidden_states: torch.Tensor | None = None) -> BatchResult:
     """Decode one batch of log-mel features, each sample with its own language token.
 
     Args:
-        features: (batch, n_mels, 3000), from :func:`log_mel`.
+        features: (batch, n_mels, 3000), from :func:`log_mel`; or None with ``encoder_hidden_states``.
+        encoder_hidden_states: (batch, frames, d_model) encoder outputs computed earlier (encoder cache).
         languages: a Whisper code per sample (ignored by English-only models).
         max_new_tokens: length bound for every sample.
         repetition_guard: stop and cut repetition loops (see :class:`RepetitionGuard`).
@@ -133,7 +134,12 @@ def transcribe_batch(model, processor, features: torch.Tensor, languages: Sequen
         kwargs["logits_processor"] = LogitsProcessorList([guard])
     if getattr(model.generation_config, "is_multilingual", False):
         kwargs.update(language=list(languages), task=task)
-    out = model.generate(features, **kwargs)
+    if encoder_hidden_states is not None:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states), **kwargs)
+    else:
+        out = model.generate(features, **kwargs)
     texts, guarded = [], []
     for i, seq in enumerate(out.tolist()):
         # Every Whisper special, language, task and timestamp token has an id >= end-of-text.

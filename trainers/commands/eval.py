@@ -18,6 +18,7 @@ examples:
   whisper-experts eval --base whisper-base --data data/corpus --split test
   whisper-experts eval --base whisper-base --data data/corpus --languages de,uk --language auto --out de-uk.json
   whisper-experts eval --base openai/whisper-small --data data/corpus --limit 20 --batch-size 8
+  whisper-experts eval --base whisper-base --data data/uk --expert uk-espeak@latest
 """
 
 
@@ -42,8 +43,30 @@ def decode_options(args):
                          repetition_guard=args.repetition_guard)
 
 
-def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True) -> dict:
-    """Load base + corpus, evaluate, print the table, optionally write JSON; returns the report dict."""
+def attach_for_eval(base, spec: str, force: bool = False) -> dict:
+    """Attach the expert named ``spec`` (file or registry spec) to ``base.model``; returns its identity."""
+    from lora_experts.model import attach_expert
+    from registry.expert_file import check_compatible, load_expert
+
+    if Path(spec).is_file():
+        expert, identity = load_expert(spec), {"file": str(spec)}
+    else:
+        from registry.store import Registry
+
+        registry = Registry()
+        record = registry.resolve(spec)
+        expert, identity = registry.get(spec), {"ref": record.ref, "sha256": record.sha256}
+    check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
+    if expert.kind != "lora":
+        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval attaches LoRA experts")
+    attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
+    return {**identity, "kind": expert.kind, "languages": expert.languages,
+            "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
+
+
+def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True,
+             expert: str | None = None, force: bool = False) -> dict:
+    """Load base (+ expert) and corpus, evaluate, print the table, optionally write JSON; returns the report."""
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
     from trainers.evaluation import evaluate, utterances_from_dataset
@@ -65,7 +88,11 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     for lang in sorted({u.language for u in utterances}):
         if base.multilingual and lang not in base.languages:
             raise ValueError(f"corpus language {lang!r} is not a Whisper language of {base.name}")
+    identity = attach_for_eval(base, expert, force) if expert else None
     report = evaluate(base.model, base.processor, utterances, opts, progress=progress)
+    if identity:
+        report.meta["expert"] = identity
+        print(f"expert: {identity.get('ref') or identity.get('file')} ({', '.join(identity['languages'])})")
     report.meta.update({"base": base.name, "base_fingerprint": base.fingerprint, "data": str(data), "split": split,
                         "language_mode": opts.language or "labelled", "num_beams": opts.num_beams})
     print(report.markdown())
@@ -80,7 +107,8 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
 
 
 def _run(args) -> int:
-    run_eval(args.base, args.data, args.split, split_list(args.languages), args.limit, decode_options(args), args.out)
+    run_eval(args.base, args.data, args.split, split_list(args.languages), args.limit, decode_options(args), args.out,
+             expert=args.expert, force=args.force)
     return 0
 
 
@@ -93,5 +121,7 @@ def register(subparsers) -> None:
     p.add_argument("--languages", help="comma-separated language codes to keep (default: all)")
     p.add_argument("--limit", type=int, help="at most N utterances per language")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--expert", help="attach this expert: a registry spec (uk-espeak@latest) or an expert file")
+    p.add_argument("--force", action="store_true", help="attach an expert trained on another base anyway")
     add_decode_arguments(p)
     p.set_defaults(func=_run)

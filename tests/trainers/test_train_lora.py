@@ -1,0 +1,139 @@
+"""Training a LoRA expert with Lightning on the tiny Whisper: the recipe, the cache, checkpoints, config."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from trainers.train_lora import TrainConfig, train_lora_expert
+
+
+@pytest.fixture(scope="module")
+def uk_corpus(tmp_path_factory):
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+
+    out = tmp_path_factory.mktemp("uk") / "corpus"
+    synthesize_corpus(SynthConfig(languages=("uk",), per_language=12, seed=0), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(uk_corpus, tiny_whisper_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=4, epochs=3,
+                      batch_size=4, lr=1e-2, warmup_steps=1, run_dir=str(run), progress=False, patience=5)
+    expert, report = train_lora_expert(cfg)
+    return cfg, expert, report
+
+
+def test_expert_has_a_complete_manifest(trained, tiny_whisper_dir):
+    cfg, expert, report = trained
+    m = expert.manifest
+    assert m["kind"] == "lora" and m["languages"] == ["uk"]
+    assert m["base"]["fingerprint"] and m["base"]["tokenizer_fingerprint"]
+    assert m["hyperparameters"]["rank"] == 4 and m["hyperparameters"]["side"] == "decoder"
+    assert m["data"]["utterances"] > 0 and m["data"]["hours"] > 0
+    assert set(m["metrics"]["uk"]) == {"validation", "test", "base_test"}
+    assert len(report["history"]) == 3 and all("val_wer" in h for h in report["history"])
+    assert all(k.startswith("model.decoder.") for k in expert.tensors)
+
+
+def test_checkpoints_hold_the_expert_only_and_loss_goes_down(trained):
+    cfg, expert, _ = trained
+    from pathlib import Path
+
+    ckpts = list((Path(cfg.run_dir) / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=False, map_location="cpu")["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    assert len(state) == len(expert.tensors)
+    rows = list(csv.DictReader(open(next(Path(cfg.run_dir).glob("logs/*/metrics.csv")))))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert losses[-1] < losses[0]
+
+
+def test_encoder_cache_gives_the_same_loss_as_the_live_encoder(uk_corpus, tiny_whisper_dir, tmp_path):
+    from registry.bases import load_base
+    from lora_experts.config import LoraExpertConfig
+    from trainers.data import ExpertDataModule
+    from trainers.lora_module import LoraExpertModule
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    module = LoraExpertModule(base.model, base.processor, LoraExpertConfig(rank=2, dropout=0.0))
+    cached = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, encoder=base.model.model.encoder,
+                              cache_dir=str(tmp_path), base_fingerprint=base.fingerprint, progress=False)
+    live = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, progress=False)
+    cached.setup()
+    live.setup()
+    a, b = next(iter(cached.val_dataloader())), next(iter(live.val_dataloader()))
+    assert "encoder_hidden_states" in a and "input_features" in b
+    assert torch.equal(a["labels"], b["labels"])
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module._loss(a), module._loss(b), rtol=2e-3, atol=2e-3)
+    # The cache is reused, not recomputed, by a second data module over the same utterances.
+    again = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, encoder=None, progress=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    cached2 = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, encoder=base.model.model.encoder,
+                               cache_dir=str(tmp_path), base_fingerprint=base.fingerprint, progress=False)
+    cached2.setup()
+    assert sorted(p.name for p in tmp_path.iterdir()) == files and again is not None
+
+
+def test_labels_mask_the_prompt_and_end_with_end_of_text(tiny_whisper):
+    from trainers.data import IGNORE, make_example
+
+    tok = tiny_whisper[1].tokenizer
+    ex = make_example(tok, "добрий день", "uk")
+    assert ex["decoder_input_ids"][:4] == [50258, tok.convert_tokens_to_ids("<|uk|>"), 50359, 50363]
+    assert ex["labels"][:3] == [IGNORE] * 3 and ex["labels"][-1] == 50257
+    assert ex["labels"][3:-1] == ex["decoder_input_ids"][4:]
+
+
+def test_warm_start_begins_from_the_given_expert(trained, uk_corpus, tiny_whisper_dir, tmp_path):
+    from registry.expert_file import save_expert
+
+    _, expert, _ = trained
+    save_expert(expert, tmp_path / "start.safetensors")
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=4, epochs=1,
+                      max_steps=1, lr=1e-9, warmup_steps=0, batch_size=4, run_dir=str(tmp_path / "run"),
+                      progress=False, test=False, init_from=str(tmp_path / "start.safetensors"))
+    warm, _ = train_lora_expert(cfg)
+    assert warm.manifest["lineage"]["parents"][0]["role"] == "warm start"
+    for k, v in expert.tensors.items():
+        torch.testing.assert_close(warm.tensors[k], v, rtol=0, atol=1e-6)
+
+
+def test_unknown_language_is_refused(uk_corpus, tiny_whisper_dir, tmp_path):
+    cfg = TrainConfig(data=str(uk_corpus), languages=("xx",), base=str(tiny_whisper_dir), run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown language"):
+        train_lora_expert(cfg)
+
+
+def test_yaml_config_with_overrides(tmp_path):
+    from trainers.cli import build_parser
+    from trainers.commands.train import _config_from_args
+
+    (tmp_path / "c.yaml").write_text("data: d\nlanguage: uk\nname: uk-x\nrank: 8\nepochs: 4\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2"])
+    cfg, name, _ = _config_from_args(args)
+    assert (cfg.rank, cfg.epochs, cfg.languages, name) == (8, 2, ("uk",), "uk-x")
+    (tmp_path / "bad.yaml").write_text("data: d\nlanguage: uk\nname: x\nrnak: 8\n")
+    with pytest.raises(ValueError, match="unknown option.*rnak"):
+        _config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+    assert dataclasses.replace(cfg, rank=2).rank == 2
+
+
+def test_example_config_parses():
+    from pathlib import Path
+
+    from trainers.cli import build_parser
+    from trainers.commands.train import _config_from_args
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "train_lora_uk.yaml"
+    assert path.read_text().startswith("# whisper-experts train --config examples/train_lora_uk.yaml")
+    cfg, name, _ = _config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
+    assert name == "uk-espeak" and cfg.languages == ("uk",) and cfg.side == "decoder"

@@ -1,0 +1,144 @@
+"""``whisper-experts train``: train a LoRA language expert and store it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from trainers.commands.common import split_list
+
+DESCRIPTION = """\
+Train a LoRA language expert on a frozen base Whisper with Lightning: validation WER every epoch, the
+expert with the best validation WER kept (checkpoints hold the expert only), early stopping, CSV and
+TensorBoard logs under --run-dir. A decoder-only expert (the default) runs the encoder once per utterance
+and trains on cached encoder outputs. The best expert is evaluated on the test split beside the base, then
+written to the registry under --name (and to --out if given).
+
+Options can also come from a YAML file (--config); command-line flags override it.
+
+examples:
+  whisper-experts train --base whisper-base --data data/uk --language uk --name uk-espeak
+  whisper-experts train --data data/uk --language uk --name uk-small --rank 8 --epochs 5 --max-train 200
+  whisper-experts train --data data/uk --language uk --name uk-warm --init-from ru-espeak@latest
+  whisper-experts train --config examples/train_lora_uk.yaml
+"""
+
+
+def _config_from_args(args):
+    from trainers.train_lora import TrainConfig
+
+    values = {}
+    if args.config:
+        import yaml
+
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"name", "language", "out", "tags"}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; see `whisper-experts train --help`")
+        values.update(loaded)
+    for key in ("data", "base", "rank", "alpha", "dropout", "side", "lr", "schedule", "warmup_steps",
+                "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
+                "precision", "seed", "max_train", "max_validation", "patience", "init_from", "run_dir",
+                "strategy", "devices", "test_limit", "cache_dir", "name", "out"):
+        v = getattr(args, key, None)
+        if v is not None:
+            values[key] = v
+    if args.language:
+        values["language"] = args.language
+    if args.targets:
+        values["target_modules"] = tuple(split_list(args.targets))
+    if args.no_cross_attention:
+        values["cross_attention"] = False
+    if args.quiet:
+        values["progress"] = False
+    languages = values.pop("languages", None) or split_list(values.pop("language", None))
+    name, out = values.pop("name", None), values.pop("out", None)
+    values.pop("tags", None)
+    if not values.get("data"):
+        raise ValueError("no --data corpus given")
+    if not languages:
+        raise ValueError("no --language given (e.g. --language uk, or --language uk,ru for one expert serving both)")
+    if not name:
+        raise ValueError("no --name given for the expert (e.g. --name uk-espeak)")
+    values.setdefault("run_dir", str(Path("runs") / name))
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return TrainConfig(languages=tuple(languages), **values), name, out
+
+
+def _run(args) -> int:
+    from registry.expert_file import save_expert
+    from trainers.train_lora import train_lora_expert
+
+    cfg, name, out = _config_from_args(args)
+    expert, report = train_lora_expert(cfg)
+    run_dir = Path(cfg.run_dir)
+    save_expert(expert, run_dir / "expert.safetensors")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if out:
+        save_expert(expert, out)
+    try:
+        from registry.store import Registry
+    except ImportError:  # registry store not available in this build
+        Registry = None
+    if Registry is not None:
+        record = Registry(args.registry).add(expert, name)
+        print(f"stored {record.ref} in the registry")
+    if "test" in report:
+        print("\n| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
+        for lang, row in report["test"]["expert"].items():
+            b = report["test"]["base"][lang]
+            print(f"| {lang} | {row['n']} | {100 * b['wer']:.1f} | {100 * row['wer']:.1f} | {100 * b['cer']:.1f} | "
+                  f"{100 * row['cer']:.1f} |")
+    print(f"\nbest epoch {report['best_epoch']} (validation WER {100 * report['best_val_wer']:.1f}%); "
+          f"expert file {run_dir / 'expert.safetensors'}; logs in {run_dir}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a LoRA language expert", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what")
+    g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
+    g.add_argument("--base", help="base model (default whisper-base)")
+    g.add_argument("--data", help="corpus directory")
+    g.add_argument("--language", help="language code(s) the expert serves, comma-separated")
+    g.add_argument("--name", help="expert name in the registry, e.g. uk-espeak")
+    g.add_argument("--out", help="also write the expert file here")
+    g.add_argument("--registry", help="registry directory (default <home>/registry)")
+    g.add_argument("--init-from", dest="init_from", help="warm start from this expert (registry spec or file)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
+    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
+    g.add_argument("--targets", help="linear layers: q_proj,k_proj,v_proj,out_proj,fc1,fc2 (default all)")
+    g.add_argument("--side", choices=["decoder", "encoder", "both"], help="where to adapt (default decoder)")
+    g.add_argument("--no-cross-attention", action="store_true", help="leave the decoder's cross-attention alone")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (default linear)")
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="warm-up steps (default 10)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="(default 0)")
+    g.add_argument("--epochs", type=int, help="maximum epochs (default 10)")
+    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N optimizer steps")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="utterances per batch (default 16)")
+    g.add_argument("--accumulate", type=int, help="gradient accumulation steps (default 1)")
+    g.add_argument("--precision", help="Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)")
+    g.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
+    g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (default auto)")
+    g.add_argument("--devices", help="Lightning devices (default auto)")
+    g = p.add_argument_group("data")
+    g.add_argument("--max-train", dest="max_train", type=int, help="at most N training utterances per language")
+    g.add_argument("--max-validation", dest="max_validation", type=int, help="at most N validation utterances")
+    g.add_argument("--test-limit", dest="test_limit", type=int, help="at most N test utterances per language")
+    g.add_argument("--cache-dir", dest="cache_dir", help="encoder-output cache directory (default <data>/.cache)")
+    g.add_argument("--run-dir", dest="run_dir", help="logs and checkpoints (default runs/<name>)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)

@@ -1,0 +1,265 @@
+"""Training data for experts: labelled token sequences, length-aware batches, and the encoder-output cache.
+
+Each utterance becomes (see :func:`make_example`):
+
+- ``input_features``: Whisper's log-mel (n_mels, 3000), computed once with ``datasets.map`` and stored as
+  float16 in the dataset cache;
+- ``decoder_input_ids``: ``<|sot|><|lang|><|transcribe|><|notimestamps|> text`` and ``labels`` the same
+  shifted left, ending in ``<|eot|>``, with the three prompt targets masked (-100): the language and task
+  are given at inference, so the expert learns the text only. Padding is -100 in labels.
+
+When an expert leaves the encoder untouched, :class:`EncoderCache` runs the frozen encoder once per utterance
+and keeps its outputs in a float16 memory-mapped file (bounded memory: the OS pages it), so later epochs pay
+only for the decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from trainers.audio import SAMPLE_RATE, load_audio
+
+IGNORE = -100
+
+
+def prompt_ids(tokenizer, language: str | None) -> list[int]:
+    """``<|sot|><|lang|><|transcribe|><|notimestamps|>`` (no language/task tokens for English-only models)."""
+    ids = tokenizer.convert_tokens_to_ids
+    if language is None:
+        return [ids("<|startoftranscript|>"), ids("<|notimestamps|>")]
+    return [ids("<|startoftranscript|>"), ids(f"<|{language}|>"), ids("<|transcribe|>"), ids("<|notimestamps|>")]
+
+
+def make_example(tokenizer, text: str, language: str | None, max_length: int = 448) -> dict:
+    """Decoder inputs and labels for one transcript (see the module docstring)."""
+    prompt = prompt_ids(tokenizer, language)
+    text_ids = tokenizer(" " + text.strip(), add_special_tokens=False).input_ids
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    full = (prompt + text_ids)[: max_length - 1] + [eot]
+    labels = full[1:]
+    labels[: len(prompt) - 1] = [IGNORE] * (len(prompt) - 1)
+    return {"decoder_input_ids": full[:-1], "labels": labels}
+
+
+def featurize(dataset, processor, language_of=lambda row: row["language"], multilingual: bool = True,
+              desc: str = "features"):
+    """``datasets.map`` the corpus split into ``input_features`` (float16) + ``decoder_input_ids`` + ``labels``."""
+    fe, tok = processor.feature_extractor, processor.tokenizer
+
+    def fn(batch):
+        audios = [load_audio(a) for a in batch["audio"]]
+        feats = fe(audios, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float16)
+        examples = [make_example(tok, t, lang if multilingual else None)
+                    for t, lang in zip(batch["text"], batch["language"])]
+        return {"input_features": list(feats), "decoder_input_ids": [e["decoder_input_ids"] for e in examples],
+                "labels": [e["labels"] for e in examples], "seconds": [len(a) / SAMPLE_RATE for a in audios]}
+
+    keep = {"id", "text", "language"}
+    return dataset.map(fn, batched=True, batch_size=16, desc=desc,
+                       remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+class EncoderCache:
+    """Encoder outputs of a fixed set of utterances, computed once, stored as a float16 memmap.
+
+    Args:
+        path: the ``.npy`` file (created if missing or if its shape does not fit).
+        encoder: the frozen Whisper encoder.
+        features: a sequence of (n_mels, 3000) arrays, in the order rows are indexed.
+        batch_size: encoder batch size for the one-time pass.
+    """
+
+    def __init__(self, path: Path, encoder: torch.nn.Module, features: Sequence, batch_size: int = 8,
+                 progress: bool = True):
+        self.path = Path(path)
+        n = len(features)
+        d = encoder.config.d_model
+        frames = encoder.config.max_source_positions
+        ready = self.path.with_suffix(".done")
+        if ready.is_file() and self.path.is_file():
+            self.array = np.load(self.path, mmap_mode="r")
+            if self.array.shape == (n, frames, d):
+                return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready.unlink(missing_ok=True)
+        array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16, shape=(n, frames, d))
+        param = next(encoder.parameters())
+        with torch.inference_mode():
+            for start in tqdm(range(0, n, batch_size), desc="encoder cache", unit="batch", disable=not progress):
+                rows = [np.asarray(features[i], dtype=np.float32) for i in range(start, min(n, start + batch_size))]
+                x = torch.from_numpy(np.stack(rows)).to(param.device, param.dtype)
+                array[start:start + len(rows)] = encoder(x).last_hidden_state.float().cpu().numpy().astype(np.float16)
+        array.flush()
+        del array
+        ready.write_text("ok")
+        self.array = np.load(self.path, mmap_mode="r")
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[index], dtype=np.float32))
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    @staticmethod
+    def key(base_fingerprint: str, ids: Sequence[str], corpus: str) -> str:
+        """A cache name that changes with the base weights, the corpus and the utterance set."""
+        h = hashlib.sha256(f"{base_fingerprint}|{corpus}|".encode() + "\n".join(ids).encode()).hexdigest()[:16]
+        return f"enc-{base_fingerprint[:8]}-{h}"
+
+
+class ExpertDataset(Dataset):
+    """Rows of a featurized split, with encoder outputs from a cache when one is given."""
+
+    def __init__(self, featurized, cache: EncoderCache | None = None):
+        self.rows = featurized
+        self.cache = cache
+        self.lengths = [len(x) for x in featurized["labels"]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        item = {"index": i, "decoder_input_ids": row["decoder_input_ids"], "labels": row["labels"],
+                "language": row["language"], "text": row["text"]}
+        if self.cache is not None:
+            item["encoder_hidden_states"] = self.cache[i]
+        else:
+            item["input_features"] = torch.tensor(np.asarray(row["input_features"], dtype=np.float32))
+        return item
+
+
+@dataclass
+class Collator:
+    """Pads decoder inputs with end-of-text and labels with -100; stacks features or cached encoder outputs."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        width = max(len(it["decoder_input_ids"]) for it in items)
+        dec = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(items), width), IGNORE, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["decoder_input_ids"])
+            dec[i, :n] = torch.tensor(it["decoder_input_ids"])
+            lab[i, :n] = torch.tensor(it["labels"])
+        batch = {"decoder_input_ids": dec, "labels": lab, "index": torch.tensor([it["index"] for it in items]),
+                 "language": [it["language"] for it in items], "text": [it["text"] for it in items]}
+        key = "encoder_hidden_states" if "encoder_hidden_states" in items[0] else "input_features"
+        batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+
+class LengthGroupedSampler(Sampler):
+    """Batches of similar label length (less padding), in a random order that changes every epoch.
+
+    Args:
+        lengths: label length per row.
+        batch_size: rows per batch.
+        shuffle: shuffle batch order (and rows within equal lengths) per epoch; False keeps length order.
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0):
+        self.lengths, self.batch_size, self.shuffle, self.seed, self.epoch = list(lengths), batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)  # ties in length are broken randomly
+        order.sort(key=lambda i: self.lengths[i])
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        self.epoch += 1
+        yield from batches
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+class ExpertDataModule(L.LightningDataModule):
+    """Train / validation data of one or more languages from a corpus directory.
+
+    Args:
+        data: corpus directory (``trainers.corpus``).
+        processor: the base's ``WhisperProcessor``.
+        languages: Whisper codes to keep.
+        batch_size: rows per batch.
+        max_train: at most this many training utterances per language (None: all).
+        encoder: the frozen encoder when the expert leaves it untouched (enables the encoder cache).
+        cache_dir: where encoder caches live (default: ``<data>/.cache``).
+        base_fingerprint: names the cache.
+    """
+
+    def __init__(self, data: str, processor, languages: Sequence[str], batch_size: int = 16,
+                 max_train: int | None = None, max_validation: int | None = None, encoder=None,
+                 cache_dir: str | None = None, base_fingerprint: str = "base", multilingual: bool = True,
+                 seed: int = 0, progress: bool = True):
+        super().__init__()
+        self.data, self.processor, self.languages = data, processor, list(languages)
+        self.batch_size, self.max_train, self.max_validation = batch_size, max_train, max_validation
+        self.encoder, self.cache_dir = encoder, cache_dir
+        self.base_fingerprint, self.multilingual, self.seed, self.progress = base_fingerprint, multilingual, seed, progress
+        self.datasets: dict[str, ExpertDataset] = {}
+        self.summary: dict = {}
+
+    def _select(self, split, limit):
+        from trainers.corpus.loading import load_corpus
+
+        corpus = load_corpus(self.data)
+        if split not in corpus:
+            raise ValueError(f"{self.data} has no {split!r} split")
+        ds = corpus[split]
+        have = set(ds["language"])
+        missing = [lang for lang in self.languages if lang not in have]
+        if missing:
+            raise ValueError(f"{self.data} [{split}] has no utterances in {', '.join(missing)}; "
+                             f"it has {', '.join(sorted(have))}")
+        keep, counts = [], {}
+        for i, lang in enumerate(ds["language"]):
+            if lang in self.languages and (limit is None or counts.get(lang, 0) < limit):
+                keep.append(i)
+                counts[lang] = counts.get(lang, 0) + 1
+        return ds.select(keep)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split, limit in (("train", self.max_train), ("validation", self.max_validation)):
+            rows = featurize(self._select(split, limit), self.processor, multilingual=self.multilingual,
+                             desc=f"{split} features")
+            cache = None
+            if self.encoder is not None:
+                root = Path(self.cache_dir) if self.cache_dir else Path(self.data) / ".cache"
+                name = EncoderCache.key(self.base_fingerprint, rows["id"], str(Path(self.data).resolve()))
+                cache = EncoderCache(root / f"{name}.npy", self.encoder, rows["input_features"], progress=self.progress)
+            self.datasets[split] = ExpertDataset(rows, cache)
+            self.summary[split] = {"utterances": len(rows), "hours": round(sum(rows["seconds"]) / 3600, 4)}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        pad = self.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        sampler = LengthGroupedSampler(ds.lengths, self.batch_size, shuffle=shuffle, seed=self.seed)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad), num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)

@@ -1,0 +1,212 @@
+"""Recipe: train a LoRA language expert with Lightning and return it as an :class:`~registry.expert_file.Expert`.
+
+The base is loaded once and frozen; a decoder-only expert trains on cached encoder outputs. Validation WER is
+computed every epoch; the expert with the best validation WER is kept (early stopping watches the same
+figure), evaluated on the test split, and returned with a full manifest (base fingerprints, hyperparameters,
+data summary, validation and test metrics, lineage).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lora_experts.config import ATTENTION, FFN, LoraExpertConfig
+from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
+from registry.expert_file import Expert, check_compatible, new_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a LoRA expert training run needs. Frozen: vary with ``dataclasses.replace``."""
+
+    data: str  # corpus directory (from `corpus synth` / `corpus from-dir`)
+    languages: tuple[str, ...]  # Whisper codes the expert serves (batches may mix them)
+    base: str = "whisper-base"  # base model: name, directory or hub id
+    rank: int = 16  # LoRA rank
+    alpha: float = 32.0  # LoRA alpha (update scaled by alpha / rank)
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: tuple[str, ...] = ATTENTION + FFN  # q_proj,k_proj,v_proj,out_proj,fc1,fc2
+    side: str = "decoder"  # decoder | encoder | both (decoder-only trains on cached encoder outputs)
+    cross_attention: bool = True  # adapt the decoder's cross-attention too
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "linear"  # linear | cosine | constant decay after warm-up
+    warmup_steps: int = 10  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    epochs: int = 10  # maximum epochs
+    max_steps: int = -1  # stop after this many optimizer steps (-1: epochs decide)
+    batch_size: int = 16  # utterances per batch
+    accumulate: int = 1  # gradient accumulation steps
+    precision: str | None = None  # Lightning precision; default bf16-mixed on CUDA, 32-true on CPU
+    seed: int = 0  # seeds data order, dropout and LoRA init
+    max_train: int | None = None  # at most this many training utterances per language
+    max_validation: int | None = None  # at most this many validation utterances per language
+    patience: int = 3  # early stopping: epochs without a better validation WER
+    init_from: str | None = None  # warm start from this expert (registry spec or file)
+    run_dir: str = "runs/expert"  # logs and checkpoints (expert-only) go here
+    cache_encoder: bool = True  # cache encoder outputs when the expert leaves the encoder untouched
+    cache_dir: str | None = None  # encoder cache location (default: <data>/.cache)
+    strategy: str = "auto"  # Lightning strategy, e.g. "ddp"
+    devices: str = "auto"  # Lightning devices
+    test: bool = True  # evaluate the best expert (and the base) on the test split
+    test_limit: int | None = None  # at most this many test utterances per language
+    progress: bool = True  # progress bars
+
+    def lora(self) -> LoraExpertConfig:
+        return LoraExpertConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                                target_modules=tuple(self.target_modules), side=self.side,
+                                cross_attention=self.cross_attention)
+
+
+class KeepBestExpert(L.Callback):
+    """Keeps a copy of the expert's matrices from the epoch with the lowest validation WER."""
+
+    def __init__(self):
+        self.best_wer = float("inf")
+        self.best_epoch = -1
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+        wer = metrics.get("val_wer", float("inf"))
+        if wer < self.best_wer:
+            self.best_wer, self.best_epoch = wer, trainer.current_epoch
+            self.tensors = copy.deepcopy(module.expert_tensors())
+
+
+def _resolve_expert(spec: str) -> Expert:
+    """An expert from a file path or a registry spec (``name``, ``name@3``, ``name@latest``)."""
+    from registry.expert_file import load_expert
+
+    if Path(spec).is_file():
+        return load_expert(spec)
+    from registry.store import Registry
+
+    return Registry().get(spec)
+
+
+def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
+    """Train, select by validation WER, test, and describe a LoRA expert.
+
+    Returns:
+        (the expert, a report dict with the per-epoch history, base and expert test results, timings).
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from registry.bases import load_base
+    from trainers.data import ExpertDataModule
+    from trainers.lora_module import LoraExpertModule
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    t0 = time.time()
+    base = load_base(cfg.base, device="cpu")
+    unknown = [lang for lang in cfg.languages if base.multilingual and lang not in base.languages]
+    if unknown:
+        raise ValueError(f"unknown language(s) {', '.join(unknown)} for {base.name}; see `whisper-experts base info`")
+    lora = cfg.lora()
+    init = None
+    parents = []
+    if cfg.init_from:
+        start = _resolve_expert(cfg.init_from)
+        check_compatible(start.manifest, base, what=f"expert {cfg.init_from}")
+        if start.kind != "lora":
+            raise ValueError(f"--init-from {cfg.init_from} is a {start.kind} expert; a LoRA expert is needed")
+        init = (start.tensors, start.manifest["hyperparameters"])
+        parents.append({"expert": cfg.init_from, "languages": start.languages, "role": "warm start"})
+
+    model = base.model
+    module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                              warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                              label_smoothing=cfg.label_smoothing, init_from=init)
+    cache = cfg.cache_encoder and not lora.touches_encoder
+    data = ExpertDataModule(cfg.data, base.processor, cfg.languages, cfg.batch_size, cfg.max_train,
+                            cfg.max_validation, encoder=model.model.encoder if cache else None,
+                            cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
+                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
+    data.setup("fit")
+    prepared = time.time()
+
+    run_dir = Path(cfg.run_dir)
+    keep = KeepBestExpert()
+    callbacks = [keep, ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
+                                       save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"),
+                 EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)]
+    loggers = [CSVLogger(run_dir, name="logs")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+    except ImportError:
+        pass
+    cuda = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
+        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"), callbacks=callbacks, logger=loggers,
+        strategy=cfg.strategy, devices=cfg.devices, enable_progress_bar=cfg.progress, log_every_n_steps=1,
+        num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, use_distributed_sampler=False,
+        default_root_dir=run_dir,
+    )
+    trainer.fit(module, datamodule=data)
+    if keep.tensors is None:  # --max-steps ended training before an epoch's validation: validate once
+        trainer.validate(module, datamodule=data, verbose=False)
+    trained = time.time()
+    if keep.tensors is None:
+        raise RuntimeError("training produced no validated expert (no validation epoch ran); raise --epochs")
+
+    report = {"history": keep.history, "best_epoch": keep.best_epoch, "best_val_wer": keep.best_wer,
+              "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)}}
+    metrics = {lang: {"validation": {}} for lang in cfg.languages}
+    for lang in cfg.languages:
+        metrics[lang]["validation"]["wer"] = keep.best_wer if len(cfg.languages) == 1 else None
+    model = model.cpu().eval()
+    remove_experts(model)
+    if cfg.test:
+        report["test"] = _test(base, keep.tensors, lora.hyperparameters(), cfg)
+        for lang, row in report["test"]["expert"].items():
+            metrics[lang]["test"] = {k: row[k] for k in ("wer", "cer", "n")}
+            metrics[lang]["base_test"] = {k: report["test"]["base"][lang][k] for k in ("wer", "cer", "n")}
+        report["seconds"]["test"] = round(time.time() - trained, 1)
+
+    hyper = {**lora.hyperparameters(), "lr": cfg.lr, "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1,
+             "best_epoch": keep.best_epoch, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    summary = {"corpus": str(cfg.data), **{f"{k}_{m}": v for k, d in data.summary.items() for m, v in d.items()}}
+    summary.update(utterances=data.summary["train"]["utterances"], hours=data.summary["train"]["hours"])
+    manifest = new_manifest("lora", cfg.languages, base, hyper, data=summary, metrics=metrics,
+                            lineage={"parents": parents})
+    return Expert(keep.tensors, manifest), report
+
+
+def _test(base, tensors, hyper, cfg: TrainConfig) -> dict:
+    """Test-split WER of the base alone and with the expert (same utterances, same decoding)."""
+    from trainers.corpus.loading import load_corpus
+    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+
+    utts = utterances_from_dataset(load_corpus(cfg.data)["test"], cfg.languages, cfg.test_limit)
+    opts = DecodeOptions(batch_size=cfg.batch_size)
+    out = {"base": evaluate(base.model, base.processor, utts, opts, progress=cfg.progress).as_dict()["languages"]}
+    attach_expert(base.model, tensors, hyper, DEFAULT_ADAPTER)
+    report = evaluate(base.model, base.processor, utts, opts, progress=cfg.progress)
+    out["expert"] = report.as_dict()["languages"]
+    out["guard"] = report.guard
+    remove_experts(base.model)
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
