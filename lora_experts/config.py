@@ -17,7 +17,10 @@ class LoraExpertConfig:
     dropout: float = 0.05  # dropout on the LoRA path's input during training
     target_modules: tuple[str, ...] = ATTENTION + FFN  # linear layer names to adapt (attention q/k/v/out, fc1/fc2)
     side: str = "decoder"  # "decoder", "encoder" or "both"; a decoder-only expert lets training cache encoder outputs
-    cross_attention: bool = True  # in the decoder, also adapt encoder_attn (cross-attention) projections
+    cross_attention: bool = True  # in the decoder, also adapt cross-attention (encoder_attn) q_proj / out_proj
+    # Cross-attention k/v act on all 1500 encoder frames: adapting them costs ~2x per training step (keys and
+    # values recomputed with gradients every step), so it is opt-in.
+    cross_attention_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -38,10 +41,12 @@ class LoraExpertConfig:
         sides = {"decoder": "decoder", "encoder": "encoder", "both": "encoder|decoder"}[self.side]
         attn = [m for m in self.target_modules if m in ATTENTION]
         ffn = [m for m in self.target_modules if m in FFN]
-        blocks = "self_attn|encoder_attn" if self.cross_attention else "self_attn"
         parts = []
         if attn:
-            parts.append(rf"({blocks})\.({'|'.join(attn)})")
+            parts.append(rf"self_attn\.({'|'.join(attn)})")
+            cross = [m for m in attn if m in ("q_proj", "out_proj") or self.cross_attention_kv]
+            if self.cross_attention and cross and self.side != "encoder":
+                parts.append(rf"encoder_attn\.({'|'.join(cross)})")
         if ffn:
             parts.append(rf"({'|'.join(ffn)})")
         return rf"model\.({sides})\.layers\.\d+\.({'|'.join(parts)})"

@@ -82,3 +82,31 @@ def test_eval_refuses_an_unwritable_report_path_before_decoding(tmp_path, capsys
     assert main(["eval", "--data", str(tmp_path), "--out", str(blocker / "sub" / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the evaluation report" in err and "--out" in err
+
+
+def test_train_store_and_evaluate_an_expert_from_the_command_line(tiny_whisper_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.tiny import make_tiny_whisper
+
+    monkeypatch.setenv("WHISPER_EXPERTS_HOME", str(tmp_path / "home"))
+    data = tmp_path / "corpus"
+    assert main(["corpus", "synth", "--languages", "uk", "--per-language", "8", "--out", str(data), "--quiet"]) == 0
+    assert main(["train", "--base", str(tiny_whisper_dir), "--data", str(data), "--language", "uk", "--name",
+                 "uk-tiny", "--rank", "2", "--epochs", "1", "--batch-size", "4", "--run-dir", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stored uk-tiny@1 in the registry" in out and "| uk |" in out
+    assert main(["registry", "list", "--language", "uk"]) == 0
+    assert "uk-tiny@1" in capsys.readouterr().out
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--base", str(tiny_whisper_dir), "--data", str(data), "--expert", "uk-tiny@latest",
+                 "--max-new-tokens", "4", "--out", str(report)]) == 0
+    meta = json.loads(report.read_text())["meta"]
+    assert meta["expert"]["ref"] == "uk-tiny@1" and meta["expert"]["languages"] == ["uk"]
+    # The same expert on another base (different weights, same tokenizer) is refused, naming both bases.
+    other = make_tiny_whisper(tmp_path / "other-tiny", seed=7)
+    capsys.readouterr()
+    assert main(["eval", "--base", str(other), "--data", str(data), "--expert", "uk-tiny@latest"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on base" in err and "--force" in err

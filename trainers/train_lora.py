@@ -36,7 +36,8 @@ class TrainConfig:
     dropout: float = 0.05  # LoRA dropout
     target_modules: tuple[str, ...] = ATTENTION + FFN  # q_proj,k_proj,v_proj,out_proj,fc1,fc2
     side: str = "decoder"  # decoder | encoder | both (decoder-only trains on cached encoder outputs)
-    cross_attention: bool = True  # adapt the decoder's cross-attention too
+    cross_attention: bool = True  # adapt the decoder's cross-attention q/out too
+    cross_attention_kv: bool = False  # also cross-attention k/v (about 2x slower steps)
     lr: float = 1e-3  # peak learning rate
     schedule: str = "linear"  # linear | cosine | constant decay after warm-up
     warmup_steps: int = 10  # linear warm-up steps
@@ -64,7 +65,7 @@ class TrainConfig:
     def lora(self) -> LoraExpertConfig:
         return LoraExpertConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                                 target_modules=tuple(self.target_modules), side=self.side,
-                                cross_attention=self.cross_attention)
+                                cross_attention=self.cross_attention, cross_attention_kv=self.cross_attention_kv)
 
 
 class KeepBestExpert(L.Callback):

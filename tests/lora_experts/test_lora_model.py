@@ -42,7 +42,8 @@ def test_fresh_expert_is_an_identity_and_only_lora_trains(model):
     before = _logits(model)
     modules = add_trainable_expert(model, LoraExpertConfig(rank=4))
     assert modules and all(".decoder." in m for m in modules)
-    assert any("encoder_attn.k_proj" in m for m in modules) and any(m.endswith("fc2") for m in modules)
+    assert any("encoder_attn.q_proj" in m for m in modules) and any(m.endswith("fc2") for m in modules)
+    assert not any("encoder_attn.k_proj" in m for m in modules)  # opt-in: cross_attention_kv
     torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -50,13 +51,15 @@ def test_fresh_expert_is_an_identity_and_only_lora_trains(model):
 
 @pytest.mark.parametrize("config", [LoraExpertConfig(rank=2, target_modules=("q_proj", "v_proj")),
                                     LoraExpertConfig(rank=4, side="encoder", target_modules=("fc1",)),
-                                    LoraExpertConfig(rank=8, side="both", cross_attention=False)])
+                                    LoraExpertConfig(rank=8, side="both", cross_attention=False),
+                                    LoraExpertConfig(rank=2, cross_attention_kv=True)])
 def test_targets_follow_the_config(model, config):
     modules = add_trainable_expert(model, config)
     for m in modules:
         assert m.rsplit(".", 1)[-1] in config.target_modules
         assert (".encoder." in m) == (config.side == "encoder") or config.side == "both"
         assert config.cross_attention or "encoder_attn" not in m
+        assert config.cross_attention_kv or not any(f"encoder_attn.{p}" in m for p in ("k_proj", "v_proj"))
 
 
 def test_attach_extract_roundtrip_and_exact_removal(model):

@@ -54,6 +54,8 @@ def _config_from_args(args):
         values["target_modules"] = tuple(split_list(args.targets))
     if args.no_cross_attention:
         values["cross_attention"] = False
+    if args.cross_attention_kv:
+        values["cross_attention_kv"] = True
     if args.quiet:
         values["progress"] = False
     languages = values.pop("languages", None) or split_list(values.pop("language", None))
@@ -119,6 +121,8 @@ def register(subparsers) -> None:
     g.add_argument("--targets", help="linear layers: q_proj,k_proj,v_proj,out_proj,fc1,fc2 (default all)")
     g.add_argument("--side", choices=["decoder", "encoder", "both"], help="where to adapt (default decoder)")
     g.add_argument("--no-cross-attention", action="store_true", help="leave the decoder's cross-attention alone")
+    g.add_argument("--cross-attention-kv", action="store_true",
+                   help="also adapt cross-attention k/v (acts on all encoder frames: ~2x slower steps)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (default linear)")

@@ -1,0 +1,160 @@
+"""Training speed of a decoder-only LoRA expert: encoder cache vs none, and framework overhead vs plain PEFT.
+
+    python benchmarks/train_speed.py                       # whisper-base, batch 16, 6 timed steps each (~4 min on 2 CPU cores)
+    python benchmarks/train_speed.py --base /path/to/tiny --steps 3
+
+In one run, on the same utterances and batches:
+  (a) our Lightning recipe with the encoder-output cache,
+  (b) our Lightning recipe without it (the frozen encoder runs every step),
+  (c) a hand-written PEFT + PyTorch loop (get_peft_model, AdamW, the same cached encoder outputs).
+Reports samples/s and the ratios a/b (cache speed-up; goal >= 3x) and c/a (framework overhead; goal <= 5%).
+The first step of each is a warm-up and is not timed. Writes ``<out>/train_speed.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class StepTimer:
+    """Lightning callback: wall time of training steps after the first."""
+
+    def __init__(self):
+        self.start = None
+        self.steps = 0
+        self.samples = 0
+        self.elapsed = 0.0
+
+    def callback(self):
+        import lightning as L
+
+        timer = self
+
+        class _CB(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                timer.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                if batch_idx > 0:  # skip the warm-up step
+                    timer.elapsed += time.perf_counter() - timer.t0
+                    timer.steps += 1
+                    timer.samples += batch["labels"].shape[0]
+
+        return _CB()
+
+
+def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_dir: str) -> dict:
+    import lightning as L
+
+    from lora_experts.config import LoraExpertConfig
+    from lora_experts.model import remove_experts
+    from trainers.data import ExpertDataModule
+    from trainers.lora_module import LoraExpertModule
+
+    L.seed_everything(0, verbose=False)
+    module = LoraExpertModule(base.model, base.processor, LoraExpertConfig(rank=16), lr=1e-4)
+    dm = ExpertDataModule(data, base.processor, ["uk"], batch_size, max_train=batch_size * (steps + 1),
+                          max_validation=1, encoder=base.model.model.encoder if cache else None,
+                          cache_dir=cache_dir, base_fingerprint=base.fingerprint)
+    dm.setup()
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=steps + 1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer.callback()],
+                        num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    remove_experts(base.model)
+    return {"samples_per_s": timer.samples / timer.elapsed, "steps": timer.steps, "seconds": timer.elapsed}
+
+
+def plain_peft_run(base, data, steps: int, batch_size: int, cache_dir: str) -> dict:
+    """The same training, hand-written: peft's get_peft_model and a bare PyTorch loop."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from lora_experts.config import LoraExpertConfig
+    from trainers.data import IGNORE, ExpertDataModule
+
+    torch.manual_seed(0)
+    dm = ExpertDataModule(data, base.processor, ["uk"], batch_size, max_train=batch_size * (steps + 1),
+                          max_validation=1, encoder=base.model.model.encoder, cache_dir=cache_dir,
+                          base_fingerprint=base.fingerprint)
+    dm.setup()
+    cfg = LoraExpertConfig(rank=16)
+    peft_model = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                       target_modules=cfg.target_regex()))
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    elapsed, samples, done = 0.0, 0, 0
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i > steps:
+            break
+        t0 = time.perf_counter()
+        enc = BaseModelOutput(last_hidden_state=batch["encoder_hidden_states"])
+        logits = peft_model(encoder_outputs=enc, decoder_input_ids=batch["decoder_input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORE)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i > 0:
+            elapsed += time.perf_counter() - t0
+            samples += batch["labels"].shape[0]
+            done += 1
+    peft_model.unload()
+    return {"samples_per_s": samples / elapsed, "steps": done, "seconds": elapsed}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="whisper-base")
+    p.add_argument("--data", default="data/uk-expert", help="corpus with uk train utterances (synthesized if missing)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (plus one warm-up)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from registry.bases import load_base
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+
+    if not (Path(args.data) / "dataset_dict.json").is_file():
+        synthesize_corpus(SynthConfig(languages=("uk",), per_language=200, seed=1), args.data)
+    base = load_base(args.base, device="cpu")
+    cache_dir = str(Path(args.data) / ".cache")
+    results = {
+        "lightning_cache": lightning_run(base, args.data, True, args.steps, args.batch_size, cache_dir),
+        "lightning_no_cache": lightning_run(base, args.data, False, args.steps, args.batch_size, cache_dir),
+        "plain_peft_cache": plain_peft_run(base, args.data, args.steps, args.batch_size, cache_dir),
+    }
+    a, b, c = (results[k]["samples_per_s"] for k in ("lightning_cache", "lightning_no_cache", "plain_peft_cache"))
+    results["ratios"] = {"cache_speedup": a / b, "framework_overhead": c / a - 1}
+    results["meta"] = {"base": base.name, "batch_size": args.batch_size, "steps": args.steps,
+                       "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                       "command": "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    md = ("| variant | samples/s | vs (a) |\n|---|---|---|\n"
+          f"| (a) Lightning, encoder cache | {a:.2f} | 1.00x |\n"
+          f"| (b) Lightning, no cache | {b:.2f} | {b / a:.2f}x |\n"
+          f"| (c) plain PEFT + PyTorch loop, encoder cache | {c:.2f} | {c / a:.2f}x |\n\n"
+          f"Cache speed-up (a)/(b): **{a / b:.1f}x**; framework overhead (c)/(a) - 1: **{100 * (c / a - 1):+.1f}%** "
+          f"({base.name}, batch {args.batch_size}, rank 16 decoder-only LoRA, {args.steps} timed steps each, "
+          f"{torch.get_num_threads()} threads).\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_speed.json").write_text(json.dumps(results, indent=2))
+    (out / "train_speed.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
