@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainers.cli import COMMANDS, build_parser, main
+from trainers.cli import build_parser, main
 
 
 def _help(argv, capsys):

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.home:
         os.environ["WHISPER_EXPERTS_HOME"] = args.home
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning prints its own INFO lines; don't print them twice
     if not args.debug:
         # transformers repeats generation-config notices on every generate() call; keep the terminal readable.
         from transformers.utils import logging as hf_logging

