@@ -51,6 +51,7 @@ class LoraExpertModule(L.LightningModule):
             attach_expert(model, init_from[0], {**init_from[1], "dropout": config.dropout}, DEFAULT_ADAPTER,
                           trainable=True)
         self.strict_loading = False  # checkpoints carry the expert only
+        self.model.train()  # bases load in eval mode; LoRA dropout needs train mode (see on_train_epoch_start)
         self._val_hyps: list[str] = []
         self._val_refs: list[str] = []
 
