@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+from registry.atomic import atomic_write_text, staged_directory
 from registry.convert import convert_ct2_directory
 from registry.ct2 import CT2FormatError
 from registry.fingerprint import tokenizer_fingerprint, weight_fingerprint
@@ -152,12 +153,6 @@ def is_hf_dir(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- import / list
 
-def _write_record(directory: Path, record: dict) -> None:
-    tmp = directory / (BASE_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(directory / BASE_RECORD)
-
-
 def import_base(source: str | os.PathLike | None = None, name: str | None = None, *, home=None,
                 overwrite: bool = False, progress=print) -> Path:
     """Import a base into ``<home>/bases/<name>``: convert CTranslate2 dirs, copy Hugging Face dirs.
@@ -196,14 +191,13 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
         say(f"{name} already imported at {target} (use --overwrite to redo)")
         return target
     t0 = time.time()
-    staging = root / f".{name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    # Built aside and swapped in: a failed import leaves the bases directory as it was.
+    with staged_directory(target) as staging:
         if is_ct2_dir(src) or extra:
             say(f"converting CTranslate2 model {src} -> Hugging Face format")
             convert_ct2_directory(src, staging, extra_dirs=extra)
         elif is_hf_dir(src):
-            shutil.copytree(src, staging)
+            shutil.copytree(src, staging, dirs_exist_ok=True)
         else:
             raise CT2FormatError(
                 f"{src} holds neither model.bin(.partN) (CTranslate2) nor config.json + safetensors (Hugging Face)"
@@ -220,13 +214,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
             "d_model": model.config.d_model,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_record(staging, record)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        atomic_write_text(staging / BASE_RECORD, json.dumps(record, indent=2))
     say(f"imported {name} -> {target} in {time.time() - t0:.1f}s (fingerprint {record['fingerprint']})")
     return target
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+from registry.atomic import staged_directory
 from registry.ct2 import CT2FormatError, CT2Model, model_parts, read_ct2_model
 
 # Token ids are looked up by name in the tokenizer; these are the names.
@@ -206,7 +206,7 @@ def convert_ct2_directory(
 
     Args:
         source: directory with ``model.bin`` (or ``model.bin.partN``), ``config.json``, ``tokenizer.json``.
-        out_dir: where the Hugging Face directory is written (atomically: built aside, then renamed).
+        out_dir: where the Hugging Face directory is written (atomically: built aside, then swapped in).
         extra_dirs: more directories holding model parts (split packages).
         dtype: weight dtype to store (default: float16 if the CTranslate2 weights were float16, else float32).
 
@@ -236,9 +236,7 @@ def convert_ct2_directory(
         dtype = torch.float16 if stored == {"float16"} else torch.float32
     state = {k: t.to(dtype) for k, t in state.items()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         tokenizer = build_tokenizer(tokenizer_json, dims["vocab_size"], tmp / "_tok")
         eot = tokenizer.convert_tokens_to_ids(EOT)
         config = WhisperConfig(
@@ -259,12 +257,6 @@ def convert_ct2_directory(
             "ct2_spec": f"{model.spec_name}@{model.spec_revision}",
             "stored_dtypes": sorted(set(model.dtypes.values())),
         }, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

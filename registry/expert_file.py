@@ -24,15 +24,16 @@ Files are never unpickled: safetensors only. Writes are atomic (temporary file, 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save
+
+from registry.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "whisper_experts"
@@ -136,26 +137,6 @@ def expert_bytes(expert: Expert) -> bytes:
     return save(tensors, metadata={MANIFEST_KEY: json.dumps(expert.manifest, sort_keys=True, ensure_ascii=False)})
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def save_expert(expert: Expert, path: Path | str) -> Path:
     """Write an expert file atomically; returns its path."""
     return atomic_write_bytes(path, expert_bytes(expert))
@@ -180,6 +161,40 @@ def read_manifest(path: Path | str) -> dict:
         raise ExpertFormatError(f"{path}: manifest is not valid JSON ({e})") from e
     validate_manifest(manifest, str(path))
     return manifest
+
+
+def manifest_from_bytes(data: bytes, where: str) -> dict:
+    """The manifest in a safetensors file's header, parsed from its bytes (JSON only, never pickle).
+
+    Args:
+        data: the whole file content.
+        where: file or URL named in errors.
+    """
+    if len(data) < 8:
+        raise ExpertFormatError(f"{where}: {len(data)} bytes is too short for a safetensors file; truncated")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise ExpertFormatError(f"{where}: header claims {header_len} bytes but the file has {len(data) - 8}; truncated")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        manifest = json.loads((header.get("__metadata__") or {})[MANIFEST_KEY])
+    except KeyError:
+        raise ExpertFormatError(f"{where} has no '{MANIFEST_KEY}' manifest in its header; not an expert file "
+                                "(a PEFT adapter? use `whisper-experts registry import DIR`)") from None
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ExpertFormatError(f"{where}: unreadable safetensors header ({e}); corrupt") from e
+    validate_manifest(manifest, where)
+    return manifest
+
+
+def expert_from_bytes(data: bytes, where: str) -> Expert:
+    """Parse a whole expert file from bytes; raises :class:`ExpertFormatError` naming ``where``."""
+    manifest = manifest_from_bytes(data, where)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as e:  # safetensors raises its own types for bad offsets / truncated data
+        raise ExpertFormatError(f"{where}: tensor data is truncated or corrupt ({e})") from e
+    return Expert(tensors, manifest)
 
 
 def load_expert(path: Path | str) -> Expert:

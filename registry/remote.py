@@ -93,7 +93,7 @@ def _write_index(fs, root: str, index: dict) -> None:
     fs.makedirs(root, exist_ok=True)
     if _is_local(fs):
         # A rename is atomic on a local disk; object stores (s3, gcs) replace a key atomically anyway.
-        from registry.expert_file import atomic_write_bytes
+        from registry.atomic import atomic_write_bytes
 
         atomic_write_bytes(path, data)
     else:

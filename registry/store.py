@@ -47,15 +47,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from safetensors.torch import load as load_safetensors_bytes
-
+from registry.atomic import atomic_write_bytes
 from registry.expert_file import (
-    MANIFEST_KEY,
     Expert,
     ExpertFormatError,
-    atomic_write_bytes,
     expert_bytes,
-    validate_manifest,
+    expert_from_bytes,
+    manifest_from_bytes,
 )
 from registry.home import ensure_writable, home_dir
 
@@ -195,40 +193,6 @@ def validate_tag(tag: str) -> str:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def manifest_from_bytes(data: bytes, where: str) -> dict:
-    """The manifest in a safetensors file's header, parsed from its bytes (JSON only, never pickle).
-
-    Args:
-        data: the whole file content.
-        where: file or URL named in errors.
-    """
-    if len(data) < 8:
-        raise ExpertFormatError(f"{where}: {len(data)} bytes is too short for a safetensors file; truncated")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise ExpertFormatError(f"{where}: header claims {header_len} bytes but the file has {len(data) - 8}; truncated")
-    try:
-        header = json.loads(data[8:8 + header_len])
-        manifest = json.loads((header.get("__metadata__") or {})[MANIFEST_KEY])
-    except KeyError:
-        raise ExpertFormatError(f"{where} has no '{MANIFEST_KEY}' manifest in its header; not an expert file "
-                                "(a PEFT adapter? use `whisper-experts registry import DIR`)") from None
-    except (ValueError, AttributeError, TypeError) as e:
-        raise ExpertFormatError(f"{where}: unreadable safetensors header ({e}); corrupt") from e
-    validate_manifest(manifest, where)
-    return manifest
-
-
-def expert_from_bytes(data: bytes, where: str) -> Expert:
-    """Parse a whole expert file from bytes; raises :class:`ExpertFormatError` naming ``where``."""
-    manifest = manifest_from_bytes(data, where)
-    try:
-        tensors = load_safetensors_bytes(data)
-    except Exception as e:  # safetensors raises its own types for bad offsets / truncated data
-        raise ExpertFormatError(f"{where}: tensor data is truncated or corrupt ({e})") from e
-    return Expert(tensors, manifest)
 
 
 def _now() -> str:

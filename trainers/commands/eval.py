@@ -99,9 +99,9 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     print(f"\ndecoding bound: {report.guard}")
     result = report.as_dict()
     if out:
-        tmp = Path(out).with_suffix(Path(out).suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-        tmp.replace(out)
+        from registry.atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
         print(f"wrote {out}")
     return result
 

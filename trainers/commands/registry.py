@@ -185,7 +185,7 @@ def _export(args) -> int:
     out = Path(args.out)
     if args.format == "safetensors":
         target = out if out.suffix == ".safetensors" else out / f"{rec.name}-v{rec.version}.safetensors"
-        from registry.expert_file import atomic_write_bytes
+        from registry.atomic import atomic_write_bytes
 
         atomic_write_bytes(target, reg.read_bytes(rec))  # the exact bytes: same sha256 as in the registry
         print(f"wrote {target}")

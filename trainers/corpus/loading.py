@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,8 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+
+from registry.atomic import move_into_place, new_staging_dir
 
 from trainers.audio import SAMPLE_RATE, AudioError, encode_flac, load_audio
 from trainers.corpus.sources import CorpusError, language_code
@@ -149,29 +150,13 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     try:
         for directory in reversed(created):
             directory.mkdir()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-        # mkdtemp makes a private (0700) directory; the corpus should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        tmp = new_staging_dir(out)
     except OSError as err:
         _remove_created(created)
         raise OutputDirError(f"cannot write the output directory {out}: {err}") from err
     try:
         yield tmp
-        if out.exists():
-            # Swap: the old corpus moves aside first, so a failure between the two renames can be undone.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            old.rmdir()
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except OSError:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)  # an old corpus moves aside first and comes back if the swap fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
