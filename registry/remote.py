@@ -26,15 +26,8 @@ import json
 from datetime import datetime, timezone
 
 from registry.expert_file import ExpertFormatError
-from registry.store import (
-    OBJECT_SUFFIX,
-    SHA_PREFIX_PATTERN,
-    ExpertNotFoundError,
-    ExpertRecord,
-    InvalidNameError,
-    Registry,
-    validate_name,
-)
+from registry.records import ExpertNotFoundError, ExpertRecord, InvalidNameError, validate_name
+from registry.store import OBJECT_SUFFIX, SHA_PREFIX_PATTERN, Registry
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from registry.expert_file import Expert, ExpertFormatError, load_expert, new_manifest, save_expert
-from registry.store import ExpertNotFoundError, Registry
+from registry.records import ExpertNotFoundError
+from registry.store import Registry
 from tests.registry.test_store import make_expert
 from trainers.commands.registry import register
 

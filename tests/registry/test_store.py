@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from registry.expert_file import Expert, ExpertFormatError, expert_bytes, new_manifest, save_expert
-from registry.store import ExpertNotFoundError, InvalidNameError, Registry
+from registry.records import ExpertNotFoundError, InvalidNameError
+from registry.store import Registry
 
 BASE = {"name": "tiny", "fingerprint": "f" * 16, "tokenizer_fingerprint": "t" * 16}
 OTHER_BASE = {"name": "small", "fingerprint": "a" * 16, "tokenizer_fingerprint": "t" * 16}

@@ -17,13 +17,13 @@ import soundfile as sf
 from trainers.audio import SAMPLE_RATE, is_silent, load_audio
 from trainers.commands import corpus as corpus_command
 from trainers.corpus import synth
+from trainers.corpus.importers import corpus_from_dir, corpus_from_hf
 from trainers.corpus.loading import (
-    CORPUS_FEATURES, REQUIRED_COLUMNS, CorpusFormatError, OutputDirError, corpus_card, corpus_from_dir,
-    corpus_from_hf, load_corpus, make_row, rows_to_dataset, save_corpus,
+    CORPUS_FEATURES, REQUIRED_COLUMNS, CorpusFormatError, OutputDirError, corpus_card, load_corpus, make_row,
+    rows_to_dataset, save_corpus,
 )
-from trainers.corpus.sources import (
-    ESPEAK_VOICES, UnknownLanguageError, clean_sentence, fortune_texts, language_code, sentences, source_counts,
-)
+from trainers.corpus.languages import ESPEAK_VOICES, UnknownLanguageError, language_code
+from trainers.corpus.sources import clean_sentence, fortune_texts, sentences, source_counts
 from trainers.corpus.synth import EspeakError, NotEnoughSentencesError, SynthConfig, plan_language, synthesize_corpus
 
 REQUIRED_LANGUAGES = ["en", "es", "de", "it", "ru", "uk", "bg", "cs", "pt", "nl", "fa", "tr", "pl", "fr", "id", "ko",

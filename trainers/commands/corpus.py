@@ -73,7 +73,7 @@ example:
 
 def _text_files(values: list[str] | None) -> dict[str, list[Path]]:
     """``["tr=a.txt", "tr=b.txt"]`` -> ``{"tr": [a.txt, b.txt]}``."""
-    from trainers.corpus.sources import CorpusError
+    from trainers.corpus.languages import CorpusError
 
     files: dict[str, list[Path]] = defaultdict(list)
     for value in values or []:
@@ -163,7 +163,8 @@ def _sources(args) -> int:
 
 
 def _from_dir(args) -> int:
-    from trainers.corpus.loading import corpus_from_dir, load_corpus, save_corpus
+    from trainers.corpus.importers import corpus_from_dir
+    from trainers.corpus.loading import load_corpus, save_corpus
 
     corpus = corpus_from_dir(args.directory, language=args.language, text_column=args.text_column,
                              default_split=args.default_split)
@@ -174,9 +175,10 @@ def _from_dir(args) -> int:
 
 
 def _from_hf(args) -> int:
-    from trainers.corpus.loading import corpus_from_hf, load_corpus, save_corpus
+    from trainers.corpus.importers import corpus_from_hf
+    from trainers.corpus.loading import load_corpus, save_corpus
 
-    from trainers.corpus.sources import CorpusError
+    from trainers.corpus.languages import CorpusError
 
     split_map = None
     if args.split:

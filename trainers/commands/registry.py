@@ -8,7 +8,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from registry.expert_file import Expert, ExpertFormatError, new_manifest
-from registry.store import ExpertRecord, Registry
+from registry.records import ExpertRecord
+from registry.store import Registry
 from trainers.commands.common import print_table, split_list
 
 DESCRIPTION = """\
