@@ -50,7 +50,8 @@ class StepTimer:
         return _CB()
 
 
-def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_dir: str) -> dict:
+def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_dir: str,
+                  cross_attention_kv: bool = False) -> dict:
     import lightning as L
 
     from lora_experts.config import LoraExpertConfig
@@ -59,7 +60,8 @@ def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_di
     from trainers.lora_module import LoraExpertModule
 
     L.seed_everything(0, verbose=False)
-    module = LoraExpertModule(base.model, base.processor, LoraExpertConfig(rank=16), lr=1e-4)
+    module = LoraExpertModule(base.model, base.processor,
+                              LoraExpertConfig(rank=16, cross_attention_kv=cross_attention_kv), lr=1e-4)
     dm = ExpertDataModule(data, base.processor, ["uk"], batch_size, max_train=batch_size * (steps + 1),
                           max_validation=1, encoder=base.model.model.encoder if cache else None,
                           cache_dir=cache_dir, base_fingerprint=base.fingerprint)
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (plus one warm-up)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--cross-attention-kv", action="store_true",
+                   help="only time (a) with and without cross-attention k/v LoRA (what the opt-in costs)")
     args = p.parse_args(argv)
 
     import torch
@@ -131,6 +135,17 @@ def main(argv=None) -> int:
         synthesize_corpus(SynthConfig(languages=("uk",), per_language=200, seed=1), args.data)
     base = load_base(args.base, device="cpu")
     cache_dir = str(Path(args.data) / ".cache")
+    if args.cross_attention_kv:
+        plain = lightning_run(base, args.data, True, args.steps, args.batch_size, cache_dir)
+        kv = lightning_run(base, args.data, True, args.steps, args.batch_size, cache_dir, cross_attention_kv=True)
+        md = (f"| expert targets | samples/s | s/step |\n|---|---|---|\n"
+              f"| default (cross-attention q/out) | {plain['samples_per_s']:.2f} | "
+              f"{plain['seconds'] / plain['steps']:.2f} |\n"
+              f"| + cross-attention k/v | {kv['samples_per_s']:.2f} | {kv['seconds'] / kv['steps']:.2f} |\n")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "train_speed_cross_kv.md").write_text(md)
+        print(md)
+        return 0
     results = {
         "lightning_cache": lightning_run(base, args.data, True, args.steps, args.batch_size, cache_dir),
         "lightning_no_cache": lightning_run(base, args.data, False, args.steps, args.batch_size, cache_dir),
