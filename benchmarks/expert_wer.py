@@ -2,10 +2,12 @@
 
     python benchmarks/expert_wer.py --languages uk          # ~10 min per language on 2 CPU cores
     python benchmarks/expert_wer.py --languages uk,pt,nl --epochs 8
+    python benchmarks/expert_wer.py --languages uk --side both --encoder-start 4   # + top 2 encoder layers
 
 Per language: synthesize (or reuse) ``data/<lang>-expert`` with 400 train / 30 validation / 50 test
-utterances (disjoint sentences; test voices unseen in training), train a decoder-only rank-16 LoRA expert
-(best validation WER kept, early stopping), and decode the test split with the base alone and with the
+utterances (disjoint sentences; test voices unseen in training), train a rank-16 LoRA expert (decoder-only
+by default; ``--side both --encoder-start K`` also adapts encoder layers K.. on cached inputs of layer K;
+best validation WER kept, early stopping), and decode the test split with the base alone and with the
 expert. Writes ``<out>/expert_wer.{json,md}`` and each expert under ``runs/<lang>-expert/``.
 """
 
@@ -28,6 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--side", default="decoder", choices=["decoder", "encoder", "both"])
+    p.add_argument("--encoder-start", type=int, default=0, help="adapt encoder layers from this index up")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--patience", type=int, default=3)
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -51,14 +57,16 @@ def main(argv=None) -> int:
                                           validation_fraction=30 / total, test_fraction=50 / total, seed=args.seed), data)
         t0 = time.time()
         cfg = TrainConfig(data=str(data), languages=(lang,), base=args.base, rank=args.rank, alpha=2.0 * args.rank,
-                          epochs=args.epochs, lr=args.lr, batch_size=16, run_dir=f"runs/{lang}-expert", patience=3)
+                          epochs=args.epochs, lr=args.lr, batch_size=16, run_dir=f"runs/{lang}-expert", patience=args.patience,
+                          side=args.side, encoder_start=args.encoder_start, dropout=args.dropout)
         expert, report = train_lora_expert(cfg)
         save_expert(expert, Path(cfg.run_dir) / "expert.safetensors")
         b, e = report["test"]["base"][lang], report["test"]["expert"][lang]
         results[lang] = {"base": b, "expert": e, "train_utterances": expert.manifest["data"]["utterances"],
                          "best_epoch": report["best_epoch"], "history": report["history"],
                          "seconds": round(time.time() - t0), "parameters": expert.num_parameters,
-                         "config": {"rank": args.rank, "lr": args.lr, "epochs": args.epochs, "side": "decoder"}}
+                         "config": {"rank": args.rank, "lr": args.lr, "epochs": args.epochs, "side": args.side,
+                                    "encoder_start": args.encoder_start, "dropout": args.dropout}}
         results_path.write_text(json.dumps(results, indent=2))
     rows = ["| language | train utt. | test n | base WER % | expert WER % | rel. WER | base CER % | expert CER % | rel. CER |",
             "|---|---|---|---|---|---|---|---|---|"]

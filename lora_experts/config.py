@@ -21,12 +21,17 @@ class LoraExpertConfig:
     # Cross-attention k/v act on all 1500 encoder frames: adapting them costs ~2x per training step (keys and
     # values recomputed with gradients every step), so it is opt-in.
     cross_attention_kv: bool = False
+    # With side "encoder" or "both": adapt only encoder layers with index >= encoder_start. The frozen layers
+    # below compute the same thing every epoch, so training caches their output and runs only the top.
+    encoder_start: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.side not in ("decoder", "encoder", "both"):
             raise ValueError(f"side must be decoder, encoder or both, got {self.side!r}")
+        if self.encoder_start < 0:
+            raise ValueError(f"encoder_start must be >= 0, got {self.encoder_start}")
         unknown = set(self.target_modules) - set(ATTENTION + FFN)
         if unknown or not self.target_modules:
             raise ValueError(f"unknown target module(s) {sorted(unknown)}; choose from {', '.join(ATTENTION + FFN)}")
@@ -38,7 +43,6 @@ class LoraExpertConfig:
 
     def target_regex(self) -> str:
         """A regex peft full-matches against module paths of ``WhisperForConditionalGeneration``."""
-        sides = {"decoder": "decoder", "encoder": "encoder", "both": "encoder|decoder"}[self.side]
         attn = [m for m in self.target_modules if m in ATTENTION]
         ffn = [m for m in self.target_modules if m in FFN]
         parts = []
@@ -49,7 +53,12 @@ class LoraExpertConfig:
                 parts.append(rf"encoder_attn\.({'|'.join(cross)})")
         if ffn:
             parts.append(rf"({'|'.join(ffn)})")
-        return rf"model\.({sides})\.layers\.\d+\.({'|'.join(parts)})"
+        block = rf"\.layers\.\d+\.({'|'.join(parts)})"
+        decoder = rf"model\.decoder{block}"
+        # Encoder layers below encoder_start are excluded by a lookahead on the layer index.
+        low = "|".join(str(i) for i in range(self.encoder_start))
+        encoder = rf"model\.encoder\.layers\.(?!({low})\.)\d+\.({'|'.join(parts)})" if low else rf"model\.encoder{block}"
+        return {"decoder": decoder, "encoder": encoder, "both": f"{encoder}|{decoder}"}[self.side]
 
     def hyperparameters(self) -> dict:
         """The manifest's ``hyperparameters`` for this config."""

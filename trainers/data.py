@@ -10,7 +10,8 @@ Each utterance becomes (see :func:`make_example`):
 
 When an expert leaves the encoder untouched, :class:`EncoderCache` runs the frozen encoder once per utterance
 and keeps its outputs in a float16 memory-mapped file (bounded memory: the OS pages it), so later epochs pay
-only for the decoder.
+only for the decoder. When it adapts only the top encoder layers (``encoder_start`` k > 0), the cache holds
+the input of layer k instead (:func:`encode_until`) and training runs layers k.. only (:func:`encode_from`).
 """
 
 from __future__ import annotations
@@ -70,18 +71,42 @@ def featurize(dataset, processor, language_of=lambda row: row["language"], multi
                        remove_columns=[c for c in dataset.column_names if c not in keep])
 
 
+def encode_until(encoder: torch.nn.Module, features: torch.Tensor, layer: int) -> torch.Tensor:
+    """The hidden states entering encoder layer ``layer`` (``layer`` = number of layers: before the final norm).
+
+    The same steps as ``WhisperEncoder.forward`` (convolutions, positions, layers), stopped early; no dropout
+    (Whisper's encoder dropout is 0 and the cached part is frozen).
+    """
+    x = torch.nn.functional.gelu(encoder.conv1(features))
+    x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.embed_positions.weight[: x.shape[1]]
+    for block in encoder.layers[:layer]:
+        x = block(x, None)
+    return x
+
+
+def encode_from(encoder: torch.nn.Module, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    """The encoder output from the hidden states entering layer ``layer`` (the rest of ``encode_until``)."""
+    for block in encoder.layers[layer:]:
+        hidden = block(hidden, None)
+    return encoder.layer_norm(hidden)
+
+
 class EncoderCache:
-    """Encoder outputs of a fixed set of utterances, computed once, stored as a float16 memmap.
+    """Encoder outputs (or the input of one encoder layer) of a fixed set of utterances, computed once, stored
+    as a float16 memmap.
 
     Args:
         path: the ``.npy`` file (created if missing or if its shape does not fit).
-        encoder: the frozen Whisper encoder.
+        encoder: the frozen Whisper encoder (or its frozen lower layers).
         features: a sequence of (n_mels, 3000) arrays, in the order rows are indexed.
         batch_size: encoder batch size for the one-time pass.
+        layer: None caches the encoder output; k caches the hidden states entering layer k.
     """
 
     def __init__(self, path: Path, encoder: torch.nn.Module, features: Sequence, batch_size: int = 8,
-                 progress: bool = True):
+                 progress: bool = True, layer: int | None = None):
+        self.layer = layer
         self.path = Path(path)
         n = len(features)
         d = encoder.config.d_model
@@ -99,7 +124,8 @@ class EncoderCache:
             for start in tqdm(range(0, n, batch_size), desc="encoder cache", unit="batch", disable=not progress):
                 rows = [np.asarray(features[i], dtype=np.float32) for i in range(start, min(n, start + batch_size))]
                 x = torch.from_numpy(np.stack(rows)).to(param.device, param.dtype)
-                array[start:start + len(rows)] = encoder(x).last_hidden_state.float().cpu().numpy().astype(np.float16)
+                out = encoder(x).last_hidden_state if layer is None else encode_until(encoder, x, layer)
+                array[start:start + len(rows)] = out.float().cpu().numpy().astype(np.float16)
         array.flush()
         del array
         ready.write_text("ok")
@@ -112,14 +138,14 @@ class EncoderCache:
         return self.array.shape[0]
 
     @staticmethod
-    def key(base_fingerprint: str, ids: Sequence[str], corpus: str) -> str:
-        """A cache name that changes with the base weights, the corpus and the utterance set."""
+    def key(base_fingerprint: str, ids: Sequence[str], corpus: str, layer: int | None = None) -> str:
+        """A cache name that changes with the base weights, the corpus, the utterance set and the layer."""
         h = hashlib.sha256(f"{base_fingerprint}|{corpus}|".encode() + "\n".join(ids).encode()).hexdigest()[:16]
-        return f"enc-{base_fingerprint[:8]}-{h}"
+        return f"enc-{base_fingerprint[:8]}-{h}" + ("" if layer is None else f"-layer{layer}")
 
 
 class ExpertDataset(Dataset):
-    """Rows of a featurized split, with encoder outputs from a cache when one is given."""
+    """Rows of a featurized split, with encoder outputs (or layer inputs) from a cache when one is given."""
 
     def __init__(self, featurized, cache: EncoderCache | None = None):
         self.rows = featurized
@@ -134,7 +160,8 @@ class ExpertDataset(Dataset):
         item = {"index": i, "decoder_input_ids": row["decoder_input_ids"], "labels": row["labels"],
                 "language": row["language"], "text": row["text"]}
         if self.cache is not None:
-            item["encoder_hidden_states"] = self.cache[i]
+            key = "encoder_hidden_states" if self.cache.layer is None else "encoder_layer_input"
+            item[key] = self.cache[i]
         else:
             item["input_features"] = torch.tensor(np.asarray(row["input_features"], dtype=np.float32))
         return item
@@ -142,7 +169,7 @@ class ExpertDataset(Dataset):
 
 @dataclass
 class Collator:
-    """Pads decoder inputs with end-of-text and labels with -100; stacks features or cached encoder outputs."""
+    """Pads decoder inputs with end-of-text and labels with -100; stacks features or cached encoder states."""
 
     pad_token_id: int
 
@@ -156,8 +183,9 @@ class Collator:
             lab[i, :n] = torch.tensor(it["labels"])
         batch = {"decoder_input_ids": dec, "labels": lab, "index": torch.tensor([it["index"] for it in items]),
                  "language": [it["language"] for it in items], "text": [it["text"] for it in items]}
-        key = "encoder_hidden_states" if "encoder_hidden_states" in items[0] else "input_features"
-        batch[key] = torch.stack([it[key] for it in items])
+        for key in ("encoder_hidden_states", "encoder_layer_input", "input_features"):
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
         return batch
 
 
@@ -202,19 +230,21 @@ class ExpertDataModule(L.LightningDataModule):
         languages: Whisper codes to keep.
         batch_size: rows per batch.
         max_train: at most this many training utterances per language (None: all).
-        encoder: the frozen encoder when the expert leaves it untouched (enables the encoder cache).
+        encoder: the frozen encoder when the expert leaves it (or its lower layers) untouched: enables the cache.
+        encoder_layer: None caches encoder outputs; k caches the input of encoder layer k (layers k.. train).
         cache_dir: where encoder caches live (default: ``<data>/.cache``).
         base_fingerprint: names the cache.
     """
 
     def __init__(self, data: str, processor, languages: Sequence[str], batch_size: int = 16,
                  max_train: int | None = None, max_validation: int | None = None, encoder=None,
-                 cache_dir: str | None = None, base_fingerprint: str = "base", multilingual: bool = True,
+                 encoder_layer: int | None = None, cache_dir: str | None = None, base_fingerprint: str = "base",
+                 multilingual: bool = True,
                  seed: int = 0, progress: bool = True):
         super().__init__()
         self.data, self.processor, self.languages = data, processor, list(languages)
         self.batch_size, self.max_train, self.max_validation = batch_size, max_train, max_validation
-        self.encoder, self.cache_dir = encoder, cache_dir
+        self.encoder, self.encoder_layer, self.cache_dir = encoder, encoder_layer, cache_dir
         self.base_fingerprint, self.multilingual, self.seed, self.progress = base_fingerprint, multilingual, seed, progress
         self.datasets: dict[str, ExpertDataset] = {}
         self.summary: dict = {}
@@ -247,8 +277,10 @@ class ExpertDataModule(L.LightningDataModule):
             cache = None
             if self.encoder is not None:
                 root = Path(self.cache_dir) if self.cache_dir else Path(self.data) / ".cache"
-                name = EncoderCache.key(self.base_fingerprint, rows["id"], str(Path(self.data).resolve()))
-                cache = EncoderCache(root / f"{name}.npy", self.encoder, rows["input_features"], progress=self.progress)
+                name = EncoderCache.key(self.base_fingerprint, rows["id"], str(Path(self.data).resolve()),
+                                        self.encoder_layer)
+                cache = EncoderCache(root / f"{name}.npy", self.encoder, rows["input_features"], progress=self.progress,
+                                     layer=self.encoder_layer)
             self.datasets[split] = ExpertDataset(rows, cache)
             self.summary[split] = {"utterances": len(rows), "hours": round(sum(rows["seconds"]) / 3600, 4)}
 

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, add_trainable_expert, attach_expert, expert_tensors
-from trainers.data import IGNORE
+from trainers.data import IGNORE, encode_from
 from trainers.decoding import transcribe_batch
 from trainers.evaluation import error_rates
 
@@ -61,9 +61,19 @@ class LoraExpertModule(L.LightningModule):
         self.model.train()
 
     # ------------------------------------------------------------------ steps
-    def _logits(self, batch) -> torch.Tensor:
+    def _encoder_states(self, batch) -> torch.Tensor | None:
+        """Encoder outputs from the cache, or the adapted top layers run on cached layer inputs (else None)."""
         if "encoder_hidden_states" in batch:
-            enc = BaseModelOutput(last_hidden_state=batch["encoder_hidden_states"].to(self.dtype))
+            return batch["encoder_hidden_states"].to(self.dtype)
+        if "encoder_layer_input" in batch:
+            encoder = self.model.model.encoder
+            return encode_from(encoder, batch["encoder_layer_input"].to(self.dtype), self.config.encoder_start)
+        return None
+
+    def _logits(self, batch) -> torch.Tensor:
+        states = self._encoder_states(batch)
+        if states is not None:
+            enc = BaseModelOutput(last_hidden_state=states)
             out = self.model(encoder_outputs=enc, decoder_input_ids=batch["decoder_input_ids"])
         else:
             out = self.model(input_features=batch["input_features"].to(self.dtype),
@@ -84,8 +94,9 @@ class LoraExpertModule(L.LightningModule):
         loss = self._loss(batch)
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         kwargs = {}
-        if "encoder_hidden_states" in batch:
-            kwargs["encoder_hidden_states"] = batch["encoder_hidden_states"].to(self.dtype)
+        states = self._encoder_states(batch)
+        if states is not None:
+            kwargs["encoder_hidden_states"] = states
         else:
             kwargs["features"] = batch["input_features"].to(self.dtype)
         out = transcribe_batch(self.model, self.processor, languages=batch["language"],

@@ -38,6 +38,7 @@ class TrainConfig:
     side: str = "decoder"  # decoder | encoder | both (decoder-only trains on cached encoder outputs)
     cross_attention: bool = True  # adapt the decoder's cross-attention q/out too
     cross_attention_kv: bool = False  # also cross-attention k/v (about 2x slower steps)
+    encoder_start: int = 0  # side encoder/both: adapt encoder layers >= this only (lower ones cached)
     lr: float = 1e-3  # peak learning rate
     schedule: str = "linear"  # linear | cosine | constant decay after warm-up
     warmup_steps: int = 10  # linear warm-up steps
@@ -65,7 +66,8 @@ class TrainConfig:
     def lora(self) -> LoraExpertConfig:
         return LoraExpertConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                                 target_modules=tuple(self.target_modules), side=self.side,
-                                cross_attention=self.cross_attention, cross_attention_kv=self.cross_attention_kv)
+                                cross_attention=self.cross_attention, cross_attention_kv=self.cross_attention_kv,
+                                encoder_start=self.encoder_start)
 
 
 class KeepBestExpert(L.Callback):
@@ -119,6 +121,10 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     if unknown:
         raise ValueError(f"unknown language(s) {', '.join(unknown)} for {base.name}; see `whisper-experts base info`")
     lora = cfg.lora()
+    layers = base.model.config.encoder_layers
+    if lora.touches_encoder and lora.encoder_start >= layers:
+        raise ValueError(f"--encoder-start {lora.encoder_start}: {base.name}'s encoder has layers 0..{layers - 1}; "
+                         f"pick a start below {layers}, or --side decoder")
     init = None
     parents = []
     if cfg.init_from:
@@ -133,9 +139,12 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                               label_smoothing=cfg.label_smoothing, init_from=init)
-    cache = cfg.cache_encoder and not lora.touches_encoder
+    # Cache what the expert cannot change: the encoder output (decoder-only expert) or the input of the lowest
+    # adapted encoder layer (an expert on the top encoder layers).
+    cache = cfg.cache_encoder and (not lora.touches_encoder or lora.encoder_start > 0)
     data = ExpertDataModule(cfg.data, base.processor, cfg.languages, cfg.batch_size, cfg.max_train,
                             cfg.max_validation, encoder=model.model.encoder if cache else None,
+                            encoder_layer=lora.encoder_start if lora.touches_encoder else None,
                             cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
                             multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
     data.setup("fit")

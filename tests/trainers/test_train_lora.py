@@ -137,3 +137,57 @@ def test_example_config_parses():
     assert path.read_text().startswith("# whisper-experts train --config examples/train_lora_uk.yaml")
     cfg, name, _ = _config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
     assert name == "uk-espeak" and cfg.languages == ("uk",) and cfg.side == "decoder"
+
+
+def test_encoder_halves_compose_to_the_whole_encoder(tiny_whisper):
+    from trainers.data import encode_from, encode_until
+
+    encoder = tiny_whisper[0].model.encoder
+    x = torch.randn(2, tiny_whisper[0].config.num_mel_bins, 3000)
+    with torch.no_grad():
+        whole = encoder(x).last_hidden_state
+        for k in range(len(encoder.layers) + 1):
+            assert torch.equal(encode_from(encoder, encode_until(encoder, x, k), k), whole)
+
+
+def test_top_encoder_expert_trains_on_cached_layer_inputs(uk_corpus, tiny_whisper_dir, tmp_path):
+    """--side both --encoder-start 1: encoder layer 0 is frozen and cached, layer 1 and the decoder adapt, and the
+    loss on cached layer inputs equals the loss through the live encoder."""
+    from lora_experts.config import LoraExpertConfig
+    from registry.bases import load_base
+    from trainers.data import ExpertDataModule
+    from trainers.lora_module import LoraExpertModule
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    lora = LoraExpertConfig(rank=2, dropout=0.0, side="both", encoder_start=1)
+    module = LoraExpertModule(base.model, base.processor, lora)
+    adapted = {k.rsplit(".", 1)[0] for k in module.expert_tensors()}
+    assert not any(k.startswith("model.encoder.layers.0.") for k in adapted)
+    assert any(k.startswith("model.encoder.layers.1.") for k in adapted)
+    with torch.no_grad():  # a non-zero expert, so the adapted top layer matters
+        for p in base.model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    cached = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, encoder=base.model.model.encoder,
+                              encoder_layer=1, cache_dir=str(tmp_path), base_fingerprint=base.fingerprint,
+                              progress=False)
+    live = ExpertDataModule(str(uk_corpus), base.processor, ["uk"], 4, progress=False)
+    cached.setup()
+    live.setup()
+    assert all(p.name.endswith(("-layer1.npy", "-layer1.done")) for p in tmp_path.iterdir())
+    a, b = next(iter(cached.val_dataloader())), next(iter(live.val_dataloader()))
+    assert "encoder_layer_input" in a and "input_features" in b
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module._loss(a), module._loss(b), rtol=2e-3, atol=2e-3)
+    module.train()
+    module._loss(a).backward()  # gradients reach the adapted encoder layer through the cached inputs
+    grads = [p.grad for n, p in base.model.named_parameters() if "encoder.layers.1." in n and p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_encoder_start_beyond_the_encoder_is_refused(uk_corpus, tiny_whisper_dir, tmp_path):
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), side="both",
+                      encoder_start=2, run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="encoder-start 2.*layers 0..1"):
+        train_lora_expert(cfg)

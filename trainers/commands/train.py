@@ -41,7 +41,7 @@ def _config_from_args(args):
         if unknown:
             raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; see `whisper-experts train --help`")
         values.update(loaded)
-    for key in ("data", "base", "rank", "alpha", "dropout", "side", "lr", "schedule", "warmup_steps",
+    for key in ("data", "base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
                 "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
                 "precision", "seed", "max_train", "max_validation", "patience", "init_from", "run_dir",
                 "strategy", "devices", "test_limit", "cache_dir", "name", "out"):
@@ -120,6 +120,9 @@ def register(subparsers) -> None:
     g.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
     g.add_argument("--targets", help="linear layers: q_proj,k_proj,v_proj,out_proj,fc1,fc2 (default all)")
     g.add_argument("--side", choices=["decoder", "encoder", "both"], help="where to adapt (default decoder)")
+    g.add_argument("--encoder-start", dest="encoder_start", type=int,
+                   help="with --side both/encoder: adapt encoder layers from this index up only; the frozen "
+                        "layers below are cached, so steps cost only the top layers (default 0: all)")
     g.add_argument("--no-cross-attention", action="store_true", help="leave the decoder's cross-attention alone")
     g.add_argument("--cross-attention-kv", action="store_true",
                    help="also adapt cross-attention k/v (acts on all encoder frames: ~2x slower steps)")
