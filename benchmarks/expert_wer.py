@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--side", default="decoder", choices=["decoder", "encoder", "both"])
     p.add_argument("--encoder-start", type=int, default=0, help="adapt encoder layers from this index up")
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--cross-attention-kv", action="store_true", help="also adapt cross-attention k/v")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         cfg = TrainConfig(data=str(data), languages=(lang,), base=args.base, rank=args.rank, alpha=2.0 * args.rank,
                           epochs=args.epochs, lr=args.lr, batch_size=16, run_dir=f"runs/{lang}-expert", patience=args.patience,
-                          side=args.side, encoder_start=args.encoder_start, dropout=args.dropout)
+                          side=args.side, encoder_start=args.encoder_start, dropout=args.dropout,
+                          cross_attention_kv=args.cross_attention_kv)
         expert, report = train_lora_expert(cfg)
         save_expert(expert, Path(cfg.run_dir) / "expert.safetensors")
         b, e = report["test"]["base"][lang], report["test"]["expert"][lang]
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
                          "best_epoch": report["best_epoch"], "history": report["history"],
                          "seconds": round(time.time() - t0), "parameters": expert.num_parameters,
                          "config": {"rank": args.rank, "lr": args.lr, "epochs": args.epochs, "side": args.side,
-                                    "encoder_start": args.encoder_start, "dropout": args.dropout}}
+                                    "encoder_start": args.encoder_start, "dropout": args.dropout,
+                                    "cross_attention_kv": args.cross_attention_kv}}
         results_path.write_text(json.dumps(results, indent=2))
     rows = ["| language | train utt. | test n | base WER % | expert WER % | rel. WER | base CER % | expert CER % | rel. CER |",
             "|---|---|---|---|---|---|---|---|---|"]

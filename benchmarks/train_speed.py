@@ -1,6 +1,6 @@
 """Training speed of a decoder-only LoRA expert: encoder cache vs none, and framework overhead vs plain PEFT.
 
-    python benchmarks/train_speed.py                       # whisper-base, batch 16, 6 timed steps each (~4 min on 2 CPU cores)
+    python benchmarks/train_speed.py                       # whisper-base, batch 16 (~6 min on 2 CPU cores)
     python benchmarks/train_speed.py --base /path/to/tiny --steps 3
 
 In one run, on the same utterances and batches:
@@ -8,7 +8,12 @@ In one run, on the same utterances and batches:
   (b) our Lightning recipe without it (the frozen encoder runs every step),
   (c) a hand-written PEFT + PyTorch loop (get_peft_model, AdamW, the same cached encoder outputs).
 Reports samples/s and the ratios a/b (cache speed-up; goal >= 3x) and c/a (framework overhead; goal <= 5%).
-The first step of each is a warm-up and is not timed. Writes ``<out>/train_speed.{json,md}``.
+
+A step's time is the wall time between the ends of consecutive steps, so it includes everything the loop
+does per step (data fetching, hooks, logging, the optimizer and scheduler), not only forward and backward.
+The first step of each run is a warm-up and is not timed. (a) and (c) run ``--rounds`` times, alternating,
+on the same batches, and the overhead compares median step times, so drift in machine load hits both.
+Writes ``<out>/train_speed.{json,md}``.
 """
 
 from __future__ import annotations
@@ -24,13 +29,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class StepTimer:
-    """Lightning callback: wall time of training steps after the first."""
+    """Step times as differences between the ends of consecutive steps (the first step is a warm-up)."""
 
     def __init__(self):
-        self.start = None
-        self.steps = 0
+        self.last = None
+        self.times: list[float] = []
         self.samples = 0
-        self.elapsed = 0.0
+
+    def step_end(self, batch) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+            self.samples += batch["labels"].shape[0]
+        self.last = now
+
+    def result(self) -> dict:
+        import statistics
+
+        elapsed = sum(self.times)
+        return {"samples_per_s": self.samples / elapsed, "steps": len(self.times), "seconds": elapsed,
+                "median_step_s": statistics.median(self.times), "step_s": [round(t, 3) for t in self.times]}
 
     def callback(self):
         import lightning as L
@@ -38,14 +56,8 @@ class StepTimer:
         timer = self
 
         class _CB(L.Callback):
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                timer.t0 = time.perf_counter()
-
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if batch_idx > 0:  # skip the warm-up step
-                    timer.elapsed += time.perf_counter() - timer.t0
-                    timer.steps += 1
-                    timer.samples += batch["labels"].shape[0]
+                timer.step_end(batch)
 
         return _CB()
 
@@ -72,7 +84,7 @@ def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_di
                         num_sanity_val_steps=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm)
     remove_experts(base.model)
-    return {"samples_per_s": timer.samples / timer.elapsed, "steps": timer.steps, "seconds": timer.elapsed}
+    return timer.result()
 
 
 def plain_peft_run(base, data, steps: int, batch_size: int, cache_dir: str) -> dict:
@@ -94,30 +106,27 @@ def plain_peft_run(base, data, steps: int, batch_size: int, cache_dir: str) -> d
                                                        target_modules=cfg.target_regex()))
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    elapsed, samples, done = 0.0, 0, 0
+    timer = StepTimer()
     for i, batch in enumerate(dm.train_dataloader()):
         if i > steps:
             break
-        t0 = time.perf_counter()
         enc = BaseModelOutput(last_hidden_state=batch["encoder_hidden_states"])
         logits = peft_model(encoder_outputs=enc, decoder_input_ids=batch["decoder_input_ids"]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORE)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if i > 0:
-            elapsed += time.perf_counter() - t0
-            samples += batch["labels"].shape[0]
-            done += 1
+        timer.step_end(batch)
     peft_model.unload()
-    return {"samples_per_s": samples / elapsed, "steps": done, "seconds": elapsed}
+    return timer.result()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--data", default="data/uk-expert", help="corpus with uk train utterances (synthesized if missing)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant (plus one warm-up)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run (plus one warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of (a) and (c) (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--cross-attention-kv", action="store_true",
@@ -146,12 +155,23 @@ def main(argv=None) -> int:
         (Path(args.out) / "train_speed_cross_kv.md").write_text(md)
         print(md)
         return 0
-    results = {
-        "lightning_cache": lightning_run(base, args.data, True, args.steps, args.batch_size, cache_dir),
-        "lightning_no_cache": lightning_run(base, args.data, False, args.steps, args.batch_size, cache_dir),
-        "plain_peft_cache": plain_peft_run(base, args.data, args.steps, args.batch_size, cache_dir),
-    }
-    a, b, c = (results[k]["samples_per_s"] for k in ("lightning_cache", "lightning_no_cache", "plain_peft_cache"))
+    import statistics
+
+    rounds = {"lightning_cache": [], "plain_peft_cache": []}
+    for r in range(args.rounds):  # alternate, so slow drift in machine load hits both alike
+        order = ("lightning_cache", "plain_peft_cache") if r % 2 == 0 else ("plain_peft_cache", "lightning_cache")
+        for name in order:
+            run = lightning_run if name == "lightning_cache" else plain_peft_run
+            extra = (True,) if name == "lightning_cache" else ()
+            rounds[name].append(run(base, args.data, *extra, args.steps, args.batch_size, cache_dir))
+    results = {name: {"median_step_s": statistics.median(t for x in runs for t in x["step_s"]),
+                      "samples_per_s": sum(x["samples_per_s"] for x in runs) / len(runs), "runs": runs}
+               for name, runs in rounds.items()}
+    results["lightning_no_cache"] = lightning_run(base, args.data, False, args.steps, args.batch_size, cache_dir)
+    # Same batches in every run: samples/s from median step times compares like with like.
+    per_step = args.batch_size
+    a, c = (per_step / results[k]["median_step_s"] for k in ("lightning_cache", "plain_peft_cache"))
+    b = per_step / results["lightning_no_cache"]["median_step_s"]
     results["ratios"] = {"cache_speedup": a / b, "framework_overhead": c / a - 1}
     results["meta"] = {"base": base.name, "batch_size": args.batch_size, "steps": args.steps,
                        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -161,7 +181,8 @@ def main(argv=None) -> int:
           f"| (b) Lightning, no cache | {b:.2f} | {b / a:.2f}x |\n"
           f"| (c) plain PEFT + PyTorch loop, encoder cache | {c:.2f} | {c / a:.2f}x |\n\n"
           f"Cache speed-up (a)/(b): **{a / b:.1f}x**; framework overhead (c)/(a) - 1: **{100 * (c / a - 1):+.1f}%** "
-          f"({base.name}, batch {args.batch_size}, rank 16 decoder-only LoRA, {args.steps} timed steps each, "
+          f"({base.name}, batch {args.batch_size}, rank 16 decoder-only LoRA; median step time over "
+          f"{args.rounds} alternating runs of {args.steps} timed steps for (a) and (c), one run for (b); "
           f"{torch.get_num_threads()} threads).\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "train", "eval", "registry"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "eval", "registry"]
 
 EPILOG = """\
 examples:
@@ -21,6 +21,7 @@ examples:
   whisper-experts base import                     # convert the bundled whisper-base into Hugging Face format
   whisper-experts corpus synth --languages de,uk --per-language 40 --out data/de-uk
   whisper-experts train --data data/de-uk --language uk --name uk-espeak
+  whisper-experts lightning fit --config examples/lightning_lora_uk.yaml   # the same with LightningCLI
   whisper-experts eval --base whisper-base --data data/de-uk --split test --expert uk-espeak@latest
   whisper-experts registry list --language uk
 

@@ -190,23 +190,37 @@ class Collator:
 
 
 class LengthGroupedSampler(Sampler):
-    """Batches of similar label length (less padding), in a random order that changes every epoch.
+    """Batches of similar label length (less padding), in a random order that changes every epoch, optionally
+    dealt out to the ranks of a distributed run.
+
+    Every rank builds the same list of batches (same seed, same epoch), so all ranks agree on the shuffle; rank
+    ``r`` of ``n`` then takes batches ``r, r + n, r + 2n, ...``. Under DDP every rank must take the same number
+    of steps (gradients are all-reduced each step), so when the batch count is not a multiple of ``n`` the list is
+    padded by repeating its first batches: a few utterances are seen twice per epoch. Validation removes those
+    repeats by utterance index before scoring (see ``LoraExpertModule.on_validation_epoch_end``).
 
     Args:
         lengths: label length per row.
         batch_size: rows per batch.
         shuffle: shuffle batch order (and rows within equal lengths) per epoch; False keeps length order.
         seed: base seed; epoch ``e`` uses ``seed + e``.
+        num_replicas: number of ranks sharing the batches (1: not distributed).
+        rank: this process's rank, in ``0 .. num_replicas - 1``.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1} (num_replicas {num_replicas})")
         self.lengths, self.batch_size, self.shuffle, self.seed, self.epoch = list(lengths), batch_size, shuffle, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
-        rng = random.Random(self.seed + self.epoch)
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches of ``epoch`` before dealing (the same list on every rank)."""
+        rng = random.Random(self.seed + epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)  # ties in length are broken randomly
@@ -214,11 +228,20 @@ class LengthGroupedSampler(Sampler):
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
-        self.epoch += 1
+        return batches
+
+    def __iter__(self):
+        batches = self.batches(self.epoch)
+        self.epoch += 1  # without set_epoch, the next pass is the next epoch (the same on every rank)
+        if self.num_replicas > 1 and batches:
+            total = len(self) * self.num_replicas
+            batches = (batches * math.ceil(total / len(batches)))[:total]  # pad: same step count on every rank
+            batches = batches[self.rank::self.num_replicas]
         yield from batches
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        """Batches this rank takes per epoch."""
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
 
 
 class ExpertDataModule(L.LightningDataModule):
@@ -271,6 +294,19 @@ class ExpertDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            self._prepare()
+            return
+        # Distributed: each node's first process featurizes and fills the encoder cache; the others wait, then
+        # find both ready on disk instead of writing the same files at once.
+        if trainer.local_rank != 0:
+            trainer.strategy.barrier("expert-data")
+        self._prepare()
+        if trainer.local_rank == 0:
+            trainer.strategy.barrier("expert-data")
+
+    def _prepare(self) -> None:
         for split, limit in (("train", self.max_train), ("validation", self.max_validation)):
             rows = featurize(self._select(split, limit), self.processor, multilingual=self.multilingual,
                              desc=f"{split} features")
@@ -287,7 +323,12 @@ class ExpertDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.datasets[split]
         pad = self.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        sampler = LengthGroupedSampler(ds.lengths, self.batch_size, shuffle=shuffle, seed=self.seed)
+        # Under DDP each rank takes its own share of the batches (the Trainer's use_distributed_sampler must be
+        # off: this batch sampler does the sharding).
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = LengthGroupedSampler(ds.lengths, self.batch_size, shuffle=shuffle, seed=self.seed,
+                                       num_replicas=replicas, rank=rank)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad), num_workers=0)
 
     def train_dataloader(self) -> DataLoader:

@@ -3,7 +3,8 @@
 Training minimizes cross-entropy on the transcript tokens (prompt targets masked, optional label
 smoothing). Validation computes the loss and, each epoch, greedy transcripts of the validation set scored
 with normalized WER (``val_wer``, what checkpointing and early stopping watch). Checkpoints hold the expert's
-LoRA matrices only, never the frozen base.
+LoRA matrices only, never the frozen base. Under DDP each rank decodes its share of the validation set and the
+WER is computed over the union, so every rank logs the same ``val_wer``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, add_trainable_expert, attach_expert, expert_tensors
 from trainers.data import IGNORE, encode_from
 from trainers.decoding import transcribe_batch
+from trainers.distributed import gather_union
 from trainers.evaluation import error_rates
 
 
@@ -52,13 +54,17 @@ class LoraExpertModule(L.LightningModule):
                           trainable=True)
         self.strict_loading = False  # checkpoints carry the expert only
         self.model.train()  # bases load in eval mode; LoRA dropout needs train mode (see on_train_epoch_start)
-        self._val_hyps: list[str] = []
-        self._val_refs: list[str] = []
+        self._val_rows: dict[int, tuple[str, str]] = {}  # validation row index -> (reference, hypothesis)
 
     def on_train_epoch_start(self):
         # Bases load in eval mode and Lightning keeps submodule modes; LoRA dropout needs train mode (Whisper's
         # own dropout probabilities are 0, so nothing else changes).
         self.model.train()
+        # Lightning sets the epoch of plain samplers only; ours is the batch sampler. Every rank sets the same
+        # epoch, so all agree on the shuffle (and a resumed run replays the right order).
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ steps
     def _encoder_states(self, batch) -> torch.Tensor | None:
@@ -92,7 +98,7 @@ class LoraExpertModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
         kwargs = {}
         states = self._encoder_states(batch)
         if states is not None:
@@ -101,16 +107,22 @@ class LoraExpertModule(L.LightningModule):
             kwargs["features"] = batch["input_features"].to(self.dtype)
         out = transcribe_batch(self.model, self.processor, languages=batch["language"],
                                max_new_tokens=self.hparams.val_max_new_tokens, **kwargs)
-        self._val_hyps += out.texts
-        self._val_refs += batch["text"]
+        for i, ref, hyp in zip(batch["index"].tolist(), batch["text"], out.texts):
+            self._val_rows[i] = (ref, hyp)
 
     def on_validation_epoch_end(self):
-        if self._val_refs:
-            rates = error_rates(self._val_refs, self._val_hyps)
-            wer = rates["wer"] if not math.isnan(rates["wer"]) else 1.0
-            self.log("val_wer", wer, prog_bar=True)
-            self.log("val_cer", rates["cer"] if not math.isnan(rates["cer"]) else 1.0)
-        self._val_hyps, self._val_refs = [], []
+        # Under DDP each rank decoded its share of the validation set (plus a few repeats that make the shares
+        # equal): score the union, keyed by row, so every rank logs the same WER over the whole set and
+        # checkpointing and early stopping decide alike.
+        rows = gather_union(self._val_rows) if self.trainer.world_size > 1 else self._val_rows
+        if rows:
+            refs, hyps = zip(*(rows[i] for i in sorted(rows)))
+            rates = error_rates(list(refs), list(hyps))
+            # Identical on every rank already; sync_dist with "max" keeps the figure exact (and Lightning quiet).
+            for key in ("wer", "cer"):
+                value = rates[key] if not math.isnan(rates[key]) else 1.0
+                self.log(f"val_{key}", value, prog_bar=key == "wer", sync_dist=True, reduce_fx="max")
+        self._val_rows = {}
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):

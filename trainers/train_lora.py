@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -101,39 +102,59 @@ def _resolve_expert(spec: str) -> Expert:
     return Registry().get(spec)
 
 
+def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfig, init_from: str | None = None):
+    """Load the base (on CPU) and check a training run against it.
+
+    Args:
+        spec: base name, directory or hub id (``registry.bases.load_base``).
+        languages: the expert's Whisper codes; each must be one of the base's languages.
+        lora: the expert's shape; its ``encoder_start`` must name an encoder layer of the base.
+        init_from: a LoRA expert to warm-start from (registry spec or file), made for this base.
+
+    Returns:
+        (the ``Base``, (tensors, hyperparameters) of the warm start or None, lineage parents).
+    """
+    from registry.bases import load_base
+
+    base = load_base(spec, device="cpu")
+    unknown = [lang for lang in languages if base.multilingual and lang not in base.languages]
+    if unknown:
+        raise ValueError(f"unknown language(s) {', '.join(unknown)} for {base.name}; see `whisper-experts base info`")
+    layers = base.model.config.encoder_layers
+    if lora.touches_encoder and lora.encoder_start >= layers:
+        raise ValueError(f"--encoder-start {lora.encoder_start}: {base.name}'s encoder has layers 0..{layers - 1}; "
+                         f"pick a start below {layers}, or --side decoder")
+    init, parents = None, []
+    if init_from:
+        start = _resolve_expert(init_from)
+        check_compatible(start.manifest, base, what=f"expert {init_from}")
+        if start.kind != "lora":
+            raise ValueError(f"--init-from {init_from} is a {start.kind} expert; a LoRA expert is needed")
+        init = (start.tensors, start.manifest["hyperparameters"])
+        parents.append({"expert": init_from, "languages": start.languages, "role": "warm start"})
+    return base, init, parents
+
+
 def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     """Train, select by validation WER, test, and describe a LoRA expert.
 
+    With ``strategy="ddp"`` Lightning starts one process per device, each running the whole script: every rank
+    trains on its share of the batches and returns the same expert tensors, but only rank 0 evaluates the test
+    split (``report["rank"]`` says which rank this is; store or write the expert from rank 0 only).
+
     Returns:
-        (the expert, a report dict with the per-epoch history, base and expert test results, timings).
+        (the expert, a report dict with the per-epoch history, base and expert test results, timings, rank).
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from registry.bases import load_base
     from trainers.data import ExpertDataModule
     from trainers.lora_module import LoraExpertModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
-    base = load_base(cfg.base, device="cpu")
-    unknown = [lang for lang in cfg.languages if base.multilingual and lang not in base.languages]
-    if unknown:
-        raise ValueError(f"unknown language(s) {', '.join(unknown)} for {base.name}; see `whisper-experts base info`")
     lora = cfg.lora()
-    layers = base.model.config.encoder_layers
-    if lora.touches_encoder and lora.encoder_start >= layers:
-        raise ValueError(f"--encoder-start {lora.encoder_start}: {base.name}'s encoder has layers 0..{layers - 1}; "
-                         f"pick a start below {layers}, or --side decoder")
-    init = None
-    parents = []
-    if cfg.init_from:
-        start = _resolve_expert(cfg.init_from)
-        check_compatible(start.manifest, base, what=f"expert {cfg.init_from}")
-        if start.kind != "lora":
-            raise ValueError(f"--init-from {cfg.init_from} is a {start.kind} expert; a LoRA expert is needed")
-        init = (start.tensors, start.manifest["hyperparameters"])
-        parents.append({"expert": cfg.init_from, "languages": start.languages, "role": "warm start"})
+    base, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
 
     model = base.model
     module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -180,38 +201,67 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
         raise RuntimeError("training produced no validated expert (no validation epoch ran); raise --epochs")
 
     report = {"history": keep.history, "best_epoch": keep.best_epoch, "best_val_wer": keep.best_wer,
-              "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)}}
-    metrics = {lang: {"validation": {}} for lang in cfg.languages}
-    for lang in cfg.languages:
-        metrics[lang]["validation"]["wer"] = keep.best_wer if len(cfg.languages) == 1 else None
+              "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)},
+              "rank": trainer.global_rank, "world_size": trainer.world_size}
     model = model.cpu().eval()
     remove_experts(model)
-    if cfg.test:
-        report["test"] = _test(base, keep.tensors, lora.hyperparameters(), cfg)
-        for lang, row in report["test"]["expert"].items():
-            metrics[lang]["test"] = {k: row[k] for k in ("wer", "cer", "n")}
-            metrics[lang]["base_test"] = {k: report["test"]["base"][lang][k] for k in ("wer", "cer", "n")}
+    test = None
+    if cfg.test and trainer.is_global_zero:
+        # Under DDP every rank holds the same expert; rank 0 alone evaluates it (the others would repeat the work,
+        # and only rank 0 stores the expert).
+        test = report["test"] = evaluate_on_test_split(base, keep.tensors, lora.hyperparameters(), cfg.data,
+                                                       cfg.languages, limit=cfg.test_limit,
+                                                       batch_size=cfg.batch_size, progress=cfg.progress)
         report["seconds"]["test"] = round(time.time() - trained, 1)
-
-    hyper = {**lora.hyperparameters(), "lr": cfg.lr, "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1,
-             "best_epoch": keep.best_epoch, "batch_size": cfg.batch_size, "seed": cfg.seed}
-    summary = {"corpus": str(cfg.data), **{f"{k}_{m}": v for k, d in data.summary.items() for m, v in d.items()}}
-    summary.update(utterances=data.summary["train"]["utterances"], hours=data.summary["train"]["hours"])
-    manifest = new_manifest("lora", cfg.languages, base, hyper, data=summary, metrics=metrics,
-                            lineage={"parents": parents})
+    manifest = expert_manifest(base, cfg.languages, lora, keep, data, lr=cfg.lr, schedule=cfg.schedule, test=test,
+                               parents=parents)
     return Expert(keep.tensors, manifest), report
 
 
-def _test(base, tensors, hyper, cfg: TrainConfig) -> dict:
-    """Test-split WER of the base alone and with the expert (same utterances, same decoding)."""
+def expert_manifest(base, languages: Sequence[str], lora: LoraExpertConfig, keep: KeepBestExpert, data,
+                    *, lr: float, schedule: str, test: dict | None = None, parents: Sequence[dict] = ()) -> dict:
+    """The manifest of an expert trained by this recipe (``train_lora_expert`` and ``whisper-experts lightning``).
+
+    Args:
+        base: the ``registry.bases.Base`` it was trained on.
+        languages: Whisper codes the expert serves.
+        lora: the expert's shape.
+        keep: the callback that kept the best expert (validation WER, epochs run, best epoch).
+        data: the ``ExpertDataModule`` it was trained on (corpus, split sizes, batch size, seed).
+        lr, schedule: optimizer settings recorded as hyperparameters.
+        test: ``evaluate_on_test_split``'s result, or None when the test split was not evaluated.
+        parents: lineage entries (a warm start's expert).
+    """
+    metrics = {lang: {"validation": {"wer": keep.best_wer if len(languages) == 1 else None}} for lang in languages}
+    for lang, row in (test or {}).get("expert", {}).items():
+        metrics[lang]["test"] = {k: row[k] for k in ("wer", "cer", "n")}
+        metrics[lang]["base_test"] = {k: test["base"][lang][k] for k in ("wer", "cer", "n")}
+    hyper = {**lora.hyperparameters(), "lr": lr, "schedule": schedule, "epochs_run": keep.history[-1]["epoch"] + 1,
+             "best_epoch": keep.best_epoch, "batch_size": data.batch_size, "seed": data.seed}
+    summary = {"corpus": str(data.data), **{f"{k}_{m}": v for k, d in data.summary.items() for m, v in d.items()}}
+    summary.update(utterances=data.summary["train"]["utterances"], hours=data.summary["train"]["hours"])
+    return new_manifest("lora", languages, base, hyper, data=summary, metrics=metrics,
+                        lineage={"parents": list(parents)})
+
+
+def evaluate_on_test_split(base, tensors: dict[str, torch.Tensor], hyperparameters: dict, data: str,
+                           languages: Sequence[str], *, limit: int | None = None, batch_size: int = 16,
+                           progress: bool = True) -> dict:
+    """Test-split WER of the base alone and with the expert (same utterances, same decoding).
+
+    ``base.model`` must carry no expert; it is left without one.
+
+    Returns:
+        ``{"base": {lang: row}, "expert": {lang: row}, "guard": ...}``, rows as in ``trainers.evaluation``.
+    """
     from trainers.corpus.loading import load_corpus
     from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
 
-    utts = utterances_from_dataset(load_corpus(cfg.data)["test"], cfg.languages, cfg.test_limit)
-    opts = DecodeOptions(batch_size=cfg.batch_size)
-    out = {"base": evaluate(base.model, base.processor, utts, opts, progress=cfg.progress).as_dict()["languages"]}
-    attach_expert(base.model, tensors, hyper, DEFAULT_ADAPTER)
-    report = evaluate(base.model, base.processor, utts, opts, progress=cfg.progress)
+    utts = utterances_from_dataset(load_corpus(data)["test"], languages, limit)
+    opts = DecodeOptions(batch_size=batch_size)
+    out = {"base": evaluate(base.model, base.processor, utts, opts, progress=progress).as_dict()["languages"]}
+    attach_expert(base.model, tensors, hyperparameters, DEFAULT_ADAPTER)
+    report = evaluate(base.model, base.processor, utts, opts, progress=progress)
     out["expert"] = report.as_dict()["languages"]
     out["guard"] = report.guard
     remove_experts(base.model)

@@ -12,15 +12,6 @@ from trainers.train_lora import TrainConfig, train_lora_expert
 
 
 @pytest.fixture(scope="module")
-def uk_corpus(tmp_path_factory):
-    from trainers.corpus.synth import SynthConfig, synthesize_corpus
-
-    out = tmp_path_factory.mktemp("uk") / "corpus"
-    synthesize_corpus(SynthConfig(languages=("uk",), per_language=12, seed=0), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(uk_corpus, tiny_whisper_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=4, epochs=3,

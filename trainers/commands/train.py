@@ -14,7 +14,9 @@ Train a LoRA language expert on a frozen base Whisper with Lightning: validation
 expert with the best validation WER kept (checkpoints hold the expert only), early stopping, CSV and
 TensorBoard logs under --run-dir. A decoder-only expert (the default) runs the encoder once per utterance
 and trains on cached encoder outputs. The best expert is evaluated on the test split beside the base, then
-written to the registry under --name (and to --out if given).
+written to the registry under --name (and to --out if given). On CUDA it trains in bf16-mixed by default;
+`--strategy ddp --devices N` trains on N processes (GPUs, or CPU processes with gloo), each on its own share
+of the batches, validation WER over the whole validation set, and rank 0 alone tests and stores the expert.
 
 Options can also come from a YAML file (--config); command-line flags override it.
 
@@ -23,6 +25,8 @@ examples:
   whisper-experts train --data data/uk --language uk --name uk-small --rank 8 --epochs 5 --max-train 200
   whisper-experts train --data data/uk --language uk --name uk-warm --init-from ru-espeak@latest
   whisper-experts train --config examples/train_lora_uk.yaml
+  whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
+  (the same from a LightningCLI config: `whisper-experts lightning --help`)
 """
 
 
@@ -73,12 +77,23 @@ def _config_from_args(args):
     return TrainConfig(languages=tuple(languages), **values), name, out
 
 
+def print_test_table(test: dict) -> None:
+    """The base's and the expert's test-split WER/CER per language, as a Markdown table."""
+    print("\n| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
+    for lang, row in test["expert"].items():
+        b = test["base"][lang]
+        print(f"| {lang} | {row['n']} | {100 * b['wer']:.1f} | {100 * row['wer']:.1f} | {100 * b['cer']:.1f} | "
+              f"{100 * row['cer']:.1f} |")
+
+
 def _run(args) -> int:
     from registry.expert_file import save_expert
     from trainers.train_lora import train_lora_expert
 
     cfg, name, out = _config_from_args(args)
     expert, report = train_lora_expert(cfg)
+    if report.get("rank", 0) != 0:
+        return 0  # --strategy ddp: every rank holds the same expert; rank 0 writes it and reports
     run_dir = Path(cfg.run_dir)
     save_expert(expert, run_dir / "expert.safetensors")
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -92,11 +107,7 @@ def _run(args) -> int:
         record = Registry(args.registry).add(expert, name)
         print(f"stored {record.ref} in the registry")
     if "test" in report:
-        print("\n| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
-        for lang, row in report["test"]["expert"].items():
-            b = report["test"]["base"][lang]
-            print(f"| {lang} | {row['n']} | {100 * b['wer']:.1f} | {100 * row['wer']:.1f} | {100 * b['cer']:.1f} | "
-                  f"{100 * row['cer']:.1f} |")
+        print_test_table(report["test"])
     print(f"\nbest epoch {report['best_epoch']} (validation WER {100 * report['best_val_wer']:.1f}%); "
           f"expert file {run_dir / 'expert.safetensors'}; logs in {run_dir}")
     return 0
@@ -139,8 +150,8 @@ def register(subparsers) -> None:
     g.add_argument("--precision", help="Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)")
     g.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (default auto)")
-    g.add_argument("--devices", help="Lightning devices (default auto)")
+    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (one process per device; default auto)")
+    g.add_argument("--devices", help="Lightning devices, e.g. 2 (GPUs, or CPU processes without one; default auto)")
     g = p.add_argument_group("data")
     g.add_argument("--max-train", dest="max_train", type=int, help="at most N training utterances per language")
     g.add_argument("--max-validation", dest="max_validation", type=int, help="at most N validation utterances")
