@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "eval", "registry"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry"]
 
 EPILOG = """\
 examples:

@@ -57,9 +57,14 @@ def attach_for_eval(base, spec: str, force: bool = False) -> dict:
         record = registry.resolve(spec)
         expert, identity = registry.get(spec), {"ref": record.ref, "sha256": record.sha256}
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
-    if expert.kind != "lora":
-        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval attaches LoRA experts")
-    attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
+    if expert.kind == "lora":
+        attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
+    elif expert.kind == "task_vector":  # a dense fusion result: added to the weights
+        from lora_experts.task_vectors import apply_task_vector
+
+        apply_task_vector(base.model, expert.tensors)
+    else:
+        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora and task_vector experts")
     return {**identity, "kind": expert.kind, "languages": expert.languages,
             "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
 

@@ -1,0 +1,40 @@
+"""Random LoRA experts for fusion tests, on a tiny Whisper's module shapes or on made-up ones."""
+
+from __future__ import annotations
+
+import torch
+
+from registry.expert_file import Expert, new_manifest
+
+BASE = {"name": "tiny-whisper", "fingerprint": "f" * 16, "tokenizer_fingerprint": "t" * 16}
+
+# Made-up (out, in) shapes under real Whisper module names: fast tests that need no model.
+SHAPES = {
+    "model.decoder.layers.0.self_attn.q_proj": (16, 16),
+    "model.decoder.layers.0.fc1": (32, 16),
+    "model.decoder.layers.1.fc2": (16, 32),
+    "model.encoder.layers.0.fc1": (32, 16),
+}
+
+
+def linear_shapes(model: torch.nn.Module, contains: tuple[str, ...] = ("q_proj", "v_proj", "fc1")) -> dict:
+    """(out, in) of the model's linear layers whose path contains one of ``contains``."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(c in name for c in contains) and ".layers." in name}
+
+
+def random_lora(shapes: dict, rank: int, seed: int, scale: float = 0.1, dtype=torch.float32) -> dict:
+    """``<module>.lora_A`` (rank, in) / ``.lora_B`` (out, rank) with random entries (B nonzero, unlike a fresh LoRA)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (o, i) in shapes.items():
+        out[f"{module}.lora_A"] = (scale * torch.randn(rank, i, generator=g)).to(dtype)
+        out[f"{module}.lora_B"] = (scale * torch.randn(o, rank, generator=g)).to(dtype)
+    return out
+
+
+def lora_expert(shapes: dict, rank: int, alpha: float, seed: int, languages=("uk",), base=BASE,
+                dtype=torch.float32) -> Expert:
+    """A stored-form LoRA expert with a valid manifest."""
+    hyper = {"rank": rank, "alpha": alpha, "dropout": 0.0, "target_modules": ["fc1"], "side": "decoder"}
+    return Expert(random_lora(shapes, rank, seed, dtype=dtype), new_manifest("lora", languages, base, hyper))

@@ -1,0 +1,176 @@
+"""Fusion weight search: candidates applied to one loaded model exactly, searches, the fused expert, the plot."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_experts.merge import merge
+from lora_experts.model import attach_expert, remove_experts
+from lora_experts.task_vectors import apply_task_vector, task_vector
+from registry.expert_file import Expert, new_manifest
+from tests.lora_experts.random_experts import linear_shapes, random_lora
+from trainers.fusion import FusionApplier, candidate_weights, fuse_for_target, plot_search, search_weights
+
+
+@pytest.fixture(scope="module")
+def base(tiny_whisper_dir):
+    from registry.bases import load_base
+
+    return load_base(str(tiny_whisper_dir), device="cpu")
+
+
+def _expert(base, seed: int, rank: int, contains, language: str) -> Expert:
+    shapes = linear_shapes(base.model, contains)
+    hyper = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "target_modules": list(contains), "side": "decoder"}
+    return Expert(random_lora(shapes, rank, seed, scale=0.3), new_manifest("lora", [language], base, hyper))
+
+
+@pytest.fixture(scope="module")
+def experts(base):
+    # Different ranks and partly different modules: the target adapts q/v/fc1, the support v/fc1/fc2 (decoder).
+    return [_expert(base, 1, 4, ("decoder.layers.0.self_attn.q_proj", "decoder.layers.1.fc1", "v_proj"), "uk"),
+            _expert(base, 2, 8, ("decoder.layers.1.fc1", "decoder.layers.0.fc2", "v_proj"), "ru")]
+
+
+def _logits(model) -> torch.Tensor:
+    torch.manual_seed(0)
+    feats = torch.randn(1, model.config.num_mel_bins, 3000)
+    with torch.no_grad():
+        return model(input_features=feats, decoder_input_ids=torch.tensor([[50258, 50259, 50359, 50363]])).logits
+
+
+def _reference(clean, tvs, weights, method="linear", **options) -> torch.Tensor:
+    """The fusion applied the slow, obvious way: a copy of the plain model plus the dense merged deltas."""
+    model = copy.deepcopy(clean)
+    apply_task_vector(model, merge(tvs, weights, method, device="cpu", **options).task_vector)
+    return _logits(model)
+
+
+def test_low_rank_candidates_are_exact_and_reuse_the_attached_adapter(base, experts):
+    tvs = [task_vector(e) for e in experts]
+    clean = copy.deepcopy(base.model)
+    plain = _logits(base.model)
+    applier = FusionApplier(base.model, tvs, "linear")
+    applier.apply([1.0, 0.0])
+    attached_alone = copy.deepcopy(base.model)
+    remove_experts(attached_alone)
+    attach_expert(attached_alone, experts[0].tensors, experts[0].manifest["hyperparameters"])
+    torch.testing.assert_close(_logits(base.model), _logits(attached_alone), rtol=1e-5, atol=1e-5)
+    for w in ([1.0, 0.3], [1.0, 0.6], [0.8, -0.5]):  # same layout: matrices overwritten in place
+        applier.apply(w)
+        torch.testing.assert_close(_logits(base.model), _reference(clean, tvs, w), rtol=1e-4, atol=1e-4)
+    applier.clear()
+    assert torch.equal(_logits(base.model), plain)
+
+
+def test_dense_candidates_are_exact_and_clear_restores_the_base_bit_exactly(base, experts):
+    tvs = [task_vector(e) for e in experts]
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    clean = copy.deepcopy(base.model)
+    applier = FusionApplier(base.model, tvs, "ties", {"density": 0.5})
+    for w in ([1.0, 0.5], [1.0, 1.0]):
+        applier.apply(w)
+        torch.testing.assert_close(_logits(base.model), _reference(clean, tvs, w, "ties", density=0.5),
+                                   rtol=1e-4, atol=1e-4)
+    applier.method, applier.options = "linear", {}  # switching kinds of result on the same model
+    applier.apply([1.0, 0.5])
+    applier.clear()
+    after = base.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grid_starts_from_the_target_alone_and_scales_the_pooled_support():
+    assert candidate_weights("grid", 3, 3) == [[1.0, 0.0, 0.0], [1.0, 0.25, 0.25], [1.0, 0.5, 0.5]]
+    assert candidate_weights("grid", 1, 5) == [[1.0]]
+
+
+def test_grid_search_picks_the_lowest_dev_wer():
+    seen = []
+
+    def score(w):
+        seen.append(w)
+        return {"wer": 0.5 + (w[1] - 0.4) ** 2, "cer": 0.2}
+
+    result = search_weights(score, 2, "grid", 6, progress=False)
+    assert seen[0] == [1.0, 0.0] and len(seen) == 6
+    assert result.best.weights == pytest.approx([1.0, 0.4])
+    assert [t.weights for t in result.trials] == seen
+
+
+def test_bayes_search_never_ends_worse_than_the_target_alone():
+    pytest.importorskip("optuna")
+
+    def score(w):  # the target alone is already good; most of the box is worse
+        return {"wer": 0.3 + 0.2 * abs(w[0] - 1.0) + 0.3 * abs(w[1] - 0.7) - 0.15 * (w[1] > 0.4), "cer": 0.1}
+
+    result = search_weights(score, 2, "bayes", 10, seed=3, progress=False)
+    first = result.trials[0]
+    assert first.weights == [1.0, 0.0]
+    assert result.best.wer <= first.wer and len(result.trials) <= 10
+    assert all(-1.5 <= x <= 1.5 for t in result.trials for x in t.weights)
+    again = search_weights(score, 2, "bayes", 10, seed=3, progress=False)
+    assert [t.weights for t in again.trials] == [t.weights for t in result.trials]  # seeded
+
+
+def test_fixed_weights_must_match_the_experts():
+    with pytest.raises(ValueError, match="one weight per expert"):
+        search_weights(lambda w: {"wer": 0, "cer": 0}, 2, "fixed", weights=[1.0], progress=False)
+
+
+def test_fuse_for_target_stores_the_search_in_the_expert(base, experts, uk_corpus, tmp_path):
+    from trainers.corpus.loading import load_corpus
+    from trainers.evaluation import utterances_from_dataset
+
+    dev = utterances_from_dataset(load_corpus(str(uk_corpus))["test"], ["uk"])
+    fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], "uk", dev, method="linear",
+                                    search="grid", trials=3, progress=False)
+    assert fused.kind == "lora" and fused.languages == ["uk"]
+    lineage = fused.manifest["lineage"]
+    assert [p["expert"] for p in lineage["parents"]] == ["uk-small", "ru-espeak"]
+    assert lineage["method"] == "linear" and lineage["search"] == "grid" and len(lineage["trials"]) == 3
+    assert lineage["weights"] == result.best.weights
+    assert fused.manifest["metrics"]["uk"]["validation"]["wer"] == result.best.wer
+    assert result.best.wer <= result.trials[0].wer
+    assert not any(n for n, m in base.model.named_modules() if "lora" in type(m).__name__.lower())  # base left clean
+    png = plot_search(result, ["uk-small", "ru-espeak"], str(tmp_path / "search.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_multi_language_merge_needs_no_dev_set(base, experts):
+    fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], None, None, method="ties",
+                                    options={"density": 0.5}, search="fixed", weights=[0.5, 0.5], progress=False)
+    assert fused.kind == "task_vector" and sorted(fused.languages) == ["ru", "uk"]
+    with pytest.raises(ValueError, match="needs a dev set"):
+        fuse_for_target(base, experts, ["a", "b"], "uk", None, search="grid")
+
+
+def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir, uk_corpus, tmp_path, capsys):
+    from registry.store import Registry
+    from trainers.cli import main
+
+    reg = tmp_path / "registry"
+    registry = Registry(str(reg))
+    registry.add(experts[0], "uk-small")
+    registry.add(experts[1], "ru-espeak")
+    common = ["--base", str(tiny_whisper_dir), "--registry", str(reg), "--quiet"]
+    assert main(["fuse", "--target", "uk", "--experts", "uk-small,ru-espeak", "--dev", str(uk_corpus),
+                 "--dev-split", "test", "--trials", "3", "--name", "uk-fused", "--run-dir", str(tmp_path / "run"),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "stored uk-fused@1" in out and "| uk-small alone | 1,0 |" in out
+    assert (tmp_path / "run" / "search.png").is_file() and (tmp_path / "run" / "search.json").is_file()
+    fused = registry.get("uk-fused@latest")
+    assert fused.manifest["lineage"]["search"] == "grid" and len(fused.manifest["lineage"]["trials"]) == 3
+    # A multi-language merge with the method's default weights, and a method option.
+    assert main(["fuse", "--experts", "uk-small,ru-espeak", "--method", "ties", "--option", "density=0.3",
+                 "--name", "multi2", "--run-dir", str(tmp_path / "run2"), *common]) == 0
+    merged = registry.get("multi2@latest")
+    assert merged.kind == "task_vector" and merged.manifest["lineage"]["options"] == {"density": 0.3}
+    # Bad input is named before anything runs.
+    assert main(["fuse", "--experts", "uk-small,ru-espeak", "--weights", "1", "--name", "x", *common]) == 2
+    assert "2 experts" in capsys.readouterr().err
+    assert main(["fuse", "--experts", "uk-small", "--option", "density", "--name", "y", *common]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err

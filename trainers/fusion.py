@@ -1,0 +1,303 @@
+"""Fusing experts for a target language, with the fusion weights searched on the target's validation WER.
+
+The base is loaded once. Each candidate weighting is merged (``lora_experts.merge``) and applied to that one
+model without reloading it: an exactly low-rank result (``linear``, ``svd``, ``task_arithmetic`` over LoRA
+experts) is a LoRA adapter whose matrices are overwritten in place; any other result (``ties``, ``dare``,
+``lors``, ...) is added to the touched weights, which are restored from a copy before the next candidate.
+When no expert touches the encoder, the dev set's encoder outputs are computed once and every trial decodes
+from them.
+
+Search strategies (:func:`candidate_weights`):
+
+- ``grid``: the task-arithmetic paper's lambda in [0, 1]: weights ``[1, lambda/n, ..., lambda/n]`` for the target
+  and its n supports (the pooled support scaled by lambda).
+- ``bayes``: Optuna's TPE sampler over every weight in [-1.5, 1.5] (LoraHub's range), minimizing
+  ``WER + l1 * sum |w|`` (LoraHub's L1 penalty).
+
+Both always try the target-only point ``[1, 0, ..., 0]`` first, and the result is the trial with the lowest dev
+WER, so the fused expert is never worse on dev than the target expert alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lora_experts.merge import MergeResult, fused_expert, merge
+from lora_experts.model import attach_expert, remove_experts
+from lora_experts.task_vectors import dense, lora_tensors, task_vector
+from registry.expert_file import Expert
+from trainers.decoding import log_mel, transcribe_batch
+from trainers.evaluation import Utterance, error_rates
+
+FUSION_ADAPTER = "fusion"
+SEARCHES = ("fixed", "grid", "bayes")
+
+
+@dataclass
+class Trial:
+    """One scored candidate: its weights, dev WER/CER (fractions), the search objective and decode time."""
+
+    weights: list[float] | None  # None: the merge method's default weights (no search)
+    wer: float
+    cer: float
+    objective: float
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """All trials in the order they ran, and the chosen one (lowest dev WER; ties: smallest L1 norm)."""
+
+    trials: list[Trial]
+    best: Trial
+    merge: MergeResult | None = field(default=None, repr=False)
+
+    def trace(self) -> list[dict]:
+        return [asdict(t) for t in self.trials]
+
+
+class DevScorer:
+    """Greedy dev-set WER of whatever model state is current; features (or encoder outputs) computed once.
+
+    Args:
+        model, processor: the loaded base (experts come and go on it).
+        utterances: the dev set (one or more languages; each decoded with its own language token).
+        cache_encoder: keep the encoder outputs (valid while nothing adapts the encoder).
+        batch_size: decoding batch size.
+    """
+
+    def __init__(self, model, processor, utterances: Sequence[Utterance], cache_encoder: bool, batch_size: int = 16):
+        if not utterances:
+            raise ValueError("the dev set is empty; pass --dev with a corpus that has a validation split")
+        self.model, self.processor = model, processor
+        order = sorted(range(len(utterances)), key=lambda i: utterances[i].seconds)
+        tok = processor.tokenizer
+        self.batches = []
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                items = [utterances[i] for i in order[start:start + batch_size]]
+                feats = log_mel(processor, [u.audio for u in items], model)
+                states = model.model.encoder(feats).last_hidden_state if cache_encoder else None
+                longest = max(len(tok(u.text, add_special_tokens=False).input_ids) for u in items)
+                bound = min(2 * longest + 8, model.config.max_target_positions - 4)  # as eval's reference guard
+                self.batches.append({"features": None if cache_encoder else feats, "states": states, "bound": bound,
+                                     "languages": [u.language for u in items], "texts": [u.text for u in items]})
+
+    def __call__(self) -> dict:
+        refs, hyps = [], []
+        self.model.eval()
+        with torch.inference_mode():
+            for b in self.batches:
+                out = transcribe_batch(self.model, self.processor, b["features"], b["languages"],
+                                       max_new_tokens=b["bound"], encoder_hidden_states=b["states"])
+                refs += b["texts"]
+                hyps += out.texts
+        rates = error_rates(refs, hyps)
+        return {"wer": rates["wer"], "cer": rates["cer"], "hypotheses": hyps}
+
+
+class FusionApplier:
+    """Applies candidate fusions of fixed experts to one model, each replacing the last (see the module doc).
+
+    Args:
+        model: the base model; nothing else may attach experts to it while this is in use.
+        task_vectors: one per expert, in the order weights are given.
+        method, options, seed: as :func:`lora_experts.merge.merge`.
+    """
+
+    def __init__(self, model, task_vectors: Sequence[dict], method: str, options: dict | None = None, seed: int = 0):
+        self.model, self.task_vectors = model, list(task_vectors)
+        self.method, self.options, self.seed = method, dict(options or {}), seed
+        self._saved: dict[str, torch.Tensor] = {}  # parameter name -> original value (dense path)
+        self._adapter_layout: tuple | None = None  # (tensor shapes, scales) of the attached adapter (low-rank path)
+
+    def apply(self, weights: Sequence[float]) -> MergeResult:
+        result = merge(self.task_vectors, weights, self.method, seed=self.seed, device="cpu", **self.options)
+        if result.low_rank:
+            self._restore_weights()
+            tensors, hyper = lora_tensors(result.task_vector)
+            layout = (sorted((k, tuple(v.shape)) for k, v in tensors.items()), hyper["alpha"],
+                      sorted(hyper.get("alpha_pattern", {}).items()))
+            if layout == self._adapter_layout:  # same ranks and scales: overwrite the matrices in place
+                modules = dict(self.model.named_modules())
+                with torch.no_grad():
+                    for key, value in tensors.items():
+                        module, _, part = key.rpartition(".")
+                        getattr(modules[module], part)[FUSION_ADAPTER].weight.copy_(value)
+            else:
+                self._detach()
+                attach_expert(self.model, tensors, hyper, FUSION_ADAPTER)
+                self._adapter_layout = layout
+        else:
+            self._detach()
+            self._restore_weights()
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, delta in result.task_vector.items():
+                    p = params[name]
+                    self._saved[name] = p.detach().clone()
+                    p.add_(dense(delta).to(p.device, p.dtype))
+        return result
+
+    def clear(self) -> None:
+        """Back to the plain base (bit-exact)."""
+        self._detach()
+        self._restore_weights()
+
+    def _detach(self) -> None:
+        if self._adapter_layout is not None:
+            remove_experts(self.model)
+            self._adapter_layout = None
+
+    def _restore_weights(self) -> None:
+        if self._saved:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self._saved.items():
+                    params[name].copy_(value)
+            self._saved = {}
+
+
+def candidate_weights(search: str, n: int, trials: int, *, bounds: tuple[float, float] = (-1.5, 1.5)) -> list[list[float]]:
+    """The weight vectors a non-adaptive search tries (``grid``), target first; ``bayes`` proposes its own."""
+    if search != "grid":
+        raise ValueError(f"candidate_weights is for the grid search, not {search!r}")
+    if n == 1:
+        return [[1.0]]
+    steps = max(2, trials)
+    return [[1.0] + [lam / (n - 1)] * (n - 1) for lam in (i / (steps - 1) for i in range(steps))]
+
+
+def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "grid", trials: int = 11, *,
+                   weights: Sequence[float] | None = None, l1: float = 0.05, bounds: tuple[float, float] = (-1.5, 1.5),
+                   seed: int = 0, progress: bool = True) -> SearchResult:
+    """Search fusion weights for ``n`` experts (the target first) by dev WER.
+
+    Args:
+        score: weights -> ``{"wer", "cer"}`` on the dev set (applies the fusion, decodes, scores).
+        search: ``fixed`` (just ``weights``), ``grid`` or ``bayes`` (see the module docstring).
+        trials: candidates to score, the target-only point included.
+        l1: ``bayes``: penalty on ``sum |w|`` added to the WER in the search objective (not in the choice).
+        bounds: ``bayes``: range of every weight.
+    """
+    from tqdm.auto import tqdm
+
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
+    done: list[Trial] = []
+    bar = tqdm(total=1 if search == "fixed" else trials, desc=f"fusion search ({search})", unit="trial",
+               disable=not progress)
+
+    def run(w: list[float]) -> Trial:
+        for t in done:  # a point already scored (TPE can repeat one) costs nothing
+            if t.weights == w:
+                return t
+        t0 = time.perf_counter()
+        s = score(w)
+        trial = Trial(w, s["wer"], s["cer"], s["wer"] + l1 * sum(abs(x) for x in w), time.perf_counter() - t0)
+        done.append(trial)
+        best = min(done, key=lambda t: (t.wer, sum(abs(x) for x in t.weights)))
+        bar.set_postfix(best_wer=f"{100 * best.wer:.1f}%", weights=",".join(f"{x:.2f}" for x in best.weights))
+        bar.update(1)
+        return trial
+
+    if search == "fixed":
+        if weights is None or len(weights) != n:
+            raise ValueError(f"fixed weights need one weight per expert ({n}), e.g. --weights 0.7,0.3")
+        run([float(x) for x in weights])
+    elif search == "grid":
+        for w in candidate_weights("grid", n, trials):
+            run(w)
+    else:
+        try:
+            import optuna
+        except ImportError as e:
+            raise ImportError("--search bayes needs optuna: pip install 'whisper-experts[fusion]' "
+                              "(or use --search grid)") from e
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+        study.enqueue_trial({f"w{i}": 1.0 if i == 0 else 0.0 for i in range(n)})  # the target alone
+        if n > 1:
+            study.enqueue_trial({f"w{i}": 1.0 if i == 0 else 0.5 / (n - 1) for i in range(n)})
+        study.optimize(lambda t: run([round(t.suggest_float(f"w{i}", *bounds), 3) for i in range(n)]).objective,
+                       n_trials=trials)
+    bar.close()
+    best = min(done, key=lambda t: (t.wer, sum(abs(x) for x in t.weights)))
+    return SearchResult(done, best)
+
+
+def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], target: str | None,
+                    dev: Sequence[Utterance] | None, *, method: str = "linear", options: dict | None = None,
+                    search: str = "grid", trials: int = 11, weights: Sequence[float] | None = None,
+                    seed: int = 0, batch_size: int = 16, progress: bool = True) -> tuple[Expert, SearchResult]:
+    """Fuse ``experts`` (the target language's first) with weights searched on the dev WER.
+
+    Args:
+        base: the loaded ``registry.bases.Base`` all experts were made for (checked by the caller).
+        target: the target language (None: a multi-language merge with fixed ``weights`` and no dev set).
+        dev: the target's dev utterances (None only with ``search="fixed"``).
+
+    Returns:
+        (the fused expert, with the search trace in its lineage and the dev WER in its metrics; the search).
+    """
+    tvs = [task_vector(e) for e in experts]
+    applier = FusionApplier(base.model, tvs, method, options, seed)
+    if dev is None:
+        if search != "fixed":
+            raise ValueError(f"--search {search} needs a dev set (--dev DIR) to score candidates")
+        # No dev set: fixed weights, or the method's defaults (None) for a multi-language merge.
+        only = Trial([float(x) for x in weights] if weights else None, math.nan, math.nan, math.nan, 0.0)
+        result = SearchResult([only], only)
+    else:
+        touches_encoder = any(k.startswith("model.encoder.") for tv in tvs for k in tv)
+        scorer = DevScorer(base.model, base.processor, dev, cache_encoder=not touches_encoder, batch_size=batch_size)
+
+        def score(w):
+            applier.apply(w)
+            return scorer()
+
+        try:
+            result = search_weights(score, len(experts), search, trials, weights=weights, seed=seed, progress=progress)
+        finally:
+            applier.clear()
+    merged = merge(tvs, result.best.weights, method, seed=seed, device="cpu", **(options or {}))
+    result.merge = merged
+    metrics = {}
+    if target is not None and not math.isnan(result.best.wer):
+        metrics[target] = {"validation": {"wer": result.best.wer, "cer": result.best.cer, "n": len(dev or [])}}
+    languages = [target] if target else None
+    expert = fused_expert(merged, experts, names, languages=languages, metrics=metrics)
+    expert.manifest["lineage"].update(search=search, trials=result.trace(), target=target)
+    return expert, result
+
+
+def plot_search(result: SearchResult, names: Sequence[str], path: str, title: str = "") -> str:
+    """PNG of dev WER against the weights: one panel per expert's weight, the chosen trial marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
+    wers = [100 * t.wer for t in result.trials]
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
+        xs = [t.weights[i] for t in result.trials]
+        pairs = sorted(zip(xs, wers))
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if len(set(xs)) == len(xs) else "o", alpha=0.7)
+        ax.plot([result.best.weights[i]], [100 * result.best.wer], "r*", markersize=14, label="chosen")
+        ax.set_xlabel(f"weight of {name}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev WER %")
+    axes[0][0].legend()
+    fig.suptitle(title or "fusion weight search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
