@@ -19,6 +19,13 @@ examples:
   whisper-experts eval --base whisper-base --data data/corpus --languages de,uk --language auto --out de-uk.json
   whisper-experts eval --base openai/whisper-small --data data/corpus --limit 20 --batch-size 8
   whisper-experts eval --base whisper-base --data data/uk --expert uk-espeak@latest
+  whisper-experts eval --base whisper-base --data data/multi4 --experts de-espeak,nl-espeak,multi4 \\
+      --out matrix.json --plot matrix.png
+
+With --experts A,B,C (registry specs or expert files, merged experts included) the split is decoded under the
+base alone and under each expert in turn, all on one loaded base (each expert is removed, or its weight
+deltas restored exactly, before the next), and a language x expert matrix of normalized WER is printed (an
+expert's own languages in bold), written under "matrix" in --out, and drawn with --plot FILE.
 """
 
 
@@ -43,9 +50,12 @@ def decode_options(args):
                          repetition_guard=args.repetition_guard)
 
 
-def attach_for_eval(base, spec: str, force: bool = False) -> dict:
-    """Attach the expert named ``spec`` (file or registry spec) to ``base.model``; returns its identity."""
-    from lora_experts.model import attach_expert
+def load_for_eval(base, spec: str, force: bool = False, registry: str | None = None):
+    """The expert named ``spec`` (an expert file, else a registry spec), checked against ``base``.
+
+    Returns:
+        (the :class:`~registry.expert_file.Expert`, its identity for the report).
+    """
     from registry.expert_file import check_compatible, load_expert
 
     if Path(spec).is_file():
@@ -53,34 +63,59 @@ def attach_for_eval(base, spec: str, force: bool = False) -> dict:
     else:
         from registry.store import Registry
 
-        registry = Registry()
-        record = registry.resolve(spec)
-        expert, identity = registry.get(spec), {"ref": record.ref, "sha256": record.sha256}
+        store = Registry(registry)
+        record = store.resolve(spec)
+        expert, identity = store.get(spec), {"ref": record.ref, "sha256": record.sha256}
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
+    if expert.kind not in ("lora", "task_vector"):
+        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora and task_vector experts")
+    return expert, {**identity, "kind": expert.kind, "languages": expert.languages,
+                    "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
+
+
+def attach_for_eval(base, spec: str, force: bool = False, registry: str | None = None) -> dict:
+    """Attach the expert named ``spec`` (file or registry spec) to ``base.model``; returns its identity."""
+    from lora_experts.model import attach_expert
+
+    expert, identity = load_for_eval(base, spec, force, registry)
     if expert.kind == "lora":
         attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
-    elif expert.kind == "task_vector":  # a dense fusion result: added to the weights
+    else:  # a dense fusion result: added to the weights
         from lora_experts.task_vectors import apply_task_vector
 
         apply_task_vector(base.model, expert.tensors)
-    else:
-        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora and task_vector experts")
-    return {**identity, "kind": expert.kind, "languages": expert.languages,
-            "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
+    return identity
+
+
+def _row_label(spec: str) -> str:
+    return Path(spec).name if Path(spec).is_file() else spec
 
 
 def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True,
-             expert: str | None = None, force: bool = False) -> dict:
-    """Load base (+ expert) and corpus, evaluate, print the table, optionally write JSON; returns the report."""
+             expert: str | None = None, force: bool = False, experts: list[str] | None = None,
+             registry: str | None = None, plot: str | None = None) -> dict:
+    """Load base (+ expert) and corpus, evaluate, print the table, optionally write JSON; returns the report.
+
+    With ``experts`` (specs or files), also evaluate under each expert in turn on the same base and add the
+    language x expert matrix (``trainers.language_matrix``) to the report under ``matrix``; ``plot`` draws it.
+    """
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
     from trainers.evaluation import evaluate, utterances_from_dataset
 
-    if out:
-        from registry.home import ensure_writable
+    if expert and experts:
+        raise ValueError("give --expert (evaluate with one expert attached) or --experts (the matrix), not both")
+    if plot and not experts:
+        raise ValueError("--plot draws the language x expert matrix; give --experts A,B,... too")
+    if experts and len(set(map(_row_label, experts))) != len(experts):
+        raise ValueError(f"--experts names an expert twice ({','.join(experts)}); give each once")
+    from registry.home import ensure_writable
 
-        # Fail before minutes of decoding, not after.
+    # Fail before minutes of decoding, not after.
+    if out:
         ensure_writable(Path(out).parent, "the evaluation report", hint="choose another --out")
+    if plot:
+        ensure_writable(Path(plot).parent, "the matrix plot", hint="choose another --plot")
     corpus = load_corpus(data)
     if split not in corpus:
         raise ValueError(f"{data} has no split {split!r}; it has {', '.join(corpus)}")
@@ -93,16 +128,20 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     for lang in sorted({u.language for u in utterances}):
         if base.multilingual and lang not in base.languages:
             raise ValueError(f"corpus language {lang!r} is not a Whisper language of {base.name}")
-    identity = attach_for_eval(base, expert, force) if expert else None
-    report = evaluate(base.model, base.processor, utterances, opts, progress=progress)
-    if identity:
-        report.meta["expert"] = identity
-        print(f"expert: {identity.get('ref') or identity.get('file')} ({', '.join(identity['languages'])})")
-    report.meta.update({"base": base.name, "base_fingerprint": base.fingerprint, "data": str(data), "split": split,
-                        "language_mode": opts.language or "labelled", "num_beams": opts.num_beams})
-    print(report.markdown())
-    print(f"\ndecoding bound: {report.guard}")
-    result = report.as_dict()
+    meta = {"base": base.name, "base_fingerprint": base.fingerprint, "data": str(data), "split": split,
+            "language_mode": opts.language or "labelled", "num_beams": opts.num_beams}
+    if experts:
+        result = _run_matrix(base, utterances, experts, opts, force, registry, plot, meta, progress)
+    else:
+        identity = attach_for_eval(base, expert, force, registry) if expert else None
+        report = evaluate(base.model, base.processor, utterances, opts, progress=progress)
+        if identity:
+            report.meta["expert"] = identity
+            print(f"expert: {identity.get('ref') or identity.get('file')} ({', '.join(identity['languages'])})")
+        report.meta.update(meta)
+        print(report.markdown())
+        print(f"\ndecoding bound: {report.guard}")
+        result = report.as_dict()
     if out:
         from registry.atomic import atomic_write_text
 
@@ -111,9 +150,38 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     return result
 
 
+def _run_matrix(base, utterances, specs, opts, force, registry, plot, meta, progress) -> dict:
+    """The matrix mode of :func:`run_eval`: the base's report plus ``matrix`` and one entry per expert."""
+    from trainers.language_matrix import language_matrix, plot_matrix
+
+    loaded = [load_for_eval(base, spec, force, registry) for spec in specs]  # every expert checked before decoding
+    matrix = language_matrix(base.model, base.processor, utterances,
+                             [(_row_label(spec), e) for spec, (e, _) in zip(specs, loaded)], opts, progress)
+    result = matrix.reports[0].as_dict()
+    result["meta"].update(meta)
+    result["matrix"] = matrix.as_dict()
+    result["experts"] = [{"label": label, "expert": identity, **report.as_dict()}
+                         for label, (_, identity), report in zip(matrix.labels[1:], loaded, matrix.reports[1:])]
+    for entry in result["experts"]:
+        entry.pop("meta")  # the decoding bound is the base's: same utterances, same options
+    print(matrix.markdown())
+    print(f"\nnormalized WER % of each language's {meta['split']} utterances (n = "
+          f"{', '.join(f'{lang} {n}' for lang, n in zip(matrix.languages, result['matrix']['n']))}) under the base "
+          "and each expert alone; bold: the expert's own languages")
+    print(f"decoding bound: {matrix.reports[0].guard}")
+    if plot:
+        title = f"WER % on {Path(meta['data']).name} [{meta['split']}]"
+        try:
+            print(f"plot: {plot_matrix(matrix, plot, title=title)}")
+        except ImportError:
+            print("(no plot: pip install matplotlib)")
+    return result
+
+
 def _run(args) -> int:
     run_eval(args.base, args.data, args.split, split_list(args.languages), args.limit, decode_options(args), args.out,
-             expert=args.expert, force=args.force)
+             expert=args.expert, force=args.force, experts=split_list(args.experts), registry=args.registry,
+             plot=args.plot)
     return 0
 
 
@@ -127,6 +195,10 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="at most N utterances per language")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--expert", help="attach this expert: a registry spec (uk-espeak@latest) or an expert file")
-    p.add_argument("--force", action="store_true", help="attach an expert trained on another base anyway")
+    p.add_argument("--experts", help="comma-separated experts (specs or files, merged ones too): the language x "
+                                      "expert WER matrix, base and each expert in turn")
+    p.add_argument("--plot", help="with --experts: write the matrix as a PNG heatmap here (needs matplotlib)")
+    p.add_argument("--registry", help="registry directory (default <home>/registry)")
+    p.add_argument("--force", action="store_true", help="apply an expert trained on another base anyway")
     add_decode_arguments(p)
     p.set_defaults(func=_run)
