@@ -1,7 +1,8 @@
 """LoRA language experts on Whisper, built on peft.
 
 This package holds the LoRA expert kind as a library: its config, attaching one or many experts to a
-Whisper model, the batched per-sample LoRA forward used for mixed-language batches, and fusion arithmetic
-as pure tensor functions (task vectors, exact linear fusion, SVD truncation, TIES, DARE, LoRS, magnitude
-pruning) in one name -> function registry. It never imports from ``trainers``.
+Whisper model, the batched per-sample LoRA forward used for mixed-language batches (``batched_layer``: the
+layer; ``bank``: experts side by side on one model; ``routing``: policies that pick each sample's expert), and
+fusion arithmetic as pure tensor functions (task vectors, exact linear fusion, SVD truncation, TIES, DARE, LoRS,
+magnitude pruning) in one name -> function registry. It never imports from ``trainers``.
 """

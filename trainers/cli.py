@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack"]
 
 EPILOG = """\
 examples:
@@ -24,6 +24,7 @@ examples:
   whisper-experts lightning fit --config examples/lightning_lora_uk.yaml   # the same with LightningCLI
   whisper-experts eval --base whisper-base --data data/de-uk --split test --expert uk-espeak@latest
   whisper-experts registry list --language uk
+  whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
 
 Run `whisper-experts COMMAND --help` for each command's options.
 """

@@ -1,0 +1,65 @@
+"""Configuration of CLSR gated experts, and the schedule of the gate noise."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PATH_KINDS = ("full", "lowrank")
+
+
+@dataclass(frozen=True)
+class ClsrConfig:
+    """How a Whisper's feed-forward blocks become CLSR blocks. Frozen: derive variants with ``dataclasses.replace``.
+
+    The gate is DistilWhisper's: ``G(x) = w2 . ReLU(W1 dropout(x) + b1)`` with ``w2 = 0`` at init, so ``G = 0``
+    and a new language starts out computing exactly what the base computes.
+    """
+
+    # Language path: "full" = a trainable copy of the pretrained FFN (the paper); "lowrank" = a rank-r delta on it.
+    kind: str = "full"
+    rank: int = 16  # lowrank only: rank r of the deltas on fc1 and fc2
+    alpha: float = 32.0  # lowrank only: the delta is (alpha / rank) * B A, as in LoRA
+    gate_hidden: int = 64  # hidden size of the gate's ReLU layer
+    gate_dropout: float = 0.1  # dropout on the gate's input x in training (DistilWhisper's code uses 0.1)
+    path_dropout: float = 0.3  # dropout on the language path's output in training
+    shared_only_prob: float = 0.2  # in training, each layer call runs the shared path only with this probability
+
+    def __post_init__(self) -> None:
+        if self.kind not in PATH_KINDS:
+            raise ValueError(f"CLSR path kind must be one of {', '.join(PATH_KINDS)}, got {self.kind!r}")
+        if self.rank < 1:
+            raise ValueError(f"CLSR low-rank rank must be >= 1, got {self.rank}")
+        if self.gate_hidden < 1:
+            raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
+        for name in ("gate_dropout", "path_dropout", "shared_only_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"CLSR {name} must lie in [0, 1), got {value}")
+
+    @property
+    def lowrank_scale(self) -> float:
+        return self.alpha / self.rank
+
+    def hyperparameters(self) -> dict:
+        """The manifest's ``hyperparameters`` (``kind`` is stored as ``path``: the expert file's kind is clsr)."""
+        d = asdict(self)
+        d["path"] = d.pop("kind")
+        if self.kind == "full":
+            del d["rank"], d["alpha"]
+        return d
+
+
+def noise_scale_at(step: int, total_steps: int, max_scale: float = 5.0) -> float:
+    """The gate noise scale ``a`` at a training step: a linear ramp from 0 at step 0 to ``max_scale`` at the end.
+
+    Training gates are ``sigmoid(G + a * noise)`` with standard normal noise; as ``a`` grows, only gates far from
+    0 keep their value under the noise, which pushes them towards 0 or 1 (hard gates at inference).
+
+    Args:
+        step: the current optimizer step (>= 0).
+        total_steps: the step at which the ramp reaches ``max_scale`` (stays there afterwards).
+        max_scale: the final noise scale (5 in DistilWhisper).
+    """
+    if total_steps <= 0:
+        return float(max_scale)
+    return float(max_scale) * min(max(step, 0) / total_steps, 1.0)

@@ -1,0 +1,165 @@
+"""One language of a CLSR Whisper as an expert file (kind ``clsr``): its paths and gates, saved and loaded.
+
+Tensor names are the Whisper module paths they attach to, without the language (the manifest names it, and an
+expert can be loaded under another name):
+
+``model.encoder.layers.0.fc1.expert.weight`` / ``.bias``     full path: the language's copy of fc1
+``model.encoder.layers.0.fc1.expert.lora_A`` / ``.lora_B``   low-rank path: (rank, in) / (out, rank) delta on fc1
+``model.encoder.layers.0.fc1.gate.w1.weight`` / ``.w1.bias`` / ``.w2.weight``   the gate
+``model.encoder.layers.0.fc2.expert.*``                       the path on fc2
+
+The manifest's hyperparameters are :meth:`ClsrConfig.hyperparameters` (``path``: full | lowrank, ``rank`` and
+``alpha`` for low-rank, ``gate_hidden``, dropouts). Tensors keep the model's dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from distill.clsr.config import ClsrConfig
+from distill.clsr.layer import LowRankPath
+from distill.clsr.model import (add_language, clsr_layers, clsr_routing, language_parameters, remove_language,
+                                require_language)
+from registry.expert_file import Expert, ExpertFormatError, check_compatible, load_expert, new_manifest, save_expert
+
+_NAME = re.compile(r"^(?P<layer>.+)\.(?P<slot>fc1\.expert|fc1\.gate|fc2\.expert)\.(?P<param>[^.]+(\.[^.]+)?)$")
+
+
+def _language_modules(model: torch.nn.Module, language: str):
+    """``(layer path, slot, module)`` of each piece of ``language`` in the model; slots as in tensor names."""
+    require_language(model, language)
+    for name, fc1, fc2 in clsr_layers(model):
+        yield name, "fc1.expert", fc1.experts[language]
+        yield name, "fc1.gate", fc1.gates[language]
+        yield name, "fc2.expert", fc2.experts[language]
+
+
+def clsr_expert_tensors(model: torch.nn.Module, language: str) -> dict[str, torch.Tensor]:
+    """``language``'s path and gate tensors under their expert-file names (CPU copies, model dtype)."""
+    return {f"{layer}.{slot}.{pname}": p.detach().to("cpu").clone()
+            for layer, slot, module in _language_modules(model, language) for pname, p in module.named_parameters()}
+
+
+def language_config(model: torch.nn.Module, language: str) -> ClsrConfig:
+    """The CLSR config of one language's paths (path kind, rank, alpha and gate size read from its modules)."""
+    require_language(model, language)
+    _, fc1, _ = clsr_layers(model)[0]
+    path, gate = fc1.experts[language], fc1.gates[language]
+    cfg = replace(clsr_routing(model).config, gate_hidden=gate.w1.out_features)
+    if isinstance(path, LowRankPath):
+        return replace(cfg, kind="lowrank", rank=path.rank, alpha=path.alpha)
+    return replace(cfg, kind="full")
+
+
+def make_clsr_expert(model: torch.nn.Module, language: str, base, **manifest_fields) -> Expert:
+    """An in-memory ``clsr`` expert holding ``language``'s paths and gates.
+
+    Args:
+        base: the ``registry.bases.Base`` the CLSR model was converted from (or a dict with ``name``,
+            ``fingerprint``, ``tokenizer_fingerprint``).
+        manifest_fields: ``data``, ``metrics``, ``lineage`` ... for the manifest.
+    """
+    hyperparameters = language_config(model, language).hyperparameters()
+    hyperparameters["layers"] = len(clsr_layers(model))
+    return Expert(clsr_expert_tensors(model, language),
+                  new_manifest("clsr", [language], base, hyperparameters, **manifest_fields))
+
+
+def save_clsr_expert(model: torch.nn.Module, language: str, path: Path | str, base, **manifest_fields) -> Path:
+    """Write ``language``'s ``clsr`` expert file (atomically); returns its path."""
+    return save_expert(make_clsr_expert(model, language, base, **manifest_fields), path)
+
+
+def _parse(expert: Expert, where: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """layer -> slot (``fc1.expert``, ``fc1.gate``, ``fc2.expert``) -> parameter -> tensor."""
+    layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, tensor in expert.tensors.items():
+        m = _NAME.match(key)
+        if not m:
+            raise ExpertFormatError(f"{where}: tensor {key!r} is not a CLSR path or gate tensor "
+                                    "(expected <layer>.fc1.expert.*, <layer>.fc1.gate.*, <layer>.fc2.expert.*)")
+        layers.setdefault(m["layer"], {}).setdefault(m["slot"], {})[m["param"]] = tensor
+    return layers
+
+
+def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language: str | None = None,
+                       force: bool = False, trainable: bool = False, where: str = "CLSR expert") -> str:
+    """Add a stored ``clsr`` expert to a CLSR Whisper as a language.
+
+    Args:
+        expert: a ``clsr`` expert (see the module docstring).
+        base: the base the model was converted from (``registry.bases.Base`` or anything with ``name``,
+            ``fingerprint``, ``tokenizer_fingerprint``); an expert trained on another base is refused.
+        language: name to add it under (default: the manifest's language).
+        force: load it even if the base weights differ (the tokenizer must still match).
+        trainable: leave its tensors trainable (to go on training it).
+
+    Returns:
+        The language name it was added under.
+    """
+    if expert.kind != "clsr":
+        raise ExpertFormatError(f"{where} is a {expert.kind!r} expert, not a 'clsr' expert")
+    check_compatible(expert.manifest, base, force=force, what=where)
+    language = language or (expert.languages[0] if expert.languages else None)
+    if not language:
+        raise ExpertFormatError(f"{where}: manifest names no language; pass language=")
+    layers = _parse(expert, where)
+    want = [name for name, _, _ in clsr_layers(model)]
+    if sorted(layers) != sorted(want):
+        missing, extra = sorted(set(want) - set(layers)), sorted(set(layers) - set(want))
+        raise ValueError(f"{where} does not fit this model: " + "; ".join(
+            s for s in (f"no tensors for layers {', '.join(missing)}" if missing else "",
+                        f"tensors for layers the model lacks: {', '.join(extra)}" if extra else "") if s)
+            + " (it was made for another Whisper size)")
+    first = layers[want[0]]
+    path = "lowrank" if "lora_A" in first.get("fc1.expert", {}) else "full"
+    hp = expert.manifest.get("hyperparameters", {})
+    if hp.get("path", path) != path:
+        raise ExpertFormatError(f"{where}: manifest says path {hp['path']!r} but its tensors hold a {path} path")
+    options = {"kind": path, "gate_hidden": first["fc1.gate"]["w1.weight"].shape[0]}
+    if path == "lowrank":
+        alpha = float(hp.get("alpha", clsr_routing(model).config.alpha))
+        options.update(rank=first["fc1.expert"]["lora_A"].shape[0], alpha=alpha)
+    add_language(model, language, **options)
+    try:
+        for layer, slot, module in _language_modules(model, language):
+            prefix, given = f"{layer}.{slot}", layers[layer].get(slot, {})
+            own = dict(module.named_parameters())
+            if set(given) != set(own):
+                raise ExpertFormatError(f"{where}: {prefix} has tensors {sorted(given)}, expected {sorted(own)}")
+            for pname, p in own.items():
+                if tuple(given[pname].shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: {prefix}.{pname} has shape {tuple(given[pname].shape)}, the model "
+                                     f"needs {tuple(p.shape)} (made for another Whisper size)")
+                with torch.no_grad():
+                    p.copy_(given[pname])
+    except BaseException:
+        remove_language(model, language)
+        raise
+    for p in language_parameters(model, language).values():
+        p.requires_grad_(trainable)
+    return language
+
+
+def load_clsr_expert(model: torch.nn.Module, path: Path | str, base, **kwargs) -> str:
+    """Read a ``clsr`` expert file and attach it (see :func:`attach_clsr_expert`); returns the language."""
+    return attach_clsr_expert(model, load_expert(path), base, where=f"CLSR expert {path}", **kwargs)
+
+
+def parameters_per_language(whisper_config, config: ClsrConfig = ClsrConfig()) -> int:
+    """Parameters one language adds (and its expert file stores), from a ``WhisperConfig``'s shapes.
+
+    Per layer: the path (full: fc1 + fc2 with biases; low-rank: ``rank * (d_model + ffn_dim)`` for each of fc1
+    and fc2) plus the gate (``d_model * hidden + hidden + hidden``), over all encoder and decoder layers.
+    """
+    d, h = whisper_config.d_model, config.gate_hidden
+    total = 0
+    for layers, ffn in ((whisper_config.encoder_layers, whisper_config.encoder_ffn_dim),
+                        (whisper_config.decoder_layers, whisper_config.decoder_ffn_dim)):
+        path = (d * ffn + ffn + ffn * d + d) if config.kind == "full" else 2 * config.rank * (d + ffn)
+        total += layers * (path + d * h + 2 * h)
+    return total

@@ -1,0 +1,263 @@
+"""The CLSR feed-forward layer: a frozen shared FFN, one path per language, and a per-token gate per language.
+
+Whisper's encoder and decoder layers compute ``fc2(dropout(act(fc1(x))))`` inside their own ``forward``. A
+CLSR Whisper keeps that code and replaces the two linear layers by a pair that routes together:
+
+* :class:`ClsrFc1` computes the language's gate ``G(x)`` on the FFN input, decides every token's route and
+  returns the hidden activations of the path(s) taken. In training (soft gates) it returns the shared and the
+  language path side by side, ``[fc1_shared(x), fc1_lang(x)]`` (2 * ffn_dim wide; Whisper's activation and
+  activation dropout act elementwise, so each half gets what it would get alone). At inference (hard gates)
+  it returns one row per token, from the path that token was routed to: the unused path is not computed.
+* :class:`ClsrFc2` finishes each path with its own fc2 and mixes ``h = g * lang + (1 - g) * shared``.
+
+The output of a block is ``h = g * FFN_lang(x) + (1 - g) * FFN_shared(x)`` with ``g = sigmoid(G + a * noise)``
+in training and ``g = 1[G >= 0]`` at inference. The shared path is the pretrained ``fc1``/``fc2`` (frozen).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.clsr.routing import ClsrRouting, Handoff, Plan
+
+
+class ClsrGate(nn.Module):
+    """A language's gate ``G(x) = w2 . ReLU(W1 dropout(x) + b1)``, one scalar per token.
+
+    ``w2`` starts at zero, so ``G = 0`` exactly until training moves it.
+
+    Args:
+        d_model: input width.
+        hidden: width of the ReLU layer (64 in DistilWhisper).
+        dropout: dropout on ``x`` in training.
+    """
+
+    def __init__(self, d_model: int, hidden: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.w1 = nn.Linear(d_model, hidden)
+        self.w2 = nn.Linear(hidden, 1, bias=False)
+        nn.init.zeros_(self.w2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., d_model) -> ``G`` (..., 1)."""
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        return self.w2(F.relu(self.w1(x)))
+
+
+class FullPath(nn.Linear):
+    """A language's own copy of a pretrained linear layer (DistilWhisper's language-specific FFN)."""
+
+    @classmethod
+    def copy_of(cls, shared: nn.Linear) -> FullPath:
+        path = cls(shared.in_features, shared.out_features, bias=shared.bias is not None,
+                   device=shared.weight.device, dtype=shared.weight.dtype)
+        with torch.no_grad():
+            path.weight.copy_(shared.weight)
+            if shared.bias is not None:
+                path.bias.copy_(shared.bias)
+        return path
+
+    def language_linear(self, x: torch.Tensor, shared: nn.Linear, shared_out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """The path's output on ``x`` (..., in_features); ``shared`` and ``shared_out`` are not needed here."""
+        return F.linear(x, self.weight, self.bias)
+
+
+class LowRankPath(nn.Module):
+    """A language's low-rank delta on a shared linear layer: ``W x + b + (alpha / rank) * B A x``.
+
+    ``lora_A`` (rank, in_features) starts random, ``lora_B`` (out_features, rank) at zero: the path starts equal
+    to the shared layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.rank, self.alpha = rank, float(alpha)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def on(cls, shared: nn.Linear, rank: int, alpha: float) -> LowRankPath:
+        return cls(shared.in_features, shared.out_features, rank, alpha,
+                   device=shared.weight.device, dtype=shared.weight.dtype)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def language_linear(self, x: torch.Tensor, shared: nn.Linear, shared_out: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """The path's output on ``x`` (..., in_features); ``shared_out`` is ``shared(x)`` when the caller has it."""
+        base = shared(x) if shared_out is None else shared_out
+        return base + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
+def _put_rows(out: torch.Tensor | None, rows: torch.Tensor | None, value: torch.Tensor, batch: int) -> torch.Tensor:
+    """``value`` placed at ``rows`` of ``out`` (out-of-place, so autograd sees it); the whole tensor if rows is None.
+
+    ``out`` starts as zeros of ``value``'s dtype (under autocast a path's output dtype may differ from its input's).
+    """
+    if rows is None:
+        return value
+    if out is None:
+        out = value.new_zeros((batch, *value.shape[1:]))
+    return out.index_copy(0, rows, value)
+
+
+class _ClsrLinear(nn.Module):
+    """What fc1 and fc2 of a CLSR layer share: the frozen shared linear layer and the language paths."""
+
+    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff, layer_name: str) -> None:
+        super().__init__()
+        self.shared = shared
+        self.experts = nn.ModuleDict()
+        # Plain Python state, not submodules: one routing object for the whole model, one handoff per layer.
+        self.routing = routing
+        self.handoff = handoff
+        self.layer_name = layer_name
+
+    @property
+    def in_features(self) -> int:
+        return self.shared.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.shared.out_features
+
+    def path(self, language: str | None):
+        """The function computing ``language``'s path on some rows (the shared layer for None)."""
+        if language is None:
+            return self.shared
+        expert = self.experts[language]
+        return lambda x: expert.language_linear(x, self.shared)
+
+    def by_parts(self, x: torch.Tensor, parts: list) -> torch.Tensor:
+        """Each token row of ``x`` (..., in) through the path of its part; rows of no part are not computed."""
+        if len(parts) == 1 and parts[0][1] is None:
+            return self.path(parts[0][0])(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None
+        for language, rows in parts:
+            if rows.numel():
+                y = self.path(language)(flat.index_select(0, rows))
+                if out is None:  # allocated from the first output: autocast may change the dtype
+                    out = y.new_empty(flat.shape[0], self.out_features)
+                out.index_copy_(0, rows, y)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class ClsrFc1(_ClsrLinear):
+    """A CLSR layer's entry (replaces ``fc1``): gates, routing decision, and the first linear layer of each path.
+
+    Attributes:
+        shared: the pretrained ``fc1`` (frozen).
+        experts: language -> :class:`FullPath` or :class:`LowRankPath` on ``fc1``.
+        gates: language -> :class:`ClsrGate`.
+    """
+
+    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff, layer_name: str) -> None:
+        super().__init__(shared, routing, handoff, layer_name)
+        self.gates = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, ..., d_model) -> hidden (batch, ..., ffn_dim), or (..., 2 * ffn_dim) with soft gates."""
+        routing = self.routing
+        groups = routing.groups(x.shape[0], x.device)
+        use_gates = not routing.translate and any(lang is not None for lang, _ in groups)
+        if use_gates and self.training and routing.config.shared_only_prob > 0:
+            # torch's generator (not Python's random): activation checkpointing replays the same draw.
+            use_gates = bool(torch.rand(()) >= routing.config.shared_only_prob)
+        if not use_gates:
+            self.handoff.plan = Plan("shared")
+            return self.shared(x)
+        return self._soft(x, groups) if self.training else self._hard(x, groups)
+
+    def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
+        h_shared = self.shared(x)
+        gate = h_lang = None  # with per-sample languages, samples without a language keep g = 0 and h_lang = 0
+        batch, noise = x.shape[0], self.routing.noise_scale
+        for language, samples in groups:
+            if language is None:
+                continue
+            xs = _take_rows(x, samples)
+            G = self.gates[language](xs)
+            g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
+            self.routing.record(self.layer_name, g)
+            hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
+            gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
+        self.handoff.plan = Plan("soft", groups=groups, gate=gate)
+        return torch.cat([h_shared, h_lang], dim=-1)
+
+    def _hard(self, x: torch.Tensor, groups) -> torch.Tensor:
+        tokens = x[0].numel() // x.shape[-1]  # tokens per sample
+        if len(groups) == 1 and groups[0][1] is None:
+            opened = self.gates[groups[0][0]](x).squeeze(-1) >= 0
+            self.routing.record(self.layer_name, opened.to(x.dtype))
+            n_open = int(opened.sum())  # one host sync decides between the whole-batch fast paths
+            if n_open == opened.numel():
+                parts = [(groups[0][0], None)]
+            elif n_open == 0:
+                parts = [(None, None)]
+            else:
+                flat = opened.reshape(-1)
+                parts = [(groups[0][0], flat.nonzero().squeeze(1)), (None, (~flat).nonzero().squeeze(1))]
+        else:
+            parts, shared_rows = [], []
+            arange = torch.arange(tokens, device=x.device)
+            for language, samples in groups:
+                rows = (samples[:, None] * tokens + arange).reshape(-1)
+                if language is None:
+                    shared_rows.append(rows)
+                    continue
+                opened = (self.gates[language](x.index_select(0, samples)) >= 0).reshape(-1)
+                self.routing.record(self.layer_name, opened.to(x.dtype))
+                parts.append((language, rows[opened]))
+                shared_rows.append(rows[~opened])
+            parts.append((None, torch.cat(shared_rows)))
+        self.handoff.plan = Plan("hard", parts=parts)
+        return self.by_parts(x, parts)
+
+
+class ClsrFc2(_ClsrLinear):
+    """A CLSR layer's exit (replaces ``fc2``): the second linear layer of each path, and the gated mix.
+
+    Attributes:
+        shared: the pretrained ``fc2`` (frozen).
+        experts: language -> :class:`FullPath` or :class:`LowRankPath` on ``fc2``.
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden activations from :class:`ClsrFc1` (after Whisper's activation) -> (batch, ..., d_model)."""
+        plan = self.handoff.take(self.layer_name)
+        if plan.mode == "shared":
+            return self.shared(h)
+        if plan.mode == "hard":
+            return self.by_parts(h, plan.parts)
+        h_shared, h_lang = h.split(self.in_features, dim=-1)
+        out_shared = self.shared(h_shared)
+        out_lang, p = None, self.routing.config.path_dropout
+        for language, samples in plan.groups:
+            if language is None:
+                continue
+            ol = self.experts[language].language_linear(_take_rows(h_lang, samples), self.shared)
+            out_lang = _put_rows(out_lang, samples, F.dropout(ol, p=p, training=self.training), h.shape[0])
+        g = plan.gate
+        return g * out_lang + (1 - g) * out_shared
+
+
+def new_language_paths(fc1: ClsrFc1, fc2: ClsrFc2, kind: str, rank: int, alpha: float):
+    """Fresh (fc1 path, fc2 path) for a new language, equal to the shared FFN."""
+    if kind == "full":
+        return FullPath.copy_of(fc1.shared), FullPath.copy_of(fc2.shared)
+    return LowRankPath.on(fc1.shared, rank, alpha), LowRankPath.on(fc2.shared, rank, alpha)

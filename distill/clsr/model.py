@@ -1,0 +1,205 @@
+"""Turning a Whisper into a CLSR Whisper and back, adding languages, and steering the routing.
+
+:func:`convert_to_clsr` replaces ``fc1``/``fc2`` of every encoder and decoder layer by a
+:class:`~distill.clsr.layer.ClsrFc1` / :class:`~distill.clsr.layer.ClsrFc2` pair (in place). The model stays a
+``WhisperForConditionalGeneration``: its forward, ``generate`` and the project's decoding work unchanged, and
+the routing is set beside them (:func:`set_language`, :func:`set_noise_scale`). Parameter paths of a CLSR model:
+
+``model.encoder.layers.0.fc1.shared.weight``          the pretrained fc1 (frozen; likewise ``fc2.shared``)
+``model.encoder.layers.0.fc1.experts.uk.weight``      language uk's path on fc1 (``.lora_A``/``.lora_B`` if low-rank)
+``model.encoder.layers.0.fc1.gates.uk.w1.weight``     language uk's gate (``w1.bias``, ``w2.weight``)
+``model.encoder.layers.0.fc2.experts.uk.weight``      language uk's path on fc2
+
+Whisper's activation (GELU) must act elementwise: with soft gates both paths' hidden units pass through it
+side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Iterator, Sequence
+
+import torch
+from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
+
+from distill.clsr.config import ClsrConfig
+from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, new_language_paths
+from distill.clsr.routing import ClsrRouting, GateRecorder, Handoff
+
+TASKS = ("transcribe", "translate")
+
+
+def _whisper_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (WhisperEncoderLayer, WhisperDecoderLayer)):
+            yield name, module
+
+
+def clsr_layers(model: torch.nn.Module) -> list[tuple[str, ClsrFc1, ClsrFc2]]:
+    """``(layer path, fc1, fc2)`` of every CLSR layer, encoder first (empty for a plain Whisper)."""
+    return [(name, layer.fc1, layer.fc2) for name, layer in _whisper_layers(model) if isinstance(layer.fc1, ClsrFc1)]
+
+
+def is_clsr(model: torch.nn.Module) -> bool:
+    return bool(clsr_layers(model))
+
+
+def clsr_routing(model: torch.nn.Module) -> ClsrRouting:
+    """The routing state shared by the model's CLSR layers."""
+    layers = clsr_layers(model)
+    if not layers:
+        raise ValueError("this model has no CLSR layers; convert it first with "
+                         "distill.clsr.convert_to_clsr(model, languages)")
+    return layers[0][1].routing
+
+
+def clsr_languages(model: torch.nn.Module) -> list[str]:
+    """Languages with a path and gate in the model, in the order they were added."""
+    return list(clsr_layers(model)[0][1].experts) if is_clsr(model) else []
+
+
+def require_language(model: torch.nn.Module, language: str | None) -> None:
+    """Raise a ``KeyError`` naming the model's languages unless ``language`` is one of them."""
+    known = clsr_languages(model)
+    if language not in known:
+        raise KeyError(f"no CLSR language {language!r} in the model (have: {', '.join(known) or 'none'}); "
+                       "add it with add_language or load its expert")
+
+
+def check_language_name(language: str) -> str:
+    """Languages become ``nn.ModuleDict`` keys: no dots, and not an ``nn.Module`` attribute name."""
+    if not isinstance(language, str) or not language or "." in language or hasattr(torch.nn.Module, language):
+        raise ValueError(f"invalid CLSR language name {language!r}: use a Whisper code such as 'uk' or a name of "
+                         "letters, digits, '-' or '_' (no '.', not a torch.nn.Module attribute like 'train')")
+    return language
+
+
+def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), config: ClsrConfig | None = None,
+                    **options) -> torch.nn.Module:
+    """Make every encoder and decoder feed-forward block of a Whisper a CLSR block (in place).
+
+    The whole model is frozen; the language paths and gates added here (and by :func:`add_language`) are the
+    only trainable parameters. At gate init the model computes exactly what the base computes.
+
+    Args:
+        model: a ``WhisperForConditionalGeneration`` (or ``WhisperModel``), not already converted.
+        languages: languages to add right away.
+        config: CLSR options (default :class:`ClsrConfig`).
+        options: :class:`ClsrConfig` fields overriding ``config``, e.g. ``kind="lowrank", rank=16``.
+
+    Returns:
+        ``model``, converted.
+    """
+    if is_clsr(model):
+        raise ValueError("the model is already a CLSR Whisper; add languages with add_language")
+    config = replace(config or ClsrConfig(), **options)
+    routing = ClsrRouting(config, base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    layers = list(_whisper_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Whisper encoder/decoder layers to convert")
+    model.requires_grad_(False)
+    for name, layer in layers:
+        handoff = Handoff()
+        layer.fc1 = ClsrFc1(layer.fc1, routing, handoff, name).train(layer.training)
+        layer.fc2 = ClsrFc2(layer.fc2, routing, handoff, name).train(layer.training)
+    for language in languages:
+        add_language(model, language)
+    return model
+
+
+def add_language(model: torch.nn.Module, language: str, **options) -> None:
+    """Give every CLSR layer a path and a gate for ``language``; the model's output does not change (G = 0).
+
+    Args:
+        language: a Whisper code (or any name without '.').
+        options: :class:`ClsrConfig` fields for this language's path: ``kind``, ``rank``, ``alpha``,
+            ``gate_hidden`` (default: the model's CLSR config).
+    """
+    check_language_name(language)
+    routing = clsr_routing(model)
+    if language in clsr_languages(model):
+        raise ValueError(f"CLSR language {language!r} exists already; remove_language(model, {language!r}) first")
+    cfg = replace(routing.config, **options)
+    for _, fc1, fc2 in clsr_layers(model):
+        path1, path2 = new_language_paths(fc1, fc2, cfg.kind, cfg.rank, cfg.alpha)
+        gate = ClsrGate(fc1.in_features, cfg.gate_hidden, routing.config.gate_dropout).to(
+            device=fc1.shared.weight.device, dtype=fc1.shared.weight.dtype)
+        fc1.experts[language] = path1.train(fc1.training).requires_grad_(True)
+        fc2.experts[language] = path2.train(fc2.training).requires_grad_(True)
+        fc1.gates[language] = gate.train(fc1.training).requires_grad_(True)
+
+
+def remove_language(model: torch.nn.Module, language: str) -> None:
+    """Drop ``language``'s paths and gates from every CLSR layer."""
+    require_language(model, language)
+    routing = clsr_routing(model)
+    for _, fc1, fc2 in clsr_layers(model):
+        del fc1.experts[language], fc1.gates[language], fc2.experts[language]
+    active = [routing.languages] if isinstance(routing.languages, str) else list(routing.languages or ())
+    if language in active:
+        routing.set_languages(None)
+
+
+def language_parameters(model: torch.nn.Module, language: str) -> dict[str, torch.nn.Parameter]:
+    """``language``'s path and gate parameters by their path in the model (what an optimizer of it trains)."""
+    require_language(model, language)
+    marks = (f".experts.{language}.", f".gates.{language}.")
+    return {n: p for n, p in model.named_parameters() if any(m in n for m in marks)}
+
+
+def set_language(model: torch.nn.Module, language: str | Sequence[str | None] | None, task: str = "transcribe") -> None:
+    """Choose which language path and gate the next forward passes use.
+
+    Args:
+        language: one language for the whole batch; a list with one language per sample (a mixed batch, each
+            sample routed by its own language's gate and path; ``None`` entries use the shared path only); or
+            ``None`` for the shared path only (the base model). ``generate``'s beam expansion of a per-sample
+            list is handled (sample i owns rows i*k .. i*k+k-1).
+        task: ``translate`` runs the shared path only (the language paths are trained on transcription).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    routing = clsr_routing(model)
+    wanted = [language] if language is None or isinstance(language, str) else list(language)
+    for lang in wanted:
+        if lang is not None:
+            require_language(model, lang)
+    routing.set_languages(language)
+    routing.translate = task == "translate"
+
+
+def set_noise_scale(model: torch.nn.Module, scale: float) -> None:
+    """Set ``a`` in the training gate ``sigmoid(G + a * noise)``; see :func:`distill.clsr.config.noise_scale_at`."""
+    if scale < 0:
+        raise ValueError(f"gate noise scale must be >= 0, got {scale}")
+    clsr_routing(model).noise_scale = float(scale)
+
+
+@contextlib.contextmanager
+def collect_gates(model: torch.nn.Module) -> Iterator[GateRecorder]:
+    """Collect the gate values of every CLSR layer call made inside the ``with`` block.
+
+    Example::
+
+        with collect_gates(model) as gates:
+            logits = model(input_features=x, decoder_input_ids=ids).logits
+        loss = gate_budget_loss(gates.values, budget=0.5)
+    """
+    with clsr_routing(model).recording() as recorder:
+        yield recorder
+
+
+def convert_from_clsr(model: torch.nn.Module) -> torch.nn.Module:
+    """Back to a plain Whisper (in place): the shared fc1/fc2 return, every language is dropped.
+
+    The pretrained weights were never modified, so the result is the base model bit for bit; parameters get back
+    the ``requires_grad`` they had before :func:`convert_to_clsr`.
+    """
+    routing = clsr_routing(model)
+    for _, layer in _whisper_layers(model):
+        if isinstance(layer.fc1, ClsrFc1):
+            layer.fc1, layer.fc2 = layer.fc1.shared, layer.fc2.shared
+    for name, p in model.named_parameters():
+        p.requires_grad_(routing.base_requires_grad.get(name, p.requires_grad))
+    return model
