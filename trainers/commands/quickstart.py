@@ -13,7 +13,10 @@ Runs the whole pipeline on defaults that need nothing but this package and espea
   2. synthesize a small multilingual corpus with espeak-ng over real sentences,
   3. evaluate whisper-base on its test split and print the baseline WER/CER table,
   4. train a LoRA expert for one weak language (--expert-language, default uk) on its own synthesized
-     corpus (--expert-utterances), store it in the registry, and print its test WER beside the base's.
+     corpus (--expert-utterances), store it in the registry, and print its test WER beside the base's,
+  5. fuse it as a support expert into a low-resource target (--fusion-target, default bg, trained on only
+     --fusion-utterances utterances): the support weight is searched on the target's validation WER, and the
+     target's test WER is printed for the base, the target expert alone, the support alone and the fusion.
 Outputs go under --out (corpus, baseline.json, the training run). Re-running reuses the corpus.
 
 examples:
@@ -31,11 +34,12 @@ def _run(args) -> int:
     from trainers.evaluation import DecodeOptions
 
     out = Path(args.out)
-    print(f"[1/4] base model {args.base}")
+    steps = 5 if args.expert_language and args.fusion_target else 4
+    print(f"[1/{steps}] base model {args.base}")
     import_base(args.base)
     corpus_dir = out / "corpus"
     languages = split_list(args.languages)
-    print(f"[2/4] corpus {corpus_dir} ({','.join(languages)}, {args.per_language} utterances each)")
+    print(f"[2/{steps}] corpus {corpus_dir} ({','.join(languages)}, {args.per_language} utterances each)")
     if (corpus_dir / "dataset_dict.json").is_file():
         corpus = load_corpus(corpus_dir)
         have = set(corpus["test"]["language"])
@@ -46,7 +50,7 @@ def _run(args) -> int:
         corpus = synthesize_corpus(SynthConfig(languages=tuple(languages), per_language=args.per_language,
                                                seed=args.seed), corpus_dir)
     print_summary(corpus, corpus_dir)
-    print("[3/4] baseline evaluation on the test split")
+    print(f"[3/{steps}] baseline evaluation on the test split")
     run_eval(args.base, str(corpus_dir), "test", languages, None, DecodeOptions(batch_size=args.batch_size),
              str(out / "baseline.json"))
     if not args.expert_language:
@@ -54,7 +58,7 @@ def _run(args) -> int:
     lang = args.expert_language
     if lang not in languages:
         raise ValueError(f"--expert-language {lang} is not among --languages {','.join(languages)}")
-    print(f"\n[4/4] training a LoRA expert for {lang} ({args.expert_utterances} utterances, {args.expert_epochs} epochs); "
+    print(f"\n[4/{steps}] training a LoRA expert for {lang} ({args.expert_utterances} utterances, {args.expert_epochs} epochs); "
           "base and expert are then scored on the same held-out test utterances")
     from registry.expert_file import save_expert
     from registry.store import Registry
@@ -77,7 +81,58 @@ def _run(args) -> int:
     print("| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
     print(f"| {lang} | {e['n']} | {100 * b['wer']:.1f} | {100 * e['wer']:.1f} | {100 * b['cer']:.1f} | "
           f"{100 * e['cer']:.1f} |")
+    if args.fusion_target:
+        _fusion_step(args, out, expert, record.ref)
     return 0
+
+
+def _fusion_step(args, out: Path, support, support_ref: str) -> None:
+    """Step 5: a low-resource target expert, fused with the step-4 expert as its support language."""
+    from registry.bases import load_base
+    from registry.store import Registry
+    from trainers.corpus.loading import load_corpus
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from trainers.fusion import fuse_for_target, plot_search
+    from trainers.language_matrix import expert_applied
+    from trainers.train_lora import TrainConfig, train_lora_expert
+
+    target, n = args.fusion_target, args.fusion_utterances
+    print(f"\n[5/5] fusion: a {target} expert from only {n} utterances, with the {support_ref} expert as its "
+          "support; the support weight is searched on the target's validation WER")
+    data = out / f"corpus-{target}"
+    if not (data / "dataset_dict.json").is_file():
+        synthesize_corpus(SynthConfig(languages=(target,), per_language=n + 35, train_fraction=n / (n + 35),
+                                      validation_fraction=15 / (n + 35), test_fraction=20 / (n + 35),
+                                      seed=args.seed + 2), data)
+    cfg = TrainConfig(data=str(data), languages=(target,), base=args.base, epochs=args.expert_epochs + 2,
+                      batch_size=8, run_dir=str(out / "runs" / f"{target}-small"), seed=args.seed, test=False)
+    small, _ = train_lora_expert(cfg)
+    registry = Registry()
+    small_ref = registry.add(small, f"{target}-small").ref
+    base = load_base(args.base)
+    corpus = load_corpus(data)
+    dev = utterances_from_dataset(corpus["validation"], [target])
+    test = utterances_from_dataset(corpus["test"], [target])
+    names = [small_ref, support_ref]
+    fused, search = fuse_for_target(base, [small, support], names, target, dev, method="linear", search="grid",
+                                    trials=args.fusion_trials)
+    fused_ref = registry.add(fused, f"{target}-fused").ref
+    plot = plot_search(search, names, str(out / f"{target}-fusion-search.png"), title=f"{target}: dev WER vs weights")
+    opts = DecodeOptions(batch_size=args.batch_size)
+    rows = []
+    for label, expert in (("base", None), (small_ref, small), (support_ref, support), (fused_ref, fused)):
+        if expert is None:
+            rows.append((label, evaluate(base.model, base.processor, test, opts, progress=False).languages[target]))
+            continue
+        with expert_applied(base.model, expert):
+            rows.append((label, evaluate(base.model, base.processor, test, opts, progress=False).languages[target]))
+    print(f"\nsearched weights ({small_ref}, {support_ref}): "
+          f"{', '.join(f'{w:g}' for w in search.best.weights)}; dev WER {100 * search.trials[0].wer:.1f}% alone -> "
+          f"{100 * search.best.wer:.1f}% fused (plot: {plot})")
+    print(f"| {target} test ({len(test)} utterances) | WER % | CER % |\n|---|---|---|")
+    for label, r in rows:
+        print(f"| {label} | {100 * r.wer:.1f} | {100 * r.cer:.1f} |")
 
 
 def register(subparsers) -> None:
@@ -90,6 +145,10 @@ def register(subparsers) -> None:
     p.add_argument("--expert-epochs", type=int, default=4, help="expert training epochs (default 4)")
     p.add_argument("--expert-utterances", type=int, default=200,
                    help="training utterances synthesized for the expert language (default 200)")
+    p.add_argument("--fusion-target", default="bg",
+                   help="low-resource target fused with the expert as support ('' to skip; default bg)")
+    p.add_argument("--fusion-utterances", type=int, default=40, help="target training utterances (default 40)")
+    p.add_argument("--fusion-trials", type=int, default=4, help="support weights tried, 0 included (default 4)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="decoding batch size (default 16)")
     p.add_argument("--out", default="whisper-experts-quickstart", help="output directory (default ./whisper-experts-quickstart)")
