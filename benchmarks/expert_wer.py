@@ -3,6 +3,8 @@
     python benchmarks/expert_wer.py --languages uk          # ~10 min per language on 2 CPU cores
     python benchmarks/expert_wer.py --languages uk,pt,nl --epochs 8
     python benchmarks/expert_wer.py --languages uk --side both --encoder-start 4   # + top 2 encoder layers
+    python benchmarks/expert_wer.py --languages pt --cross-attention-kv             # + cross-attention k/v
+    python benchmarks/expert_wer.py --languages ''                                  # only rewrite the table
 
 Per language: synthesize (or reuse) ``data/<lang>-expert`` with 400 train / 30 validation / 50 test
 utterances (disjoint sentences; test voices unseen in training), train a rank-16 LoRA expert (decoder-only
@@ -64,20 +66,25 @@ def main(argv=None) -> int:
         expert, report = train_lora_expert(cfg)
         save_expert(expert, Path(cfg.run_dir) / "expert.safetensors")
         b, e = report["test"]["base"][lang], report["test"]["expert"][lang]
-        results[lang] = {"base": b, "expert": e, "train_utterances": expert.manifest["data"]["utterances"],
+        variant = args.side if args.side != "both" else f"decoder + encoder layers {args.encoder_start}.."
+        if args.cross_attention_kv:
+            variant += " + cross-attn k/v"
+        results[f"{lang} | {variant}"] = {"language": lang, "variant": variant, "base": b, "expert": e,
+                                          "train_utterances": expert.manifest["data"]["utterances"],
                          "best_epoch": report["best_epoch"], "history": report["history"],
                          "seconds": round(time.time() - t0), "parameters": expert.num_parameters,
                          "config": {"rank": args.rank, "lr": args.lr, "epochs": args.epochs, "side": args.side,
                                     "encoder_start": args.encoder_start, "dropout": args.dropout,
                                     "cross_attention_kv": args.cross_attention_kv}}
         results_path.write_text(json.dumps(results, indent=2))
-    rows = ["| language | train utt. | test n | base WER % | expert WER % | rel. WER | base CER % | expert CER % | rel. CER |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for lang, r in sorted(results.items()):
+    rows = ["| language | expert (rank 16) | train utt. | test n | base WER % | expert WER % | rel. WER | base CER % | "
+            "expert CER % | rel. CER | train min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(results.items()):
         b, e = r["base"], r["expert"]
-        rows.append(f"| {lang} | {r['train_utterances']} | {e['n']} | {100 * b['wer']:.1f} | {100 * e['wer']:.1f} | "
+        lang, variant = r.get("language", key), r.get("variant", "decoder")
+        rows.append(f"| {lang} | {variant} | {r['train_utterances']} | {e['n']} | {100 * b['wer']:.1f} | {100 * e['wer']:.1f} | "
                     f"{100 * (e['wer'] / b['wer'] - 1):+.0f}% | {100 * b['cer']:.1f} | {100 * e['cer']:.1f} | "
-                    f"{100 * (e['cer'] / b['cer'] - 1):+.0f}% |")
+                    f"{100 * (e['cer'] / b['cer'] - 1):+.0f}% | {r['seconds'] / 60:.0f} |")
     md = "\n".join(rows) + "\n"
     (out / "expert_wer.md").write_text(md)
     print(md)
