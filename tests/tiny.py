@@ -74,3 +74,19 @@ def make_tiny_whisper(out_dir: Path, *, d_model: int = 64, layers: int = 2, head
 
     shutil.rmtree(out_dir / "_tok")
     return out_dir
+
+
+def random_lora_expert(model, base, language: str, seed: int):
+    """A random LoRA expert for ``language`` (B != 0, so it changes the output); ``model`` is left frozen."""
+    from lora_experts.config import LoraExpertConfig
+    from lora_experts.model import add_trainable_expert, expert_tensors, remove_experts
+    from registry.expert_file import Expert, new_manifest
+
+    config = LoraExpertConfig(rank=2, target_modules=("q_proj", "fc1"))
+    add_trainable_expert(model, config)
+    tensors = expert_tensors(model)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=g) * (0.5 if k.endswith("lora_B") else 1.0)
+               for k, v in tensors.items()}
+    remove_experts(model)
+    return Expert(tensors, new_manifest("lora", [language], base, config.hyperparameters()))

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack", "distill"]
 
 EPILOG = """\
 examples:

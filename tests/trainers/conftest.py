@@ -13,3 +13,13 @@ def uk_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("uk") / "corpus"
     synthesize_corpus(SynthConfig(languages=("uk",), per_language=12, seed=0), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def uk_pt_corpus(tmp_path_factory):
+    """16 synthesized utterances in Ukrainian and Portuguese (5 + 5 train, 1 + 1 validation, 2 + 2 test)."""
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+
+    out = tmp_path_factory.mktemp("uk-pt") / "corpus"
+    synthesize_corpus(SynthConfig(languages=("uk", "pt"), per_language=8, seed=0), out, progress=False)
+    return out

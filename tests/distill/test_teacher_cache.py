@@ -1,0 +1,114 @@
+"""Cached vs online teachers: the same KD loss up to top-k truncation (exactly with k = vocab); reuse and keys."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from distill.losses import DistillationLoss, DistillationLossConfig, JensenShannonLoss, topk_teacher
+from distill.sources import CachedTeacher, OnlineTeacher
+from distill.teacher_cache import TeacherCache, utterance_key
+from distill.teachers import Teacher, TeacherSet
+from tests.distill.clsr_helpers import FEATS3, IDS3
+
+
+def _teachers(model, fingerprint="f" * 16) -> TeacherSet:
+    base = SimpleNamespace(name="short", fingerprint=fingerprint, tokenizer_fingerprint="t")
+    return TeacherSet([Teacher(model, base)], ["short"])
+
+
+def _rows_and_batch():
+    """Three utterances of different lengths as training rows, and the padded batch of all three."""
+    import datasets
+
+    lengths = (6, 4, 5)
+    ids = [IDS3[i, :n].tolist() for i, n in enumerate(lengths)]
+    labels = [x[1:] + [50257] for x in ids]
+    for lab in labels:
+        lab[:3] = [-100] * 3
+    rows = datasets.Dataset.from_dict({
+        "input_features": [f.numpy().astype(np.float16) for f in FEATS3], "decoder_input_ids": ids,
+        "labels": labels, "language": ["uk", "de", "pt"]})
+    width = max(lengths)
+    dec = torch.full((3, width), 50257)
+    lab = torch.full((3, width), -100)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        dec[i, :len(x)], lab[i, :len(y)] = torch.tensor(x), torch.tensor(y)
+    feats = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in rows["input_features"]]))
+    batch = {"input_features": feats, "decoder_input_ids": dec, "labels": lab, "language": ["uk", "de", "pt"],
+             "index": torch.tensor([0, 1, 2])}
+    return rows, batch
+
+
+@pytest.fixture(scope="module")
+def student_logits():
+    return 2.0 * torch.randn(3, 6, 51865, generator=torch.Generator().manual_seed(3))
+
+
+def test_cached_equals_online_with_k_equal_vocab(short_whisper, tmp_path, student_logits):
+    rows, batch = _rows_and_batch()
+    online = OnlineTeacher(_teachers(short_whisper))
+    vocab = short_whisper.config.vocab_size
+    cached = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=vocab, dtype="float32"), batch_size=2,
+                           device="cpu", progress=False)
+    report = cached.prepare(rows)
+    assert report["computed"] == 3 and report["mass_kept"]["min"] == pytest.approx(1.0, abs=1e-4)
+    loss = DistillationLoss(DistillationLossConfig())
+    a = loss(student_logits, online.teacher_for(batch), batch["labels"])
+    b = loss(student_logits, cached.teacher_for(batch), batch["labels"])
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.kd, b.kd, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_truncation_is_measured_and_shrinks_with_k(short_whisper, tmp_path, student_logits):
+    rows, batch = _rows_and_batch()
+    online_logits = OnlineTeacher(_teachers(short_whisper)).teacher_for(batch)
+    kd, keep = JensenShannonLoss(), batch["labels"] != -100
+    full = kd(student_logits, online_logits, batch["labels"])
+    errors = []
+    for k in (4, 512, 16384):
+        cached = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=k), device="cpu", progress=False)
+        report = cached.prepare(rows)
+        # The reported mass is the teacher's probability inside its top-k at the target positions.
+        want = topk_teacher(online_logits, k).logprobs.exp().sum(-1)[keep]
+        assert report["mass_kept"]["mean"] == pytest.approx(float(want.mean()), rel=2e-3)
+        assert report["mass_kept"]["min"] == pytest.approx(float(want.min()), rel=2e-3)
+        # float16 storage: the cached loss is the loss against the exact top-k teacher, to storage precision.
+        cached_loss = kd(student_logits, cached.teacher_for(batch), batch["labels"])
+        exact_topk = kd(student_logits, topk_teacher(online_logits, k), batch["labels"])
+        torch.testing.assert_close(cached_loss, exact_topk, rtol=2e-3, atol=2e-4)
+        errors.append(abs(float(cached_loss - full)))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_cache_is_reused_and_keyed_by_teacher_and_utterance(short_whisper, tmp_path):
+    rows, batch = _rows_and_batch()
+    first = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False)
+    first.prepare(rows)
+    again = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False)
+    report = again.prepare(rows)
+    assert (report["computed"], report["reused"]) == (0, 3)
+    for a, b in zip(first.teacher_for(batch), again.teacher_for(batch)):
+        assert torch.equal(a, b)
+    # Another teacher (fingerprint) scores every utterance anew, into the same cache directory.
+    other = CachedTeacher(_teachers(short_whisper, "0" * 16), TeacherCache(tmp_path, k=8), device="cpu", progress=False)
+    assert other.prepare(rows)["computed"] == 3 and len(TeacherCache(tmp_path, k=8)) == 6
+    # Keys change with the audio and with the transcript.
+    feats, ids = rows[0]["input_features"], rows[0]["decoder_input_ids"]
+    key = utterance_key("f" * 16, feats, ids)
+    assert key != utterance_key("f" * 16, np.asarray(feats) + 1, ids) != utterance_key("f" * 16, feats, ids[:-1])
+    # Padded positions of a batch read back as zeros, beyond each utterance's length.
+    lp, _ = again.teacher_for(batch)
+    assert torch.all(lp[1, 4:] == 0) and torch.all(lp[1, :4] < 0)
+
+
+def test_cache_refuses_a_shard_overflow_and_leaves_no_partial_shard(tmp_path):
+    cache = TeacherCache(tmp_path, k=2)
+    with pytest.raises(ValueError, match="shard is full"):
+        with cache.writer(3) as shard:
+            shard.add("a", np.zeros((2, 2)), np.zeros((2, 2), dtype=np.int32))
+            shard.add("b", np.zeros((2, 2)), np.zeros((2, 2), dtype=np.int32))
+    assert len(TeacherCache(tmp_path, k=2)) == 0 and not list(cache.dir.glob("*.npy*"))

@@ -1,0 +1,132 @@
+"""`whisper-experts distill` on the tiny Whisper: CLSR + cached KD, a LoRA student of per-language teachers,
+the LightningCLI example, and a refused teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trainers.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "lightning_distill_clsr.yaml"
+TINY_RUN = ["--batch-size", "4", "--lr", "0.01", "--warmup-steps", "0", "--val-max-new-tokens", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def clsr_run(uk_pt_corpus, tiny_whisper_dir, tmp_path_factory):
+    """A 2-step (one epoch) CLSR + KD run: the tiny Whisper teaches itself through a top-8 cache."""
+    tmp = tmp_path_factory.mktemp("distill")
+    code = main(["distill", "--base", str(tiny_whisper_dir), "--teacher", str(tiny_whisper_dir),
+                 "--teacher-cache", str(tmp / "teacher-cache"), "--top-k", "8", "--data", str(uk_pt_corpus),
+                 "--languages", "uk,pt", "--kind", "clsr", "--path", "lowrank", "--rank", "2", "--name", "tiny-clsr",
+                 "--max-steps", "2", "--max-train", "3", "--registry", str(tmp / "registry"),
+                 "--run-dir", str(tmp / "run"), "--test-limit", "1", *TINY_RUN])
+    assert code == 0
+    return tmp
+
+
+def test_distill_stores_one_clsr_expert_per_language_with_a_complete_manifest(clsr_run, tiny_whisper_dir):
+    from registry.store import Registry
+
+    registry = Registry(clsr_run / "registry")
+    assert sorted(registry.names()) == ["tiny-clsr-pt", "tiny-clsr-uk"]
+    for lang in ("uk", "pt"):
+        expert = registry.get(f"tiny-clsr-{lang}")
+        m = expert.manifest
+        assert m["kind"] == "clsr" and m["languages"] == [lang] and m["base"]["name"] == str(tiny_whisper_dir)
+        assert m["hyperparameters"]["path"] == "lowrank" and m["hyperparameters"]["rank"] == 2
+        assert m["hyperparameters"]["kd"] == "js" and m["hyperparameters"]["kd_weight"] == 0.5
+        assert m["data"]["utterances"] == 3 and m["data"]["trained_with"] == ["uk", "pt"] and m["data"]["hours"] > 0
+        assert set(m["metrics"][lang]) == {"validation", "test", "base_test"}
+        lineage = m["lineage"]
+        assert lineage["method"] == "distillation" and lineage["teacher"]["source"] == "cached"
+        teacher = lineage["teacher"]["teachers"][0]
+        assert teacher["base"]["fingerprint"] == m["base"]["fingerprint"] and teacher["teaches"] == "other languages"
+        assert 0 < lineage["teacher"]["mass_kept"]["mean"] <= 1 and lineage["teacher"]["k"] == 8
+        assert all(k.startswith("model.") and (".expert." in k or ".gate." in k) for k in expert.tensors)
+        assert any(v.abs().sum() > 0 for k, v in expert.tensors.items() if k.endswith("lora_B"))  # it trained
+    report = json.loads((clsr_run / "run" / "report.json").read_text())
+    assert report["teacher"]["computed"] == 6 and set(report["best"]) == {"uk", "pt"}
+
+
+def test_gate_kd_and_per_language_metrics_are_logged_and_checkpoints_hold_experts_only(clsr_run):
+    run = clsr_run / "run"
+    rows = list(csv.DictReader(open(next(run.glob("logs/*/metrics.csv")))))
+    columns = set(rows[0])
+    assert {"train_ce", "train_kd", "train_gate", "gate_open", "noise_scale", "val_wer_uk", "val_wer_pt"} <= columns
+    assert {"gate_open/enc.0", "gate_open/dec.1", "val_gate_open/enc.0"} <= columns
+    assert any(float(r["train_kd"]) > 0 for r in rows if r.get("train_kd"))
+    noise = [float(r["noise_scale"]) for r in rows if r.get("noise_scale")]
+    assert noise[0] == 0.0 and noise == sorted(noise) and noise[-1] < 5.0
+    state = torch.load(next(run.glob("checkpoints/*.ckpt")), weights_only=False, map_location="cpu")["state_dict"]
+    assert state and all(".experts." in k or ".gates." in k for k in state)
+
+
+def test_lora_student_learns_from_one_teacher_per_language(uk_pt_corpus, tiny_whisper_dir, tmp_path):
+    from registry.bases import load_base
+    from registry.store import Registry
+    from tests.tiny import random_lora_expert
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    registry = Registry(tmp_path / "registry")
+    for lang, seed in (("uk", 1), ("pt", 2)):
+        registry.add(random_lora_expert(base.model, base, lang, seed), f"{lang}-teacher")
+    code = main(["distill", "--base", str(tiny_whisper_dir), "--teachers", "uk-teacher,pt-teacher", "--kind", "lora",
+                 "--rank", "2", "--data", str(uk_pt_corpus), "--max-steps", "2", "--max-train", "2",
+                 "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"), "--no-test", *TINY_RUN])
+    assert code == 0
+    student = registry.get("uk-pt-distilled")
+    m = student.manifest
+    assert m["kind"] == "lora" and m["languages"] == ["uk", "pt"]  # the teachers' languages
+    assert [p["expert"] for p in m["lineage"]["parents"]] == ["uk-teacher", "pt-teacher"]
+    assert m["lineage"]["teacher"]["source"] == "online" and m["hyperparameters"]["kd"] == "js"
+    assert all(k.startswith("model.decoder.") for k in student.tensors)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_by_the_command(uk_pt_corpus, tiny_whisper_dir, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_whisper_dir, other)
+    config = json.loads((other / "preprocessor_config.json").read_text())
+    config["chunk_length"] = 20
+    (other / "preprocessor_config.json").write_text(json.dumps(config))
+    code = main(["distill", "--base", str(tiny_whisper_dir), "--teacher", str(other), "--data", str(uk_pt_corpus),
+                 "--languages", "uk", "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert code == 2 and "other-teacher" in capsys.readouterr().err
+
+
+def test_lightning_example_parses_and_takes_overrides(capsys):
+    assert EXAMPLE.read_text().startswith(
+        "# whisper-experts distill lightning fit --config examples/lightning_distill_clsr.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "lightning", "fit", "--config", str(EXAMPLE), "--model.path", "lowrank",
+              "--trainer.max_epochs", "2", "--print_config"])
+    assert exit_.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["path"] == "lowrank" and config["model"]["languages"] == ["uk", "pt", "nl"]
+    assert config["model"]["teachers"] == ["uk-teacher", "pt-teacher", "nl-teacher"]
+    assert config["trainer"]["max_epochs"] == 2 and config["trainer"]["use_distributed_sampler"] is False
+    assert config["expert"]["name"] == "eu3-clsr-kd" and config["checkpoint"]["monitor"] == "val_wer"
+
+
+def test_lightning_fit_stores_clsr_experts(uk_pt_corpus, tiny_whisper_dir, tmp_path, capsys):
+    from registry.store import Registry
+
+    code = main(["distill", "lightning", "fit", "--config", str(EXAMPLE), "--model.base", str(tiny_whisper_dir),
+                 "--model.languages", "[uk]", "--model.teachers", "null", "--model.teacher_cache", "null",
+                 "--model.path", "lowrank", "--model.rank", "2", "--model.lr", "0.01", "--model.warmup_steps", "0",
+                 "--model.val_max_new_tokens", "4", "--data.data", str(uk_pt_corpus), "--data.batch_size", "4",
+                 "--data.progress", "false", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--expert.name", "uk-lightning-clsr",
+                 "--expert.registry", str(tmp_path / "registry"), "--expert.test", "false"])
+    assert code == 0 and "stored uk-lightning-clsr@1" in capsys.readouterr().out
+    expert = Registry(tmp_path / "registry").get("uk-lightning-clsr")
+    assert expert.kind == "clsr" and expert.manifest["lineage"]["method"] == "clsr"
+    assert expert.manifest["hyperparameters"]["kd_weight"] == 0.0

@@ -1,0 +1,199 @@
+"""The Lightning module that trains CLSR gated experts (DistilWhisper), with or without a teacher.
+
+The student is the base Whisper converted to CLSR (:func:`distill.clsr.convert_to_clsr`) with a path and a gate per
+language; everything pretrained stays frozen. Each training batch holds one language
+(:class:`~trainers.language_batches.LanguageBatchSampler`), so a step trains that language's path and gate. The
+loss is :class:`distill.losses.DistillationLoss`: cross-entropy with label smoothing, the gate budget
+``|mean(g) - b|``, and (with a teacher source) the KD loss against the teacher's distribution. The gate noise
+scale ramps linearly from 0 to ``max_noise`` over training (:func:`distill.clsr.noise_scale_at`) so the soft
+training gates harden towards the hard inference gates.
+
+Logged: ``train_loss``, ``train_ce``, ``train_gate``, ``train_kd``, ``noise_scale``, the mean gate openness over
+all layers (``gate_open``) and per layer (``gate_open/enc.3``, ``gate_open/dec.0``); validation loss, the mean
+hard-gate openness per layer (``val_gate_open/...``) and, each epoch, WER/CER of greedy transcripts with hard
+gates, each sample routed by its own language: ``val_wer`` over all languages and ``val_wer_<lang>`` per language
+(per-language selection keeps each language's best epoch). Checkpoints hold the language paths and gates only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect_gates, convert_to_clsr,
+                          language_parameters, noise_scale_at, set_language, set_noise_scale)
+from distill.losses import DistillationLoss, DistillationLossConfig
+from trainers.data import IGNORE
+from trainers.decoding import transcribe_batch
+from trainers.distributed import gather_union
+from trainers.evaluation import error_rates
+
+
+def short_layer(name: str) -> str:
+    """``model.encoder.layers.3`` -> ``enc.3`` (metric names stay short in logs)."""
+    side = "enc" if ".encoder." in name else "dec"
+    return f"{side}.{name.rsplit('.', 1)[-1]}"
+
+
+def lr_lambda(total: int, warmup: int, schedule: str):
+    """Linear warm-up over ``warmup`` steps, then ``linear`` / ``cosine`` decay to 0 at ``total``, or ``constant``."""
+    warmup = min(warmup, total // 2)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+    return factor
+
+
+def log_loss_parts(module: L.LightningModule, out, batch_size: int) -> None:
+    """Log a :class:`~distill.losses.DistillationLossOutput`'s total and parts."""
+    module.log("train_loss", out.loss, prog_bar=True, batch_size=batch_size)
+    module.log_dict({"train_ce": out.ce, "train_gate": out.gate, "train_kd": out.kd}, batch_size=batch_size)
+
+
+class ClsrExpertModule(L.LightningModule):
+    """CLSR language paths and gates on a frozen base Whisper, trained with CE + gate budget (+ KD).
+
+    Args:
+        model: the base ``WhisperForConditionalGeneration``; converted to CLSR here (in place).
+        processor: its ``WhisperProcessor``.
+        languages: Whisper codes, one path and gate each.
+        clsr: path kind (full copy or low-rank), gate size, dropouts.
+        loss: loss weights; default DistilWhisper's with a teacher, CE + gate (weights 1) without.
+        teacher: a :class:`distill.sources.TeacherSource` (online or cached), or None for no KD.
+        lr, weight_decay, warmup_steps, schedule: AdamW and its schedule (``linear``, ``cosine``, ``constant``).
+        max_noise: the gate noise scale reached at the end of training (5 in DistilWhisper).
+        val_max_new_tokens: bound for validation decoding.
+    """
+
+    def __init__(self, model, processor, languages, clsr: ClsrConfig = ClsrConfig(),
+                 loss: DistillationLossConfig | None = None, teacher=None, lr: float = 1e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "linear", max_noise: float = 5.0,
+                 val_max_new_tokens: int = 128):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "processor", "teacher", "clsr", "loss"])
+        self.languages = list(dict.fromkeys(languages))
+        if not self.languages:
+            raise ValueError("a CLSR student needs at least one language")
+        convert_to_clsr(model, self.languages, clsr)
+        if loss is None:
+            loss = DistillationLossConfig() if teacher is not None else DistillationLossConfig.without_teacher()
+        if teacher is None and loss.kd_weight:
+            raise ValueError(f"KD weight {loss.kd_weight} without a teacher; give a teacher or set the KD weight to 0")
+        self.model, self.processor, self.clsr_config, self.loss_config = model, processor, clsr, loss
+        self.loss_fn = DistillationLoss(loss)
+        self.teacher = teacher  # a plain object: Lightning neither moves it, nor checkpoints it, nor trains it
+        self.strict_loading = False  # checkpoints carry the language paths and gates only
+        self.model.train()
+        self._val_rows: dict[int, tuple[str, str, str]] = {}  # row -> (language, reference, hypothesis)
+        self._val_gates: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self):
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_train_epoch_start(self):
+        self.model.train()  # bases load in eval mode; CLSR gates are soft, with noise and dropouts, in training
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        set_noise_scale(self.model, noise_scale_at(self.global_step, total, self.hparams.max_noise))
+
+    # ------------------------------------------------------------------ steps
+    def _route(self, batch) -> None:
+        languages = list(batch["language"])
+        set_language(self.model, languages[0] if len(set(languages)) == 1 else languages)
+
+    def _forward(self, batch):
+        self._route(batch)
+        with collect_gates(self.model) as gates:
+            logits = self.model(input_features=batch["input_features"].to(self.dtype),
+                                decoder_input_ids=batch["decoder_input_ids"]).logits
+        return logits, gates
+
+    def training_step(self, batch, batch_idx):
+        logits, gates = self._forward(batch)
+        teacher = self.teacher.teacher_for(batch) if self.teacher is not None else None
+        out = self.loss_fn(logits, teacher, batch["labels"], gates)
+        loss = out.loss
+        if not loss.requires_grad:
+            # Every layer drew the shared path only (probability shared_only_prob ** layers): nothing to learn here,
+            # but every process must still step (DDP), so backpropagate a zero through the batch's language.
+            param = next(iter(language_parameters(self.model, batch["language"][0]).values()))
+            loss = loss + 0.0 * param.sum()
+        n = batch["labels"].shape[0]
+        log_loss_parts(self, out._replace(loss=loss), n)
+        self.log("noise_scale", clsr_routing(self.model).noise_scale, batch_size=n)
+        per_layer = gates.per_layer_mean()
+        if per_layer:
+            self.log("gate_open", sum(per_layer.values()) / len(per_layer), batch_size=n)
+            self.log_dict({f"gate_open/{short_layer(k)}": v for k, v in per_layer.items()}, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits, gates = self._forward(batch)  # eval mode: hard gates, each sample by its own language
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORE)
+        self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
+        for layer, g in gates.records:
+            s = self._val_gates.setdefault(short_layer(layer), [0.0, 0])
+            s[0] += float(g.sum())
+            s[1] += g.numel()
+        out = transcribe_batch(self.model, self.processor, batch["input_features"].to(self.dtype),
+                               languages=batch["language"], max_new_tokens=self.hparams.val_max_new_tokens)
+        for i, lang, ref, hyp in zip(batch["index"].tolist(), batch["language"], batch["text"], out.texts):
+            self._val_rows[i] = (lang, ref, hyp)
+
+    def on_validation_epoch_end(self):
+        # Under DDP every rank scores the union of all ranks' rows, so all log the same WER (see LoraExpertModule).
+        rows = gather_union(self._val_rows) if self.trainer.world_size > 1 else self._val_rows
+        if rows:
+            ordered = [rows[i] for i in sorted(rows)]
+            groups = {"": ordered, **{lang: [r for r in ordered if r[0] == lang] for lang in self.languages}}
+            for lang, items in groups.items():
+                if not items:
+                    continue
+                rates = error_rates([r[1] for r in items], [r[2] for r in items])
+                suffix = f"_{lang}" if lang else ""
+                for key in ("wer", "cer"):
+                    value = rates[key] if not math.isnan(rates[key]) else 1.0
+                    self.log(f"val_{key}{suffix}", value, prog_bar=key == "wer" and not lang, sync_dist=True,
+                             reduce_fx="max")
+        for layer, (total, count) in self._val_gates.items():
+            self.log(f"val_gate_open/{layer}", total / max(count, 1), sync_dist=True)
+        self._val_rows, self._val_gates = {}, {}
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        factor = lr_lambda(total, self.hparams.warmup_steps, self.hparams.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints: the experts only
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if ".experts." in k or ".gates." in k}
+
+    def language_tensors(self, language: str) -> dict[str, torch.Tensor]:
+        """One language's current paths and gates under their ``clsr`` expert-file names (CPU copies)."""
+        return clsr_expert_tensors(self.model, language)
+
+    def load_language_tensors(self, language: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Put a language's paths and gates back (e.g. its best epoch's, from :meth:`language_tensors`)."""
+        with torch.no_grad():
+            for name, p in language_parameters(self.model, language).items():
+                key = name.replace(f".experts.{language}.", ".expert.").replace(f".gates.{language}.", ".gate.")
+                p.copy_(tensors[key].to(p.device, p.dtype))
