@@ -156,13 +156,18 @@ def weights_task_vector(finetuned, base, *, skip_unchanged: bool = True) -> dict
 
 
 def task_vector(expert: Expert, *, as_dense: bool = False) -> TaskVector:
-    """The task vector of a stored ``lora`` or ``task_vector`` expert (tensors keep their stored dtype)."""
+    """The task vector of a stored ``lora``, ``task_vector`` or ``sparse`` expert (tensors keep their stored dtype;
+    a sparse expert's deltas are dense, zeros off its mask)."""
     if expert.kind == "lora":
         return lora_task_vector(expert.tensors, expert.manifest.get("hyperparameters", {}), as_dense=as_dense)
     if expert.kind == "task_vector":
         return dict(expert.tensors)
-    raise ValueError(f"a {expert.kind} expert (languages {expert.languages}) has no task vector; only lora and "
-                     "task_vector experts can be fused")
+    if expert.kind == "sparse":
+        from lora_experts.sparse import sparse_task_vector  # imports this module
+
+        return sparse_task_vector(expert)
+    raise ValueError(f"a {expert.kind} expert (languages {expert.languages}) has no task vector; only lora, "
+                     "task_vector and sparse experts can be fused")
 
 
 def apply_task_vector(model: torch.nn.Module, task_vector: Mapping[str, Delta], scale: float = 1.0) -> None:

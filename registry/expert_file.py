@@ -80,6 +80,9 @@ class Expert:
 
     @property
     def num_parameters(self) -> int:
+        """Stored numbers; for a ``sparse`` expert its delta values (its packed mask bytes are not parameters)."""
+        if self.manifest.get("kind") == "sparse":
+            return sum(t.numel() for k, t in self.tensors.items() if k.endswith(".values"))
         return sum(t.numel() for t in self.tensors.values())
 
 

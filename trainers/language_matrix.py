@@ -4,8 +4,9 @@ Rows are the base alone and each expert (single-language experts and merged ones
 languages, cells normalized WER. Along a row: what an expert does to the languages it was not trained for
 (interference); down a column: which expert serves that language best. All rows decode on one loaded base:
 a ``lora`` expert is attached and then detached (peft's wrappers replaced by the original layers), a
-``task_vector`` expert is added to the weights it touches, which are then restored from a copy; either way
-the base is bit-exactly as before (:func:`expert_applied`).
+``task_vector`` expert is added to the weights it touches, which are then restored from a copy, a ``sparse``
+expert's masked entries are changed in place and their originals written back; either way the base is
+bit-exactly as before (:func:`expert_applied`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lora_experts.model import attach_expert, remove_experts
+from lora_experts.sparse import sparse_applied
 from lora_experts.task_vectors import apply_task_vector
 from registry.expert_file import Expert
 from trainers.evaluation import DecodeOptions, EvalReport, Utterance, evaluate
@@ -33,7 +35,8 @@ def expert_applied(model: torch.nn.Module, expert: Expert):
 
     Args:
         model: a ``WhisperForConditionalGeneration`` with no expert attached (detaching removes every adapter).
-        expert: a ``lora`` expert (attached with peft) or a ``task_vector`` expert (dense deltas, added in place).
+        expert: a ``lora`` expert (attached with peft), a ``task_vector`` expert (dense deltas, added in place) or
+            a ``sparse`` expert (its masked entries changed in place).
     """
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ValueError("the model already carries an expert; the matrix applies experts one at a time to the "
@@ -55,9 +58,12 @@ def expert_applied(model: torch.nn.Module, expert: Expert):
             with torch.no_grad():
                 for name, value in saved.items():
                     params[name].copy_(value)
+    elif expert.kind == "sparse":
+        with sparse_applied(model, expert):
+            yield
     else:
         raise ValueError(f"a {expert.kind} expert (languages {', '.join(expert.languages)}) cannot be applied to "
-                         "Whisper's weights; the matrix takes lora and task_vector experts")
+                         "Whisper's weights; the matrix takes lora, task_vector and sparse experts")
 
 
 @dataclass

@@ -67,8 +67,8 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
         record = store.resolve(spec)
         expert, identity = store.get(spec), {"ref": record.ref, "sha256": record.sha256}
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
-    if expert.kind not in ("lora", "task_vector"):
-        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora and task_vector experts")
+    if expert.kind not in ("lora", "task_vector", "sparse"):
+        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora, task_vector and sparse experts")
     return expert, {**identity, "kind": expert.kind, "languages": expert.languages,
                     "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
 
@@ -80,6 +80,10 @@ def attach_for_eval(base, spec: str, force: bool = False, registry: str | None =
     expert, identity = load_for_eval(base, spec, force, registry)
     if expert.kind == "lora":
         attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
+    elif expert.kind == "sparse":  # its masked entries changed in place
+        from lora_experts.sparse import apply_sparse
+
+        apply_sparse(base.model, expert)
     else:  # a dense fusion result: added to the weights
         from lora_experts.task_vectors import apply_task_vector
 

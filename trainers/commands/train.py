@@ -1,4 +1,4 @@
-"""``whisper-experts train``: train a LoRA language expert and store it."""
+"""``whisper-experts train``: train a LoRA (or sparse) language expert and store it."""
 
 from __future__ import annotations
 
@@ -26,12 +26,19 @@ examples:
   whisper-experts train --data data/uk --language uk --name uk-warm --init-from ru-espeak@latest
   whisper-experts train --config examples/train_lora_uk.yaml
   whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
+  whisper-experts train --data data/uk --language uk --name uk-sparse --kind sparse --sparsity 0.99
   (the same from a LightningCLI config: `whisper-experts lightning --help`)
+
+--kind sparse trains a sparse sub-network expert in two phases: a LoRA expert as above (phase 1), whose delta's
+largest entries (the top 1 - sparsity fraction) become the mask; then, from the base again, only those entries of
+the weights themselves are fine-tuned (phase 2, learning rate --sparse-lr), keeping the best epoch by validation
+WER. --mask-from EXPERT takes the mask from an existing expert's delta instead of phase 1.
 """
 
 
 def _config_from_args(args):
     from trainers.train_lora import TrainConfig
+    from trainers.train_sparse import SparseTrainConfig
 
     values = {}
     if args.config:
@@ -40,7 +47,8 @@ def _config_from_args(args):
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of option: value")
-        known = {f.name for f in dataclasses.fields(TrainConfig)} | {"name", "language", "out", "tags"}
+        known = {f.name for f in dataclasses.fields(SparseTrainConfig)} | {"name", "language", "out", "tags",
+                                                                             "kind"}
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; see `whisper-experts train --help`")
@@ -48,7 +56,8 @@ def _config_from_args(args):
     for key in ("data", "base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
                 "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
                 "precision", "seed", "max_train", "max_validation", "patience", "init_from", "run_dir",
-                "strategy", "devices", "test_limit", "cache_dir", "name", "out"):
+                "strategy", "devices", "test_limit", "cache_dir", "name", "out", "kind", "sparsity", "mask_scope",
+                "mask_score", "sparse_lr", "mask_from"):
         v = getattr(args, key, None)
         if v is not None:
             values[key] = v
@@ -74,7 +83,12 @@ def _config_from_args(args):
     values.setdefault("run_dir", str(Path("runs") / name))
     if "target_modules" in values:
         values["target_modules"] = tuple(values["target_modules"])
-    return TrainConfig(languages=tuple(languages), **values), name, out
+    kind = values.pop("kind", None) or "lora"
+    sparse_only = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if kind == "lora" and sparse_only:
+        raise ValueError(f"{', '.join(sparse_only)} only apply to sparse experts; add --kind sparse")
+    config = SparseTrainConfig if kind == "sparse" else TrainConfig
+    return config(languages=tuple(languages), **values), name, out
 
 
 def print_test_table(test: dict) -> None:
@@ -89,9 +103,11 @@ def print_test_table(test: dict) -> None:
 def _run(args) -> int:
     from registry.expert_file import save_expert
     from trainers.train_lora import train_lora_expert
+    from trainers.train_sparse import SparseTrainConfig, train_sparse_expert
 
     cfg, name, out = _config_from_args(args)
-    expert, report = train_lora_expert(cfg)
+    train = train_sparse_expert if isinstance(cfg, SparseTrainConfig) else train_lora_expert
+    expert, report = train(cfg)
     if report.get("rank", 0) != 0:
         return 0  # --strategy ddp: every rank holds the same expert; rank 0 writes it and reports
     run_dir = Path(cfg.run_dir)
@@ -108,13 +124,17 @@ def _run(args) -> int:
         print(f"stored {record.ref} in the registry")
     if "test" in report:
         print_test_table(report["test"])
+    if "size" in report:  # a sparse expert
+        print(f"\nsparse expert: {report['size']['entries']:,} entries (sparsity "
+              f"{100 * expert.manifest['hyperparameters']['sparsity_achieved']:.2f}%), "
+              f"{report['size']['file_bytes']:,} bytes on disk")
     print(f"\nbest epoch {report['best_epoch']} (validation WER {100 * report['best_val_wer']:.1f}%); "
           f"expert file {run_dir / 'expert.safetensors'}; logs in {run_dir}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a LoRA language expert", description=DESCRIPTION,
+    p = subparsers.add_parser("train", help="train a LoRA (or sparse) language expert", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what")
     g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
@@ -125,6 +145,7 @@ def register(subparsers) -> None:
     g.add_argument("--out", help="also write the expert file here")
     g.add_argument("--registry", help="registry directory (default <home>/registry)")
     g.add_argument("--init-from", dest="init_from", help="warm start from this expert (registry spec or file)")
+    g.add_argument("--kind", choices=["lora", "sparse"], help="expert kind (default lora; sparse: see above)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
@@ -137,6 +158,16 @@ def register(subparsers) -> None:
     g.add_argument("--no-cross-attention", action="store_true", help="leave the decoder's cross-attention alone")
     g.add_argument("--cross-attention-kv", action="store_true",
                    help="also adapt cross-attention k/v (acts on all encoder frames: ~2x slower steps)")
+    g = p.add_argument_group("sparse (--kind sparse)")
+    g.add_argument("--sparsity", type=float, help="fraction of the phase-1 matrices' entries left unchanged "
+                                                   "(default 0.99: 1%% trained)")
+    g.add_argument("--mask-scope", dest="mask_scope", choices=["global", "per_matrix"],
+                   help="rank entries over all matrices together (default) or in each matrix alone")
+    g.add_argument("--mask-score", dest="mask_score", choices=["magnitude", "gradient"],
+                   help="mask by |delta| (default) or by |grad * delta| over a few training batches")
+    g.add_argument("--sparse-lr", dest="sparse_lr", type=float, help="phase-2 learning rate (default 1e-4)")
+    g.add_argument("--mask-from", dest="mask_from",
+                   help="take the mask from this expert's delta (registry spec or file) instead of phase 1")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (default linear)")
