@@ -202,7 +202,10 @@ class BatchedLoraLinear(nn.Module):
             return result
         rank = self.ranks[expert]
         a, b = self.lora_A[expert, :rank], self.lora_B[expert, :, :rank]
-        return result + (F.linear(F.linear(x.to(a.dtype), a), b) * self.scales[expert]).to(result.dtype)
+        update = F.linear(F.linear(x.to(a.dtype), a), b)
+        if _in_place(result, update):
+            return result.add_(update, alpha=self.scales[expert])
+        return result + (update * self.scales[expert]).to(result.dtype)
 
     def _gathered(self, routing: Routing, rows: int, fold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row stacked A (rows, k*rank, in) and B (rows, out, k*rank), cached per routing and row count:
@@ -240,5 +243,15 @@ class BatchedLoraLinear(nn.Module):
         if not fold:  # a learned router's weights: applied here, in rank space, so gradients reach them
             width = self.lora_A.shape[1]
             h = h * (coef * weights.to(coef.device, coef.dtype)).repeat_interleave(width, dim=1).unsqueeze(1)
+        if _in_place(result, h):
+            result.view(rows, -1, self.out_features).baddbmm_(h, b.transpose(1, 2))
+            return result
         out = torch.baddbmm(result.reshape(rows, -1, self.out_features).to(h.dtype), h, b.transpose(1, 2))
         return out.reshape(result.shape).to(result.dtype)
+
+
+def _in_place(result: torch.Tensor, update: torch.Tensor) -> bool:
+    """Whether the LoRA update can be added into the base layer's fresh output: at inference (no autograd
+    graph to keep), same dtype, contiguous. Saves a pass over (batch, frames, out_features) per layer, which
+    is most of the overhead on the encoder's 1,500 frames."""
+    return not torch.is_grad_enabled() and result.dtype == update.dtype and result.is_contiguous()

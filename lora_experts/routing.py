@@ -117,14 +117,16 @@ class CallerLanguages(RoutingPolicy):
 
 
 @torch.no_grad()
-def language_posterior(model, features: torch.Tensor,
-                       candidates: Iterable[str] | None = None) -> tuple[list[str], torch.Tensor]:
+def language_posterior(model, features: torch.Tensor | None = None, candidates: Iterable[str] | None = None, *,
+                       encoder_hidden_states: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
     """Whisper's language distribution at the first decoder step (after the start-of-transcript token).
 
     Args:
         model: a multilingual ``WhisperForConditionalGeneration`` (its generation config has ``lang_to_id``).
         features: log-mel features (batch, n_mels, frames) on the model's device.
         candidates: restrict (and renormalise) the distribution to these codes (None: every language).
+        encoder_hidden_states: (batch, frames, d_model) encoder outputs already computed, instead of
+            ``features``: only the decoder's first step runs (the caller can then reuse them for ``generate``).
 
     Returns:
         (codes, probabilities (batch, len(codes)), float32, rows summing to 1).
@@ -139,8 +141,18 @@ def language_posterior(model, features: torch.Tensor,
         if unknown:
             raise ValueError(f"unknown language(s) {', '.join(sorted(unknown))} for language ID")
         lang_to_id = {t: i for t, i in lang_to_id.items() if t[2:-2] in wanted}
-    start = torch.full((features.shape[0], 1), gc.decoder_start_token_id, device=features.device)
-    logits = model(input_features=features, decoder_input_ids=start).logits[:, -1].float()
+    if encoder_hidden_states is not None:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder_hidden_states)}
+        batch, device = encoder_hidden_states.shape[0], encoder_hidden_states.device
+    elif features is not None:
+        inputs = {"input_features": features}
+        batch, device = features.shape[0], features.device
+    else:
+        raise ValueError("language ID needs log-mel features or encoder hidden states")
+    start = torch.full((batch, 1), gc.decoder_start_token_id, device=device)
+    logits = model(decoder_input_ids=start, **inputs).logits[:, -1].float()
     ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
     return [t[2:-2] for t in lang_to_id], logits[:, ids].softmax(-1)
 
@@ -162,15 +174,21 @@ class LanguageIDRouting(RoutingPolicy):
         self.threshold = threshold
         self.candidates = None if candidates is None else list(candidates)
 
-    def posterior(self, features: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """(codes, probabilities (batch, languages)) from the base model."""
+    def posterior(self, features: torch.Tensor | None = None, *,
+                  encoder_hidden_states: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+        """(codes, probabilities (batch, languages)) from the base model, given log-mel features or the base
+        model's encoder outputs (see :func:`language_posterior`)."""
         with self.bank.route(None):
-            return language_posterior(self.bank.model, features, self.candidates)
+            return language_posterior(self.bank.model, features, self.candidates,
+                                      encoder_hidden_states=encoder_hidden_states)
 
     def route(self, features=None, languages=None) -> RoutingDecision:
         if features is None:
             raise ValueError("language-ID routing listens to the audio: pass features")
-        codes, probs = self.posterior(features)
+        return self.decide(*self.posterior(features))
+
+    def decide(self, codes: list[str], probs: torch.Tensor) -> RoutingDecision:
+        """The decision for a language posterior already computed (codes, probabilities (batch, languages))."""
         best_p, best = probs.max(-1)
         detected = [codes[i] for i in best.tolist()]
         confidence = best_p.tolist()
@@ -203,7 +221,9 @@ class SoftLanguageRouting(LanguageIDRouting):
     def route(self, features=None, languages=None) -> RoutingDecision:
         if features is None:
             raise ValueError("soft language routing listens to the audio: pass features")
-        codes, probs = self.posterior(features)
+        return self.decide(*self.posterior(features))
+
+    def decide(self, codes: list[str], probs: torch.Tensor) -> RoutingDecision:
         k = min(self.top_k, len(codes))
         top_p, top = probs.topk(k, dim=-1)
         if self.normalize:

@@ -16,8 +16,9 @@ whose value is the JSON pack manifest:
 
 :func:`load_pack` reads the file memory-mapped (``safe_open``), checks the experts against the base exactly as
 single experts are checked (:func:`registry.expert_file.check_compatible`), and attaches every LoRA expert to
-the model already in memory as an :class:`~lora_experts.bank.ExpertBank` for per-sample routing. Writes are
-atomic; nothing is ever unpickled.
+the model already in memory as an :class:`~lora_experts.bank.ExpertBank` for per-sample routing. Packs store
+experts of any kind (``sparse`` ones too: :func:`read_pack` gives them back for ``lora_experts.sparse.apply_sparse``).
+Writes are atomic; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -382,8 +383,11 @@ def load_pack(base_or_model, path: Path | str, *, names: Iterable[str] | None = 
     for name in names:
         entry = info.entry(name)
         if entry.kind != "lora":
+            hint = (" A sparse expert changes the weights themselves, one at a time: apply it with "
+                    "lora_experts.sparse.apply_sparse(model, read_pack(path, [name])[name])."
+                    if entry.kind == "sparse" else "")
             raise ValueError(f"pack {path}: expert {name} is a {entry.kind!r} expert; load_pack attaches LoRA experts "
-                             "(leave it out with names=...)")
+                             f"(leave it out with names=...).{hint}")
         check_compatible(entry.manifest, identity, force=force, what=f"expert {name} in pack {path}")
         if bank is not None and name in bank:
             raise ValueError(f"pack {path}: an expert named {name} is already attached; remove it first")

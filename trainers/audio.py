@@ -28,6 +28,10 @@ class AudioError(ValueError):
     """Audio that cannot be used: a missing, corrupt, truncated, empty or unsupported file or array."""
 
 
+class EmptyAudioError(AudioError):
+    """Audio with no samples at all (a 0-byte file, a header with no frames, an empty array)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Resampling
 
@@ -153,9 +157,10 @@ def _to_mono(audio: np.ndarray, name: str) -> np.ndarray:
 
 def _finish(audio: np.ndarray, sr: int, target_sr: int, name: str) -> np.ndarray:
     """Mono, finite, non-empty, resampled float32."""
-    audio = _to_mono(np.asarray(audio), name)
-    if audio.size == 0:
-        raise AudioError(f"{name}: the audio is empty (0 samples); remove it from the data set or re-record it")
+    audio = np.asarray(audio)
+    if audio.size == 0:  # checked before the channel mix: a (0, channels) read would average to NaN
+        raise EmptyAudioError(f"{name}: the audio is empty (0 samples); remove it from the data set or re-record it")
+    audio = _to_mono(audio, name)
     if np.issubdtype(audio.dtype, np.integer):
         audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max)
     audio = audio.astype(np.float32, copy=False)
@@ -246,7 +251,7 @@ def load_audio(source: Any, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
         if path.is_dir():
             raise AudioError(f"{path} is a directory, not an audio file")
         if path.stat().st_size == 0:
-            raise AudioError(f"audio file {path} is empty (0 bytes); re-download or re-record it")
+            raise EmptyAudioError(f"audio file {path} is empty (0 bytes); re-download or re-record it")
         if path.suffix.lower() == ".mp3" and "MP3" not in sf.available_formats():
             raise AudioError(
                 f"cannot read {path}: this libsndfile ({sf.__libsndfile_version__}) has no MP3 support; "
@@ -256,7 +261,7 @@ def load_audio(source: Any, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
         return _finish(audio, sr, sampling_rate, str(path))
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise AudioError("audio bytes are empty (0 bytes)")
+            raise EmptyAudioError("audio bytes are empty (0 bytes)")
         audio, sr = _read_soundfile(bytes(source), "<bytes>")
         return _finish(audio, sr, sampling_rate, "<bytes>")
     if isinstance(source, Mapping):

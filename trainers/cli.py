@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack", "distill"]
+COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack",
+            "transcribe", "distill"]
 
 EPILOG = """\
 examples:
@@ -25,6 +26,7 @@ examples:
   whisper-experts eval --base whisper-base --data data/de-uk --split test --expert uk-espeak@latest
   whisper-experts registry list --language uk
   whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
+  whisper-experts transcribe a.wav b.mp3 --pack packs/eu3.safetensors --language auto --format json
 
 Run `whisper-experts COMMAND --help` for each command's options.
 """
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whisper-experts",
         description="Parameter-efficient language experts for Whisper: bases, corpora, LoRA expert training, "
-                    "evaluation (fusion and routing arrive with later releases).",
+                    "evaluation, fusion, packs and transcription with each utterance routed to its expert.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

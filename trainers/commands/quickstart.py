@@ -16,7 +16,10 @@ Runs the whole pipeline on defaults that need nothing but this package and espea
      corpus (--expert-utterances), store it in the registry, and print its test WER beside the base's,
   5. fuse it as a support expert into a low-resource target (--fusion-target, default bg, trained on only
      --fusion-utterances utterances): the support weight is searched on the target's validation WER, and the
-     target's test WER is printed for the base, the target expert alone, the support alone and the fusion.
+     target's test WER is printed for the base, the target expert alone, the support alone and the fusion,
+  6. pack the experts (one per language: the expert, and the fused target expert) into one file and transcribe
+     a mixed-language set of test utterances written as wav files with --language auto, printing each file's
+     detected language, the expert that served it and the transcript.
 Outputs go under --out (corpus, baseline.json, the training run). Re-running reuses the corpus.
 
 examples:
@@ -34,7 +37,7 @@ def _run(args) -> int:
     from trainers.evaluation import DecodeOptions
 
     out = Path(args.out)
-    steps = 5 if args.expert_language and args.fusion_target else 4
+    steps = 3 + (2 if args.expert_language else 0) + (1 if args.expert_language and args.fusion_target else 0)
     print(f"[1/{steps}] base model {args.base}")
     import_base(args.base)
     corpus_dir = out / "corpus"
@@ -81,8 +84,11 @@ def _run(args) -> int:
     print("| language | n | base WER % | expert WER % | base CER % | expert CER % |\n|---|---|---|---|---|---|")
     print(f"| {lang} | {e['n']} | {100 * b['wer']:.1f} | {100 * e['wer']:.1f} | {100 * b['cer']:.1f} | "
           f"{100 * e['cer']:.1f} |")
+    packed = {lang: record.ref}
     if args.fusion_target:
-        _fusion_step(args, out, expert, record.ref)
+        target, ref = _fusion_step(args, out, expert, record.ref)
+        packed[target] = ref
+    _pack_step(args, out, packed, steps)
     return 0
 
 
@@ -98,7 +104,7 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     target, n = args.fusion_target, args.fusion_utterances
-    print(f"\n[5/5] fusion: a {target} expert from only {n} utterances, with the {support_ref} expert as its "
+    print(f"\n[5/6] fusion: a {target} expert from only {n} utterances, with the {support_ref} expert as its "
           "support; the support weight is searched on the target's validation WER")
     data = out / f"corpus-{target}"
     if not (data / "dataset_dict.json").is_file():
@@ -133,6 +139,53 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     print(f"| {target} test ({len(test)} utterances) | WER % | CER % |\n|---|---|---|")
     for label, r in rows:
         print(f"| {label} | {100 * r.wer:.1f} | {100 * r.cer:.1f} |")
+    return target, fused_ref if fused.kind == "lora" else small_ref  # a pack routes LoRA experts
+
+
+def _pack_step(args, out: Path, packed: dict[str, str], steps: int) -> None:
+    """Last step: pack one expert per language, transcribe a mixed-language set with language-ID routing."""
+    import soundfile as sf
+
+    from registry.packs import create_pack
+    from trainers.corpus.loading import load_corpus
+    from trainers.evaluation import utterances_from_dataset
+    from trainers.transcribe import ExpertWhisper
+
+    pack = out / "pack.safetensors"
+    print(f"\n[{steps}/{steps}] pack {', '.join(packed.values())} into {pack}; transcribe a mixed-language set "
+          "with --language auto")
+    info = create_pack(pack, list(packed.values()))
+    # Two held-out test utterances of each expert's language, and one of a language no expert serves.
+    utterances = []
+    for lang in packed:
+        utterances += utterances_from_dataset(load_corpus(out / f"corpus-{lang}")["test"], [lang], limit=2)
+    others = [lang for lang in split_list(args.languages) if lang not in packed]
+    if others:
+        utterances += utterances_from_dataset(load_corpus(out / "corpus")["test"], others[:1], limit=1)
+    mixed = out / "mixed"
+    mixed.mkdir(parents=True, exist_ok=True)
+    files = []
+    for n, u in enumerate(utterances, 1):
+        files.append(mixed / f"{n:02d}.wav")
+        sf.write(files[-1], u.audio, 16000, subtype="PCM_16")
+    # Whisper's language ID over all 99 languages often mistakes synthesized speech for a neighbour (uk for ru);
+    # a deployment that knows its languages says so, and so does this demo.
+    candidates = sorted(set(split_list(args.languages)) | set(packed))
+    whisper = ExpertWhisper.from_pack(args.base, pack)
+    transcripts = whisper.transcribe(files, language="auto", candidates=candidates, batch_size=args.batch_size,
+                                     progress=False)
+    print(f"pack: {len(info.experts)} experts, {info.size / 2**20:.1f} MB; {len(files)} files in {mixed}; language "
+          f"ID among {','.join(candidates)}")
+    print("| file | spoken | detected (probability) | expert | transcript |\n|---|---|---|---|---|")
+    for u, f, t in zip(utterances, files, transcripts):
+        detected = t.language if t.language_probability is None else f"{t.language} ({t.language_probability:.2f})"
+        print(f"| {f.name} | {u.language} | {detected} | {t.expert or 'base model'} | {t.note or t.text} |")
+    served = {lang: ref.split("@")[0] for lang, ref in packed.items()}
+    right = sum(t.expert is not None and t.expert == served.get(u.language) for u, t in zip(utterances, transcripts))
+    print(f"{right} of {sum(u.language in served for u in utterances)} files in an expert's language reached that "
+          "expert; language ID on synthesized speech is the weak link (benchmarks/results/routing.md)")
+    print(f"\nthe same from the command line:\n  whisper-experts transcribe {mixed}/*.wav --pack {pack} "
+          f"--language auto --candidates {','.join(candidates)}")
 
 
 def register(subparsers) -> None:
