@@ -29,27 +29,13 @@ from trainers.data import IGNORE
 from trainers.decoding import transcribe_batch
 from trainers.distributed import gather_union
 from trainers.evaluation import error_rates
+from trainers.lora_module import lr_lambda
 
 
 def short_layer(name: str) -> str:
     """``model.encoder.layers.3`` -> ``enc.3`` (metric names stay short in logs)."""
     side = "enc" if ".encoder." in name else "dec"
     return f"{side}.{name.rsplit('.', 1)[-1]}"
-
-
-def lr_lambda(total: int, warmup: int, schedule: str):
-    """Linear warm-up over ``warmup`` steps, then ``linear`` / ``cosine`` decay to 0 at ``total``, or ``constant``."""
-    warmup = min(warmup, total // 2)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
-    return factor
 
 
 def log_loss_parts(module: L.LightningModule, out, batch_size: int) -> None:

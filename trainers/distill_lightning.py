@@ -17,9 +17,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from distill.clsr import ClsrConfig
@@ -28,6 +25,7 @@ from trainers.clsr_experts import KeepBestLanguages, clsr_experts, expert_names
 from trainers.clsr_module import ClsrExpertModule
 from trainers.language_batches import DistillDataModule
 from trainers.train_distill import default_lr, load_teacher_source, loss_config
+from trainers.lightning_cli import ExpertLightningCLI
 from trainers.train_lora import load_checked_base
 
 
@@ -155,7 +153,7 @@ class StoreBestClsrExperts(KeepBestLanguages):
                            f"validation WER {100 * self.best[lang]['wer']:.1f}%)")
 
 
-class DistillLightningCLI(LightningCLI):
+class DistillLightningCLI(ExpertLightningCLI):
     """``LightningCLI`` over :class:`ClsrExpertTask` and :class:`ClsrCorpusDataModule` with the recipe's defaults:
     ``expert:`` (:class:`StoreBestClsrExperts`), best-by-``val_wer`` checkpointing and early stopping, bf16-mixed on
     CUDA, and the data module's own DDP sharding (``use_distributed_sampler`` off).
@@ -165,31 +163,8 @@ class DistillLightningCLI(LightningCLI):
         run: run the subcommand (False: only parse and instantiate).
     """
 
-    def __init__(self, args: list[str] | None = None, run: bool = True):
-        super().__init__(
-            ClsrExpertTask, ClsrCorpusDataModule, args=args, run=run, seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "whisper-experts distill lightning",
-                           "description": "Train CLSR gated language experts (+ KD) with LightningCLI."},
-            trainer_defaults={"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-                              "max_epochs": 10, "use_distributed_sampler": False, "num_sanity_val_steps": 0,
-                              "log_every_n_steps": 1, "enable_model_summary": False},
-        )
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "validate": {"model", "dataloaders", "datamodule"}}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(StoreBestClsrExperts, "expert")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val_wer", "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
-                             "checkpoint.filename": "best-{epoch}-{val_wer:.4f}"})
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val_wer", "early_stopping.mode": "min",
-                             "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
-
-    def expert_callback(self) -> StoreBestClsrExperts:
-        """The ``expert:`` callback of this run."""
-        return next(c for c in self.trainer.callbacks if isinstance(c, StoreBestClsrExperts))
+    task_class = ClsrExpertTask
+    data_class = ClsrCorpusDataModule
+    expert_class = StoreBestClsrExperts
+    prog = "whisper-experts distill lightning"
+    description = "Train CLSR gated language experts (+ KD) with LightningCLI."

@@ -175,24 +175,30 @@ class StoreBestExpert(KeepBestExpert):
 class ExpertLightningCLI(LightningCLI):
     """``LightningCLI`` over :class:`LoraExpertTask` and :class:`CorpusDataModule`, with the recipe's defaults:
     ``expert:`` (:class:`StoreBestExpert`), best-by-``val_wer`` checkpointing and early stopping, bf16-mixed on
-    CUDA, and the data module's own DDP sharding (``use_distributed_sampler`` off).
+    CUDA, and the data module's own DDP sharding (``use_distributed_sampler`` off). Other expert kinds subclass
+    it and set the class attributes (``trainers.distill_lightning.DistillLightningCLI``).
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``), e.g. ``["fit", "--config", "x.yaml"]``.
         run: run the subcommand (False: only parse and instantiate).
     """
 
+    task_class = LoraExpertTask  # the LightningModule read from ``model:``
+    data_class = CorpusDataModule  # the LightningDataModule read from ``data:``
+    expert_class = StoreBestExpert  # the callback read from ``expert:``, storing what fit trained
+    prog = "whisper-experts lightning"
+    description = "Train a LoRA language expert with LightningCLI."
+
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
-            LoraExpertTask, CorpusDataModule, args=args, run=run, seed_everything_default=0,
+            self.task_class, self.data_class, args=args, run=run, seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "whisper-experts lightning",
-                           "description": "Train a LoRA language expert with LightningCLI."},
+            parser_kwargs={"prog": self.prog, "description": self.description},
             trainer_defaults={
                 # The machine decides: bf16-mixed where CUDA is, full precision on CPU.
                 "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
                 "max_epochs": 10,
-                "use_distributed_sampler": False,  # the length-grouped batch sampler shards batches itself
+                "use_distributed_sampler": False,  # the data module's batch sampler shards batches itself
                 "num_sanity_val_steps": 0,
                 "log_every_n_steps": 1,
                 "enable_model_summary": False,
@@ -201,12 +207,12 @@ class ExpertLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # The expert has no test_step / predict_step: its test is StoreBestExpert's, at the end of fit.
+        # The expert has no test_step / predict_step: its test is the expert callback's, at the end of fit.
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                 "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(StoreBestExpert, "expert")
+        parser.add_lightning_class_args(self.expert_class, "expert")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val_wer", "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
                              "checkpoint.filename": "best-{epoch}-{val_wer:.4f}"})
@@ -215,11 +221,11 @@ class ExpertLightningCLI(LightningCLI):
                              "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
 
     def before_instantiate_classes(self) -> None:
-        # Fail before the base is loaded and the corpus featurized: fit must end by storing a named expert.
-        if self.subcommand == "fit":
-            StoreBestExpert.check_name(self.config.get("fit.expert.name"))
+        # Fail before the base is loaded and the corpus featurized when fit cannot end by storing its expert.
+        check = getattr(self.expert_class, "check_name", None)
+        if self.subcommand == "fit" and check is not None:
+            check(self.config.get("fit.expert.name"))
 
-    def expert_callback(self) -> StoreBestExpert:
+    def expert_callback(self):
         """The ``expert:`` callback of this run."""
-        return next(c for c in self.trainer.callbacks if isinstance(c, StoreBestExpert))
-
+        return next(c for c in self.trainer.callbacks if isinstance(c, self.expert_class))

@@ -23,6 +23,21 @@ from trainers.distributed import gather_union
 from trainers.evaluation import error_rates
 
 
+def lr_lambda(total: int, warmup: int, schedule: str):
+    """Linear warm-up over ``warmup`` steps, then ``linear`` / ``cosine`` decay to 0 at ``total``, or ``constant``."""
+    warmup = min(warmup, total // 2)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+    return factor
+
+
 class LoraExpertModule(L.LightningModule):
     """A LoRA expert on a frozen base Whisper.
 
@@ -129,16 +144,7 @@ class LoraExpertModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, schedule = min(self.hparams.warmup_steps, total // 2), self.hparams.schedule
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if schedule == "constant":
-                return 1.0
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
-
+        factor = lr_lambda(total, self.hparams.warmup_steps, self.hparams.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
