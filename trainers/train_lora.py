@@ -135,6 +135,21 @@ def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfi
     return base, init, parents
 
 
+def expert_data(cfg: TrainConfig, base, touches_encoder: bool, encoder_start: int):
+    """The set-up training data of a run, caching what the expert cannot change: the encoder output (an expert
+    that leaves the encoder alone) or the input of the lowest adapted encoder layer (one on the top layers)."""
+    from trainers.data import ExpertDataModule
+
+    cache = cfg.cache_encoder and (not touches_encoder or encoder_start > 0)
+    data = ExpertDataModule(cfg.data, base.processor, cfg.languages, cfg.batch_size, cfg.max_train,
+                            cfg.max_validation, encoder=base.model.model.encoder if cache else None,
+                            encoder_layer=encoder_start if touches_encoder else None,
+                            cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
+                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
+    data.setup("fit")
+    return data
+
+
 def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     """Train, select by validation WER, test, and describe a LoRA expert.
 
@@ -148,7 +163,6 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from trainers.data import ExpertDataModule
     from trainers.lora_module import LoraExpertModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -160,15 +174,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                               label_smoothing=cfg.label_smoothing, init_from=init)
-    # Cache what the expert cannot change: the encoder output (decoder-only expert) or the input of the lowest
-    # adapted encoder layer (an expert on the top encoder layers).
-    cache = cfg.cache_encoder and (not lora.touches_encoder or lora.encoder_start > 0)
-    data = ExpertDataModule(cfg.data, base.processor, cfg.languages, cfg.batch_size, cfg.max_train,
-                            cfg.max_validation, encoder=model.model.encoder if cache else None,
-                            encoder_layer=lora.encoder_start if lora.touches_encoder else None,
-                            cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
-                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
-    data.setup("fit")
+    data = expert_data(cfg, base, lora.touches_encoder, lora.encoder_start)
     prepared = time.time()
 
     run_dir = Path(cfg.run_dir)

@@ -27,7 +27,8 @@ from lora_experts.sparse_layer import remove_trainable_sparse
 from lora_experts.sparse_masks import SCOPES, magnitude_scores, top_k_masks
 from lora_experts.task_vectors import task_vector
 from registry.expert_file import Expert, check_compatible, save_expert
-from trainers.train_lora import KeepBestExpert, TrainConfig, expert_manifest, load_checked_base, train_lora_expert
+from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, load_checked_base,
+                                 train_lora_expert)
 
 MASK_SCORES = ("magnitude", "gradient")
 
@@ -97,7 +98,6 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from trainers.data import ExpertDataModule
     from trainers.sparse_module import SparseExpertModule, mask_region
 
     t0 = time.time()
@@ -112,13 +112,7 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
     module = SparseExpertModule(model, base.processor, lr=cfg.sparse_lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                                 label_smoothing=cfg.label_smoothing)
-    cache = cfg.cache_encoder and (not region.touches_encoder or region.encoder_start > 0)
-    data = ExpertDataModule(cfg.data, base.processor, cfg.languages, cfg.batch_size, cfg.max_train,
-                            cfg.max_validation, encoder=model.model.encoder if cache else None,
-                            encoder_layer=region.encoder_start if region.touches_encoder else None,
-                            cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
-                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
-    data.setup("fit")
+    data = expert_data(cfg, base, region.touches_encoder, region.encoder_start)
     if cfg.mask_score == "gradient":
         if torch.cuda.is_available():
             model.cuda()
