@@ -1,4 +1,4 @@
-"""``whisper-experts train``: train a LoRA (or sparse) language expert and store it."""
+"""``whisper-experts train``: train a LoRA (sparse, or fine-tune) language expert and store it."""
 
 from __future__ import annotations
 
@@ -27,16 +27,23 @@ examples:
   whisper-experts train --config examples/train_lora_uk.yaml
   whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
   whisper-experts train --data data/uk --language uk --name uk-sparse --kind sparse --sparsity 0.99
+  whisper-experts train --data data/uk --language uk --name uk-ft --kind task_vector --lr 3e-5
   (the same from a LightningCLI config: `whisper-experts lightning --help`)
 
 --kind sparse trains a sparse sub-network expert in two phases: a LoRA expert as above (phase 1), whose delta's
 largest entries (the top 1 - sparsity fraction) become the mask; then, from the base again, only those entries of
 the weights themselves are fine-tuned (phase 2, learning rate --sparse-lr), keeping the best epoch by validation
 WER. --mask-from EXPERT takes the mask from an existing expert's delta instead of phase 1.
+
+--kind task_vector fine-tunes the weight matrices themselves (the linear layers a LoRA expert with the same
+--side/--encoder-start/--targets would adapt, and their biases) and stores "fine-tuned - base" as a task_vector
+expert: the input of task arithmetic as its paper used it (full fine-tunes of small Whispers). Use a learning
+rate near 1e-5..1e-4 (default 3e-5); --rank/--alpha/--dropout do not apply.
 """
 
 
 def _config_from_args(args):
+    from trainers.train_full import FullTrainConfig
     from trainers.train_lora import TrainConfig
     from trainers.train_sparse import SparseTrainConfig
 
@@ -85,9 +92,9 @@ def _config_from_args(args):
         values["target_modules"] = tuple(values["target_modules"])
     kind = values.pop("kind", None) or "lora"
     sparse_only = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if kind == "lora" and sparse_only:
+    if kind != "sparse" and sparse_only:
         raise ValueError(f"{', '.join(sparse_only)} only apply to sparse experts; add --kind sparse")
-    config = SparseTrainConfig if kind == "sparse" else TrainConfig
+    config = {"sparse": SparseTrainConfig, "task_vector": FullTrainConfig}.get(kind, TrainConfig)
     return config(languages=tuple(languages), **values), name, out
 
 
@@ -102,11 +109,13 @@ def print_test_table(test: dict) -> None:
 
 def _run(args) -> int:
     from registry.expert_file import save_expert
+    from trainers.train_full import FullTrainConfig, train_full_expert
     from trainers.train_lora import train_lora_expert
     from trainers.train_sparse import SparseTrainConfig, train_sparse_expert
 
     cfg, name, out = _config_from_args(args)
-    train = train_sparse_expert if isinstance(cfg, SparseTrainConfig) else train_lora_expert
+    train = train_sparse_expert if isinstance(cfg, SparseTrainConfig) else \
+        train_full_expert if isinstance(cfg, FullTrainConfig) else train_lora_expert
     expert, report = train(cfg)
     if report.get("rank", 0) != 0:
         return 0  # --strategy ddp: every rank holds the same expert; rank 0 writes it and reports
@@ -128,13 +137,15 @@ def _run(args) -> int:
         print(f"\nsparse expert: {report['size']['entries']:,} entries (sparsity "
               f"{100 * expert.manifest['hyperparameters']['sparsity_achieved']:.2f}%), "
               f"{report['size']['file_bytes']:,} bytes on disk")
+    if "parameters" in report:  # a fine-tune
+        print(f"\ntask_vector expert: {report['parameters']:,} fine-tuned parameters")
     print(f"\nbest epoch {report['best_epoch']} (validation WER {100 * report['best_val_wer']:.1f}%); "
           f"expert file {run_dir / 'expert.safetensors'}; logs in {run_dir}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a LoRA (or sparse) language expert", description=DESCRIPTION,
+    p = subparsers.add_parser("train", help="train a LoRA (or sparse, or fine-tune) language expert", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what")
     g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
@@ -145,7 +156,8 @@ def register(subparsers) -> None:
     g.add_argument("--out", help="also write the expert file here")
     g.add_argument("--registry", help="registry directory (default <home>/registry)")
     g.add_argument("--init-from", dest="init_from", help="warm start from this expert (registry spec or file)")
-    g.add_argument("--kind", choices=["lora", "sparse"], help="expert kind (default lora; sparse: see above)")
+    g.add_argument("--kind", choices=["lora", "sparse", "task_vector"],
+                   help="expert kind (default lora; sparse, task_vector (a fine-tune): see above)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")

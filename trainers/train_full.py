@@ -1,0 +1,103 @@
+"""Recipe: a full or partial fine-tune of a Whisper, stored as a ``task_vector`` expert (fine-tuned - base).
+
+The task-arithmetic-with-support-languages work fine-tunes small Whispers fully and adds their task vectors;
+this recipe gives the fusion code that input. The region trained is chosen like a LoRA expert's (``side``,
+``encoder_start``, ``target_modules``, cross-attention): the decoder's linear layers by default (the encoder
+cache applies), the top encoder layers too with ``side="both", encoder_start=K``. Everything else of
+:func:`trainers.train_lora.train_lora_expert` is the same: validation WER every epoch, the best epoch kept,
+early stopping, CSV logs, test split beside the base, the full manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lora_experts.task_vectors import expert_from_task_vector
+from registry.expert_file import Expert
+from trainers.train_lora import KeepBestExpert, TrainConfig, expert_data, expert_manifest, load_checked_base
+
+
+@dataclass(frozen=True)
+class FullTrainConfig(TrainConfig):
+    """A fine-tune run; ``rank``, ``alpha``, ``dropout`` and ``init_from`` do not apply. ``lr`` defaults far below
+    LoRA's, as full fine-tunes need."""
+
+    lr: float = 3e-5
+    biases: bool = True  # train the biases of the fine-tuned linear layers too
+
+    def __post_init__(self):
+        if self.init_from:
+            raise ValueError("a fine-tune starts from the base; --init-from applies to LoRA experts")
+
+
+def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
+    """Fine-tune the region, select by validation WER, test, and describe the ``task_vector`` expert.
+
+    Returns:
+        (the expert, a report with the per-epoch ``history``, ``best_epoch``, ``best_val_wer``, ``seconds``,
+        ``rank``, ``parameters`` (entries trained) and ``test`` when evaluated).
+    """
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.loggers import CSVLogger
+
+    from trainers.finetune_module import FullFinetuneModule
+    from trainers.train_sparse import evaluate_expert_on_test_split
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    t0 = time.time()
+    region = cfg.lora()
+    base, _, _ = load_checked_base(cfg.base, cfg.languages, region)
+    module = FullFinetuneModule(base.model, base.processor, region, biases=cfg.biases, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                label_smoothing=cfg.label_smoothing)
+    data = expert_data(cfg, base, region.touches_encoder, region.encoder_start)
+    prepared = time.time()
+
+    run_dir = Path(cfg.run_dir)
+    keep = KeepBestExpert()
+    # No ModelCheckpoint: a fine-tune's checkpoint is the size of the region (tens of MB per epoch); the best
+    # epoch's deltas are kept in memory by KeepBestExpert and written once as the expert.
+    callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
+                                     check_on_train_epoch_end=False)]
+    cuda = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
+        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"), callbacks=callbacks,
+        logger=[CSVLogger(run_dir, name="logs")], strategy=cfg.strategy, devices=cfg.devices,
+        enable_progress_bar=cfg.progress, log_every_n_steps=1, num_sanity_val_steps=0,
+        enable_model_summary=False, use_distributed_sampler=False, enable_checkpointing=False,
+        default_root_dir=run_dir)
+    trainer.fit(module, datamodule=data)
+    if keep.tensors is None:  # max_steps ended training before an epoch's validation: validate once
+        trainer.validate(module, datamodule=data, verbose=False)
+    if keep.tensors is None:
+        raise RuntimeError("the fine-tune produced no validated expert (no validation epoch ran); raise --epochs")
+    trained = time.time()
+
+    base.model.cpu().eval()
+    module.restore_base()
+    hyper = {**region.hyperparameters(), "mode": "fine-tune", "biases": cfg.biases, "lr": cfg.lr,
+             "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1, "best_epoch": keep.best_epoch,
+             "batch_size": cfg.batch_size, "seed": cfg.seed}
+    for unused in ("rank", "alpha", "dropout"):
+        hyper.pop(unused, None)
+    expert = expert_from_task_vector(keep.tensors, languages=cfg.languages, base=base, hyperparameters=hyper,
+                                     lineage={"parents": [], "method": "fine-tune"})
+    report = {"history": keep.history, "best_epoch": keep.best_epoch, "best_val_wer": keep.best_wer,
+              "rank": trainer.global_rank, "world_size": trainer.world_size,
+              "parameters": sum(t.numel() for t in keep.tensors.values()),
+              "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)}}
+    test = None
+    if cfg.test and trainer.is_global_zero:
+        test = report["test"] = evaluate_expert_on_test_split(base, expert, cfg.data, cfg.languages,
+                                                              limit=cfg.test_limit, batch_size=cfg.batch_size,
+                                                              progress=cfg.progress)
+        report["seconds"]["test"] = round(time.time() - trained, 1)
+    described = expert_manifest(base, cfg.languages, region, keep, data, lr=cfg.lr, schedule=cfg.schedule, test=test)
+    expert.manifest.update(data=described["data"], metrics=described["metrics"])
+    return expert, report
