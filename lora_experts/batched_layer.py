@@ -16,6 +16,10 @@ gathers each sample's matrices and runs two batched matmuls::
 Zero-padded rank rows and columns add exact zeros, so the result equals running sample n alone with its
 expert(s). When generation expands a batch of B samples to B * m rows (beam search, ``num_return_sequences``)
 transformers repeats each sample consecutively (``repeat_interleave``); the routing follows that expansion.
+
+Sparse experts of the same bank live in the same layer (:attr:`BatchedLoraLinear.sparse`, a
+:class:`~lora_experts.batched_sparse.BatchedSparseDelta`): the same routing adds each row's sparse delta
+``D_e x`` in one block-diagonal sparse matmul. An expert slot holds LoRA matrices, a sparse delta, or neither.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora_experts.batched_sparse import BatchedSparseDelta
+from lora_experts.sparse import SparseDelta
 
 BASE_ONLY = -1  # expert index meaning "no expert": the sample is served by the base model alone
 
@@ -98,7 +105,8 @@ def _wrapped_keys(module, state_dict, prefix, *args) -> None:
 
 
 class BatchedLoraLinear(nn.Module):
-    """An ``nn.Linear`` plus a stack of LoRA experts, routed per sample (see the module docstring).
+    """An ``nn.Linear`` plus a stack of LoRA experts (and the sparse deltas of sparse experts), routed per sample
+    (see the module docstring).
 
     Args:
         base_layer: the wrapped linear layer; never modified, so unwrapping restores the base bit-exactly.
@@ -122,6 +130,7 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer("lora_B", w.new_zeros(0, base_layer.out_features, 0), persistent=False)
         self.register_buffer("scale", w.new_zeros(0), persistent=False)
         self._cache: tuple | None = None
+        self.sparse: BatchedSparseDelta | None = None  # sparse experts' deltas on this layer's weight, if any
         self.register_state_dict_post_hook(_base_keys)
         self.register_load_state_dict_pre_hook(_wrapped_keys)
 
@@ -182,8 +191,20 @@ class BatchedLoraLinear(nn.Module):
         self.scale = torch.tensor(self.scales, device=w.device, dtype=w.dtype)
         self._cache = None
 
+    def sparse_slots(self) -> list[SparseDelta | None]:
+        """Each expert slot's sparse delta on this layer's weight (CPU copies), None where it has none."""
+        return self.sparse.slots() if self.sparse is not None else [None] * self.num_experts
+
+    def set_sparse_slots(self, deltas: list[SparseDelta | None]) -> None:
+        """Set the sparse deltas, one entry per expert slot (after :meth:`set_slots`, which fixes the slot count)."""
+        if len(deltas) != self.num_experts:
+            raise ValueError(f"{len(deltas)} sparse slots for a layer with {self.num_experts} expert slots")
+        self.sparse = None if all(d is None for d in deltas) else BatchedSparseDelta(deltas, self.base_layer.weight)
+
     def clear_cache(self) -> None:
         self._cache = None
+        if self.sparse is not None:
+            self.sparse.clear_cache()
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +213,18 @@ class BatchedLoraLinear(nn.Module):
         routing = self.state.routing
         if routing is None or not self.ranks:
             return result
-        if routing.uniform is not None:
-            return self._forward_one(x, result, routing.uniform)
-        return self._forward_mixed(x, result, routing)
+        if self.lora_A.shape[1]:  # some expert has LoRA matrices here
+            if routing.uniform is not None:
+                result = self._forward_one(x, result, routing.uniform)
+            else:
+                result = self._forward_mixed(x, result, routing)
+        if self.sparse is not None:
+            update = self.sparse.update(x, routing)
+            if update is not None:
+                if _in_place(result, update):
+                    return result.add_(update)
+                return result + update.to(result.dtype)
+        return result
 
     def _forward_one(self, x: torch.Tensor, result: torch.Tensor, expert: int) -> torch.Tensor:
         """Every row uses ``expert``: the same two matmuls a single attached peft expert runs."""

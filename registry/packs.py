@@ -15,10 +15,10 @@ whose value is the JSON pack manifest:
 ==================  ==========================================================================================
 
 :func:`load_pack` reads the file memory-mapped (``safe_open``), checks the experts against the base exactly as
-single experts are checked (:func:`registry.expert_file.check_compatible`), and attaches every LoRA expert to
-the model already in memory as an :class:`~lora_experts.bank.ExpertBank` for per-sample routing. Packs store
-experts of any kind (``sparse`` ones too: :func:`read_pack` gives them back for ``lora_experts.sparse.apply_sparse``).
-Writes are atomic; nothing is ever unpickled.
+single experts are checked (:func:`registry.expert_file.check_compatible`), and attaches every expert to the
+model already in memory as an :class:`~lora_experts.bank.ExpertBank` for per-sample routing: ``lora``, ``sparse``
+and ``clsr`` experts, each routed as :mod:`registry.attach` describes. Packs store experts of any kind
+(:func:`read_pack` gives back the others, e.g. task vectors). Writes are atomic; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from safetensors.torch import save
 from lora_experts.bank import ExpertBank, expert_bank
 from lora_experts.batched_layer import BatchedLoraLinear
 from registry.atomic import atomic_write_bytes
+from registry.attach import attach_experts, check_routable
 from registry.expert_file import (MANIFEST_KEY, Expert, ExpertFormatError, check_compatible, package_version,
                                   validate_manifest)
 from registry.records import ExpertNotFoundError, ExpertRecord, validate_name
@@ -184,7 +185,7 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
         base: with ``languages``: the base to query; with ``experts``: every expert must be for this base
             (name or fingerprint prefix).
         languages: for each, the latest expert serving it on ``base`` (:func:`select_experts`).
-        kind: the kind the language query selects (default ``lora``, the kind :func:`load_pack` attaches).
+        kind: the kind the language query selects (default ``lora``; ``sparse``, ``clsr``; None: any kind).
     """
     registry = registry or Registry()
     languages = list(languages)
@@ -343,7 +344,9 @@ def _model_and_identity(base_or_model, pack_base: dict):
     bank = expert_bank(model, create=False)
     if bank is not None and bank.base is not None:
         return model, bank, SimpleNamespace(**bank.base)
-    if any(isinstance(m, BatchedLoraLinear) for m in model.modules()):
+    from distill.clsr.model import is_clsr
+
+    if any(isinstance(m, BatchedLoraLinear) for m in model.modules()) or is_clsr(model):
         raise ValueError("this model carries experts whose base is unknown; pass the registry.bases.Base it was "
                          "loaded as, so the pack can be checked against it")
     from registry.fingerprint import weight_fingerprint
@@ -356,7 +359,8 @@ def _model_and_identity(base_or_model, pack_base: dict):
 
 def load_pack(base_or_model, path: Path | str, *, names: Iterable[str] | None = None, force: bool = False,
               verify: bool = True) -> ExpertBank:
-    """Attach a pack's LoRA experts to a Whisper already in memory, in one call, for per-sample routing.
+    """Attach a pack's experts (``lora``, ``sparse``, ``clsr``) to a Whisper in memory, in one call, for
+    per-sample routing (see :mod:`registry.attach`).
 
     Args:
         base_or_model: a ``registry.bases.Base`` (its fingerprints are checked), or a bare
@@ -373,7 +377,8 @@ def load_pack(base_or_model, path: Path | str, *, names: Iterable[str] | None = 
     Raises:
         PackFormatError: missing, truncated or corrupt pack.
         ExpertMismatchError: the pack's experts were made for another base (``force`` skips the weight check).
-        ValueError: a non-LoRA expert, a name already attached, or modules this model does not have.
+        ValueError: an expert of a kind the bank cannot route, a name already attached, modules this model does
+            not have, or CLSR experts beside LoRA / sparse experts on fc1/fc2.
     """
     path = Path(path)
     info = inspect_pack(path)
@@ -382,20 +387,15 @@ def load_pack(base_or_model, path: Path | str, *, names: Iterable[str] | None = 
     check_compatible({"base": info.base}, identity, force=force, what=f"pack {path}")
     for name in names:
         entry = info.entry(name)
-        if entry.kind != "lora":
-            hint = (" A sparse expert changes the weights themselves, one at a time: apply it with "
-                    "lora_experts.sparse.apply_sparse(model, read_pack(path, [name])[name])."
-                    if entry.kind == "sparse" else "")
-            raise ValueError(f"pack {path}: expert {name} is a {entry.kind!r} expert; load_pack attaches LoRA experts "
-                             f"(leave it out with names=...).{hint}")
+        check_routable(name, entry.kind, f"pack {path}")
         check_compatible(entry.manifest, identity, force=force, what=f"expert {name} in pack {path}")
         if bank is not None and name in bank:
             raise ValueError(f"pack {path}: an expert named {name} is already attached; remove it first")
     tensors = _read_tensors(path, info, names, verify)
-    bank = bank or expert_bank(model)
-    bank.add_many({n: (tensors[n], info.entry(n).manifest.get("hyperparameters", {}), info.entry(n).languages)
-                   for n in names},
-                  {n: {"pack": str(path), "ref": info.entry(n).ref, "sha256": info.entry(n).sha256} for n in names})
+    bank = attach_experts(model, {n: Expert(tensors[n], info.entry(n).manifest) for n in names}, identity,
+                          force=force, where=f"pack {path}",
+                          info={n: {"pack": str(path), "ref": info.entry(n).ref, "sha256": info.entry(n).sha256}
+                                for n in names})
     if bank.base is None:
         bank.base = {"name": identity.name, "fingerprint": identity.fingerprint,
                      "tokenizer_fingerprint": identity.tokenizer_fingerprint}
@@ -403,16 +403,16 @@ def load_pack(base_or_model, path: Path | str, *, names: Iterable[str] | None = 
 
 
 def add_expert(base_or_model, expert: Expert, name: str, *, force: bool = False) -> int:
-    """Attach one more LoRA expert to a live model's bank (checked like a pack's); returns its expert id.
+    """Attach one more expert (``lora``, ``sparse`` or ``clsr``) to a live model's bank, checked like a pack's;
+    returns its expert id.
 
     Remove one with ``expert_bank(model).remove(name)``; removing the last restores the base bit-exactly.
     """
-    if expert.kind != "lora":
-        raise ValueError(f"expert {name} is a {expert.kind!r} expert; only LoRA experts join an expert bank")
+    check_routable(name, expert.kind, "add_expert")
     model, bank, identity = _model_and_identity(base_or_model, expert.manifest["base"])
     check_compatible(expert.manifest, identity, force=force, what=f"expert {name}")
-    bank = bank or expert_bank(model)
-    index = bank.add(name, expert.tensors, expert.manifest.get("hyperparameters", {}), expert.languages)
+    bank = attach_experts(model, {name: expert}, identity, force=force, where=f"expert {name}")
+    index = bank.index(name)
     if bank.base is None:
         bank.base = vars(identity).copy()
     return index

@@ -74,8 +74,9 @@ def test_packs_store_sparse_experts_and_evaluation_restores_the_base(trained, ti
     back = read_pack(info.path)["uk-sparse"]
     assert back.manifest == expert.manifest and all(torch.equal(back.tensors[k], v) for k, v in expert.tensors.items())
     base = load_base(str(tiny_whisper_dir), device="cpu")
-    with pytest.raises(ValueError, match="apply_sparse"):
-        load_pack(base, info.path)
+    bank = load_pack(base, info.path)  # a pack's sparse expert joins the model's bank, routed per sample
+    assert [(e.name, e.kind) for e in bank.experts] == [("uk-sparse", "sparse")]
+    bank.clear()
     before = copy.deepcopy(dict(base.model.named_parameters()))
     with expert_applied(base.model, back):
         changed = [n for n, p in base.model.named_parameters() if not torch.equal(p, before[n])]

@@ -12,11 +12,13 @@ DESCRIPTION = """\
 A pack is N experts for one base in one .safetensors file (tensors namespaced per expert, a manifest listing
 each expert's registry version, kind, languages and manifest, and the base's fingerprints). Loading a pack
 attaches every expert to one Whisper in one call (registry.packs.load_pack), so that each utterance of a batch
-is routed to its own expert.
+is routed to its own expert. Packs hold lora, sparse and clsr experts (CLSR experts cannot share a pack with
+LoRA or sparse experts that adapt fc1/fc2).
 
 examples:
   whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
   whisper-experts pack create --experts uk-espeak,pt-espeak@2 --out packs/uk-pt.safetensors
+  whisper-experts pack create --base whisper-base --languages uk,pt --kind sparse --out packs/sparse.safetensors
   whisper-experts pack inspect packs/eu3.safetensors
 """
 
@@ -79,7 +81,8 @@ def register(subparsers) -> None:
                                   "--languages, a check with --experts")
     c.add_argument("--languages", help="comma-separated Whisper codes: the latest expert serving each")
     c.add_argument("--experts", help="comma-separated registry specs: NAME, NAME@VERSION, NAME@TAG")
-    c.add_argument("--kind", default="lora", help="kind of expert --languages selects (default lora; 'any')")
+    c.add_argument("--kind", default="lora", help="kind of expert --languages selects: lora (default), sparse, "
+                                                  "clsr, or 'any' (the latest of any kind)")
     c.add_argument("--registry", metavar="DIR", help="registry directory (default <home>/registry)")
     c.set_defaults(func=_create)
 
