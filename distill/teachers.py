@@ -271,9 +271,9 @@ def _apply(teacher: Teacher, expert: Expert, spec: str, sha: str, adapter_index:
 
         apply_task_vector(model, task_vector(expert))
     elif expert.kind == "clsr":
-        from distill.clsr import attach_clsr_expert, convert_to_clsr
+        from distill.clsr import attach_clsr_expert, convert_to_clsr, recorded_layout
 
-        convert_to_clsr(model)
+        convert_to_clsr(model, **recorded_layout(expert.manifest.get("hyperparameters", {})))
         teacher.clsr_language = attach_clsr_expert(model, expert, teacher.base, where=f"teacher expert {spec}")
     else:
         raise ValueError(f"teacher expert {spec} is a {expert.kind!r} expert; a teacher applies lora, task_vector "

@@ -63,14 +63,14 @@ def attach_experts(model, experts: Mapping[str, Expert], base, *, force: bool = 
     Returns:
         The model's bank. On error nothing of ``experts`` stays attached.
     """
-    from distill.clsr.bank import add_clsr_experts, check_ffn_free
+    from distill.clsr.bank import add_clsr_experts, check_ffn_free, clsr_modules
 
     for name, expert in experts.items():
         check_routable(name, expert.kind, where)
     existing = expert_bank(model, create=False)
-    clsr = [n for n, e in experts.items() if e.kind == "clsr"]
+    clsr = {n: clsr_modules(e) for n, e in experts.items() if e.kind == "clsr"}
     if existing is not None:
-        clsr += [e.name for e in existing.experts if e.kind == "clsr"]
+        clsr.update({e.name: list(e.modules) for e in existing.experts if e.kind == "clsr"})
     others = {n: adapted_modules(e) for n, e in experts.items() if e.kind in ("lora", "sparse")}
     if existing is not None:
         others.update({e.name: list(e.modules) for e in existing.experts if e.kind in ("lora", "sparse")})

@@ -1,7 +1,9 @@
 """The Lightning module that trains CLSR gated experts (DistilWhisper), with or without a teacher.
 
 The student is the base Whisper converted to CLSR (:func:`distill.clsr.convert_to_clsr`) with a path and a gate per
-language; everything pretrained stays frozen. Each training batch holds one language
+language; everything pretrained stays frozen. A student whose CLSR layout leaves the encoder (or its lower layers)
+alone takes batches with the cached encoder output (or the cached input of its lowest CLSR encoder layer) instead
+of log-mel features, as a decoder-only LoRA expert does. Each training batch holds one language
 (:class:`~trainers.language_batches.LanguageBatchSampler`), so a step trains that language's path and gate. The
 loss is :class:`distill.losses.DistillationLoss`: cross-entropy with label smoothing, the gate budget
 ``|mean(g) - b|``, and (with a teacher source) the KD loss against the teacher's distribution. The gate noise
@@ -21,11 +23,12 @@ import math
 
 import lightning as L
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect_gates, convert_to_clsr,
                           language_parameters, noise_scale_at, set_language, set_noise_scale)
 from distill.losses import DistillationLoss, DistillationLossConfig
-from trainers.data import IGNORE
+from trainers.data import IGNORE, cached_encoder_states
 from trainers.decoding import transcribe_batch
 from trainers.distributed import gather_union
 from trainers.evaluation import error_rates
@@ -102,14 +105,22 @@ class ClsrExpertModule(L.LightningModule):
         set_language(self.model, languages[0] if len(set(languages)) == 1 else languages)
 
     def _forward(self, batch):
+        """(logits, gate records, encoder states when the batch carries a cached encoder side, else None)."""
         self._route(batch)
         with collect_gates(self.model) as gates:
-            logits = self.model(input_features=batch["input_features"].to(self.dtype),
-                                decoder_input_ids=batch["decoder_input_ids"]).logits
-        return logits, gates
+            # CLSR encoder layers above a cached layer input run here, routed and recorded like the rest.
+            states = cached_encoder_states(self.model.model.encoder, batch, self.clsr_config.encoder_start,
+                                           self.dtype)
+            if states is not None:
+                out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                                 decoder_input_ids=batch["decoder_input_ids"])
+            else:
+                out = self.model(input_features=batch["input_features"].to(self.dtype),
+                                 decoder_input_ids=batch["decoder_input_ids"])
+        return out.logits, gates, states
 
     def training_step(self, batch, batch_idx):
-        logits, gates = self._forward(batch)
+        logits, gates, _ = self._forward(batch)
         teacher = self.teacher.teacher_for(batch) if self.teacher is not None else None
         out = self.loss_fn(logits, teacher, batch["labels"], gates)
         loss = out.loss
@@ -128,15 +139,17 @@ class ClsrExpertModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits, gates = self._forward(batch)  # eval mode: hard gates, each sample by its own language
+        logits, gates, states = self._forward(batch)  # eval mode: hard gates, each sample by its own language
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORE)
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
         for layer, g in gates.records:
             s = self._val_gates.setdefault(short_layer(layer), [0.0, 0])
             s[0] += float(g.sum())
             s[1] += g.numel()
-        out = transcribe_batch(self.model, self.processor, batch["input_features"].to(self.dtype),
-                               languages=batch["language"], max_new_tokens=self.hparams.val_max_new_tokens)
+        source = {"encoder_hidden_states": states} if states is not None else {
+            "features": batch["input_features"].to(self.dtype)}
+        out = transcribe_batch(self.model, self.processor, languages=batch["language"],
+                               max_new_tokens=self.hparams.val_max_new_tokens, **source)
         for i, lang, ref, hyp in zip(batch["index"].tolist(), batch["language"], batch["text"], out.texts):
             self._val_rows[i] = (lang, ref, hyp)
 

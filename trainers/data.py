@@ -92,6 +92,18 @@ def encode_from(encoder: torch.nn.Module, hidden: torch.Tensor, layer: int) -> t
     return encoder.layer_norm(hidden)
 
 
+def cached_encoder_states(encoder: torch.nn.Module, batch: dict, encoder_start: int, dtype: torch.dtype
+                          ) -> torch.Tensor | None:
+    """A batch's encoder outputs (batch, frames, d_model) when its encoder side was cached: the cached outputs
+    themselves, or the encoder's layers ``encoder_start``.. run on the cached input of that layer. None when the
+    batch carries log-mel features instead (the caller runs the whole model on them)."""
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"].to(dtype)
+    if "encoder_layer_input" in batch:
+        return encode_from(encoder, batch["encoder_layer_input"].to(dtype), encoder_start)
+    return None
+
+
 class EncoderCache:
     """Encoder outputs (or the input of one encoder layer) of a fixed set of utterances, computed once, stored
     as a float16 memmap.

@@ -24,7 +24,7 @@ from lora_experts.config import LoraExpertConfig
 from trainers.clsr_experts import KeepBestLanguages, clsr_experts, expert_names
 from trainers.clsr_module import ClsrExpertModule
 from trainers.language_batches import DistillDataModule
-from trainers.train_distill import default_lr, load_teacher_source, loss_config
+from trainers.train_distill import default_lr, encoder_cache_plan, load_teacher_source, loss_config
 from trainers.lightning_cli import ExpertLightningCLI
 from trainers.train_lora import load_checked_base
 
@@ -36,6 +36,10 @@ class ClsrExpertTask(ClsrExpertModule):
         languages: Whisper codes, one path and gate each.
         base: student base: an imported or bundled name, a local directory, or a hub id.
         path: full (a copy of the FFN per language, as DistilWhisper) or lowrank (a rank-r delta on it).
+        side: FFN blocks that get CLSR paths: both (every encoder and decoder FFN, the paper), decoder (the encoder
+            stays untouched and training caches its output, with a cached teacher or none) or encoder.
+        encoder_start: with side both/encoder, only encoder layers >= this get CLSR paths (the input of this
+            layer is cached).
         rank: lowrank rank.
         alpha: lowrank alpha (the delta is scaled by alpha / rank).
         gate_hidden: hidden size of each gate.
@@ -61,7 +65,8 @@ class ClsrExpertTask(ClsrExpertModule):
     """
 
     def __init__(self, languages: list[str], base: str = "whisper-base", path: Literal["full", "lowrank"] = "full",
-                 rank: int = 16, alpha: float = 32.0, gate_hidden: int = 64, teacher: str | None = None,
+                 side: Literal["both", "decoder", "encoder"] = "both", encoder_start: int = 0, rank: int = 16,
+                 alpha: float = 32.0, gate_hidden: int = 64, teacher: str | None = None,
                  teachers: list[str] | None = None, teacher_base: str | None = None, teacher_cache: str | None = None,
                  top_k: int = 32, registry: str | None = None, kd: Literal["js", "kl"] = "js", temperature: float = 1.0,
                  ce_weight: float | None = None, gate_weight: float | None = None, kd_weight: float | None = None,
@@ -77,7 +82,8 @@ class ClsrExpertTask(ClsrExpertModule):
             source.teachers.check_covers(languages)
         lr = default_lr("clsr", path) if lr is None else lr
         super().__init__(loaded.model, loaded.processor, languages,
-                         ClsrConfig(kind=path, rank=rank, alpha=alpha, gate_hidden=gate_hidden), loss, source, lr=lr,
+                         ClsrConfig(kind=path, rank=rank, alpha=alpha, gate_hidden=gate_hidden, side=side,
+                                    encoder_start=encoder_start), loss, source, lr=lr,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_noise=max_noise,
                          val_max_new_tokens=val_max_new_tokens)
         self.base = loaded
@@ -93,14 +99,19 @@ class ClsrCorpusDataModule(DistillDataModule):
         batch_size: utterances per batch.
         max_train: at most this many training utterances per language.
         max_validation: at most this many validation utterances per language.
+        cache_encoder: cache the encoder output (or the input of the lowest CLSR encoder layer) when the student's
+            layout leaves it alone and the teacher is cached (or absent).
+        cache_dir: encoder cache location (default: <data>/.cache).
         seed: seeds the batch order.
         progress: progress bars for feature extraction and the teacher cache.
     """
 
     def __init__(self, data: str, batch_size: int = 16, max_train: int | None = None,
-                 max_validation: int | None = None, seed: int = 0, progress: bool = True):
-        super().__init__(data, None, (), batch_size, max_train=max_train, max_validation=max_validation, seed=seed,
-                         progress=progress)
+                 max_validation: int | None = None, cache_encoder: bool = True, cache_dir: str | None = None,
+                 seed: int = 0, progress: bool = True):
+        super().__init__(data, None, (), batch_size, max_train=max_train, max_validation=max_validation,
+                         cache_dir=cache_dir, seed=seed, progress=progress)
+        self.cache_encoder = cache_encoder
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
@@ -108,7 +119,11 @@ class ClsrCorpusDataModule(DistillDataModule):
             if not isinstance(task, ClsrExpertTask):
                 raise TypeError(f"ClsrCorpusDataModule feeds a ClsrExpertTask, not a {type(task).__name__}")
             self.processor, self.languages, self.teacher = task.processor, list(task.languages), task.teacher
-            self.multilingual = task.base.multilingual
+            self.base_fingerprint, self.multilingual = task.base.fingerprint, task.base.multilingual
+            cache, layer = encoder_cache_plan(task.clsr_config, task.teacher)
+            if self.cache_encoder and cache:
+                self.encoder = task.model.model.encoder.to(self.trainer.strategy.root_device)
+                self.encoder_layer = layer
         super().setup(stage)
 
 

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, add_trainable_expert, attach_expert, expert_tensors
-from trainers.data import IGNORE, encode_from
+from trainers.data import IGNORE, cached_encoder_states
 from trainers.decoding import transcribe_batch
 from trainers.distributed import gather_union
 from trainers.evaluation import error_rates
@@ -84,12 +84,7 @@ class LoraExpertModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def _encoder_states(self, batch) -> torch.Tensor | None:
         """Encoder outputs from the cache, or the adapted top layers run on cached layer inputs (else None)."""
-        if "encoder_hidden_states" in batch:
-            return batch["encoder_hidden_states"].to(self.dtype)
-        if "encoder_layer_input" in batch:
-            encoder = self.model.model.encoder
-            return encode_from(encoder, batch["encoder_layer_input"].to(self.dtype), self.config.encoder_start)
-        return None
+        return cached_encoder_states(self.model.model.encoder, batch, self.config.encoder_start, self.dtype)
 
     def _logits(self, batch) -> torch.Tensor:
         states = self._encoder_states(batch)

@@ -47,6 +47,10 @@ class DistillConfig:
     top_k: int = 32  # log-probabilities kept per position in the cache
     registry: str | None = None  # registry directory for teacher expert specs
     path: str = "full"  # clsr: full copy of the FFN per language | lowrank delta
+    # Which blocks the student adapts: both | decoder | encoder (default: clsr both, the paper; lora decoder). A
+    # student that leaves the encoder alone trains on cached encoder outputs (with a cached teacher or none).
+    side: str | None = None
+    encoder_start: int = 0  # side both/encoder: only encoder layers >= this (the input of this layer is cached)
     rank: int = 16  # clsr lowrank rank, or the LoRA student's rank
     alpha: float = 32.0  # low-rank / LoRA alpha
     gate_budget: float = 0.5  # clsr: target fraction b of tokens on the language paths
@@ -71,7 +75,7 @@ class DistillConfig:
     max_validation: int | None = None
     patience: int = 3  # early stopping on val_wer (all languages)
     run_dir: str = "runs/distill"
-    cache_dir: str | None = None  # LoRA student: encoder-output cache (used with a cached teacher only)
+    cache_dir: str | None = None  # encoder cache location (default <data>/.cache; not with an online teacher)
     strategy: str = "auto"
     devices: str = "auto"
     test: bool = True
@@ -84,6 +88,7 @@ class DistillConfig:
             raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.teacher and self.teachers:
             raise ValueError("give one --teacher for every language or --teachers (one per language), not both")
+        self.clsr() if self.kind == "clsr" else self.lora()  # refuse a bad side / encoder_start now
         if self.kind == "lora" and not (self.teacher or self.teachers):
             raise ValueError("a LoRA student is distilled from teachers: give --teachers (or --teacher); to train a "
                              "LoRA expert on labels alone use `whisper-experts train`")
@@ -93,7 +98,14 @@ class DistillConfig:
         return bool(self.teacher or self.teachers)
 
     def clsr(self) -> ClsrConfig:
-        return ClsrConfig(kind=self.path, rank=self.rank, alpha=self.alpha)
+        return ClsrConfig(kind=self.path, rank=self.rank, alpha=self.alpha, side=self.side or "both",
+                          encoder_start=self.encoder_start)
+
+    def lora(self):
+        from lora_experts.config import LoraExpertConfig
+
+        return LoraExpertConfig(rank=self.rank, alpha=self.alpha, side=self.side or "decoder",
+                                encoder_start=self.encoder_start)
 
     def loss(self) -> DistillationLossConfig:
         return loss_config(self.has_teacher, ce_weight=self.ce_weight, gate_weight=self.gate_weight,
@@ -117,6 +129,26 @@ def loss_config(has_teacher: bool, *, ce_weight: float | None = None, gate_weigh
     weights = {k: v for k, v in (("ce_weight", ce_weight), ("gate_weight", gate_weight), ("kd_weight", kd_weight))
                if v is not None}
     return dataclasses.replace(default, **fields, **weights)
+
+
+def encoder_cache_plan(student, source) -> tuple[bool, int | None]:
+    """Whether a distillation run caches the student's encoder side, and which: ``(cache, layer)``.
+
+    As for a LoRA expert (``trainers.train_lora.expert_data``): a student that leaves the encoder alone trains on
+    cached encoder outputs (``layer`` None), one that adapts encoder layers >= K only on the cached input of layer
+    K. A cached teacher (or none) needs no audio during training; an online teacher reads every batch's log-mel
+    features (it may adapt the encoder itself), so it turns the cache off.
+
+    Args:
+        student: the student's :class:`~distill.clsr.ClsrConfig` or ``LoraExpertConfig`` (``touches_encoder``,
+            ``encoder_start``).
+        source: the teacher source, or None.
+    """
+    if source is not None and source.kind != "cached":
+        return False, None
+    if student.touches_encoder and student.encoder_start == 0:
+        return False, None
+    return True, student.encoder_start if student.touches_encoder else None
 
 
 def load_teacher_source(student_base, *, teacher: str | None = None, teachers=(), teacher_base: str | None = None,
@@ -178,13 +210,12 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     Returns:
         (experts, report with the per-epoch history, best epochs, the teacher source's report, timings, test).
     """
-    from lora_experts.config import LoraExpertConfig
     from trainers.language_batches import DistillDataModule
     from trainers.train_lora import load_checked_base
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
-    lora = LoraExpertConfig(rank=cfg.rank, alpha=cfg.alpha)
+    lora = cfg.lora()
     base, _, _ = load_checked_base(cfg.base, (), lora)
     source = load_teacher_source(base, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
                                  registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k,
@@ -195,9 +226,11 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     _check_languages(base, languages)
     if source is not None:
         source.teachers.check_covers(languages)
-    cached_teacher = source is None or source.kind == "cached"
+    cache, layer = encoder_cache_plan(cfg.clsr() if cfg.kind == "clsr" else lora, source)
     data_options = dict(max_train=cfg.max_train, max_validation=cfg.max_validation, seed=cfg.seed,
-                        progress=cfg.progress, multilingual=base.multilingual, teacher=source)
+                        progress=cfg.progress, multilingual=base.multilingual, teacher=source,
+                        encoder=base.model.model.encoder if cache else None, encoder_layer=layer,
+                        cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint)
     if cfg.kind == "clsr":
         from trainers.clsr_experts import KeepBestLanguages
         from trainers.clsr_module import ClsrExpertModule
@@ -206,7 +239,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
                                   lr=cfg.learning_rate(), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                   schedule=cfg.schedule, max_noise=cfg.max_noise,
                                   val_max_new_tokens=cfg.val_max_new_tokens)
-        # The student's encoder has CLSR layers too: batches carry log-mel features, no encoder cache.
+        # The CLSR layers are in place (the encoder cache below them is the base's): build the data after.
         data = DistillDataModule(cfg.data, base.processor, languages, cfg.batch_size, language_batches=True,
                                  **data_options)
         keep = KeepBestLanguages(languages)
@@ -218,10 +251,8 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
                                    lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
                                    warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                                    val_max_new_tokens=cfg.val_max_new_tokens)
-        # A decoder-only student can train on cached encoder outputs, unless an online teacher needs the audio.
         data = DistillDataModule(cfg.data, base.processor, languages, cfg.batch_size, language_batches=False,
-                                 encoder=base.model.model.encoder if cached_teacher else None,
-                                 cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint, **data_options)
+                                 **data_options)
         keep = KeepBestExpert()
     data.setup("fit")
     prepared = time.time()

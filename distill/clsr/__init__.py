@@ -7,9 +7,10 @@
 * :mod:`~distill.clsr.expert`: one language as a ``clsr`` expert file, with base fingerprint checks.
 """
 
-from distill.clsr.config import ClsrConfig, noise_scale_at
+from distill.clsr.config import ClsrConfig, noise_scale_at, recorded_layout
 from distill.clsr.expert import (attach_clsr_expert, clsr_expert_tensors, language_config, load_clsr_expert,
-                                 make_clsr_expert, parameters_per_language, save_clsr_expert)
+                                 make_clsr_expert, parameters_active_per_token, parameters_per_language,
+                                 save_clsr_expert)
 from distill.clsr.model import (add_language, clsr_languages, clsr_layers, clsr_routing, collect_gates,
                                 convert_from_clsr, convert_to_clsr, is_clsr, language_parameters, remove_language,
                                 set_language, set_noise_scale)
@@ -19,5 +20,6 @@ __all__ = [
     "ClsrConfig", "GateRecorder", "add_language", "attach_clsr_expert", "clsr_expert_tensors", "clsr_languages",
     "clsr_layers", "clsr_routing", "collect_gates", "convert_from_clsr", "convert_to_clsr", "is_clsr",
     "language_config", "language_parameters", "load_clsr_expert", "make_clsr_expert", "noise_scale_at",
-    "parameters_per_language", "remove_language", "save_clsr_expert", "set_language", "set_noise_scale",
+    "parameters_active_per_token", "parameters_per_language", "recorded_layout", "remove_language",
+    "save_clsr_expert", "set_language", "set_noise_scale",
 ]

@@ -15,9 +15,12 @@ of expert, or :data:`~lora_experts.batched_layer.BASE_ONLY`) runs the shared pat
 exactly. Inside each CLSR layer a mixed batch is grouped by language (``ClsrRouting.groups``, beams included).
 CLSR experts route hard: one per sample, at weight 1 (their gates already choose a path per token).
 
-A model holding CLSR experts has CLSR pairs for fc1/fc2, so LoRA or sparse experts cannot adapt those layers at
-the same time (and the other way round): :func:`check_ffn_free` refuses it with the modules named. Removing the
-last CLSR expert converts the model back, bit-exactly, if this module converted it.
+The model is converted with the experts' layout (``side``, ``encoder_start`` in their manifests: every encoder
+and decoder FFN, or the decoder's only, ...); experts of different layouts cannot share one model. A model
+holding CLSR experts has CLSR pairs for the fc1/fc2 of those layers, so LoRA or sparse experts cannot adapt them at
+the same time (and the other way round; fc1/fc2 outside the layout stay free): :func:`check_ffn_free` refuses it
+with the modules named. Removing the last CLSR expert converts the model back, bit-exactly, if this module
+converted it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Mapping
 
 import torch
 
-from distill.clsr.expert import attach_clsr_expert
+from distill.clsr.config import recorded_layout
+from distill.clsr.expert import attach_clsr_expert, clsr_modules
 from distill.clsr.model import (check_language_name, clsr_languages, clsr_layers, convert_from_clsr,
                                 convert_to_clsr, is_clsr, remove_language, set_language)
 from lora_experts.bank import ExpertBank, RoutedKind
@@ -70,23 +74,25 @@ class ClsrExperts(RoutedKind):
             convert_from_clsr(self.model)
 
 
-def check_ffn_free(clsr: Mapping[str, object], others: Mapping[str, list[str]], where: str = "") -> None:
-    """Refuse CLSR experts together with LoRA / sparse experts that adapt fc1 or fc2.
+def check_ffn_free(clsr: Mapping[str, list[str]], others: Mapping[str, list[str]], where: str = "") -> None:
+    """Refuse CLSR experts together with LoRA / sparse experts that adapt an fc1 or fc2 the CLSR experts replace.
 
     Args:
-        clsr: names of the CLSR experts present (attached or about to be); nothing to check if empty.
+        clsr: name -> the fc1/fc2 module paths it replaces (:func:`clsr_modules`), for the CLSR experts present
+            (attached or about to be); nothing to check if empty.
         others: LoRA / sparse expert name -> the module paths it adapts.
     """
     if not clsr:
         return
-    clash = {name: [m for m in modules if is_ffn(m)] for name, modules in others.items()}
+    replaced = {m for modules in clsr.values() for m in modules}
+    clash = {name: [m for m in modules if is_ffn(m) and m in replaced] for name, modules in others.items()}
     clash = {name: modules for name, modules in clash.items() if modules}
     if clash:
         described = "; ".join(f"{name} adapts {', '.join(modules[:2])}{' ...' if len(modules) > 2 else ''}"
                               for name, modules in clash.items())
-        raise ValueError(f"{where}CLSR experts ({', '.join(clsr)}) replace every fc1/fc2 by a gated pair, so LoRA or "
-                         f"sparse experts cannot adapt those layers in the same model: {described}. Load them into "
-                         "separate models, or leave one group out (names=...)")
+        raise ValueError(f"{where}CLSR experts ({', '.join(clsr)}) replace every fc1/fc2 of their layers by a gated "
+                         f"pair, so LoRA or sparse experts cannot adapt those in the same model: {described}. Load "
+                         "them into separate models, or leave one group out (names=...)")
 
 
 def clsr_key(name: str) -> str:
@@ -111,7 +117,14 @@ def add_clsr_experts(bank: ExpertBank, experts: Mapping[str, Expert], base, *, f
         Their expert ids, in order. On any error nothing is added (and the model is not left converted).
     """
     model = bank.model
-    check_ffn_free(experts, {e.name: list(e.modules) for e in bank.experts if e.kind in ("lora", "sparse")})
+    clsr = {name: clsr_modules(e) for name, e in experts.items()}
+    clsr.update({e.name: list(e.modules) for e in bank.experts if e.kind == "clsr"})
+    check_ffn_free(clsr, {e.name: list(e.modules) for e in bank.experts if e.kind in ("lora", "sparse")})
+    layouts = {name: recorded_layout(e.manifest.get("hyperparameters", {})) for name, e in experts.items()}
+    if len({tuple(layout.items()) for layout in layouts.values()}) > 1:
+        described = "; ".join(f"{name}: {layout}" for name, layout in layouts.items())
+        raise ValueError(f"CLSR experts of different layouts cannot share one model ({described}); load them into "
+                         "separate models")
     for name in experts:
         if name in bank:
             raise ValueError(f"an expert named {name!r} is already attached; remove it first or rename it")
@@ -119,7 +132,7 @@ def add_clsr_experts(bank: ExpertBank, experts: Mapping[str, Expert], base, *, f
     if handler is None:
         converted = not is_clsr(model)
         if converted:
-            convert_to_clsr(model)
+            convert_to_clsr(model, **next(iter(layouts.values()), {}))
         handler = ClsrExperts(model, converted)
     added = []
     try:

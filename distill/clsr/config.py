@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PATH_KINDS = ("full", "lowrank")
+SIDES = ("both", "decoder", "encoder")
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,22 @@ class ClsrConfig:
     gate_dropout: float = 0.1  # dropout on the gate's input x in training (DistilWhisper's code uses 0.1)
     path_dropout: float = 0.3  # dropout on the language path's output in training
     shared_only_prob: float = 0.2  # in training, each layer call runs the shared path only with this probability
+    # Which FFN blocks become CLSR blocks: "both" = every encoder and decoder FFN (the paper); "decoder" leaves the
+    # encoder untouched, so training can cache its output (as a decoder-only LoRA expert does); "encoder".
+    side: str = "both"
+    # With side "both" or "encoder": only encoder layers with index >= encoder_start get CLSR blocks (the frozen
+    # layers below compute the same thing every epoch, so training caches the input of layer encoder_start).
+    encoder_start: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in PATH_KINDS:
             raise ValueError(f"CLSR path kind must be one of {', '.join(PATH_KINDS)}, got {self.kind!r}")
         if self.rank < 1:
             raise ValueError(f"CLSR low-rank rank must be >= 1, got {self.rank}")
+        if self.side not in SIDES:
+            raise ValueError(f"CLSR side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        if self.encoder_start < 0:
+            raise ValueError(f"CLSR encoder_start must be >= 0, got {self.encoder_start}")
         if self.gate_hidden < 1:
             raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
         for name in ("gate_dropout", "path_dropout", "shared_only_prob"):
@@ -40,13 +51,36 @@ class ClsrConfig:
     def lowrank_scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def touches_encoder(self) -> bool:
+        return self.side in ("encoder", "both")
+
+    @property
+    def layout(self) -> dict:
+        """Where the CLSR blocks are: ``{"side", "encoder_start"}`` (what a ``clsr`` expert records and checks)."""
+        return {"side": self.side, "encoder_start": self.encoder_start if self.touches_encoder else 0}
+
+    def covers(self, stack: str, index: int) -> bool:
+        """Whether layer ``index`` of the ``stack`` ("encoder" or "decoder") gets a CLSR block."""
+        if stack == "encoder":
+            return self.touches_encoder and index >= self.encoder_start
+        return self.side in ("decoder", "both")
+
     def hyperparameters(self) -> dict:
         """The manifest's ``hyperparameters`` (``kind`` is stored as ``path``: the expert file's kind is clsr)."""
         d = asdict(self)
         d["path"] = d.pop("kind")
+        d.update(self.layout)
         if self.kind == "full":
             del d["rank"], d["alpha"]
         return d
+
+
+def recorded_layout(hyperparameters: dict) -> dict:
+    """The layout (``{"side", "encoder_start"}``) a ``clsr`` expert's manifest records; experts written before the
+    option existed cover every encoder and decoder FFN (``side`` "both", ``encoder_start`` 0)."""
+    return ClsrConfig(side=hyperparameters.get("side", "both"),
+                      encoder_start=int(hyperparameters.get("encoder_start", 0))).layout
 
 
 def noise_scale_at(step: int, total_steps: int, max_scale: float = 5.0) -> float:

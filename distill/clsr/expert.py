@@ -9,7 +9,9 @@ expert can be loaded under another name):
 ``model.encoder.layers.0.fc2.expert.*``                       the path on fc2
 
 The manifest's hyperparameters are :meth:`ClsrConfig.hyperparameters` (``path``: full | lowrank, ``rank`` and
-``alpha`` for low-rank, ``gate_hidden``, dropouts). Tensors keep the model's dtype.
+``alpha`` for low-rank, ``gate_hidden``, dropouts, and the layout: ``side`` and ``encoder_start``, which say
+which FFN blocks the expert covers). An expert loads only into a CLSR model of the same layout. Tensors keep the
+model's dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from distill.clsr.config import ClsrConfig
+from distill.clsr.config import ClsrConfig, recorded_layout
 from distill.clsr.layer import LowRankPath
 from distill.clsr.model import (add_language, clsr_layers, clsr_routing, language_parameters, remove_language,
                                 require_language)
@@ -86,6 +88,12 @@ def _parse(expert: Expert, where: str) -> dict[str, dict[str, dict[str, torch.Te
     return layers
 
 
+def clsr_modules(expert: Expert) -> list[str]:
+    """The fc1 / fc2 module paths a ``clsr`` expert replaces by gated pairs, from its tensor names alone."""
+    layers = {m["layer"] for m in map(_NAME.match, expert.tensors) if m}
+    return [f"{layer}.{fc}" for layer in sorted(layers) for fc in ("fc1", "fc2")]
+
+
 def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language: str | None = None,
                        force: bool = False, trainable: bool = False, where: str = "CLSR expert") -> str:
     """Add a stored ``clsr`` expert to a CLSR Whisper as a language.
@@ -107,6 +115,12 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
     language = language or (expert.languages[0] if expert.languages else None)
     if not language:
         raise ExpertFormatError(f"{where}: manifest names no language; pass language=")
+    layout = recorded_layout(expert.manifest.get("hyperparameters", {}))
+    model_layout = clsr_routing(model).config.layout
+    if layout != model_layout:
+        raise ValueError(f"{where} covers the FFN blocks of layout {_describe(layout)}, but the CLSR model was "
+                         f"converted with layout {_describe(model_layout)}: load it into a model converted with "
+                         f"convert_to_clsr(model, side={layout['side']!r}, encoder_start={layout['encoder_start']})")
     layers = _parse(expert, where)
     want = [name for name, _, _ in clsr_layers(model)]
     if sorted(layers) != sorted(want):
@@ -145,6 +159,11 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
     return language
 
 
+def _describe(layout: dict) -> str:
+    start = f", encoder_start {layout['encoder_start']}" if layout["side"] != "decoder" else ""
+    return f"side {layout['side']}{start}"
+
+
 def load_clsr_expert(model: torch.nn.Module, path: Path | str, base, **kwargs) -> str:
     """Read a ``clsr`` expert file and attach it (see :func:`attach_clsr_expert`); returns the language."""
     return attach_clsr_expert(model, load_expert(path), base, where=f"CLSR expert {path}", **kwargs)
@@ -154,12 +173,33 @@ def parameters_per_language(whisper_config, config: ClsrConfig = ClsrConfig()) -
     """Parameters one language adds (and its expert file stores), from a ``WhisperConfig``'s shapes.
 
     Per layer: the path (full: fc1 + fc2 with biases; low-rank: ``rank * (d_model + ffn_dim)`` for each of fc1
-    and fc2) plus the gate (``d_model * hidden + hidden + hidden``), over all encoder and decoder layers.
+    and fc2) plus the gate (``d_model * hidden + hidden + hidden``), over the layers of the config's layout (all
+    encoder and decoder layers by default).
     """
     d, h = whisper_config.d_model, config.gate_hidden
     total = 0
-    for layers, ffn in ((whisper_config.encoder_layers, whisper_config.encoder_ffn_dim),
-                        (whisper_config.decoder_layers, whisper_config.decoder_ffn_dim)):
+    for layers, ffn in _covered(whisper_config, config):
         path = (d * ffn + ffn + ffn * d + d) if config.kind == "full" else 2 * config.rank * (d + ffn)
         total += layers * (path + d * h + 2 * h)
     return total
+
+
+def parameters_active_per_token(whisper_config, config: ClsrConfig = ClsrConfig()) -> int:
+    """Parameters a token's forward uses beyond the base's, at most (every gate open), from a ``WhisperConfig``.
+
+    A hard gate sends each token through one path: a full path replaces the shared FFN (same size, so only the
+    gate adds parameters); a low-rank path adds its delta to the shared FFN. So: the gates of every CLSR layer,
+    plus the low-rank deltas for ``kind="lowrank"``. Add the base's parameter count for the total.
+    """
+    d, h = whisper_config.d_model, config.gate_hidden
+    total = 0
+    for layers, ffn in _covered(whisper_config, config):
+        total += layers * (d * h + 2 * h + (2 * config.rank * (d + ffn) if config.kind == "lowrank" else 0))
+    return total
+
+
+def _covered(whisper_config, config: ClsrConfig) -> list[tuple[int, int]]:
+    """``(number of CLSR layers, ffn_dim)`` of the encoder and the decoder under the config's layout."""
+    encoder = max(0, whisper_config.encoder_layers - config.encoder_start) if config.touches_encoder else 0
+    decoder = whisper_config.decoder_layers if config.side in ("decoder", "both") else 0
+    return [(encoder, whisper_config.encoder_ffn_dim), (decoder, whisper_config.decoder_ffn_dim)]

@@ -1,9 +1,11 @@
 """Turning a Whisper into a CLSR Whisper and back, adding languages, and steering the routing.
 
-:func:`convert_to_clsr` replaces ``fc1``/``fc2`` of every encoder and decoder layer by a
-:class:`~distill.clsr.layer.ClsrFc1` / :class:`~distill.clsr.layer.ClsrFc2` pair (in place). The model stays a
-``WhisperForConditionalGeneration``: its forward, ``generate`` and the project's decoding work unchanged, and
-the routing is set beside them (:func:`set_language`, :func:`set_noise_scale`). Parameter paths of a CLSR model:
+:func:`convert_to_clsr` replaces ``fc1``/``fc2`` of every encoder and decoder layer (or of the layers the config's
+``side`` / ``encoder_start`` choose: its *layout*) by a :class:`~distill.clsr.layer.ClsrFc1` /
+:class:`~distill.clsr.layer.ClsrFc2` pair (in place). One layout per model: every language has a path and a gate in
+every CLSR layer. The model stays a ``WhisperForConditionalGeneration``: its forward, ``generate`` and the
+project's decoding work unchanged, and the routing is set beside them (:func:`set_language`,
+:func:`set_noise_scale`). Parameter paths of a CLSR model:
 
 ``model.encoder.layers.0.fc1.shared.weight``          the pretrained fc1 (frozen; likewise ``fc2.shared``)
 ``model.encoder.layers.0.fc1.experts.uk.weight``      language uk's path on fc1 (``.lora_A``/``.lora_B`` if low-rank)
@@ -34,6 +36,11 @@ def _whisper_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Modu
     for name, module in model.named_modules():
         if isinstance(module, (WhisperEncoderLayer, WhisperDecoderLayer)):
             yield name, module
+
+
+def _stack_and_index(name: str, layer: torch.nn.Module) -> tuple[str, int]:
+    """``("encoder" | "decoder", layer index)`` of a Whisper layer at module path ``name``."""
+    return ("encoder" if isinstance(layer, WhisperEncoderLayer) else "decoder"), int(name.rsplit(".", 1)[-1])
 
 
 def clsr_layers(model: torch.nn.Module) -> list[tuple[str, ClsrFc1, ClsrFc2]]:
@@ -77,7 +84,8 @@ def check_language_name(language: str) -> str:
 
 def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), config: ClsrConfig | None = None,
                     **options) -> torch.nn.Module:
-    """Make every encoder and decoder feed-forward block of a Whisper a CLSR block (in place).
+    """Make the feed-forward blocks of a Whisper CLSR blocks (in place): every encoder and decoder FFN by default
+    (the paper), or those of the config's layout (``side``, ``encoder_start``). Other layers stay untouched.
 
     The whole model is frozen; the language paths and gates added here (and by :func:`add_language`) are the
     only trainable parameters. At gate init the model computes exactly what the base computes.
@@ -86,7 +94,8 @@ def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), confi
         model: a ``WhisperForConditionalGeneration`` (or ``WhisperModel``), not already converted.
         languages: languages to add right away.
         config: CLSR options (default :class:`ClsrConfig`).
-        options: :class:`ClsrConfig` fields overriding ``config``, e.g. ``kind="lowrank", rank=16``.
+        options: :class:`ClsrConfig` fields overriding ``config``, e.g. ``kind="lowrank", rank=16`` or
+            ``side="decoder"``.
 
     Returns:
         ``model``, converted.
@@ -95,9 +104,14 @@ def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), confi
         raise ValueError("the model is already a CLSR Whisper; add languages with add_language")
     config = replace(config or ClsrConfig(), **options)
     routing = ClsrRouting(config, base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-    layers = list(_whisper_layers(model))
-    if not layers:
+    every = list(_whisper_layers(model))
+    if not every:
         raise ValueError(f"{type(model).__name__} has no Whisper encoder/decoder layers to convert")
+    encoder_layers = sum(isinstance(layer, WhisperEncoderLayer) for _, layer in every)
+    if config.touches_encoder and config.encoder_start >= encoder_layers:
+        raise ValueError(f"CLSR encoder_start {config.encoder_start}: the encoder has layers 0..{encoder_layers - 1}; "
+                         "pick a start below that, or side='decoder'")
+    layers = [(name, layer) for name, layer in every if config.covers(*_stack_and_index(name, layer))]
     model.requires_grad_(False)
     for name, layer in layers:
         handoff = Handoff()
@@ -114,10 +128,15 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
     Args:
         language: a Whisper code (or any name without '.').
         options: :class:`ClsrConfig` fields for this language's path: ``kind``, ``rank``, ``alpha``,
-            ``gate_hidden`` (default: the model's CLSR config).
+            ``gate_hidden`` (default: the model's CLSR config). The layout (``side``, ``encoder_start``) is the
+            model's, fixed at conversion.
     """
     check_language_name(language)
     routing = clsr_routing(model)
+    layout = {k: options.pop(k) for k in ("side", "encoder_start") if k in options}
+    if layout and replace(routing.config, **layout).layout != routing.config.layout:
+        raise ValueError(f"CLSR layout {layout} differs from the model's {routing.config.layout}: a model has one "
+                         "layout, chosen by convert_to_clsr")
     if language in clsr_languages(model):
         raise ValueError(f"CLSR language {language!r} exists already; remove_language(model, {language!r}) first")
     cfg = replace(routing.config, **options)

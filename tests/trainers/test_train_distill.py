@@ -68,6 +68,22 @@ def test_gate_kd_and_per_language_metrics_are_logged_and_checkpoints_hold_expert
     assert state and all(".experts." in k or ".gates." in k for k in state)
 
 
+def test_a_decoder_only_clsr_student_trains_on_cached_encoder_outputs(uk_pt_corpus, tiny_whisper_dir, tmp_path):
+    from registry.store import Registry
+
+    code = main(["distill", "--base", str(tiny_whisper_dir), "--teacher", str(tiny_whisper_dir), "--teacher-cache",
+                 str(tmp_path / "teacher-cache"), "--top-k", "4", "--data", str(uk_pt_corpus), "--languages", "uk,pt",
+                 "--side", "decoder", "--path", "lowrank", "--rank", "2", "--name", "dec", "--max-steps", "2",
+                 "--max-train", "2", "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "encoder-cache"), "--no-test", *TINY_RUN])
+    assert code == 0
+    assert sorted(p.suffix for p in (tmp_path / "encoder-cache").iterdir()) == [".done", ".done", ".npy", ".npy"]
+    expert = Registry(tmp_path / "registry").get("dec-uk")
+    hp = expert.manifest["hyperparameters"]
+    assert hp["side"] == "decoder" and hp["encoder_start"] == 0 and hp["layers"] == 2
+    assert expert.tensors and all(k.startswith("model.decoder.") for k in expert.tensors)
+
+
 def test_lora_student_learns_from_one_teacher_per_language(uk_pt_corpus, tiny_whisper_dir, tmp_path):
     from registry.bases import load_base
     from registry.store import Registry
@@ -125,8 +141,11 @@ def test_lightning_fit_stores_clsr_experts(uk_pt_corpus, tiny_whisper_dir, tmp_p
                  "--model.val_max_new_tokens", "4", "--data.data", str(uk_pt_corpus), "--data.batch_size", "4",
                  "--data.progress", "false", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
                  "--trainer.default_root_dir", str(tmp_path / "run"), "--expert.name", "uk-lightning-clsr",
-                 "--expert.registry", str(tmp_path / "registry"), "--expert.test", "false"])
+                 "--expert.registry", str(tmp_path / "registry"), "--expert.test", "false",
+                 "--model.side", "decoder", "--data.cache_dir", str(tmp_path / "encoder-cache")])
     assert code == 0 and "stored uk-lightning-clsr@1" in capsys.readouterr().out
     expert = Registry(tmp_path / "registry").get("uk-lightning-clsr")
     assert expert.kind == "clsr" and expert.manifest["lineage"]["method"] == "clsr"
-    assert expert.manifest["hyperparameters"]["kd_weight"] == 0.0
+    hp = expert.manifest["hyperparameters"]
+    assert hp["kd_weight"] == 0.0 and hp["side"] == "decoder"
+    assert any((tmp_path / "encoder-cache").glob("enc-*.npy"))  # no teacher: the decoder-only student used the cache

@@ -1,0 +1,374 @@
+"""CLSR gated experts with and without distillation vs a LoRA expert at equal data (issue 5's acceptance table).
+
+    python benchmarks/distill_wer.py                         # uk,pt students, nl,ru untouched (~1 h, see below)
+    python benchmarks/distill_wer.py --path lowrank          # add CLSR rows with rank-16 low-rank paths
+    python benchmarks/distill_wer.py --side both             # the paper's layout (encoder too: ~8x slower on CPU)
+    python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
+
+    # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
+    python -c "from tests.tiny import make_tiny_whisper; make_tiny_whisper('runs/tiny-whisper')"
+    whisper-experts corpus synth --languages uk,pt,nl,ru --per-language 8 --out data/tiny4
+    python benchmarks/distill_wer.py --base runs/tiny-whisper --data data/tiny4 --teachers 'runs/smoke/{lang}-t' \
+        --max-train 4 --epochs 1 --test-limit 1 --batch-size 4 --path full,lowrank --work runs/smoke --out runs/smoke
+
+Setup, the same for every row: whisper-base; per student language (``--languages``, default uk,pt) the corpus
+``data/<lang>-expert`` (400 train / 30 validation / 50 test utterances, seed 1, the corpora of
+benchmarks/expert_wer.py; made if missing) or one ``--data`` corpus holding every language; the students see the
+first ``--max-train`` (120) training utterances of each language, all validation and test utterances.
+
+Rows:
+
+* base: whisper-base alone;
+* LoRA: one rank-16 decoder LoRA expert per language on its 120 utterances (best validation epoch). One expert
+  per language, not one for both: a CLSR student also gives every language its own parameters (path and gate)
+  trained on that language's batches only, so this is the like-for-like baseline;
+* CLSR without KD / CLSR + KD: a path and gate per language (``--path full``: a copy of each FFN, the paper;
+  ``--path lowrank``: a rank-16 delta), on the decoder's FFNs by default (``--side decoder``: trains on cached
+  encoder outputs; ``--side both`` is the paper's layout), loss CE + gate budget, or DistilWhisper's
+  0.25 (CE + gate) + 0.5 JS against the teacher through a top-32 cache. Each language is trained in its own run;
+  its path and gate get gradients from its batches only, so this equals one run with one-language batches
+  except for the learning-rate schedule and early stopping, which then follow each language;
+* teacher: whisper-base + a LoRA expert per language trained on all 400 utterances (``--teachers``, default the
+  files benchmarks/expert_wer.py leaves in ``runs/<lang>-expert/expert.safetensors``; trained here, rank-16
+  decoder LoRA, when missing), i.e. better than the student on the language.
+
+Test WER/CER (normalized, ``trainers.evaluation``) of each student language, and of the untouched languages
+(``--untouched``, default nl,ru, corpora ``data/<lang>-expert``): under CLSR they take the shared path (no
+language selected), under LoRA each student language's expert is applied to them (the table shows the mean
+over those experts, the JSON each one); the teacher is not run on them. Parameters stored per language (the
+expert file) and active per token (the base's plus what the expert adds to a token's forward, at most: LoRA
+all its matrices; CLSR the gates, plus the deltas of low-rank paths; a full path replaces the FFN it copies).
+Training minutes per row (summed over the languages). Trained experts and timings are kept under ``--work`` and
+reused, and every finished row is written to ``<out>/distill_wer.{json,md}`` at once, so a rerun resumes.
+
+Cost (whisper-base, defaults, 2 CPU cores). Measured training steps (batch 16, 48 target tokens, forward +
+backward + AdamW) while another benchmark shared the cores: decoder-only CLSR on cached encoder outputs 12-13 s
+(full paths; low-rank 9-14 s), a decoder LoRA step 18 s, CLSR on every FFN (``--side both``, the encoder run
+forward and backward on 30 s windows) 99 s. On idle cores a decoder LoRA step takes ~2.6 s, so a decoder-only
+CLSR step ~2 s. Per language and row: 8 steps per epoch, at most 10 epochs, with 30 validation utterances
+decoded per epoch: ~5-7 min; test decoding ~35 s per 50 utterances; the teacher cache ~1 min per language.
+Estimate for the default run (uk,pt; base, reused teachers, LoRA, CLSR, CLSR + KD): ~1 h on idle cores, 3-5 h
+while the cores are shared; ``--side both`` multiplies the CLSR training time by ~8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def corpus_for(lang: str, args) -> str:
+    """The corpus of ``lang``: ``--data``, or ``data/<lang>-expert`` (made as benchmarks/expert_wer.py makes it)."""
+    if args.data:
+        return args.data
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+
+    path = Path(f"data/{lang}-expert")
+    if not (path / "dataset_dict.json").is_file():
+        total = 480
+        synthesize_corpus(SynthConfig(languages=(lang,), per_language=total, train_fraction=400 / total,
+                                      validation_fraction=30 / total, test_fraction=50 / total, seed=args.seed), path)
+    return str(path)
+
+
+def tag(**knobs) -> str:
+    """A short name for a training configuration (cached experts are reused only for the same one)."""
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cached(path: Path, train):
+    """``(expert, training seconds)`` from ``path`` (+ its ``.json`` timing), or from ``train()`` then stored."""
+    from registry.expert_file import load_expert, save_expert
+
+    timing = path.with_suffix(".json")
+    if path.is_file() and timing.is_file():
+        return load_expert(path), json.loads(timing.read_text())["seconds"]
+    t0 = time.time()
+    expert = train()
+    seconds = round(time.time() - t0, 1)
+    save_expert(expert, path)
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return expert, seconds
+
+
+def lora_config(lang: str, args, run_dir: Path, max_train):
+    from trainers.train_lora import TrainConfig
+
+    return TrainConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, rank=args.rank,
+                       alpha=2.0 * args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       max_train=max_train, patience=args.patience, seed=args.train_seed, test=False,
+                       progress=False, run_dir=str(run_dir))
+
+
+def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:
+    """The teacher expert of ``lang`` (``--teachers``; trained on the whole training split when missing)."""
+    from trainers.train_lora import train_lora_expert
+
+    given = Path(args.teachers.format(lang=lang))
+    if given.is_file():
+        return given, None
+    cfg = lora_config(lang, args, work / f"run-{lang}-teacher", None)  # all training utterances
+    path = work / f"{lang}-teacher-{tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank)}.safetensors"
+    _, seconds = cached(path, lambda: train_lora_expert(cfg)[0])
+    return path, seconds
+
+
+def lora_student(lang: str, args, work: Path):
+    from trainers.train_lora import train_lora_expert
+
+    cfg = lora_config(lang, args, work / f"run-{lang}-lora", args.max_train)
+    name = tag(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.lr, r=args.rank,
+               s=args.train_seed)
+    return cached(work / f"{lang}-lora-{name}.safetensors", lambda: train_lora_expert(cfg)[0])
+
+
+def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
+    from trainers.train_distill import DistillConfig, train_distilled
+
+    kd = teacher is not None
+    cfg = DistillConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, kind="clsr", path=path,
+                        rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
+                        teachers=(str(teacher),) if kd else (),
+                        teacher_cache=str(work / "teacher-cache") if kd else None,
+                        lr=args.clsr_lr, epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train,
+                        patience=args.patience, seed=args.train_seed, test=False, progress=False,
+                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}"))
+    name = tag(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
+               side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed)
+    return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{name}.safetensors",
+                  lambda: train_distilled(cfg)[0][0])
+
+
+class Evaluator:
+    """Test WER/CER of the base with or without experts, on each language's test utterances (loaded once)."""
+
+    def __init__(self, args):
+        from registry.bases import load_base
+
+        self.args, self.base = args, load_base(args.base, device="cpu")
+        self.utterances: dict[str, list] = {}
+
+    def _utts(self, lang: str) -> list:
+        from trainers.corpus.loading import load_corpus
+        from trainers.evaluation import utterances_from_dataset
+
+        if lang not in self.utterances:
+            test = load_corpus(corpus_for(lang, self.args))["test"]
+            self.utterances[lang] = utterances_from_dataset(test, [lang], self.args.test_limit)
+        return self.utterances[lang]
+
+    def rates(self, lang: str) -> dict:
+        """The model as it is now (base, or with an expert applied / a CLSR language set) on ``lang``."""
+        from trainers.evaluation import DecodeOptions, evaluate
+
+        report = evaluate(self.base.model, self.base.processor, self._utts(lang),
+                          DecodeOptions(batch_size=self.args.batch_size), progress=False)
+        return {k: report.as_dict()["languages"][lang][k] for k in ("wer", "cer", "n")}
+
+    def with_expert(self, expert, lang: str) -> dict:
+        from trainers.language_matrix import expert_applied
+
+        with expert_applied(self.base.model, expert):
+            return self.rates(lang)
+
+    def clsr(self, experts: dict, languages, untouched) -> tuple[dict, dict]:
+        """Every student language's CLSR expert in one CLSR model: each language routed to its own path and
+        gate, the untouched languages through the shared path. The model is converted back afterwards."""
+        from distill.clsr import attach_clsr_expert, convert_from_clsr, convert_to_clsr, recorded_layout, set_language
+
+        model = self.base.model
+        layout = recorded_layout(next(iter(experts.values())).manifest["hyperparameters"])
+        convert_to_clsr(model, **layout)
+        try:
+            for lang, expert in experts.items():
+                attach_clsr_expert(model, expert, self.base, language=lang)
+            test = {}
+            for lang in languages:
+                set_language(model, lang)
+                test[lang] = self.rates(lang)
+            set_language(model, None)
+            return test, {lang: self.rates(lang) for lang in untouched}
+        finally:
+            convert_from_clsr(model)
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.base.model.parameters())
+
+
+def run(args, results: dict, work: Path, save) -> None:
+    from distill.clsr import ClsrConfig, parameters_active_per_token
+
+    langs, untouched, rows = split(args.languages), split(args.untouched), results["rows"]
+    ev = Evaluator(args)
+    total = ev.parameters()
+    results["base_parameters"] = total
+
+    def done(key):
+        return key in rows and set(rows[key]["test"]) >= set(langs) and set(rows[key]["untouched"]) >= set(untouched)
+
+    if not done("base"):
+        rows["base"] = {"label": f"{Path(args.base).name} (no expert)", "test": {l: ev.rates(l) for l in langs},
+                        "untouched": {l: ev.rates(l) for l in untouched}, "stored": {}, "active": total,
+                        "minutes": None}
+        save()
+    from registry.expert_file import check_compatible, load_expert
+
+    teachers = {lang: teacher_file(lang, args, work) for lang in langs}
+    for path, _ in teachers.values():  # a teacher for another base (e.g. the defaults with a --base) is refused
+        check_compatible(load_expert(path).manifest, ev.base, what=f"teacher {path} (--teachers)")
+    if not done("teacher"):
+        experts = {lang: load_expert(path) for lang, (path, _) in teachers.items()}
+        utt = {lang: e.manifest.get("data", {}).get("utterances") for lang, e in experts.items()}
+        rows["teacher"] = {"label": f"teacher: base + LoRA on {'/'.join(str(n) for n in set(utt.values()))} utt.",
+                           "test": {l: ev.with_expert(experts[l], l) for l in langs}, "untouched": {},
+                           "stored": {l: e.num_parameters for l, e in experts.items()},
+                           "active": total + max(e.num_parameters for e in experts.values()),
+                           "minutes": _minutes([s for _, s in teachers.values()]),
+                           "files": {l: str(p) for l, (p, _) in teachers.items()}}
+        save()
+    if not done("lora"):
+        trained = {lang: lora_student(lang, args, work) for lang in langs}
+        per_expert = {lang: {u: ev.with_expert(e, u) for u in untouched} for lang, (e, _) in trained.items()}
+        rows["lora"] = {"label": f"LoRA r{args.rank} decoder, one per language",
+                        "test": {l: ev.with_expert(trained[l][0], l) for l in langs},
+                        "untouched": {u: _mean([per_expert[l][u] for l in langs]) for u in untouched},
+                        "untouched_per_expert": per_expert,
+                        "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
+                        "active": total + max(e.num_parameters for e, _ in trained.values()),
+                        "minutes": _minutes([s for _, s in trained.values()])}
+        save()
+    for path in args.path:
+        config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start)
+        where = args.side if args.side != "both" else f"enc {args.encoder_start}.. + dec"
+        for kd in (False, True):
+            key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" if kd else "")
+            if done(key):
+                continue
+            trained = {lang: clsr_student(lang, args, work, path, teachers[lang][0] if kd else None)
+                       for lang in langs}
+            test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched)
+            rows[key] = {"label": f"CLSR {path} ({where}) " + ("+ KD (JS, teacher)" if kd else "without KD"),
+                         "test": test, "untouched": kept,
+                         "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
+                         "active": total + parameters_active_per_token(ev.base.model.config, config),
+                         "minutes": _minutes([s for _, s in trained.values()]),
+                         "hyperparameters": next(iter(trained.values()))[0].manifest["hyperparameters"]}
+            save()
+
+
+def _minutes(seconds) -> float | None:
+    return None if any(s is None for s in seconds) else round(sum(seconds) / 60, 1)
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {"wer": sum(r["wer"] for r in rows) / len(rows), "cer": sum(r["cer"] for r in rows) / len(rows),
+            "n": rows[0]["n"]}
+
+
+def table(results: dict) -> str:
+    setup, rows = results["setup"], results["rows"]
+    langs, untouched = split(setup["languages"]), split(setup["untouched"])
+    base = rows.get("base", {})
+    head = (["model"] + [f"{l} WER % (CER %)" for l in langs] + [f"{u} WER % (untouched)" for u in untouched]
+            + ["max WER loss on untouched", "params stored / language", "params active / token", "train min"])
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def rate(r):
+        return f"{100 * r['wer']:.1f} ({100 * r['cer']:.1f})" if r else "–"
+
+    def count(n):
+        return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+    for key in ["base", "lora"] + sorted(k for k in rows if k.startswith("clsr")) + ["teacher"]:
+        if key not in rows:
+            continue
+        r = rows[key]
+        loss = [100 * (r["untouched"][u]["wer"] - base["untouched"][u]["wer"]) for u in untouched
+                if u in r["untouched"] and u in base.get("untouched", {})]
+        stored = sorted(set(r["stored"].values()))
+        cells = ([r["label"]] + [rate(r["test"].get(l)) for l in langs]
+                 + [f"{100 * r['untouched'][u]['wer']:.1f}" if u in r["untouched"] else "–" for u in untouched]
+                 + [f"{max(loss):+.1f}" if loss else "–", " / ".join(count(n) for n in stored) or "0",
+                    count(r["active"]), "reused" if r["minutes"] is None and key == "teacher" else
+                    ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
+        md.append("| " + " | ".join(cells) + " |")
+    n = next((r["n"] for r in base.get("test", {}).values()), "?")
+    md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
+              f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
+              f"validation epoch). Commands: {'; '.join(f'`{c}`' for c in setup['commands'])}\n")
+    return "\n".join(md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--languages", default="uk,pt", help="student languages ('' only rewrites the table)")
+    p.add_argument("--untouched", default="nl,ru", help="languages not trained, evaluated under every model")
+    p.add_argument("--base", default="whisper-base")
+    p.add_argument("--data", help="one corpus with every language (default data/<lang>-expert per language)")
+    p.add_argument("--teachers", default="runs/{lang}-expert/expert.safetensors",
+                   help="teacher expert file per language, a pattern with {lang}; trained on the whole training "
+                        "split when missing")
+    p.add_argument("--max-train", type=int, default=120, help="student training utterances per language")
+    p.add_argument("--path", default="full", type=split,
+                   help="CLSR paths, comma-separated: full (default), lowrank, or full,lowrank")
+    p.add_argument("--side", default="decoder", choices=["decoder", "both", "encoder"], help="CLSR layout")
+    p.add_argument("--encoder-start", type=int, default=0, help="with --side both/encoder: CLSR encoder layers >= K")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank, and CLSR low-rank rank")
+    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--test-limit", type=int, default=None, help="test utterances per language (default all)")
+    p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--work", default="runs/distill-wer", help="experts, caches and training logs")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    if unknown := [x for x in args.path if x not in ("full", "lowrank")]:
+        p.error(f"--path: unknown {', '.join(unknown)}; use full, lowrank or full,lowrank")
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = out / "distill_wer.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.languages:
+        setup = {"languages": args.languages, "untouched": args.untouched, "base": args.base, "data": args.data,
+                 "max_train": args.max_train, "epochs": args.epochs, "test_limit": args.test_limit}
+        if {k: v for k, v in results.get("setup", {}).items() if k != "commands"} != setup:
+            if results:
+                print(f"{results_path}: another setup; starting a new table")
+            results = {"setup": {**setup, "commands": []}, "rows": {}}
+        command = " ".join(["python benchmarks/distill_wer.py", *(sys.argv[1:] if argv is None else argv)])
+        if command not in results["setup"]["commands"]:
+            results["setup"]["commands"].append(command)
+
+        def save():
+            results_path.write_text(json.dumps(results, indent=2))
+
+        run(args, results, work, save)
+    if not results:
+        print(f"no results in {results_path} yet")
+        return 1
+    md = table(results)
+    (out / "distill_wer.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
