@@ -1,8 +1,10 @@
 """Routing: mixed-language batches through one Whisper, ours vs peft, pack load time, language-ID routing quality.
 
-    python benchmarks/routing.py                    # ~5 min on 2 busy CPU cores (1 thread, 24 tokens, 1 repeat)
+    python benchmarks/routing.py                    # ~5 min on 2 busy CPU cores (1 thread, 24 tokens, 1 repeat),
+                                                    # plus training the learned router (10+ min on CPU)
     python benchmarks/routing.py --repeats 3 --tokens 48 --quality-per-language 20   # steadier, longer
     python benchmarks/routing.py --no-quality       # speed and load time only
+    python benchmarks/routing.py --no-speed         # quality only (language ID, learned router, oracle)
     python benchmarks/routing.py --table-only       # rewrite routing.md from routing.json
 
 Speed, in one run on the same machine and the same 16 utterances (4 each of uk, pt, nl, de), greedy decoding
@@ -29,7 +31,12 @@ Quality (skipped if the experts are missing): the trained uk, pt, nl experts of 
 from ``data/<lang>-expert`` plus German (no expert: the base model) from ``data/baseline-corpus``; WER per
 language with language-ID routing (``trainers.transcribe``, ``--language auto``, threshold 0.5; over every
 Whisper language, and among the 4 languages only, ``--candidates``) vs oracle routing (each utterance's true
-language and expert), language-ID accuracy, and how often an utterance reached its language's expert.
+language and expert), language-ID accuracy, and how often an utterance reached its language's expert. The
+same for a learned router (``lora_experts.router``, ``trainers/train_router.py``) over the pack, trained on the
+train split of ``--router-data`` (default data/baseline-corpus: uk, pt, nl, de; German gets a base-model slot),
+or given with ``--router FILE`` (a trained one is written to runs/routing-router.safetensors for reuse); its
+validation figures go into the JSON. Smoke run of the quality path: ``--no-speed --quality-per-language 1
+--router-epochs 1 --router-max-train 4 --router-max-validation 1 --out /tmp/routing-smoke``.
 Writes ``<out>/routing.{json,md}``; records the machine's load average.
 """
 
@@ -51,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LANGUAGES = ("uk", "pt", "nl", "de")
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 ALPHA = 32.0
+ROUTED = ("language ID", "language ID among 4", "learned router")  # the quality runs that detect the language
 
 
 def random_experts(model, base, languages, rank: int, seed: int) -> dict:
@@ -198,8 +206,32 @@ def speed(base, plain, feats, langs, args, workdir: Path) -> tuple[dict, dict, d
     return seconds, same, loads
 
 
-def quality(base, args, workdir: Path) -> dict | None:
-    """WER per language with language-ID routing vs oracle routing (the trained experts)."""
+def learned_router(base, args):
+    """The router of ``--router``, or one trained over the experts on ``base`` (see the module docstring);
+    returns (router, its training summary and validation metrics)."""
+    from lora_experts.router import LearnedRouter
+    from trainers.train_router import RouterTrainConfig, train_router
+
+    if args.router:
+        router = LearnedRouter.load(args.router)
+    else:
+        cfg = RouterTrainConfig(data=str(args.router_data), languages=LANGUAGES, epochs=args.router_epochs,
+                                max_train=args.router_max_train, max_validation=args.router_max_validation,
+                                progress=False)
+        start = time.perf_counter()
+        router, _ = train_router(cfg, base=base)
+        print(f"  learned router trained: {time.perf_counter() - start:.1f} s", flush=True)
+        out = ROOT / "runs" / "routing-router.safetensors"
+        router.save(out)
+        print(f"  wrote {out} (reuse it with --router)", flush=True)
+    manifest = router.manifest()
+    return router, {"file": str(args.router) if args.router else None, "training": manifest.get("training"),
+                    "metrics": manifest.get("metrics")}
+
+
+def quality(base, args, workdir: Path) -> tuple[dict, dict | None] | None:
+    """WER per language with language-ID routing and a learned router vs oracle routing (the trained experts);
+    returns (rows per language, the router's summary or None)."""
     from registry.expert_file import load_expert
     from registry.packs import create_pack
     from trainers.evaluation import error_rates
@@ -214,12 +246,16 @@ def quality(base, args, workdir: Path) -> dict | None:
     whisper = ExpertWhisper.from_pack(base, workdir / "trained.safetensors")
     utts = load_utterances(LANGUAGES, args.quality_per_language, expert_data=True)
     audios, truth = [u.audio for u in utts], [u.language for u in utts]
+    router, router_info = learned_router(base, args) if args.learned_router else (None, None)
     runs = {}
-    for label, language, candidates in (("language ID", "auto", None), ("language ID among 4", "auto", LANGUAGES),
-                                        ("oracle", truth, None)):
+    for label, language, candidates, gate in (("language ID", "auto", None, None),
+                                              ("language ID among 4", "auto", LANGUAGES, None),
+                                              ("learned router", "auto", None, router), ("oracle", truth, None, None)):
+        if label == "learned router" and router is None:
+            continue
         start = time.perf_counter()
         runs[label] = whisper.transcribe(audios, language=language, batch_size=16, threshold=args.threshold,
-                                         candidates=candidates, progress=False)
+                                         candidates=candidates, router=gate, progress=False)
         print(f"  {label}: {time.perf_counter() - start:.1f} s", flush=True)
     whisper.bank.clear()
     rows = {}
@@ -229,16 +265,45 @@ def quality(base, args, workdir: Path) -> dict | None:
         row = {"n": len(idx), "expert": f"{lang}-expert" if lang in files else None}
         for label, ts in runs.items():
             row[label] = error_rates(refs, [ts[i].text for i in idx])["wer"]
-        for label in ("language ID", "language ID among 4"):
+        for label in [r for r in ROUTED if r in runs]:
             detected = [runs[label][i] for i in idx]
             row[f"{label}: accuracy"] = sum(t.language == lang for t in detected) / len(idx)
             row[f"{label}: own expert"] = sum(t.expert == row["expert"] for t in detected) / len(idx)
             row[f"{label}: detected"] = sorted({t.language for t in detected})
         rows[lang] = row
-    return rows
+    return rows, router_info
 
 
 def markdown(result: dict) -> str:
+    lines = speed_markdown(result) if result.get("speed") else []
+    m = result["meta"]
+    if result.get("quality"):
+        lines += ["", "| language | n | expert | routing | WER % | vs oracle | language right % | to own expert % | "
+                      "detected |", "|---|---|---|---|---|---|---|---|---|"]
+        for lang, r in result["quality"].items():
+            ora = r["oracle"]
+            lines.append(f"| {lang} | {r['n']} | {r['expert'] or 'none (base)'} | oracle | {100 * ora:.1f} | | | | |")
+            for label in [x for x in ROUTED if x in r]:
+                wer = r[label]
+                rel = f"{100 * (wer - ora) / ora:+.0f}%" if ora else "-"
+                lines.append(f"| | | | {label} | {100 * wer:.1f} | {rel} | {100 * r[label + ': accuracy']:.0f} | "
+                             f"{100 * r[label + ': own expert']:.0f} | {', '.join(r[label + ': detected'])} |")
+        val = ((result.get("router") or {}).get("metrics") or {}).get("validation")
+        if val:
+            t = result["router"]["training"] or {}
+            lines.append(f"\nLearned router: trained on {t.get('corpus')} ({t.get('utterances', {}).get('train')} "
+                         f"utterances, {t.get('epochs')} epochs, aux weight {t.get('aux_weight')}); its validation "
+                         f"routing accuracy {100 * val['routing_accuracy']:.1f}%, WER {100 * val['wer']:.1f}% "
+                         f"(oracle {100 * val['oracle_wer']:.1f}%).")
+    if result.get("speed"):
+        lines.append(f"\n16 utterances ({', '.join(LANGUAGES)}, 4 each), {m['tokens']} greedy tokens each, median of "
+                     f"{m['repeats']} after a warm-up; CPU, {m['threads']} torch thread(s) of {m['cpus']} cores, load "
+                     f"average {m['load_before']} before / {m['load_after']} after (other jobs were running); torch "
+                     f"{m['torch']}, transformers {m['transformers']}, peft {m['peft']}.")
+    return "\n".join(lines) + "\n"
+
+
+def speed_markdown(result: dict) -> list[str]:
     s = result["speed"]
     a = s["a"]["cpu_s"]
     lines = ["| variant | CPU s | wall s | tokens per CPU s | throughput vs (a) |", "|---|---|---|---|---|"]
@@ -261,22 +326,7 @@ def markdown(result: dict) -> str:
     lines.append(f"\nLoading a 16-expert pack ({ld['size_mb']:.0f} MB, rank 16 on all linear layers) onto the loaded "
                  f"{m['base']}: {ld['verified_s']:.2f} s with digests verified, {ld['unverified_s']:.2f} s without "
                  f"(median of 3).")
-    if result.get("quality"):
-        lines += ["", "| language | n | expert | routing | WER % | vs oracle | LID accuracy % | to own expert % | "
-                      "detected |", "|---|---|---|---|---|---|---|---|---|"]
-        for lang, r in result["quality"].items():
-            ora = r["oracle"]
-            lines.append(f"| {lang} | {r['n']} | {r['expert'] or 'none (base)'} | oracle | {100 * ora:.1f} | | | | |")
-            for label in ("language ID", "language ID among 4"):
-                wer = r[label]
-                rel = f"{100 * (wer - ora) / ora:+.0f}%" if ora else "-"
-                lines.append(f"| | | | {label} | {100 * wer:.1f} | {rel} | {100 * r[label + ': accuracy']:.0f} | "
-                             f"{100 * r[label + ': own expert']:.0f} | {', '.join(r[label + ': detected'])} |")
-    lines.append(f"\n16 utterances ({', '.join(LANGUAGES)}, 4 each), {m['tokens']} greedy tokens each, median of "
-                 f"{m['repeats']} after a warm-up; CPU, {m['threads']} torch thread(s) of {m['cpus']} cores, load "
-                 f"average {m['load_before']} before / {m['load_after']} after (other jobs were running); torch "
-                 f"{m['torch']}, transformers {m['transformers']}, peft {m['peft']}.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
@@ -288,6 +338,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster on a busy 2-core box)")
     p.add_argument("--quality-per-language", type=int, default=4, help="test utterances per language (default 4)")
     p.add_argument("--no-quality", dest="quality", action="store_false", help="skip the WER comparison")
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="skip the speed and pack-load timings")
+    p.add_argument("--no-learned-router", dest="learned_router", action="store_false",
+                   help="quality without the learned-router row")
+    p.add_argument("--router", help="a trained router file for the pack of uk, pt, nl experts (default: train one)")
+    p.add_argument("--router-data", default=str(ROOT / "data" / "baseline-corpus"),
+                   help="corpus the router trains on (default data/baseline-corpus)")
+    p.add_argument("--router-epochs", type=int, default=4, help="router training epochs (default 4)")
+    p.add_argument("--router-max-train", type=int, help="at most N router training utterances per language")
+    p.add_argument("--router-max-validation", type=int, help="at most N router validation utterances per language")
     p.add_argument("--threshold", type=float, default=0.5, help="language-ID threshold (default 0.5)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--table-only", action="store_true", help="only rewrite <out>/routing.md from routing.json")
@@ -310,34 +369,37 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     base = load_base(args.base, device="cpu", progress=None)
-    plain = copy.deepcopy(base.model)  # (a) and the copies for peft and merging never carry a bank
-    utts = load_utterances(LANGUAGES, 4, expert_data=False)
-    langs = [u.language for u in utts]
-    feats = log_mel(base.processor, [u.audio for u in utts], base.model)
+    result = {}
     with tempfile.TemporaryDirectory(prefix="routing-bench-") as tmp:
-        print(f"speed: {len(utts)} utterances, {args.tokens} tokens each")
-        seconds, same, loads = speed(base, plain, feats, langs, args, Path(tmp))
-        rows = None
+        if args.speed:
+            plain = copy.deepcopy(base.model)  # (a) and the copies for peft and merging never carry a bank
+            utts = load_utterances(LANGUAGES, 4, expert_data=False)
+            langs = [u.language for u in utts]
+            feats = log_mel(base.processor, [u.audio for u in utts], base.model)
+            print(f"speed: {len(utts)} utterances, {args.tokens} tokens each")
+            seconds, same, loads = speed(base, plain, feats, langs, args, Path(tmp))
+            tokens = len(utts) * args.tokens
+            result["speed"] = {k: {"cpu_s": statistics.median(v["cpu"]), "wall_s": statistics.median(v["wall"]),
+                                   "tokens_per_cpu_s": tokens / statistics.median(v["cpu"]), "all": v}
+                               for k, v in seconds.items()}
+            result["same_tokens_as_b"] = same
+            result["pack_load"] = {"verified_s": statistics.median(loads["verified"]),
+                                   "unverified_s": statistics.median(loads["unverified"]), "size_mb": loads["size_mb"],
+                                   "all": {k: loads[k] for k in ("verified", "unverified")}}
+        rows, router_info = None, None
         if args.quality:
             print(f"quality: {args.quality_per_language} test utterances per language")
-            rows = quality(base, args, Path(tmp))
-    tokens = len(utts) * args.tokens
-    result = {
-        "speed": {k: {"cpu_s": statistics.median(v["cpu"]), "wall_s": statistics.median(v["wall"]),
-                      "tokens_per_cpu_s": tokens / statistics.median(v["cpu"]), "all": v}
-                  for k, v in seconds.items()},
-        "same_tokens_as_b": same,
-        "pack_load": {"verified_s": statistics.median(loads["verified"]),
-                      "unverified_s": statistics.median(loads["unverified"]), "size_mb": loads["size_mb"],
-                      "all": {k: loads[k] for k in ("verified", "unverified")}},
+            rows, router_info = quality(base, args, Path(tmp)) or (None, None)
+    result.update({
         "quality": rows,
+        "router": router_info,
         "meta": {"base": args.base, "tokens": args.tokens, "repeats": args.repeats, "rank": args.rank,
                  "threads": args.threads,
                  "cpus": os.cpu_count(), "languages": list(LANGUAGES), "load_before": load_before,
                  "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()), "torch": torch.__version__,
                  "transformers": transformers.__version__, "peft": peft.__version__,
                  "quality_threshold": args.threshold, "quality_per_language": args.quality_per_language},
-    }
+    })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(result, indent=2) + "\n")

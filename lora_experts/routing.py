@@ -11,6 +11,7 @@ they route, so experts added to or removed from a live model are taken into acco
 :class:`LanguageIDRouting`  Whisper's own language ID (first decoder step, base model) picks the expert;
                             below ``threshold``, or for a language with no expert, the base model serves it
 :class:`SoftLanguageRouting` the top-k languages' experts, mixed by the language posterior
+``LearnedRouting``          a small trained gate over the bank's experts (:mod:`lora_experts.router`)
 ==========================  ===========================================================================
 
 Usage::
@@ -248,3 +249,6 @@ POLICIES = {
     "language-id": LanguageIDRouting,
     "soft": SoftLanguageRouting,
 }
+
+# The learned router (lora_experts/router.py) builds on the classes above and adds itself as "learned".
+import lora_experts.router  # noqa: E402,F401

@@ -14,7 +14,7 @@ import os
 import sys
 
 COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack",
-            "transcribe", "distill"]
+            "router", "transcribe", "distill"]
 
 EPILOG = """\
 examples:
@@ -26,6 +26,7 @@ examples:
   whisper-experts eval --base whisper-base --data data/de-uk --split test --expert uk-espeak@latest
   whisper-experts registry list --language uk
   whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
+  whisper-experts router train --pack packs/eu3.safetensors --data data/eu4 --languages uk,pt,nl,de --out r.safetensors
   whisper-experts transcribe a.wav b.mp3 --pack packs/eu3.safetensors --language auto --format json
 
 Run `whisper-experts COMMAND --help` for each command's options.

@@ -37,6 +37,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from lora_experts.bank import ExpertBank, expert_bank
 from lora_experts.batched_layer import BASE_ONLY
+from lora_experts.router import LearnedRouter, LearnedRouting, audio_frames
 from lora_experts.routing import CallerLanguages, FixedLanguage, LanguageIDRouting, RoutingDecision
 from registry.bases import Base, load_base
 from registry.packs import load_pack
@@ -62,6 +63,7 @@ class TranscribeOptions:
     silence_db: float = -60.0  # windows quieter than this RMS level (dBFS) are not decoded
     repetition_guard: bool = True  # stop repetition loops and keep one copy (trainers.decoding)
     progress: bool = True  # a progress bar over windows
+    router: Any = None  # a learned router (file or LearnedRouter): with "auto" it routes instead of language ID
 
 
 @dataclass
@@ -235,6 +237,10 @@ class ExpertWhisper:
             raise ValueError("batch_size and num_beams must be at least 1")
         if opts.timestamps and getattr(self.base.model.generation_config, "no_timestamps_token_id", None) is None:
             raise ValueError(f"{self.base.name} has no timestamp tokens; transcribe without timestamps")
+        if opts.router is not None:
+            router = opts.router if isinstance(opts.router, LearnedRouter) else LearnedRouter.load(opts.router)
+            LearnedRouting(self.bank, router)  # refuses a router trained for other experts, before any decoding
+            opts = dataclasses.replace(opts, router=router)
         return opts
 
     # ------------------------------------------------------------------------------------------ transcribe
@@ -283,13 +289,19 @@ class ExpertWhisper:
         return [self._assemble(_input_name(src, i), audios[i], [w for w in windows if w.item == i], notes.get(i))
                 for i, src in enumerate(items)]
 
-    def _route(self, encoder_states, languages: list[str], opts) -> tuple[RoutingDecision, tuple | None]:
-        """Each window's language and expert: given by the caller, or chosen by language ID on the base
-        model's encoder output. Returns the decision and, for language ID, (codes, posterior (batch, codes))."""
+    def _route(self, encoder_states, languages: list[str], opts, frames=None) -> tuple[RoutingDecision, tuple | None]:
+        """Each window's language and expert: given by the caller, or chosen on the base model's encoder output
+        by the learned router (``opts.router``; ``frames``: encoder frames with audio per window) or else by
+        language ID. Returns the decision and, when detected, (codes, posterior (batch, codes))."""
         if languages[0] != "auto":
             return CallerLanguages(self.bank).route(languages=languages), None
         if not self.base.multilingual:
             return FixedLanguage(self.bank, "en").route(languages=languages), None
+        if opts.router is not None:  # the router's slot probabilities, summed per language, are the posterior
+            policy = LearnedRouting(self.bank, opts.router)
+            probs = policy.probabilities(encoder_hidden_states=encoder_states, frames=frames)
+            codes, by_language = policy.language_posterior(probs)
+            return policy.decide(probs), (codes, by_language.cpu().numpy())
         policy = LanguageIDRouting(self.bank, opts.threshold, opts.candidates)
         codes, probs = policy.posterior(encoder_hidden_states=encoder_states)
         return policy.decide(codes, probs), (codes, probs.cpu().numpy())
@@ -305,7 +317,7 @@ class ExpertWhisper:
         if languages[0] == "auto":  # language ID needs the base model's encoder output; generate may reuse it
             with self.bank.route(None):
                 encoder_states = model.get_encoder()(features).last_hidden_state
-        decision, posterior = self._route(encoder_states, languages, opts)
+        decision, posterior = self._route(encoder_states, languages, opts, audio_frames([w.seconds for w in batch]))
         routed = {int(e) for e in decision.experts[decision.weights > 0].tolist() if e != BASE_ONLY}
         if self._encoder_adapted(routed):
             encoder_states = None  # the routed experts change the encoder: generate runs it under routing

@@ -16,6 +16,10 @@ its own expert in the same forward pass:
   --language auto   Whisper's language ID (first decoder step, on the base model) picks the window's language
                     and that language's expert; below --threshold, or for a language with no expert in the
                     pack, the base model decodes it (still with the detected language token)
+  --language auto --router R
+                    a learned router (whisper-experts router train) picks the window's expert and language
+                    from the base model's encoder output, instead of language ID (--threshold and --candidates
+                    then do not apply)
   --language uk     every window is Ukrainian and uses the pack's uk expert
 Silent windows (below -60 dBFS) are not decoded, and empty or silent files are reported, not transcribed.
 
@@ -33,6 +37,7 @@ examples:
   whisper-experts transcribe lecture.wav --pack packs/eu3.safetensors --language uk --format srt --out lecture.srt
   whisper-experts transcribe *.wav --pack packs/eu3.safetensors --format vtt --out subtitles/
   whisper-experts transcribe *.wav --pack packs/eu3.safetensors --candidates uk,pt,nl,de   # LID among these only
+  whisper-experts transcribe *.wav --pack packs/eu3.safetensors --router packs/eu3-router.safetensors
   whisper-experts transcribe clip.wav --base whisper-base        # no pack: the base model alone
 """
 
@@ -91,7 +96,7 @@ def _run(args) -> int:
     options = TranscribeOptions(batch_size=args.batch_size, threshold=args.threshold,
                                 candidates=tuple(split_list(args.candidates) or ()) or None, timestamps=timestamps,
                                 task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, router=args.router)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir() and args.format not in SUBTITLE_FORMATS:
         raise ValueError(f"--out {out} is a directory; name a file for --format {args.format}")
@@ -99,6 +104,8 @@ def _run(args) -> int:
                                       device=args.device)
     if args.language != "auto":
         whisper.check_language(args.language)
+        if args.router:
+            print(f"note: --language {args.language} is given, so the router is not used", file=sys.stderr)
         if args.language not in whisper.bank.expert_for_language():
             print(f"note: no expert for {args.language!r} in the pack ({', '.join(whisper.bank.names) or 'none'}); "
                   "the base model transcribes it", file=sys.stderr)
@@ -126,6 +133,8 @@ def register(subparsers) -> None:
     p.add_argument("--language", default="auto",
                    help="'auto' (language ID per 30 s window; default) or a Whisper code for all inputs")
     p.add_argument("--candidates", help="language ID chooses among these codes only (comma-separated)")
+    p.add_argument("--router", metavar="FILE",
+                   help="learned router for --language auto (whisper-experts router train), instead of language ID")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="language-ID probability below which the base model decodes a window (default 0.5)")
     p.add_argument("--format", choices=["text", "json", "srt", "vtt"], default="text", help="output (default text)")
