@@ -276,7 +276,7 @@ def quality(base, args, workdir: Path) -> tuple[dict, dict | None] | None:
 
 def markdown(result: dict) -> str:
     lines = speed_markdown(result) if result.get("speed") else []
-    m = result["meta"]
+    m = result.get("speed_meta") or result["meta"]  # the timings may come from an earlier run (--no-speed)
     if result.get("quality"):
         lines += ["", "| language | n | expert | routing | WER % | vs oracle | language right % | to own expert % | "
                       "detected |", "|---|---|---|---|---|---|---|---|---|"]
@@ -322,7 +322,7 @@ def speed_markdown(result: dict) -> list[str]:
                  f"{c / b:.2f}x faster (goal >= 2x: {'met' if c / b >= 2 else 'NOT met'}). The experts' cost over (a) "
                  f"in CPU seconds: (b) {b - a:.2f}, (c) {c - a:.2f} ({(c - a) / max(b - a, 1e-9):.1f}x ours), "
                  f"(d) {s['d']['cpu_s'] - a:.2f}.")
-    ld, m = result["pack_load"], result["meta"]
+    ld, m = result["pack_load"], result.get("speed_meta") or result["meta"]
     lines.append(f"\nLoading a 16-expert pack ({ld['size_mb']:.0f} MB, rank 16 on all linear layers) onto the loaded "
                  f"{m['base']}: {ld['verified_s']:.2f} s with digests verified, {ld['unverified_s']:.2f} s without "
                  f"(median of 3).")
@@ -402,6 +402,14 @@ def main(argv=None) -> int:
     })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "routing.json").read_text()) if (out / "routing.json").is_file() else {}
+    if args.speed:
+        result["speed_meta"] = result["meta"]
+    else:  # --no-speed: keep the timings of the last run that measured them (their own meta says when and how)
+        for key in ("speed", "same_tokens_as_b", "pack_load", "speed_meta"):
+            if key in previous:
+                result[key] = previous[key]
+        result.setdefault("speed_meta", previous.get("meta"))
     (out / "routing.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     (out / "routing.md").write_text(table)

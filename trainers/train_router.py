@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from lora_experts.bank import expert_bank
 from lora_experts.router import LearnedRouter, audio_frames, router_slots
-from trainers.data import IGNORE, ExpertDataset, encode_from
+from trainers.data import IGNORE, encode_from
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,7 @@ class _Split:
     """One split of the data module, with what the loop needs beside its batches."""
 
     def __init__(self, data, name: str):
-        ds = data.datasets[name]
-        if ds.cache is not None:  # the log-mel features are not needed: reading them would cost more than a step
-            ds = data.datasets[name] = ExpertDataset(ds.rows.remove_columns("input_features"), ds.cache)
+        ds = data.datasets[name]  # with an encoder cache, batches never read the log-mel features (ExpertDataset)
         self.dataset = ds
         self.seconds = list(ds.rows["seconds"])
         self.loader = data.train_dataloader() if name == "train" else data.val_dataloader()
