@@ -131,7 +131,7 @@ def run_language(lang: str, args, work: Path) -> dict:
 
 
 def overlap_section(work: Path, languages, out: Path) -> tuple[dict, str]:
-    from lora_experts.sparse_masks import mask_overlap, plot_overlap
+    from lora_experts.sparse_masks import mask_overlap, percent, plot_overlap
     from registry.expert_file import load_expert
 
     experts = {lang: load_expert(work / f"{lang}-sparse.safetensors") for lang in languages}
@@ -147,7 +147,7 @@ def overlap_section(work: Path, languages, out: Path) -> tuple[dict, str]:
     md.append("| layer | " + " | ".join(f"{langs[i]}-{langs[j]}" for i, j in pairs) + " |")
     md.append("|" + "---|" * (len(pairs) + 1))
     for layer, m in overlap.per_layer().items():
-        md.append(f"| {layer} | " + " | ".join(f"{100 * m[i, j]:.1f}" for i, j in pairs) + " |")
+        md.append(f"| {layer} | " + " | ".join(percent(m[i, j]) for i, j in pairs) + " |")
     return overlap.as_dict(), "\n".join(md)
 
 

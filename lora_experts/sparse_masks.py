@@ -104,8 +104,11 @@ class MaskOverlap:
         inter = self.shared[:, :, columns].sum(-1)
         size = self.sizes[:, columns].sum(-1)
         union = size[:, None] + size[None, :] - inter
-        # Two empty masks are the same sub-network (nothing): 1 on the diagonal, by convention elsewhere too.
-        return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        # Where neither mask keeps an entry (e.g. a layer only one language adapts) the overlap is undefined:
+        # NaN, shown as "-"; a mask always equals itself (diagonal 1).
+        out = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+        np.fill_diagonal(out, 1.0)
+        return out
 
     def jaccard(self, parameter: str | None = None) -> np.ndarray:
         """(labels, labels) Jaccard index over all entries, or over one parameter's."""
@@ -119,7 +122,7 @@ class MaskOverlap:
         inter = (self.sizes[:, None, :] * self.sizes[None, :, :] / self.numels).sum(-1)
         size = self.sizes.sum(-1)
         union = size[:, None] + size[None, :] - inter
-        out = np.where(union > 0, inter / np.maximum(union, 1e-12), 1.0)
+        out = np.where(union > 0, inter / np.maximum(union, 1e-12), np.nan)
         np.fill_diagonal(out, 1.0)
         return out
 
@@ -133,14 +136,24 @@ class MaskOverlap:
         matrix = self.jaccard() if matrix is None else matrix
         rows = ["| Jaccard % | " + " | ".join(self.labels) + " |", "|" + "---|" * (len(self.labels) + 1)]
         for label, row in zip(self.labels, matrix):
-            rows.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+            rows.append(f"| {label} | " + " | ".join(percent(v) for v in row) + " |")
         return "\n".join(rows)
 
     def as_dict(self) -> dict:
-        return {"labels": self.labels, "overall": self.jaccard().tolist(), "chance": self.chance().tolist(),
-                "per_layer": {k: v.tolist() for k, v in self.per_layer().items()},
-                "per_parameter": {p: self.jaccard(p).tolist() for p in self.parameters},
+        """JSON-ready matrices (undefined overlaps as None)."""
+        return {"labels": self.labels, "overall": _listed(self.jaccard()), "chance": _listed(self.chance()),
+                "per_layer": {k: _listed(v) for k, v in self.per_layer().items()},
+                "per_parameter": {p: _listed(self.jaccard(p)) for p in self.parameters},
                 "entries": dict(zip(self.labels, self.sizes.sum(-1).tolist()))}
+
+
+def percent(value: float) -> str:
+    """A Jaccard index as a table cell: ``12.3``, or ``-`` where undefined."""
+    return "-" if np.isnan(value) else f"{100 * value:.1f}"
+
+
+def _listed(matrix: np.ndarray) -> list:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
 
 def _layer_key(layer: str):
@@ -182,6 +195,7 @@ def plot_overlap(overlap: MaskOverlap, path: str, title: str = "", matrix: np.nd
     fig, ax = plt.subplots(figsize=(1.1 * n + 2.5, 1.0 * n + 1.5))
     # The colours span the pairs (the diagonal, 100%, saturates): overlaps between languages are often a few %.
     off = 100 * values[~np.eye(n, dtype=bool)]
+    off = off[~np.isnan(off)]
     top = float(off.max()) if off.size and off.max() > 0 else 100.0
     image = ax.imshow(100 * values, cmap="magma", vmin=0, vmax=top)
     ax.set_xticks(range(n), overlap.labels)
@@ -189,7 +203,8 @@ def plot_overlap(overlap: MaskOverlap, path: str, title: str = "", matrix: np.nd
     for i in range(n):
         for j in range(n):
             v = 100 * values[i, j]
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="black" if v > 0.6 * top else "white")
+            ax.text(j, i, percent(values[i, j]), ha="center", va="center",
+                    color="black" if v > 0.6 * top else "white")
     fig.colorbar(image, ax=ax, label="mask Jaccard %")
     ax.set_title(title or "overlap of sparse experts' masks")
     fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,17 @@ def test_mask_overlap_is_one_for_identical_and_zero_for_disjoint_masks(tiny_whis
     assert "| uk | 100.0 | 100.0 | 0.0 |" in overlap.markdown()
     png = plot_overlap(overlap, str(tmp_path / "overlap.png"))
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_overlap_where_neither_mask_has_entries_is_undefined_not_identical(tiny_whisper):
+    deltas = random_deltas(tiny_whisper[0], 0.3, seed=8)
+    first, second = sorted(deltas)[:2]
+    only_first = {"uk": {first: deltas[first]}, "pt": {first: deltas[first]}, "nl": {second: deltas[second]}}
+    overlap = mask_overlap(only_first)
+    j = overlap.jaccard(second)  # only nl's mask touches this parameter
+    assert np.isnan(j[0, 1]) and j[0, 2] == 0.0 and j[2, 2] == 1.0 and j[0, 0] == 1.0
+    assert overlap.jaccard()[0, 1] == 1.0 and overlap.as_dict()["per_parameter"][second][0][1] is None
+    assert "| uk | 100.0 | -" in overlap.markdown(j)
 
 
 def test_only_masked_entries_train_and_removal_restores_the_base(tiny_whisper):
