@@ -416,3 +416,15 @@ def add_expert(base_or_model, expert: Expert, name: str, *, force: bool = False)
     if bank.base is None:
         bank.base = vars(identity).copy()
     return index
+
+
+def base_of_packs(base: str | None, packs) -> str:
+    """The base to load for ``packs``: ``base`` when given, else the base the first pack was made for, else
+    ``whisper-base``."""
+    if base:
+        return base
+    if packs:
+        name = inspect_pack(packs[0]).base.get("name")
+        if name:
+            return name
+    return "whisper-base"

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from lora_experts.task_vectors import expert_from_task_vector
 from registry.expert_file import Expert
-from trainers.train_lora import KeepBestExpert, TrainConfig, expert_data, expert_manifest, load_checked_base
+from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, expert_trainer,
+                                 load_checked_base)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
         (the expert, a report with the per-epoch ``history``, ``best_epoch``, ``best_val_wer``, ``seconds``,
         ``rank``, ``parameters`` (entries trained) and ``test`` when evaluated).
     """
-    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
     from trainers.finetune_module import FullFinetuneModule
@@ -60,18 +59,9 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
 
     run_dir = Path(cfg.run_dir)
     keep = KeepBestExpert()
-    # No ModelCheckpoint: a fine-tune's checkpoint is the size of the region (tens of MB per epoch); the best
-    # epoch's deltas are kept in memory by KeepBestExpert and written once as the expert.
-    callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
-                                     check_on_train_epoch_end=False)]
-    cuda = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"), callbacks=callbacks,
-        logger=[CSVLogger(run_dir, name="logs")], strategy=cfg.strategy, devices=cfg.devices,
-        enable_progress_bar=cfg.progress, log_every_n_steps=1, num_sanity_val_steps=0,
-        enable_model_summary=False, use_distributed_sampler=False, enable_checkpointing=False,
-        default_root_dir=run_dir)
+    # No checkpoints: a fine-tune's checkpoint is the size of the region (tens of MB per epoch); the best epoch's
+    # deltas are kept in memory by KeepBestExpert and written once as the expert.
+    trainer = expert_trainer(cfg, run_dir, keep, [CSVLogger(run_dir, name="logs")], checkpoints=False)
     trainer.fit(module, datamodule=data)
     if keep.tensors is None:  # max_steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)

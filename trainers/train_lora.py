@@ -150,6 +150,32 @@ def expert_data(cfg: TrainConfig, base, touches_encoder: bool, encoder_start: in
     return data
 
 
+def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, loggers: list, *,
+                   checkpoints: bool = True, **options) -> L.Trainer:
+    """The Lightning ``Trainer`` of every expert recipe (LoRA, sparse, fine-tune): ``cfg``'s epochs, steps,
+    accumulation, precision (bf16-mixed on CUDA by default), strategy and devices; ``keep`` plus early stopping
+    on validation WER, and (``checkpoints``) the best epoch's checkpoint under ``run_dir/checkpoints``.
+
+    Args:
+        options: further ``Trainer`` arguments.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
+                                     check_on_train_epoch_end=False)]
+    if checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
+                                         save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"))
+    else:
+        options["enable_checkpointing"] = False
+    return L.Trainer(
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
+        precision=cfg.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"), callbacks=callbacks,
+        logger=loggers, strategy=cfg.strategy, devices=cfg.devices, enable_progress_bar=cfg.progress,
+        log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False,
+        default_root_dir=run_dir, **options)
+
+
 def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     """Train, select by validation WER, test, and describe a LoRA expert.
 
@@ -160,7 +186,6 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     Returns:
         (the expert, a report dict with the per-epoch history, base and expert test results, timings, rank).
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from trainers.lora_module import LoraExpertModule
@@ -179,9 +204,6 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
 
     run_dir = Path(cfg.run_dir)
     keep = KeepBestExpert()
-    callbacks = [keep, ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
-                                       save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"),
-                 EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)]
     loggers = [CSVLogger(run_dir, name="logs")]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -191,14 +213,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
     except ImportError:
         pass
-    cuda = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"), callbacks=callbacks, logger=loggers,
-        strategy=cfg.strategy, devices=cfg.devices, enable_progress_bar=cfg.progress, log_every_n_steps=1,
-        num_sanity_val_steps=0, enable_model_summary=False, deterministic=False, use_distributed_sampler=False,
-        default_root_dir=run_dir,
-    )
+    trainer = expert_trainer(cfg, run_dir, keep, loggers, deterministic=False)
     trainer.fit(module, datamodule=data)
     if keep.tensors is None:  # --max-steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)

@@ -70,15 +70,9 @@ class RouterTrainConfig:
 
 
 def _base_spec(cfg: RouterTrainConfig) -> str:
-    if cfg.base:
-        return cfg.base
-    if cfg.pack:
-        from registry.packs import inspect_pack
+    from registry.packs import base_of_packs
 
-        name = inspect_pack(cfg.pack[0]).base.get("name")
-        if name:
-            return name
-    return "whisper-base"
+    return base_of_packs(cfg.base, cfg.pack)
 
 
 def encoder_start(bank) -> int | None:

@@ -27,8 +27,8 @@ from lora_experts.sparse_layer import remove_trainable_sparse
 from lora_experts.sparse_masks import SCOPES, magnitude_scores, top_k_masks
 from lora_experts.task_vectors import task_vector
 from registry.expert_file import Expert, check_compatible, save_expert
-from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, load_checked_base,
-                                 train_lora_expert)
+from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, expert_trainer,
+                                 load_checked_base, train_lora_expert)
 
 MASK_SCORES = ("magnitude", "gradient")
 
@@ -95,7 +95,6 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
         (the ``sparse`` expert, a report with ``phase1`` (its report when trained here), phase 2's ``history``,
         ``best_epoch``, ``best_val_wer``, ``seconds`` per phase, ``size`` (``sparse_size`` totals), ``test``).
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     from trainers.sparse_module import SparseExpertModule, mask_region
@@ -127,16 +126,7 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
 
     run_dir = Path(cfg.run_dir) / "phase2"
     keep = KeepBestExpert()
-    callbacks = [keep, ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
-                                       save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"),
-                 EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience, check_on_train_epoch_end=False)]
-    cuda = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        precision=cfg.precision or ("bf16-mixed" if cuda else "32-true"), callbacks=callbacks,
-        logger=[CSVLogger(run_dir, name="logs")], strategy=cfg.strategy, devices=cfg.devices,
-        enable_progress_bar=cfg.progress, log_every_n_steps=1, num_sanity_val_steps=0,
-        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=run_dir)
+    trainer = expert_trainer(cfg, run_dir, keep, [CSVLogger(run_dir, name="logs")])
     trainer.fit(module, datamodule=data)
     if keep.tensors is None:  # max_steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)

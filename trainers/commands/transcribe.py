@@ -44,15 +44,9 @@ examples:
 
 def _base_spec(args) -> str:
     """--base, else the base the (first) pack was made for, else whisper-base."""
-    if args.base:
-        return args.base
-    if args.pack:
-        from registry.packs import inspect_pack
+    from registry.packs import base_of_packs
 
-        name = inspect_pack(args.pack[0]).base.get("name")
-        if name:
-            return name
-    return "whisper-base"
+    return base_of_packs(args.base, args.pack)
 
 
 def _subtitle_paths(transcripts, out: Path | None, fmt: str) -> list[Path | None]:
