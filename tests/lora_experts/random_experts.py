@@ -38,3 +38,22 @@ def lora_expert(shapes: dict, rank: int, alpha: float, seed: int, languages=("uk
     """A stored-form LoRA expert with a valid manifest."""
     hyper = {"rank": rank, "alpha": alpha, "dropout": 0.0, "target_modules": ["fc1"], "side": "decoder"}
     return Expert(random_lora(shapes, rank, seed, dtype=dtype), new_manifest("lora", languages, base, hyper))
+
+
+def expert_alone(base: torch.nn.Module, experts: dict, name: str | None) -> torch.nn.Module:
+    """The reference for routing tests: a copy of ``base`` with the single expert ``name`` of ``experts`` (name ->
+    (tensors, hyperparameters, languages)): a sparse one added into the weights, a LoRA one attached by peft;
+    ``None``: the base itself."""
+    import copy
+
+    from lora_experts.model import attach_expert
+    from lora_experts.sparse import SparseDelta, apply_sparse
+
+    ref = copy.deepcopy(base)
+    if name is not None:
+        tensors, hyper, _ = experts[name]
+        if isinstance(next(iter(tensors.values())), SparseDelta):
+            apply_sparse(ref, tensors)
+        else:
+            attach_expert(ref, tensors, hyper)
+    return ref

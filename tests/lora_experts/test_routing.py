@@ -11,11 +11,10 @@ import torch
 
 from lora_experts.bank import ExpertBank, expert_bank
 from lora_experts.batched_layer import BASE_ONLY, BatchedLoraLinear
-from lora_experts.model import attach_expert
 from lora_experts.routing import (CallerLanguages, FixedLanguage, LanguageIDRouting, SoftLanguageRouting,
                                   language_posterior)
 from lora_experts.task_vectors import lora_scale
-from tests.lora_experts.random_experts import linear_shapes, random_lora
+from tests.lora_experts.random_experts import expert_alone, linear_shapes, random_lora
 
 FEATS = torch.randn(4, 80, 3000, generator=torch.Generator().manual_seed(0))
 LANGS = ["uk", "pt", "en", "nl"]  # sample 2 has no expert: the base model serves it
@@ -48,15 +47,6 @@ def setup(tiny_whisper):
     return base, model, experts
 
 
-def _alone(base, experts, name):
-    """A copy of the base with one expert attached through peft (the reference), or the base itself."""
-    ref = copy.deepcopy(base)
-    if name is not None:
-        tensors, hyper, _ = experts[name]
-        attach_expert(ref, tensors, hyper)
-    return ref
-
-
 def _logits(model, feats, ids):
     with torch.no_grad():
         return model(input_features=feats, decoder_input_ids=ids).logits
@@ -71,7 +61,7 @@ def test_a_mixed_batch_gives_each_sample_its_own_experts_logits(setup):
         mixed = _logits(model, FEATS, ids)
     base_logits = _logits(base, FEATS, ids)
     for n, name in enumerate(names):
-        alone = _logits(_alone(base, experts, name), FEATS[n:n + 1], ids[n:n + 1])
+        alone = _logits(expert_alone(base, experts, name), FEATS[n:n + 1], ids[n:n + 1])
         torch.testing.assert_close(mixed[n:n + 1], alone, rtol=1e-5, atol=1e-5)
         assert (name is None) == torch.equal(mixed[n], base_logits[n])  # experts change the output, base does not
     # Outside the route block the model is the base model again.
@@ -88,7 +78,7 @@ def test_mixed_batch_generate_equals_one_sample_at_a_time(setup, num_beams):
     assert set(routing._expanded) == {4, 4 * num_beams}  # encoder rows, decoder rows (samples x beams)
     pad = model.generation_config.pad_token_id
     for n, name in enumerate(names):
-        alone = _alone(base, experts, name).generate(FEATS[n:n + 1], language=[LANGS[n]], **kwargs)[0]
+        alone = expert_alone(base, experts, name).generate(FEATS[n:n + 1], language=[LANGS[n]], **kwargs)[0]
         row = mixed[n]
         assert row[:len(alone)].tolist() == alone.tolist()
         assert (row[len(alone):] == pad).all()
@@ -100,7 +90,7 @@ def test_one_expert_for_everyone_takes_the_single_expert_path(setup):
     with expert_bank(model).route("nl") as routing:
         assert routing.uniform == expert_bank(model).index("nl")
         out = _logits(model, FEATS, ids)
-    torch.testing.assert_close(out, _logits(_alone(base, experts, "nl"), FEATS, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _logits(expert_alone(base, experts, "nl"), FEATS, ids), rtol=1e-5, atol=1e-5)
 
 
 def _merged(base, experts, mix):
@@ -190,7 +180,7 @@ def test_routing_errors_are_clear(setup):
     with pytest.raises(ValueError, match="already attached"):
         bank.add("uk", *_experts(model)["uk"])
     with pytest.raises(ValueError, match="peft experts attached"):
-        ExpertBank(_alone(setup[0], setup[2], "uk"))
+        ExpertBank(expert_alone(setup[0], setup[2], "uk"))
     assert isinstance(model.get_submodule("model.decoder.layers.0.fc1"), BatchedLoraLinear)
 
 

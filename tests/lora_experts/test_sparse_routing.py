@@ -11,9 +11,8 @@ import torch
 
 from lora_experts.bank import expert_bank
 from lora_experts.batched_layer import BASE_ONLY, BatchedLoraLinear
-from lora_experts.model import attach_expert
 from lora_experts.sparse import SparseDelta, add_sparse, apply_sparse
-from tests.lora_experts.random_experts import linear_shapes, random_lora
+from tests.lora_experts.random_experts import expert_alone, linear_shapes, random_lora
 
 FEATS = torch.randn(4, 80, 3000, generator=torch.Generator().manual_seed(0))
 LANGS = ["uk", "pt", "en", "nl"]
@@ -55,18 +54,6 @@ def setup(tiny_whisper):
     return base, model, experts
 
 
-def _alone(base, experts, name):
-    """A copy of the base with one expert: a sparse one added into the weights, a LoRA one attached by peft."""
-    ref = copy.deepcopy(base)
-    if name is not None:
-        tensors, hyper, _ = experts[name]
-        if isinstance(next(iter(tensors.values())), SparseDelta):
-            apply_sparse(ref, tensors)
-        else:
-            attach_expert(ref, tensors, hyper)
-    return ref
-
-
 def _logits(model, feats, ids):
     with torch.no_grad():
         return model(input_features=feats, decoder_input_ids=ids).logits
@@ -90,7 +77,7 @@ def test_a_mixed_batch_gives_each_sample_its_own_experts_logits(setup, names):
         mixed = _logits(model, FEATS, ids)
     base_logits = _logits(base, FEATS, ids)
     for n, name in enumerate(names):
-        alone = _logits(_alone(base, experts, name), FEATS[n:n + 1], ids[n:n + 1])
+        alone = _logits(expert_alone(base, experts, name), FEATS[n:n + 1], ids[n:n + 1])
         torch.testing.assert_close(mixed[n:n + 1], alone, rtol=1e-5, atol=1e-5)
         assert (name is None) == torch.equal(mixed[n], base_logits[n])
     assert torch.equal(_logits(model, FEATS, ids), base_logits)  # outside the block: the base model
@@ -106,7 +93,7 @@ def test_mixed_batch_generate_equals_one_sample_at_a_time(setup, num_beams):
     assert set(routing._expanded) == {4, 4 * num_beams}  # encoder rows, decoder rows (samples x beams)
     pad = model.generation_config.pad_token_id
     for n, name in enumerate(names):
-        alone = _alone(base, experts, name).generate(FEATS[n:n + 1], language=[LANGS[n]], **kwargs)[0]
+        alone = expert_alone(base, experts, name).generate(FEATS[n:n + 1], language=[LANGS[n]], **kwargs)[0]
         assert mixed[n][:len(alone)].tolist() == alone.tolist()
         assert (mixed[n][len(alone):] == pad).all()
 
@@ -117,7 +104,7 @@ def test_one_sparse_expert_for_everyone_takes_the_single_expert_path(setup):
     with expert_bank(model).route("nl") as routing:
         assert routing.uniform == 2
         out = _logits(model, FEATS, ids)
-    torch.testing.assert_close(out, _logits(_alone(base, experts, "nl"), FEATS, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _logits(expert_alone(base, experts, "nl"), FEATS, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_soft_routing_mixes_sparse_experts_per_sample(setup):
