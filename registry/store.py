@@ -52,7 +52,6 @@ from registry.expert_file import (
     ExpertFormatError,
     expert_bytes,
     expert_from_bytes,
-    manifest_from_bytes,
 )
 from registry.home import ensure_writable, home_dir
 from registry.records import (
@@ -493,66 +492,18 @@ class Registry:
         return sorted(p for p in self.objects_dir.glob("*/*") if p.is_file())
 
     def verify(self) -> list[Problem]:
-        """Re-hash every object and check the index; returns the problems (empty when all is well).
+        """Re-hash every object and check the index; returns the problems (empty when all is well). See
+        :func:`registry.integrity.verify`."""
+        from registry.integrity import verify
 
-        Checks: SQLite integrity; each indexed object exists, has the recorded size and sha256, and parses as
-        an expert; files under ``objects/`` that no row refers to (orphans, including temporary files left by
-        an interrupted write) are reported too, though they are harmless.
-        """
-        problems: list[Problem] = []
-        if not self.index_path.exists():
-            return problems
-        with closing(self._connect()) as con:
-            check = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
-        if check != ["ok"]:
-            problems.append(Problem("index", self.index_path, (), "; ".join(check)[:500]))
-        refs: dict[str, list[ExpertRecord]] = {}
-        for rec in self.records():
-            refs.setdefault(rec.sha256, []).append(rec)
-        for sha, recs in sorted(refs.items()):
-            path, names, size = self.object_path(sha), tuple(r.ref for r in recs), recs[0].size
-            if not path.is_file():
-                problems.append(Problem("missing", path, names, "object file does not exist"))
-                continue
-            found_size = path.stat().st_size
-            if found_size != size:
-                problems.append(Problem("size", path, names, f"expected {size} bytes, found {found_size} "
-                                                             "(truncated or overwritten)"))
-                continue
-            found = sha256_file(path)
-            if found != sha:
-                problems.append(Problem("hash", path, names, f"expected sha256 {sha}, found {found} (corrupt)"))
-                continue
-            try:
-                manifest_from_bytes(path.read_bytes(), str(path))
-            except ExpertFormatError as e:
-                problems.append(Problem("manifest", path, names, str(e)))
-        for path in self._object_files():
-            if path.name.removesuffix(OBJECT_SUFFIX) not in refs:
-                what = "temporary file of an interrupted write" if path.name.startswith(".") else "unreferenced object"
-                problems.append(Problem("orphan", path, (), f"{what}; harmless, `whisper-experts registry gc` "
-                                                            "removes it"))
-        return problems
+        return verify(self)
 
     def gc(self, temp_age: float = 3600.0) -> list[Path]:
-        """Delete orphan objects, and temporary files older than ``temp_age`` seconds (younger ones may belong
-        to a write in progress). Returns the deleted paths."""
-        if not self.index_path.exists():
-            return []
-        removed = []
-        used = {r[0] for r in self._query("SELECT DISTINCT sha256 FROM experts")}
-        orphans = set()
-        for path in self._object_files():
-            if path.name.startswith("."):
-                try:
-                    if time.time() - path.stat().st_mtime > temp_age:
-                        path.unlink()
-                        removed.append(path)
-                except FileNotFoundError:
-                    pass
-            elif path.name.removesuffix(OBJECT_SUFFIX) not in used:
-                orphans.add(path.name.removesuffix(OBJECT_SUFFIX))
-        return removed + self._delete_unreferenced(orphans)
+        """Delete orphan objects, and temporary files older than ``temp_age`` seconds; see
+        :func:`registry.integrity.gc`."""
+        from registry.integrity import gc
+
+        return gc(self, temp_age)
 
     # ----------------------------------------------------------------------------------------- mirrors
     def push(self, url: str, specs=None) -> list[dict]:
