@@ -58,6 +58,9 @@ class ClsrExpertModule(L.LightningModule):
         loss: loss weights; default DistilWhisper's with a teacher, CE + gate (weights 1) without.
         teacher: a :class:`distill.sources.TeacherSource` (online or cached), or None for no KD.
         lr, weight_decay, warmup_steps, schedule: AdamW and its schedule (``linear``, ``cosine``, ``constant``).
+        gate_lr: the gates' peak learning rate (default ``lr``). A gate starts at ``G = 0`` and the budget loss
+            holds the mean soft gate near ``b``, so on a short run at the paths' small rate ``G`` stays near 0 and
+            the hard inference gate ``1[G >= 0]`` decides on noise; a larger gate rate lets ``G`` leave 0.
         max_noise: the gate noise scale reached at the end of training (5 in DistilWhisper).
         val_max_new_tokens: bound for validation decoding.
     """
@@ -65,7 +68,7 @@ class ClsrExpertModule(L.LightningModule):
     def __init__(self, model, processor, languages, clsr: ClsrConfig = ClsrConfig(),
                  loss: DistillationLossConfig | None = None, teacher=None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "linear", max_noise: float = 5.0,
-                 val_max_new_tokens: int = 128):
+                 val_max_new_tokens: int = 128, gate_lr: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "processor", "teacher", "clsr", "loss"])
         self.languages = list(dict.fromkeys(languages))
@@ -174,8 +177,12 @@ class ClsrExpertModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        gates = [p for n, p in named if ".gates." in n]
+        gate_lr = self.hparams.lr if self.hparams.gate_lr is None else self.hparams.gate_lr
+        groups = [{"params": [p for n, p in named if ".gates." not in n], "lr": self.hparams.lr}]
+        groups += [{"params": gates, "lr": gate_lr}] if gates else []
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         factor = lr_lambda(total, self.hparams.warmup_steps, self.hparams.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -58,6 +58,7 @@ class ClsrExpertTask(ClsrExpertModule):
         gate_budget: target fraction of tokens on the language paths.
         max_noise: gate noise scale reached at the end of training.
         lr: peak learning rate (default 1e-4 for full paths, 1e-3 for lowrank).
+        gate_lr: the gates' peak learning rate (default: lr).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         schedule: decay after warm-up.
@@ -72,7 +73,8 @@ class ClsrExpertTask(ClsrExpertModule):
                  ce_weight: float | None = None, gate_weight: float | None = None, kd_weight: float | None = None,
                  label_smoothing: float = 0.1, gate_budget: float = 0.5, max_noise: float = 5.0,
                  lr: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 schedule: Literal["linear", "cosine", "constant"] = "linear", val_max_new_tokens: int = 128):
+                 schedule: Literal["linear", "cosine", "constant"] = "linear", val_max_new_tokens: int = 128,
+                 gate_lr: float | None = None):
         loaded, _, _ = load_checked_base(base, languages, LoraExpertConfig())
         source = load_teacher_source(loaded, teacher=teacher, teachers=teachers or (), teacher_base=teacher_base,
                                      registry=registry, cache=teacher_cache, top_k=top_k)
@@ -85,7 +87,7 @@ class ClsrExpertTask(ClsrExpertModule):
                          ClsrConfig(kind=path, rank=rank, alpha=alpha, gate_hidden=gate_hidden, side=side,
                                     encoder_start=encoder_start), loss, source, lr=lr,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_noise=max_noise,
-                         val_max_new_tokens=val_max_new_tokens)
+                         val_max_new_tokens=val_max_new_tokens, gate_lr=gate_lr)
         self.base = loaded
 
 

@@ -62,6 +62,7 @@ class DistillConfig:
     kd_weight: float | None = None
     label_smoothing: float = 0.1
     lr: float | None = None  # default 1e-4 (clsr full), 1e-3 (clsr lowrank, lora)
+    gate_lr: float | None = None  # clsr: the gates' learning rate (default: lr)
     schedule: str = "linear"
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -237,7 +238,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
 
         module = ClsrExpertModule(base.model, base.processor, languages, cfg.clsr(), cfg.loss(), source,
                                   lr=cfg.learning_rate(), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                  schedule=cfg.schedule, max_noise=cfg.max_noise,
+                                  schedule=cfg.schedule, max_noise=cfg.max_noise, gate_lr=cfg.gate_lr,
                                   val_max_new_tokens=cfg.val_max_new_tokens)
         # The CLSR layers are in place (the encoder cache below them is the base's): build the data after.
         data = DistillDataModule(cfg.data, base.processor, languages, cfg.batch_size, language_batches=True,

@@ -87,3 +87,22 @@ def test_the_cache_plan_follows_the_layout_and_the_teacher():
     assert encoder_cache_plan(ClsrConfig(encoder_start=3), cached) == (True, 3)
     assert encoder_cache_plan(ClsrConfig(), cached) == (False, None)  # the paper's layout runs the whole encoder
     assert encoder_cache_plan(ClsrConfig(side="decoder"), online) == (False, None)  # it reads the audio
+
+
+def test_gates_train_at_their_own_learning_rate(tiny_whisper_dir):
+    from registry.bases import load_base
+    from trainers.clsr_module import ClsrExpertModule
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    module = ClsrExpertModule(base.model, base.processor, ["uk"], ClsrConfig(side="decoder"), lr=1e-4, gate_lr=3e-3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    gates = {id(p) for n, p in module.model.named_parameters() if ".gates." in n}
+    paths = {id(p) for n, p in module.model.named_parameters() if ".experts." in n}
+    assert gates and paths
+    by_lr = {g["initial_lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {1e-4: paths, 3e-3: gates}
+    same = ClsrExpertModule(load_base(str(tiny_whisper_dir), device="cpu").model, base.processor, ["uk"],
+                            ClsrConfig(side="decoder"), lr=1e-4)
+    same.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    assert {g["initial_lr"] for g in same.configure_optimizers()["optimizer"].param_groups} == {1e-4}

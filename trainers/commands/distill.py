@@ -66,7 +66,7 @@ examples:
 
 OPTIONS = ("data", "base", "kind", "teacher", "teacher_base", "teacher_cache", "top_k", "registry", "path", "side",
            "encoder_start", "rank", "alpha", "gate_budget", "max_noise", "kd", "temperature", "ce_weight",
-           "gate_weight", "kd_weight", "label_smoothing", "lr", "schedule", "warmup_steps", "weight_decay", "epochs",
+           "gate_weight", "kd_weight", "label_smoothing", "lr", "gate_lr", "schedule", "warmup_steps", "weight_decay", "epochs",
            "max_steps", "batch_size", "accumulate", "precision", "seed", "max_train", "max_validation", "patience",
            "run_dir", "cache_dir", "strategy", "devices", "test_limit", "val_max_new_tokens")
 
@@ -200,6 +200,9 @@ def register(subparsers) -> None:
     g.add_argument("--max-noise", dest="max_noise", type=float, help="final gate noise scale (default 5)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 full paths, 1e-3 lowrank/LoRA)")
+    g.add_argument("--gate-lr", dest="gate_lr", type=float,
+                   help="clsr: the gates' peak learning rate (default: --lr). On short runs a gate trained at a "
+                        "full path's 1e-4 stays near G = 0 and its hard decision is noise; try 1e-3")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up")
     g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="warm-up steps (default 10)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
