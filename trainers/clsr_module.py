@@ -59,8 +59,9 @@ class ClsrExpertModule(L.LightningModule):
         teacher: a :class:`distill.sources.TeacherSource` (online or cached), or None for no KD.
         lr, weight_decay, warmup_steps, schedule: AdamW and its schedule (``linear``, ``cosine``, ``constant``).
         gate_lr: the gates' peak learning rate (default ``lr``). A gate starts at ``G = 0`` and the budget loss
-            holds the mean soft gate near ``b``, so on a short run at the paths' small rate ``G`` stays near 0 and
-            the hard inference gate ``1[G >= 0]`` decides on noise; a larger gate rate lets ``G`` leave 0.
+            holds the mean soft gate near ``b``, so on a short run at a full path's small rate ``G`` barely moves
+            and the hard inference gate ``1[G >= 0]`` follows small early drifts; a separate rate lets the gates
+            move at their own pace (which way they move is learned).
         max_noise: the gate noise scale reached at the end of training (5 in DistilWhisper).
         val_max_new_tokens: bound for validation decoding.
     """
