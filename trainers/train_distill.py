@@ -55,6 +55,8 @@ class DistillConfig:
     alpha: float = 32.0  # low-rank / LoRA alpha
     gate_budget: float = 0.5  # clsr: target fraction b of tokens on the language paths
     max_noise: float = 5.0  # clsr: gate noise scale reached at the end of training
+    path_dropout: float = 0.3  # clsr: dropout on the language path's output in training (DistilWhisper's 0.3)
+    shared_only_prob: float = 0.2  # clsr: per layer call in training, run only the shared path with this probability
     kd: str = "js"  # KD loss: js | kl
     temperature: float = 1.0  # KD temperature
     ce_weight: float | None = None  # loss weights; default 0.25 / 0.25 / 0.5 with a teacher, 1 / 1 / 0 without
@@ -100,7 +102,8 @@ class DistillConfig:
 
     def clsr(self) -> ClsrConfig:
         return ClsrConfig(kind=self.path, rank=self.rank, alpha=self.alpha, side=self.side or "both",
-                          encoder_start=self.encoder_start)
+                          encoder_start=self.encoder_start, path_dropout=self.path_dropout,
+                          shared_only_prob=self.shared_only_prob)
 
     def lora(self):
         from lora_experts.config import LoraExpertConfig

@@ -65,7 +65,7 @@ examples:
 """
 
 OPTIONS = ("data", "base", "kind", "teacher", "teacher_base", "teacher_cache", "top_k", "registry", "path", "side",
-           "encoder_start", "rank", "alpha", "gate_budget", "max_noise", "kd", "temperature", "ce_weight",
+           "encoder_start", "rank", "alpha", "gate_budget", "max_noise", "path_dropout", "shared_only_prob", "kd", "temperature", "ce_weight",
            "gate_weight", "kd_weight", "label_smoothing", "lr", "gate_lr", "schedule", "warmup_steps", "weight_decay", "epochs",
            "max_steps", "batch_size", "accumulate", "precision", "seed", "max_train", "max_validation", "patience",
            "run_dir", "cache_dir", "strategy", "devices", "test_limit", "val_max_new_tokens")
@@ -198,6 +198,10 @@ def register(subparsers) -> None:
     g.add_argument("--alpha", type=float, help="lowrank / LoRA alpha (default 32)")
     g.add_argument("--gate-budget", dest="gate_budget", type=float, help="target fraction of open gates (0.5)")
     g.add_argument("--max-noise", dest="max_noise", type=float, help="final gate noise scale (default 5)")
+    g.add_argument("--path-dropout", dest="path_dropout", type=float,
+                   help="dropout on a language path's output in training (default 0.3, DistilWhisper's)")
+    g.add_argument("--shared-only-prob", dest="shared_only_prob", type=float,
+                   help="per layer call in training, run only the shared path with this probability (default 0.2)")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 full paths, 1e-3 lowrank/LoRA)")
     g.add_argument("--gate-lr", dest="gate_lr", type=float,
