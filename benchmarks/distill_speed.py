@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (plus one warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of every variant")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--cache", default=None, help="work directory for the teacher and encoder caches (default: a fresh temporary one)")
+    p.add_argument("--cache", default=None,
+                   help="work directory for the teacher and encoder caches (default: a fresh temporary one)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
 
@@ -100,15 +101,19 @@ def main(argv=None) -> int:
     clsr = ClsrConfig(kind=args.path, side=args.side, encoder_start=args.encoder_start)
     work = Path(args.cache or tempfile.mkdtemp(prefix="distill-speed-"))
 
+    modules = {}  # one data module per encoder-cache plan: variants that read the same batches share it
+
     def data_for(source):
         """The batches the trainer would read with this teacher source (encoder outputs cached or not)."""
-        cache, layer = encoder_cache_plan(clsr, source)
-        module = DistillDataModule(args.data, base.processor, languages, args.batch_size, max_train=per_language,
-                                   max_validation=1, encoder=base.model.model.encoder if cache else None,
-                                   encoder_layer=layer, cache_dir=str(work / "encoder") if cache else None,
-                                   base_fingerprint=base.fingerprint, progress=False)
-        module.setup()
-        return module
+        plan = encoder_cache_plan(clsr, source)
+        if plan not in modules:
+            cache, layer = plan
+            modules[plan] = DistillDataModule(
+                args.data, base.processor, languages, args.batch_size, max_train=per_language, max_validation=1,
+                encoder=base.model.model.encoder if cache else None, encoder_layer=layer,
+                cache_dir=str(work / "encoder") if cache else None, base_fingerprint=base.fingerprint, progress=False)
+            modules[plan].setup()
+        return modules[plan]
 
     plain = data_for(OnlineTeacher(teachers))
     cached = CachedTeacher(teachers, TeacherCache(str(work / "teacher"), args.top_k), batch_size=args.batch_size)
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     fill = cached.prepare(plain.datasets["train"].rows)
     fill["wall_seconds"] = round(time.perf_counter() - t0, 2)
     sources = {"none": None, "cached": cached, "online": OnlineTeacher(teachers)}
-    datas = {name: data_for(source) if name != "online" else plain for name, source in sources.items()}
+    datas = {name: data_for(source) for name, source in sources.items()}
     precision = "bf16-mixed" if cuda else "32-true"
 
     runs: dict[str, list] = {name: [] for name in VARIANTS}

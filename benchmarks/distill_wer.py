@@ -3,7 +3,7 @@
     python benchmarks/distill_wer.py                         # uk,pt students, nl,ru untouched (~1 h, see below)
     python benchmarks/distill_wer.py --path lowrank          # add CLSR rows with rank-16 low-rank paths
     python benchmarks/distill_wer.py --side both             # the paper's layout (encoder too: ~8x slower on CPU)
-    python benchmarks/distill_wer.py --gate-lr 1e-3          # CLSR rows whose gates train at 1e-3 (paths at the default)
+    python benchmarks/distill_wer.py --gate-lr 1e-3          # CLSR rows whose gates train at 1e-3
     python benchmarks/distill_wer.py --path lowrank --path-dropout 0   # CLSR rows without language-path dropout
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
 
@@ -134,11 +134,17 @@ def lora_student(lang: str, args, work: Path):
     return cached(work / f"{lang}-lora-{name}.safetensors", lambda: train_lora_expert(cfg)[0])
 
 
-def variant_suffix(args) -> str:
-    """``-glr<rate>`` / ``-pd<p>`` for runs with their own gate learning rate / path dropout (row keys, run
-    directories), else ''."""
-    return (("" if args.gate_lr is None else f"-glr{args.gate_lr:g}")
-            + ("" if args.path_dropout == 0.3 else f"-pd{args.path_dropout:g}"))
+def variant(args) -> tuple[str, str, dict]:
+    """The CLSR knobs this run sets away from the recipe's defaults (gate learning rate, path dropout), as a
+    row-key / run-directory suffix (``-glr0.001-pd0``), a label part and cache-key knobs; ('', '', {}) for none.
+    Runs at the defaults keep the names and cache keys they had before these options existed."""
+    from distill.clsr import ClsrConfig
+
+    knobs = [(key, value, what) for key, value, default, what in (
+        ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"))
+        if value != default]
+    return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f", {w} {v:g}" for _, v, w in knobs),
+            {k: v for k, v, _ in knobs})
 
 
 def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
@@ -149,15 +155,12 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
                         teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
-                        lr=args.clsr_lr, gate_lr=args.gate_lr, path_dropout=args.path_dropout, epochs=args.epochs, batch_size=args.batch_size, max_train=args.max_train,
+                        lr=args.clsr_lr, gate_lr=args.gate_lr, path_dropout=args.path_dropout, epochs=args.epochs,
+                        batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
-                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant_suffix(args)}"))
+                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant(args)[0]}"))
     knobs = dict(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
-                 side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed)
-    if args.gate_lr is not None:  # absent otherwise, so experts cached before the option existed are reused
-        knobs["glr"] = args.gate_lr
-    if args.path_dropout != 0.3:
-        knobs["pd"] = args.path_dropout
+                 side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2])
     return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{tag(**knobs)}.safetensors",
                   lambda: train_distilled(cfg)[0][0])
 
@@ -264,15 +267,15 @@ def run(args, results: dict, work: Path, save) -> None:
         config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start)
         where = args.side if args.side != "both" else f"enc {args.encoder_start}.. + dec"
         for kd in (False, True):
-            key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" if kd else "") + variant_suffix(args)
+            suffix, label_part, _ = variant(args)
+            key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" if kd else "") + suffix
             if done(key):
                 continue
             trained = {lang: clsr_student(lang, args, work, path, teachers[lang][0] if kd else None)
                        for lang in langs}
             test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched)
-            gates = ("" if args.gate_lr is None else f", gate lr {args.gate_lr:g}") + (
-                "" if args.path_dropout == 0.3 else f", path dropout {args.path_dropout:g}")
-            rows[key] = {"label": f"CLSR {path} ({where}{gates}) " + ("+ KD (JS, teacher)" if kd else "without KD"),
+            label = f"CLSR {path} ({where}{label_part}) " + ("+ KD (JS, teacher)" if kd else "without KD")
+            rows[key] = {"label": label,
                          "test": test, "untouched": kept,
                          "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
                          "active": total + parameters_active_per_token(ev.base.model.config, config),
@@ -342,7 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")
     p.add_argument("--gate-lr", type=float, default=None, help="CLSR gates' learning rate (default: --clsr-lr)")
-    p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3)")
+    p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
+                   "recipe's)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)

@@ -18,6 +18,13 @@ from registry.records import ExpertRecord, Problem, sha256_file
 from registry.store import OBJECT_SUFFIX, Registry
 
 
+def _object_files(reg: Registry) -> list[Path]:
+    """Every file under the registry's ``objects/`` (indexed or not, temporary files included)."""
+    if not reg.objects_dir.is_dir():
+        return []
+    return sorted(p for p in reg.objects_dir.glob("*/*") if p.is_file())
+
+
 def _object_problem(reg: Registry, sha: str, recs: list[ExpertRecord]) -> Problem | None:
     """What is wrong with one indexed object, or None: missing, wrong size, wrong hash, unreadable manifest."""
     path, names, size = reg.object_path(sha), tuple(r.ref for r in recs), recs[0].size
@@ -57,7 +64,7 @@ def verify(reg: Registry) -> list[Problem]:
         problem = _object_problem(reg, sha, recs)
         if problem is not None:
             problems.append(problem)
-    for path in reg._object_files():
+    for path in _object_files(reg):
         if path.name.removesuffix(OBJECT_SUFFIX) not in refs:
             what = "temporary file of an interrupted write" if path.name.startswith(".") else "unreferenced object"
             problems.append(Problem("orphan", path, (), f"{what}; harmless, `whisper-experts registry gc` removes it"))
@@ -72,7 +79,7 @@ def gc(reg: Registry, temp_age: float = 3600.0) -> list[Path]:
     removed = []
     used = {r[0] for r in reg._query("SELECT DISTINCT sha256 FROM experts")}
     orphans = set()
-    for path in reg._object_files():
+    for path in _object_files(reg):
         if path.name.startswith("."):
             try:
                 if time.time() - path.stat().st_mtime > temp_age:

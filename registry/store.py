@@ -46,7 +46,7 @@ from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from registry.atomic import atomic_write_bytes
+from registry.atomic import atomic_write_bytes, fsync_dir
 from registry.expert_file import (
     Expert,
     ExpertFormatError,
@@ -105,20 +105,6 @@ CREATE TABLE IF NOT EXISTS tags (
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -319,7 +305,7 @@ class Registry:
         path = self.object_path(sha)
         if not self._object_ok(path, sha, len(data)):
             atomic_write_bytes(path, data)
-            _fsync_dir(path.parent)  # the rename must be durable before the index row that refers to it
+            fsync_dir(path.parent)  # the rename must be durable before the index row that refers to it
         return path
 
     def _ensure_object(self, sha: str, data: bytes) -> None:
@@ -486,11 +472,6 @@ class Registry:
         return removed
 
     # ------------------------------------------------------------------------------------ verify and gc
-    def _object_files(self) -> list[Path]:
-        if not self.objects_dir.is_dir():
-            return []
-        return sorted(p for p in self.objects_dir.glob("*/*") if p.is_file())
-
     def verify(self) -> list[Problem]:
         """Re-hash every object and check the index; returns the problems (empty when all is well). See
         :func:`registry.integrity.verify`."""

@@ -64,17 +64,18 @@ examples:
   whisper-experts distill lightning fit --config examples/lightning_distill_clsr.yaml --print_config
 """
 
-OPTIONS = ("data", "base", "kind", "teacher", "teacher_base", "teacher_cache", "top_k", "registry", "path", "side",
-           "encoder_start", "rank", "alpha", "gate_budget", "max_noise", "path_dropout", "shared_only_prob", "kd", "temperature", "ce_weight",
-           "gate_weight", "kd_weight", "label_smoothing", "lr", "gate_lr", "schedule", "warmup_steps", "weight_decay", "epochs",
-           "max_steps", "batch_size", "accumulate", "precision", "seed", "max_train", "max_validation", "patience",
-           "run_dir", "cache_dir", "strategy", "devices", "test_limit", "val_max_new_tokens")
+# DistillConfig fields the command fills itself (lists, or flags named otherwise); every other field is copied
+# from the argparse value of the same name when it is given.
+DERIVED = ("languages", "teachers", "progress", "test")
 
 
 def _config_from_args(args):
+    from dataclasses import fields
+
     from trainers.train_distill import DistillConfig
 
-    values = {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
+    values = {f.name: getattr(args, f.name) for f in fields(DistillConfig)
+              if f.name not in DERIVED and getattr(args, f.name, None) is not None}
     if not values.get("data"):
         raise ValueError("no --data corpus given")
     values["languages"] = tuple(split_list(args.languages) or ())
