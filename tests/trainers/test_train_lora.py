@@ -182,3 +182,16 @@ def test_encoder_start_beyond_the_encoder_is_refused(uk_corpus, tiny_whisper_dir
                       encoder_start=2, run_dir=str(tmp_path))
     with pytest.raises(ValueError, match="encoder-start 2.*layers 0..1"):
         train_lora_expert(cfg)
+
+
+def test_bf16_autocast_training_on_cpu_gives_a_float32_expert(uk_corpus, tiny_whisper_dir, tmp_path):
+    """--precision bf16-mixed on the CPU (a top-encoder expert, as benchmarks/expert_wer.py trains them): the
+    stored expert is float32, finite and trained (B moved from its zero start), and it is tested."""
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=2, epochs=1,
+                      batch_size=4, lr=1e-2, warmup_steps=1, run_dir=str(tmp_path), progress=False, side="both",
+                      encoder_start=1, dropout=0.0, precision="bf16-mixed", test_limit=2)
+    expert, report = train_lora_expert(cfg)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in expert.tensors.values())
+    assert any(k.startswith("model.encoder.layers.1.") for k in expert.tensors)
+    assert all(t.abs().sum() > 0 for k, t in expert.tensors.items() if "lora_B" in k)
+    assert report["test"]["expert"]["uk"]["n"] == 2
