@@ -128,6 +128,10 @@ def test_example_config_parses():
     assert path.read_text().startswith("# whisper-experts train --config examples/train_lora_uk.yaml")
     cfg, name, _ = _config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
     assert name == "uk-espeak" and cfg.languages == ("uk",) and cfg.side == "decoder"
+    enc, name, _ = _config_from_args(build_parser().parse_args(["train", "--config", str(path.parent /
+                                                                 "train_lora_uk_encoder.yaml")]))
+    assert name == "uk-espeak-enc3" and (enc.side, enc.encoder_start, enc.precision) == ("both", 3, "bf16-mixed")
+    assert enc.lora().touches_encoder and enc.dropout == 0.0
 
 
 def test_encoder_halves_compose_to_the_whole_encoder(tiny_whisper):
