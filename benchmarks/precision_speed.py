@@ -1,6 +1,6 @@
 """Training speed by precision: float32 vs bfloat16 autocast (``--precision bf16-mixed``), on the CPU.
 
-    python benchmarks/precision_speed.py                      # whisper-base, batch 16 (~12 min on 2 CPU cores)
+    python benchmarks/precision_speed.py                      # whisper-base, batch 16 (~14 min on 2 CPU cores)
     python benchmarks/precision_speed.py --encoder-start 5 --steps 2
 
 In one run, on the same utterances and batches, our Lightning recipe trains two experts for a few steps each:
@@ -9,7 +9,9 @@ In one run, on the same utterances and batches, our Lightning recipe trains two 
 each in float32 and under bfloat16 autocast, with LoRA dropout 0.05 (the default) and 0 (a dropout mask over
 every adapted layer's input, 1,500 frames per utterance on the encoder side, is itself a cost). Variants
 alternate over ``--rounds`` rounds and are compared by median step time (a step: the end of one to the end of
-the next, after one warm-up step), so drift in machine load hits them all. bfloat16 pays off on CPUs with
+the next, after one warm-up step), so drift in machine load hits them all; an untimed first round (one step per
+variant) pays the one-off costs (kernel selection, allocator growth) that would otherwise land on whichever
+variant runs first. bfloat16 pays off on CPUs with
 bfloat16 matrix units (Intel AMX, ``amx_bf16`` in ``lscpu``); elsewhere it can be slower than float32.
 Writes ``<out>/precision_speed.{json,md}``.
 """
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
                 for prec in ("32-true", "bf16-mixed")]
     times: dict[tuple, list[float]] = {v: [] for v in variants}
     samples: dict[tuple, float] = {}
+    for v in variants:  # the untimed warm-up round
+        run(base, args.data, v[0], v[1], v[2], 1, args.batch_size, cache_dir)
     for r in range(args.rounds):
         for v in variants:
             res = run(base, args.data, v[0], v[1], v[2], args.steps, args.batch_size, cache_dir)
