@@ -65,7 +65,8 @@ def _config_from_args(args):
                                                                              "kind"}
         unknown = sorted(set(loaded) - known)
         if unknown:
-            raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; see `whisper-experts train --help`")
+            raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
+                             "see `whisper-experts train --help`")
         values.update(loaded)
     for key in ("data", "base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
                 "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
@@ -152,7 +153,8 @@ def _run(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a LoRA (or sparse, or fine-tune) language expert", description=DESCRIPTION,
+    p = subparsers.add_parser("train", help="train a LoRA (or sparse, or fine-tune) language expert",
+                              description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what")
     g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
