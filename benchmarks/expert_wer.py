@@ -13,7 +13,8 @@ utterances (disjoint sentences; test voices unseen in training), train a rank-16
 by default; ``--side both --encoder-start K`` also adapts encoder layers K.. on cached inputs of layer K;
 best validation WER kept, early stopping), and decode the test split with the base alone and with the
 expert (always in float32: ``--precision`` changes training only; ``bf16-mixed`` uses the CPU's bfloat16
-matrix units where it has them). Writes ``<out>/expert_wer.{json,md}`` and each expert under ``runs/<lang>-expert/``.
+matrix units where it has them). Writes ``<out>/expert_wer.{json,md}`` and each expert under ``--run-dir``
+(default ``runs/<lang>-expert/``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         variant = args.side if args.side != "both" else f"decoder + encoder layers {args.encoder_start}.."
         if args.cross_attention_kv:
             variant += " + cross-attn k/v"
-        if args.dropout != 0.05:
+        if args.dropout != p.get_default("dropout"):
             variant += f", dropout {args.dropout:g}"
         if args.precision and args.precision != "32-true":
             variant += f", {args.precision} training"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_speed import StepTimer  # noqa: E402
+from benchmarks.train_speed import lightning_run  # noqa: E402
 
 
 def cpu_flags() -> str:
@@ -42,28 +42,12 @@ def cpu_flags() -> str:
 def run(base, data: str, encoder_start: int | None, precision: str, dropout: float, steps: int,
         batch_size: int, cache_dir: str) -> dict:
     """A few timed training steps of one variant (the base is left as it was)."""
-    import lightning as L
-
     from lora_experts.config import LoraExpertConfig
-    from lora_experts.model import remove_experts
-    from trainers.data import ExpertDataModule
-    from trainers.lora_module import LoraExpertModule
 
-    L.seed_everything(0, verbose=False)
     side = "decoder" if encoder_start is None else "both"
-    cfg = LoraExpertConfig(rank=16, dropout=dropout, side=side, encoder_start=encoder_start or 0)
-    module = LoraExpertModule(base.model, base.processor, cfg, lr=1e-4)
-    dm = ExpertDataModule(data, base.processor, ["uk"], batch_size, max_train=batch_size * (steps + 1),
-                          max_validation=1, encoder=base.model.model.encoder, encoder_layer=encoder_start,
-                          cache_dir=cache_dir, base_fingerprint=base.fingerprint, progress=False)
-    dm.setup()
-    timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps + 1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer.callback()],
-                        num_sanity_val_steps=0, use_distributed_sampler=False, precision=precision)
-    trainer.fit(module, datamodule=dm)
-    remove_experts(base.model)
-    return timer.result()
+    lora = LoraExpertConfig(rank=16, dropout=dropout, side=side, encoder_start=encoder_start or 0)
+    return lightning_run(base, data, True, steps, batch_size, cache_dir, lora=lora, encoder_layer=encoder_start,
+                         precision=precision)
 
 
 def main(argv=None) -> int:
@@ -92,14 +76,12 @@ def main(argv=None) -> int:
     variants = [(side, prec, drop) for side in (None, args.encoder_start) for drop in (0.05, 0.0)
                 for prec in ("32-true", "bf16-mixed")]
     times: dict[tuple, list[float]] = {v: [] for v in variants}
-    samples: dict[tuple, float] = {}
     for v in variants:  # the untimed warm-up round
         run(base, args.data, v[0], v[1], v[2], 1, args.batch_size, cache_dir)
     for r in range(args.rounds):
         for v in variants:
             res = run(base, args.data, v[0], v[1], v[2], args.steps, args.batch_size, cache_dir)
             times[v] += res["step_s"]
-            samples[v] = args.batch_size
             print(f"round {r + 1}: {v}: median step {res['median_step_s']:.2f} s", flush=True)
 
     def name(v):
@@ -110,8 +92,8 @@ def main(argv=None) -> int:
         med = statistics.median(times[v])
         ref = statistics.median(times[(v[0], "32-true", v[2])])
         results.append({"expert": name(v), "precision": v[1], "dropout": v[2], "median_step_s": med,
-                        "samples_per_s": samples[v] / med, "speedup_vs_fp32": ref / med, "step_s": times[v]})
-        rows.append(f"| {name(v)} | {v[2]:g} | {v[1]} | {samples[v] / med:.2f} | {med:.2f} | {ref / med:.2f}x |")
+                        "samples_per_s": args.batch_size / med, "speedup_vs_fp32": ref / med, "step_s": times[v]})
+        rows.append(f"| {name(v)} | {v[2]:g} | {v[1]} | {args.batch_size / med:.2f} | {med:.2f} | {ref / med:.2f}x |")
     md = ("| expert | LoRA dropout | precision | samples/s | s/step | vs 32-true |\n|---|---|---|---|---|---|\n"
           + "\n".join(rows) + f"\n\nwhisper-base, rank 16, batch {args.batch_size}; median of {args.rounds} x "
           f"{args.steps} timed steps per variant; {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}\n")

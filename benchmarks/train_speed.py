@@ -63,7 +63,16 @@ class StepTimer:
 
 
 def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_dir: str,
-                  cross_attention_kv: bool = False) -> dict:
+                  cross_attention_kv: bool = False, lora=None, encoder_layer: int | None = None,
+                  precision: str = "32-true") -> dict:
+    """Time ``steps`` training steps (after one warm-up) of our Lightning recipe on uk utterances.
+
+    Args:
+        cache: cache the frozen encoder side (its outputs, or the input of ``encoder_layer``).
+        lora: the expert's ``LoraExpertConfig`` (default: rank 16, decoder-only, ``cross_attention_kv``).
+        encoder_layer: with ``cache``, cache the input of this encoder layer (a top-encoder ``lora``).
+        precision: Lightning precision.
+    """
     import lightning as L
 
     from lora_experts.config import LoraExpertConfig
@@ -72,16 +81,17 @@ def lightning_run(base, data, cache: bool, steps: int, batch_size: int, cache_di
     from trainers.lora_module import LoraExpertModule
 
     L.seed_everything(0, verbose=False)
-    module = LoraExpertModule(base.model, base.processor,
-                              LoraExpertConfig(rank=16, cross_attention_kv=cross_attention_kv), lr=1e-4)
+    lora = lora or LoraExpertConfig(rank=16, cross_attention_kv=cross_attention_kv)
+    module = LoraExpertModule(base.model, base.processor, lora, lr=1e-4)
     dm = ExpertDataModule(data, base.processor, ["uk"], batch_size, max_train=batch_size * (steps + 1),
                           max_validation=1, encoder=base.model.model.encoder if cache else None,
-                          cache_dir=cache_dir, base_fingerprint=base.fingerprint)
+                          encoder_layer=encoder_layer, cache_dir=cache_dir, base_fingerprint=base.fingerprint,
+                          progress=False)
     dm.setup()
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps + 1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer.callback()],
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
+                        num_sanity_val_steps=0, use_distributed_sampler=False, precision=precision)
     trainer.fit(module, datamodule=dm)
     remove_experts(base.model)
     return timer.result()
