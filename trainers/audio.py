@@ -1,16 +1,16 @@
 """Audio reading for Whisper: any file, bytes or array in, float32 mono at 16 kHz out.
 
 Whisper's feature extractor expects 16 kHz mono float32. This module reads audio with soundfile
-(libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3 with libsndfile >= 1.1) and resamples it with a band-limited
-windowed-sinc polyphase filter written here in numpy, so the project needs neither torchaudio, librosa, scipy
-nor torchcodec (the decoder behind ``datasets``' ``Audio`` feature, whose wheels need CUDA libraries and fail
-with a CPU-only torch). Dataset audio columns are therefore always cast to ``Audio(decode=False)`` and their
+(libsndfile: WAV, FLAC, OGG/Vorbis, Opus, MP3 with libsndfile >= 1.1) and, for what libsndfile cannot read
+(m4a/AAC, WebM, MP4 and other video containers, WMA...), with PyAV, the FFmpeg bindings faster-whisper decodes
+with (FFmpeg ships inside its wheels). Resampling is libsoxr's (``soxr``). The project needs neither
+torchaudio, librosa nor torchcodec (the decoder behind ``datasets``' ``Audio`` feature, whose wheels need CUDA
+libraries and fail with a CPU-only torch). Dataset audio columns are therefore always cast to ``Audio(decode=False)`` and their
 ``{"bytes", "path"}`` values decoded by :func:`load_audio`.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -32,78 +32,11 @@ class EmptyAudioError(AudioError):
     """Audio with no samples at all (a 0-byte file, a header with no frames, an empty array)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Resampling
-
-
-# Zero crossings of the sinc on each side of the centre. With the Kaiser window below, 16 gives a stopband
-# under about -80 dB; the filter reads 2 * 16 / (2 * cutoff) input samples per output sample.
-_ZERO_CROSSINGS = 16
-# Cut-off as a fraction of the lower Nyquist frequency: a little below 1 leaves room for the transition band.
-_ROLLOFF = 0.945
-_KAISER_BETA = 8.6
-# Above this many coefficients (phases x taps) the polyphase table is not worth building.
-_MAX_TABLE = 1 << 22
-
-
-def _filter_shape(up: int, down: int) -> tuple[float, int]:
-    """Cut-off (cycles per input sample) and half-width (input samples) of the low-pass filter."""
-    cutoff = _ROLLOFF * min(1.0, up / down) * 0.5
-    return cutoff, int(math.ceil(_ZERO_CROSSINGS / (2 * cutoff)))
-
-
-def _weights(offset: np.ndarray, cutoff: float, half: int) -> np.ndarray:
-    """Kaiser-windowed sinc low-pass evaluated at ``offset`` (output instant minus input sample, in input
-    samples); each row normalised to sum 1 so a constant signal keeps its exact level."""
-    x = np.clip(offset / half, -1.0, 1.0)
-    w = 2 * cutoff * np.sinc(2 * cutoff * offset) * np.i0(_KAISER_BETA * np.sqrt(1.0 - x * x))
-    w[np.abs(offset) > half] = 0.0
-    return w / w.sum(axis=-1, keepdims=True)
-
-
-@functools.lru_cache(maxsize=16)
-def _polyphase_table(up: int, down: int) -> tuple[np.ndarray, int]:
-    """Filter bank for resampling by ``up / down`` (coprime integers).
-
-    Output sample ``n = q * up + p`` sits at input time ``n * down / up``; it is the dot product of the
-    input window starting at ``q * down - half`` (length ``taps``) with ``table[p]``.
-
-    Returns:
-        (``table`` float32 of shape ``(up, taps)``, ``half``: how far the filter reaches before the output
-        instant, i.e. the left padding).
-    """
-    cutoff, half = _filter_shape(up, down)
-    taps = 2 * half + down + 1
-    p = np.arange(up, dtype=np.int64)[:, None]
-    j = np.arange(taps, dtype=np.int64)[None, :]
-    # Exact in integers first: the output instant of phase p is (p * down) / up input samples into its block.
-    offset = ((p * down) // up - (j - half)) + ((p * down) % up) / up
-    return _weights(offset, cutoff, half).astype(np.float32), half
-
-
-def _resample_direct(audio: np.ndarray, up: int, down: int) -> np.ndarray:
-    """The same filter with weights computed per output sample, for awkward ratios (16001 -> 16000 Hz)
-    where a table of ``up`` phases would be huge."""
-    cutoff, half = _filter_shape(up, down)
-    n_out = int(math.ceil(len(audio) * up / down))
-    padded = np.pad(audio.astype(np.float64), (half, half + 1))
-    out = np.empty(n_out, dtype=np.float32)
-    j = np.arange(-half + 1, half + 1, dtype=np.int64)
-    for start in range(0, n_out, 8192):
-        n = np.arange(start, min(start + 8192, n_out), dtype=np.int64)
-        base = (n * down) // up
-        offset = ((n * down) % up / up)[:, None] - j[None, :]
-        out[start : start + len(n)] = np.einsum(
-            "ij,ij->i", padded[base[:, None] + j[None, :] + half], _weights(offset, cutoff, half)
-        )
-    return out
-
-
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Resample a mono signal with a band-limited (Kaiser-windowed sinc) polyphase filter.
+    """Resample a mono signal with libsoxr (the SoX resampler, "HQ": band-limited, linear phase).
 
     Frequencies above the lower Nyquist frequency are removed (no aliasing when downsampling, no images when
-    upsampling); the passband keeps its amplitude and phase (the filter is symmetric: no delay).
+    upsampling); the passband keeps its amplitude and phase.
 
     Args:
         audio: shape ``(samples,)``, any float or int dtype.
@@ -111,8 +44,10 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
         target_sr: the wanted sample rate in Hz.
 
     Returns:
-        float32 array of shape ``(ceil(samples * target_sr / orig_sr),)``.
+        float32 array of shape ``(about samples * target_sr / orig_sr,)``.
     """
+    import soxr
+
     audio = np.asarray(audio)
     if audio.ndim != 1:
         raise ValueError(f"resample expects a mono signal of shape (samples,), got shape {audio.shape}")
@@ -121,23 +56,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     audio = audio.astype(np.float32, copy=False)
     if orig_sr == target_sr or len(audio) == 0:
         return audio.copy()
-    g = math.gcd(int(orig_sr), int(target_sr))
-    up, down = int(target_sr) // g, int(orig_sr) // g
-    _, half = _filter_shape(up, down)
-    if up * (2 * half + down + 1) > _MAX_TABLE:
-        return _resample_direct(audio, up, down)
-    table, half = _polyphase_table(up, down)
-    taps = table.shape[1]
-    n_out = int(math.ceil(len(audio) * up / down))
-    n_blocks = int(math.ceil(n_out / up))
-    padded = np.zeros(max((n_blocks - 1) * down + taps, half + len(audio)), dtype=np.float32)
-    padded[half : half + len(audio)] = audio
-    # Block q of `up` output samples reads the input window padded[q * down : q * down + taps].
-    frames = np.lib.stride_tricks.sliding_window_view(padded, taps)[::down][:n_blocks]
-    out = np.empty((n_blocks, up), dtype=np.float32)
-    for start in range(0, n_blocks, 4096):  # bounded memory for long files
-        out[start : start + 4096] = frames[start : start + 4096] @ table.T
-    return out.reshape(-1)[:n_out]
+    return soxr.resample(audio, int(orig_sr), int(target_sr), quality="HQ").astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,8 +108,38 @@ def _wav_missing_bytes(head: bytes, total_size: int) -> int:
     return 0
 
 
-def _read_soundfile(data: bytes | str, name: str) -> tuple[np.ndarray, int]:
-    """Decode a file path or file bytes with libsndfile; errors become :class:`AudioError` naming the file."""
+def _read_pyav(data: bytes | str, name: str, rate: int, why: str) -> tuple[np.ndarray, int]:
+    """Decode the first audio track of any container FFmpeg knows, resampled to mono ``rate`` by FFmpeg's
+    resampler; ``why`` is libsndfile's complaint, quoted when FFmpeg fails too."""
+    try:
+        import av
+    except ImportError as err:
+        raise AudioError(f"cannot decode audio {name}: {why}; libsndfile does not read this format and PyAV "
+                         f"(FFmpeg) is not installed: `pip install av`, or convert it to WAV/FLAC") from err
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(data if isinstance(data, str) else io.BytesIO(data), metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+                raise AudioError(f"{name} has no audio track (its streams: {kinds}); pass a file with sound")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(container.streams.audio[0]):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except AudioError:
+        raise
+    except (av.FFmpegError, ValueError, OSError, EOFError) as err:
+        raise AudioError(
+            f"cannot decode audio {name}: libsndfile: {why}; FFmpeg: {str(err).rstrip('.')}. The file is corrupt, "
+            f"truncated or not audio; re-encode it (e.g. `ffmpeg -i IN -ar 16000 -ac 1 OUT.flac`) or drop it"
+        ) from err
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return audio[:, None], rate
+
+
+def _read_soundfile(data: bytes | str, name: str, rate: int = SAMPLE_RATE) -> tuple[np.ndarray, int]:
+    """Decode a file path or file bytes with libsndfile, or PyAV for formats it does not read; errors become
+    :class:`AudioError` naming the file."""
     if isinstance(data, str):
         with open(data, "rb") as f:
             head = f.read(1 << 16)
@@ -209,11 +158,7 @@ def _read_soundfile(data: bytes | str, name: str) -> tuple[np.ndarray, int]:
             audio = f.read(dtype="float32", always_2d=True)
             sr = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(
-            f"cannot decode audio {name}: {str(err).rstrip('.')}. The file is corrupt, truncated or in a format "
-            f"libsndfile {sf.__libsndfile_version__} does not read; convert it to WAV or FLAC "
-            f"(e.g. `ffmpeg -i IN -ar 16000 -ac 1 OUT.flac`) or drop it"
-        ) from err
+        return _read_pyav(data, name, rate, str(err).rstrip("."))
     # A header that promises more frames than the data holds means the file was cut short. MP3 frame counts
     # are estimates (from the bitrate, for VBR files without a Xing header), so allow them some slack.
     if len(audio) < expected * (0.95 if container == "MP3" else 1.0):
@@ -229,7 +174,8 @@ def load_audio(source: Any, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
 
     Args:
         source: one of
-            - a path (``str`` / ``Path``) to a file libsndfile reads (wav, flac, ogg, mp3, ...);
+            - a path (``str`` / ``Path``) to an audio or video file (wav, flac, ogg, mp3 through libsndfile;
+              m4a, aac, webm, mp4, ... through PyAV);
             - ``{"bytes": b"..." or None, "path": str or None}`` as a ``datasets.Audio(decode=False)`` column
               stores it (bytes win when present; the path's extension is only a hint);
             - ``{"array": array_like, "sampling_rate": int}`` (a decoded ``datasets`` value);
@@ -252,17 +198,12 @@ def load_audio(source: Any, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
             raise AudioError(f"{path} is a directory, not an audio file")
         if path.stat().st_size == 0:
             raise EmptyAudioError(f"audio file {path} is empty (0 bytes); re-download or re-record it")
-        if path.suffix.lower() == ".mp3" and "MP3" not in sf.available_formats():
-            raise AudioError(
-                f"cannot read {path}: this libsndfile ({sf.__libsndfile_version__}) has no MP3 support; "
-                f"convert it with `ffmpeg -i {path} {path.with_suffix('.flac')}` or install libsndfile >= 1.1"
-            )
-        audio, sr = _read_soundfile(str(path), str(path))
+        audio, sr = _read_soundfile(str(path), str(path), sampling_rate)
         return _finish(audio, sr, sampling_rate, str(path))
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise EmptyAudioError("audio bytes are empty (0 bytes)")
-        audio, sr = _read_soundfile(bytes(source), "<bytes>")
+        audio, sr = _read_soundfile(bytes(source), "<bytes>", sampling_rate)
         return _finish(audio, sr, sampling_rate, "<bytes>")
     if isinstance(source, Mapping):
         if "array" in source:
@@ -273,7 +214,7 @@ def load_audio(source: Any, sampling_rate: int = SAMPLE_RATE) -> np.ndarray:
         data, path = source.get("bytes"), source.get("path")
         if data:
             name = f"{path} (embedded bytes)" if path else "<bytes>"
-            audio, sr = _read_soundfile(bytes(data), name)
+            audio, sr = _read_soundfile(bytes(data), name, sampling_rate)
             return _finish(audio, sr, sampling_rate, name)
         if path:
             return load_audio(path, sampling_rate)
@@ -293,13 +234,15 @@ def audio_duration(source: Any) -> float:
             return len(source["array"]) / float(source["sampling_rate"])
         source = source.get("bytes") or source.get("path")
     if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(bytes(source))
+        opened = io.BytesIO(bytes(source))
     elif isinstance(source, os.PathLike):
-        source = str(source)
+        opened = source = str(source)
+    else:
+        opened = source
     try:
-        info = sf.info(source)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"cannot read the header of audio {source!r}: {err}") from err
+        info = sf.info(opened)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return len(load_audio(source)) / SAMPLE_RATE  # a format only PyAV reads: decode it
     return info.frames / float(info.samplerate)
 
 

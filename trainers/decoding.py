@@ -13,6 +13,8 @@ WER. Two guards are applied, and reported:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -110,6 +112,19 @@ def detect_languages(model, features: torch.Tensor, allowed: Iterable[str] | Non
     best = probs.argmax(-1)
     codes = [t[2:-2] for t in lang_to_id]
     return [(codes[b], float(probs[i, b])) for i, b in enumerate(best.tolist())]
+
+
+TOKENS_PER_SECOND = 8  # bound on decoded tokens per second of audio (fast speech in most scripts is ~4)
+TOKENS_SLACK = 16
+
+
+def duration_bound(seconds: float, limit: int = 444) -> int:
+    """``max_new_tokens`` for audio of this length: 8 tokens per second plus 16, at most ``limit``.
+
+    It uses only the audio, never a reference transcript, so it is the bound every honest measurement and
+    every real transcription uses.
+    """
+    return min(int(math.ceil(TOKENS_PER_SECOND * seconds)) + TOKENS_SLACK, limit)
 
 
 @torch.inference_mode()

@@ -6,15 +6,15 @@ the utterance count and the real-time factor (decoding seconds / audio seconds).
 level: total edits over total reference words (characters), as jiwer computes them over a list.
 
 Runaway repetition (a known Whisper failure on odd audio) is bounded twice, and the report says how: by
-``max_new_tokens``, derived from the reference lengths (``guard="reference"``: twice the longest reference of
-the language in tokens, plus 8) or from the audio duration (``guard="duration"``: 8 tokens per second plus
-16); and by the repetition guard of :mod:`trainers.decoding` (a loop ends the hypothesis and is cut to one
+``max_new_tokens``, derived by default from the audio duration of each batch (``guard="duration"``: 8 tokens
+per second of its longest utterance plus 16, knowledge any real transcription has), or, only on request,
+from the reference lengths (``guard="reference"``: twice the longest reference of the language in tokens,
+plus 8; it peeks at the answers, so figures made with it are not comparable to real use); and by the repetition guard of :mod:`trainers.decoding` (a loop ends the hypothesis and is cut to one
 copy), whose firings are counted per language (``guarded``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from trainers.audio import SAMPLE_RATE, load_audio
-from trainers.decoding import detect_languages, log_mel, transcribe_batch
+from trainers.confidence import bootstrap_ci, format_ci, utterance_counts
+from trainers.decoding import detect_languages, duration_bound, log_mel, transcribe_batch
 
 _normalizer = BasicTextNormalizer()
 
@@ -43,7 +44,7 @@ class DecodeOptions:
     language: str | None = None  # force this language token; None: each utterance's own (``auto``: detect)
     task: str = "transcribe"  # or "translate"
     num_beams: int = 1  # 1 = greedy
-    guard: str = "reference"  # max_new_tokens bound: "reference" lengths or audio "duration"
+    guard: str = "duration"  # max_new_tokens bound: audio "duration" (honest) or "reference" lengths (peeks)
     max_new_tokens: int | None = None  # explicit bound, overrides ``guard``
     repetition_guard: bool = True  # stop repetition loops and keep one copy of the repeated unit
 
@@ -76,9 +77,13 @@ class LanguageResult:
     audio_seconds: float
     detected_accuracy: float | None = None  # share of utterances whose detected language was right (auto mode)
     guarded: int = 0  # hypotheses the repetition guard stopped
+    wer_ci: tuple[float, float] | None = None  # 95% bootstrap interval of ``wer`` (utterances resampled)
+    cer_ci: tuple[float, float] | None = None
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("wer", "cer", "wer_raw", "cer_raw", "n", "rtf", "audio_seconds", "guarded")}
+        if self.wer_ci is not None:
+            d["wer_ci95"], d["cer_ci95"] = list(self.wer_ci), list(self.cer_ci or (float("nan"),) * 2)
         if self.detected_accuracy is not None:
             d["language_id_accuracy"] = self.detected_accuracy
         return d
@@ -102,12 +107,12 @@ class EvalReport:
 
     def markdown(self) -> str:
         """A Markdown table: one row per language, percentages with one decimal."""
-        head = "| language | n | WER % | CER % | WER raw % | CER raw % | RTF | loops cut |"
+        head = "| language | n | WER % [95% CI] | CER % [95% CI] | WER raw % | CER raw % | RTF | loops cut |"
         if any(r.detected_accuracy is not None for r in self.languages.values()):
             head += " LID acc % |"
         rows = [head, "|" + "---|" * (head.count("|") - 1)]
         for lang, r in sorted(self.languages.items()):
-            row = (f"| {lang} | {r.n} | {100 * r.wer:.1f} | {100 * r.cer:.1f} | {100 * r.wer_raw:.1f} | "
+            row = (f"| {lang} | {r.n} | {format_ci(r.wer, r.wer_ci)} | {format_ci(r.cer, r.cer_ci)} | {100 * r.wer_raw:.1f} | "
                    f"{100 * r.cer_raw:.1f} | {r.rtf:.3f} | {r.guarded} |")
             if r.detected_accuracy is not None:
                 row += f" {100 * r.detected_accuracy:.1f} |"
@@ -139,8 +144,8 @@ def _bound(opts: DecodeOptions, tokenizer, utterances: Sequence[Utterance], limi
         n = min(2 * longest + 8, limit)
         return n, f"max_new_tokens={n} (2 x longest reference of {longest} tokens + 8)"
     seconds = max(u.seconds for u in utterances)
-    n = min(int(math.ceil(8 * seconds)) + 16, limit)
-    return n, f"max_new_tokens={n} (8 tokens/s x {seconds:.1f}s + 16)"
+    n = duration_bound(seconds, limit)
+    return n, f"max_new_tokens <= {n} (8 tokens/s x the batch's longest audio + 16; {seconds:.1f}s at most)"
 
 
 def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOptions = DecodeOptions(),
@@ -178,6 +183,8 @@ def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOpti
         for start in range(0, len(order), opts.batch_size):
             idx = order[start:start + opts.batch_size]
             audios = [items[i].audio for i in idx]
+            if opts.guard == "duration" and not opts.max_new_tokens:  # each length-sorted batch its own bound
+                max_new = duration_bound(max(items[i].seconds for i in idx), limit)
             t0 = time.perf_counter()
             feats = log_mel(processor, audios, model)
             if opts.language == "auto" and getattr(model.generation_config, "is_multilingual", False):
@@ -197,15 +204,20 @@ def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOpti
         refs = [items[i].text for i in range(len(items))]
         hyp = [texts[i] for i in range(len(items))]
         rates = error_rates(refs, hyp)
+        counts = utterance_counts([normalize(t) for t in refs], [normalize(t) for t in hyp])
         audio_s = sum(u.seconds for u in items)
         acc = None
         if detected:
             acc = sum(detected[i][0] == lang for i in range(len(items))) / len(items)
         results[lang] = LanguageResult(lang, len(items), rates["wer"], rates["cer"], rates["wer_raw"],
                                        rates["cer_raw"], decode_seconds / max(audio_s, 1e-9), audio_s, acc,
-                                       len(guarded))
+                                       len(guarded), bootstrap_ci(counts.word_errors, counts.words),
+                                       bootstrap_ci(counts.char_errors, counts.chars))
         for i, u in enumerate(items):
-            rec = {"id": u.id, "language": lang, "reference": u.text, "hypothesis": texts[i], "loop_cut": i in guarded}
+            # per-utterance counts (normalized text) let two saved reports be compared pairwise later
+            rec = {"id": u.id, "language": lang, "reference": u.text, "hypothesis": texts[i], "loop_cut": i in guarded,
+                   "word_errors": int(counts.word_errors[i]), "words": int(counts.words[i]),
+                   "char_errors": int(counts.char_errors[i]), "chars": int(counts.chars[i])}
             if i in detected:
                 rec["detected_language"], rec["language_probability"] = detected[i]
             hyps.append(rec)

@@ -31,7 +31,7 @@ from lora_experts.merge import MergeResult, fused_expert, merge
 from lora_experts.model import attach_expert, remove_experts
 from lora_experts.task_vectors import dense, lora_tensors, task_vector
 from registry.expert_file import Expert
-from trainers.decoding import log_mel, transcribe_batch
+from trainers.decoding import duration_bound, log_mel, transcribe_batch
 from trainers.evaluation import Utterance, error_rates
 
 FUSION_ADAPTER = "fusion"
@@ -76,7 +76,6 @@ class DevScorer:
             raise ValueError("the dev set is empty; pass --dev with a corpus that has a validation split")
         self.model, self.processor = model, processor
         order = sorted(range(len(utterances)), key=lambda i: utterances[i].seconds)
-        tok = processor.tokenizer
         self.batches = []
         model.eval()
         with torch.inference_mode():
@@ -84,8 +83,8 @@ class DevScorer:
                 items = [utterances[i] for i in order[start:start + batch_size]]
                 feats = log_mel(processor, [u.audio for u in items], model)
                 states = model.model.encoder(feats).last_hidden_state if cache_encoder else None
-                longest = max(len(tok(u.text, add_special_tokens=False).input_ids) for u in items)
-                bound = min(2 * longest + 8, model.config.max_target_positions - 4)  # as eval's reference guard
+                # the audio-duration bound of eval: decoding never sees the references
+                bound = duration_bound(max(u.seconds for u in items), model.config.max_target_positions - 4)
                 self.batches.append({"features": None if cache_encoder else feats, "states": states, "bound": bound,
                                      "languages": [u.language for u in items], "texts": [u.text for u in items]})
 

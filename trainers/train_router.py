@@ -231,7 +231,7 @@ def _validate(model, processor, bank, router: LearnedRouter, split: _Split, base
     routed to its own slot instead; no accuracy). ``base_states(batch)``: the base model's encoder output;
     ``encode(batch)``: the encoder output under the routing in force. Greedy decoding is a function of the
     batch and its slots, so transcripts are kept in ``memo`` and a batch routed as before is not decoded again."""
-    from trainers.decoding import transcribe_batch
+    from trainers.decoding import duration_bound, transcribe_batch
     from trainers.evaluation import error_rates
 
     router.eval()
@@ -248,12 +248,12 @@ def _validate(model, processor, bank, router: LearnedRouter, split: _Split, base
             hits += [c == t for c, t in zip(chosen, target)]
         key = (tuple(batch["index"].tolist()), tuple(chosen))
         if key not in memo:
-            longest = int((batch["labels"] != IGNORE).sum(1).max())
             with bank.route(ids[chosen].unsqueeze(1)):  # the encoder under routing if an expert adapts it
                 routed = states if "encoder_hidden_states" in batch else encode(batch)
                 memo[key] = transcribe_batch(model, processor, languages=[router.slots[c][1] for c in chosen],
                                              encoder_hidden_states=routed,
-                                             max_new_tokens=min(2 * longest + 8, 440)).texts
+                                             max_new_tokens=duration_bound(
+                                                 max(split.seconds[i] for i in batch["index"].tolist()))).texts
         refs += batch["text"]
         hyps += memo[key]
         langs += batch["language"]

@@ -41,7 +41,7 @@ from lora_experts.router import LearnedRouter, LearnedRouting, audio_frames
 from lora_experts.routing import CallerLanguages, FixedLanguage, LanguageIDRouting, RoutingDecision
 from registry.bases import Base, load_base
 from registry.packs import load_pack
-from trainers.audio import SAMPLE_RATE, EmptyAudioError, is_silent, load_audio
+from trainers.audio import SAMPLE_RATE, AudioError, EmptyAudioError, is_silent, load_audio
 from trainers.decoding import RepetitionGuard, cut_loop, log_mel
 
 WINDOW_SECONDS = 30  # Whisper's context
@@ -64,6 +64,7 @@ class TranscribeOptions:
     repetition_guard: bool = True  # stop repetition loops and keep one copy (trainers.decoding)
     progress: bool = True  # a progress bar over windows
     router: Any = None  # a learned router (file or LearnedRouter): with "auto" it routes instead of language ID
+    on_error: str = "raise"  # an unreadable input: "raise" AudioError, or "record" it in its transcript's error
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Transcript:
         language_probability: its language-ID probability (None when the language was given).
         expert: the expert that decoded most of the audio (None: the base model).
         note: why nothing was decoded (empty or silent audio), else None.
+        error: why the input could not be read (with ``on_error="record"``), else None.
     """
 
     file: str
@@ -97,6 +99,7 @@ class Transcript:
     duration: float
     segments: list[Segment] = field(default_factory=list)
     note: str | None = None
+    error: str | None = None
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("file", "text", "language", "language_probability", "expert")}
@@ -104,6 +107,8 @@ class Transcript:
         d["segments"] = [dataclasses.asdict(s) for s in self.segments]
         if self.note:
             d["note"] = self.note
+        if self.error:
+            d["error"] = self.error
         return d
 
 
@@ -259,7 +264,8 @@ class ExpertWhisper:
         Raises:
             ValueError: an unknown language code (the message lists the known ones), bad options.
             trainers.audio.AudioError: a missing, corrupt or unreadable input (empty inputs are reported in
-                the transcript's ``note`` instead).
+                the transcript's ``note`` instead); with ``on_error="record"`` the input's transcript carries
+                the message in ``error`` and the other inputs are transcribed.
         """
         single = isinstance(inputs, (str, os.PathLike, dict)) or (isinstance(inputs, np.ndarray) and inputs.ndim == 1)
         items = [inputs] if single else list(inputs)
@@ -267,12 +273,18 @@ class ExpertWhisper:
         if not isinstance(opts.language, str) and len(opts.language) != len(items):
             raise ValueError(f"{len(opts.language)} languages for {len(items)} inputs: give one per input, or one "
                              "code (or 'auto') for all")
-        audios, notes, windows = [], {}, []
+        if opts.on_error not in ("raise", "record"):
+            raise ValueError(f"on_error must be 'raise' or 'record', got {opts.on_error!r}")
+        audios, notes, errors, windows = [], {}, {}, []
         for i, source in enumerate(items):
             try:
                 audio = load_audio(source)
             except EmptyAudioError as e:
                 audio, notes[i] = np.zeros(0, np.float32), f"empty audio, nothing to transcribe ({e})"
+            except AudioError as e:
+                if opts.on_error == "raise":
+                    raise
+                audio, errors[i] = np.zeros(0, np.float32), str(e)
             audios.append(audio)
             step = WINDOW_SECONDS * SAMPLE_RATE
             cut = [_Window(i, s / SAMPLE_RATE, audio[s:s + step]) for s in range(0, len(audio), step)]
@@ -286,8 +298,11 @@ class ExpertWhisper:
             self._decode(batch, opts)
             bar.update(len(batch))
         bar.close()
-        return [self._assemble(_input_name(src, i), audios[i], [w for w in windows if w.item == i], notes.get(i))
-                for i, src in enumerate(items)]
+        out = [self._assemble(_input_name(src, i), audios[i], [w for w in windows if w.item == i], notes.get(i))
+               for i, src in enumerate(items)]
+        for i, message in errors.items():
+            out[i].error = message
+        return out
 
     def _route(self, encoder_states, languages: list[str], opts, frames=None) -> tuple[RoutingDecision, tuple | None]:
         """Each window's language and expert: given by the caller, or chosen on the base model's encoder output

@@ -5,7 +5,8 @@
 ``json``   a list with one record per input, in input order: ``file``, ``text``, ``language``,
            ``language_probability``, ``expert`` (null: the base model), ``duration``, ``segments``
            (``start``, ``end`` in seconds, ``text``, ``language``, ``language_probability``, ``expert``)
-           and ``note`` when nothing was decoded (empty or silent audio)
+           and ``note`` when nothing was decoded (empty or silent audio), ``error`` when the input could not
+           be read
 ``srt``    numbered cues ``HH:MM:SS,mmm --> HH:MM:SS,mmm`` for one input's segments
 ``vtt``    ``WEBVTT`` then cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` for one input's segments
 =========  ===========================================================================================
@@ -48,7 +49,9 @@ def to_vtt(transcript: Transcript) -> str:
 
 
 def describe(t: Transcript) -> str:
-    """``file  [uk 0.93 -> expert uk-espeak]`` (or the note saying why nothing was decoded)."""
+    """``file  [uk 0.93 -> expert uk-espeak]`` (or the error or note saying why nothing was decoded)."""
+    if t.error:
+        return f"{t.file}  [error: {t.error}]"
     if t.note:
         return f"{t.file}  [{t.note}]"
     probability = "" if t.language_probability is None else f" {t.language_probability:.2f}"

@@ -16,6 +16,7 @@ from lora_experts.routing import language_posterior
 from registry.bases import load_base
 from registry.packs import create_pack
 from tests.lora_experts.random_experts import linear_shapes, lora_expert
+from trainers.audio import AudioError
 from trainers.cli import main
 from trainers.decoding import log_mel
 from trainers.transcribe import ExpertWhisper, Segment, Transcript, _segments
@@ -140,6 +141,22 @@ def test_silent_and_empty_inputs_are_reported_not_decoded(whisper, tmp_path, tin
     assert "empty audio" in empty_t.note and "empty audio" in zero_t.note and empty_t.segments == []
     assert main(["transcribe", str(empty), "--pack", str(pack), "--base", str(tiny_whisper_dir), "--no-progress"]) == 0
     assert "empty audio, nothing to transcribe" in capsys.readouterr().err
+
+
+def test_an_unreadable_file_is_reported_and_the_others_transcribed(whisper, tmp_path, tiny_whisper_dir, pack,
+                                                                   files, capsys):
+    broken = tmp_path / "broken.m4a"
+    broken.write_bytes(b"\x00not audio" * 40)
+    with pytest.raises(AudioError, match="broken.m4a"):
+        whisper.transcribe([broken, files["a.wav"]], **FAST)
+    bad, good = whisper.transcribe([broken, files["a.wav"]], on_error="record", **FAST)
+    assert "broken.m4a" in bad.error and bad.text == "" and good.error is None and good.segments
+    out = tmp_path / "out.json"
+    code = main(["transcribe", str(broken), str(files["a.wav"]), "--pack", str(pack), "--base", str(tiny_whisper_dir),
+                 "--no-progress", "--format", "json", "--out", str(out)])
+    records = json.loads(out.read_text())
+    assert code == 1 and "broken.m4a" in records[0]["error"] and "error" not in records[1]
+    assert records[1]["file"].endswith("a.wav") and "1 of 2 input(s) could not be read" in capsys.readouterr().err
 
 
 def test_unknown_language_is_refused_with_the_list(whisper, tiny_whisper_dir, pack, files, capsys):

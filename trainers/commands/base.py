@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from registry.bases import BUNDLES, import_base, list_bases, load_base
+from registry.bundles import BUNDLES
 from trainers.commands.common import print_table
 
 DESCRIPTION = """\
@@ -22,17 +22,23 @@ examples:
 
 
 def _import(args) -> int:
+    from registry.bases import import_base
+
     import_base(args.source, args.name, overwrite=args.overwrite)
     return 0
 
 
 def _list(args) -> int:
+    from registry.bases import list_bases
+
     rows = list_bases()
     print_table(rows, ["name", "status", "fingerprint", "parameters", "multilingual", "source"])
     return 0
 
 
 def _info(args) -> int:
+    from registry.bases import load_base
+
     base = load_base(args.name, device="cpu")
     cfg = base.model.config
     rows = [

@@ -11,10 +11,12 @@ from trainers.commands.common import print_table, split_list
 DESCRIPTION = """\
 A corpus is a Hugging Face DatasetDict (train / validation / test) of 16 kHz FLAC audio with transcripts
 and a language code per utterance, saved with save_to_disk. `synth` makes one offline with espeak-ng over
-real sentences (varied voices, speeds and pitches; test voices unseen in train); `from-dir` and `from-hf`
-import recorded speech; `info` and `sources` inspect.
+real sentences (varied voices, speeds and pitches; test voices unseen in train); `fetch fillets` makes a
+real-speech corpus (Czech, Dutch) from Debian's packages; `from-dir` and `from-hf` import recorded speech;
+`info` and `sources` inspect.
 
 examples:
+  whisper-experts corpus fetch fillets --languages cs,nl --out data/fillets
   whisper-experts corpus sources --languages de,uk,nl
   whisper-experts corpus synth --languages de,uk,ru --per-language 100 --out data/synth
   whisper-experts corpus from-dir recordings/ --language uk --out data/uk-rec
@@ -61,6 +63,21 @@ language/locale column. Audio is decoded with soundfile, never with datasets' to
 examples:
   whisper-experts corpus from-hf mozilla-foundation/common_voice_17_0 --config uk --language uk --out data/cv-uk
   whisper-experts corpus from-hf google/fleurs --config nl_nl --language nl --max-per-split 500 --out data/fleurs-nl
+"""
+
+FETCH_DESCRIPTION = """\
+Make a corpus of real recorded speech from a public source. `fillets`: the voice acting of the game Fish
+Fillets NG (GPL-2) from Debian's package mirror: Czech (about 1,700 clips, 1.6 h) and Dutch (about 1,500
+clips, 1.5 h), several actors. The packages are fetched with `apt-get download` (no root, nothing installed)
+into --cache (default <home>/downloads/fillets) and unpacked there; --from reads an unpacked copy or an
+installed game instead. Whole game levels go to train / validation / test (about 70/10/20 of the clips,
+always the same levels), so no test scene is trained on. Empty or undecodable clips are skipped and counted.
+The import is `corpus from-dir` over a metadata.jsonl listing the game's clips.
+
+examples:
+  whisper-experts corpus fetch fillets --languages cs,nl --out data/fillets
+  whisper-experts corpus fetch fillets --languages cs --out data/fillets-cs
+  whisper-experts corpus fetch fillets --from /usr/share/games/fillets-ng --languages nl --out data/fillets-nl
 """
 
 INFO_DESCRIPTION = """\
@@ -162,14 +179,57 @@ def _sources(args) -> int:
     return 0
 
 
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} unusable file(s):")
+        for name, reason in skipped:
+            print(f"  {name}: {reason}")
+
+
 def _from_dir(args) -> int:
     from trainers.corpus.importers import corpus_from_dir
     from trainers.corpus.loading import load_corpus, save_corpus
 
+    skipped: list[tuple[str, str]] = []
     corpus = corpus_from_dir(args.directory, language=args.language, text_column=args.text_column,
-                             default_split=args.default_split)
+                             default_split=args.default_split, skip_bad=args.skip_bad, skipped=skipped,
+                             progress=True)
     save_corpus(corpus, args.out, overwrite=args.overwrite,
-                card={"kind": "recorded", "source": str(Path(args.directory).resolve())}, progress=False)
+                card={"kind": "recorded", "source": str(Path(args.directory).resolve()),
+                      "skipped": len(skipped)}, progress=False)
+    _report_skipped(skipped)
+    print_summary(load_corpus(args.out), args.out)
+    return 0
+
+
+def _fetch(args) -> int:
+    from trainers.corpus import fillets
+    from trainers.corpus.importers import corpus_from_dir
+    from trainers.corpus.loading import load_corpus, save_corpus
+    from registry.home import home_dir
+
+    languages = split_list(args.languages) or list(fillets.LANGUAGES)
+    if args.source_dir:
+        game = fillets.game_root(args.source_dir)
+    else:
+        cache = Path(args.cache) if args.cache else home_dir() / "downloads" / "fillets"
+        print(f"fetching Debian's Fish Fillets NG packages into {cache}")
+        game = fillets.fetch_packages(cache, languages)
+    clips, missing = fillets.read_dialogs(game, languages)
+    counts: dict[str, int] = defaultdict(int)
+    for clip in clips:
+        counts[clip.level] += 1
+    splits = fillets.split_levels(dict(counts), args.split or (0.7, 0.1, 0.2))
+    skipped: list[tuple[str, str]] = []
+    with fillets.audiofolder(game, clips, splits) as folder:
+        corpus = corpus_from_dir(folder, skip_bad=True, skipped=skipped, progress=True)
+    save_corpus(corpus, args.out, overwrite=args.overwrite, progress=False, card={
+        "kind": "recorded", "source": "fish-fillets-ng (Debian packages fillets-ng-data, fillets-ng-data-"
+        + ", fillets-ng-data-".join(languages) + "; GPL-2)", "split": "by game level",
+        "levels": {s: sorted(lvl for lvl, v in splits.items() if v == s) for s in ("train", "validation", "test")},
+        "skipped": len(skipped), "unrecorded_lines": missing})
+    print(f"{len(clips)} clips with transcripts; {sum(missing.values())} lines without a recording left out")
+    _report_skipped(skipped)
     print_summary(load_corpus(args.out), args.out)
     return 0
 
@@ -185,11 +245,13 @@ def _from_hf(args) -> int:
         if any("=" not in item for item in args.split):
             raise CorpusError(f"--split expects CORPUS=DATASET (e.g. validation=dev), got {args.split}")
         split_map = dict(item.split("=", 1) for item in args.split)
+    skipped: list[tuple[str, str]] = []
     corpus = corpus_from_hf(args.name, config=args.config, split_map=split_map, text_column=args.text_column,
                             language=args.language, audio_column=args.audio_column,
-                            max_per_split=args.max_per_split)
-    save_corpus(corpus, args.out, overwrite=args.overwrite,
-                card={"kind": "imported", "dataset": args.name, "config": args.config}, progress=False)
+                            max_per_split=args.max_per_split, skip_bad=args.skip_bad, skipped=skipped)
+    save_corpus(corpus, args.out, overwrite=args.overwrite, progress=False,
+                card={"kind": "imported", "dataset": args.name, "config": args.config, "skipped": len(skipped)})
+    _report_skipped(skipped)
     print_summary(load_corpus(args.out), args.out)
     return 0
 
@@ -248,6 +310,9 @@ def register(subparsers) -> None:
     from_dir.add_argument("--default-split", choices=["train", "validation", "test"], default="test",
                           help="split for files no folder or column assigns (default test)")
     from_dir.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    from_dir.add_argument("--skip-bad", action="store_true",
+                          help="leave out files that cannot be decoded or are empty (listed at the end) "
+                               "instead of stopping at the first")
     from_dir.set_defaults(func=_from_dir)
 
     from_hf = _sub(sub, "from-hf", "import a Hugging Face audio dataset", FROM_HF_DESCRIPTION)
@@ -261,7 +326,23 @@ def register(subparsers) -> None:
                          help="map a corpus split to a dataset split, e.g. validation=dev (repeatable)")
     from_hf.add_argument("--max-per-split", type=int, help="keep at most this many rows per split")
     from_hf.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    from_hf.add_argument("--skip-bad", action="store_true",
+                         help="leave out rows whose audio cannot be decoded or is empty (listed at the end)")
     from_hf.set_defaults(func=_from_hf)
+
+    fetch = _sub(sub, "fetch", "make a real-speech corpus from a public source (fillets: Czech, Dutch)",
+                 FETCH_DESCRIPTION)
+    fetch.add_argument("source", choices=["fillets"], help="fillets: Fish Fillets NG voice acting (Debian)")
+    fetch.add_argument("--out", required=True, help="output corpus directory")
+    fetch.add_argument("--languages", help="comma-separated, among cs,nl (default both)")
+    fetch.add_argument("--cache", help="where the packages are downloaded and unpacked "
+                                       "(default <home>/downloads/fillets)")
+    fetch.add_argument("--from", dest="source_dir", metavar="DIR",
+                       help="an unpacked copy of the packages (or the game directory) instead of downloading")
+    fetch.add_argument("--split", type=_fractions, metavar="TRAIN,VAL,TEST",
+                       help="shares of clips by whole levels (default 0.7,0.1,0.2)")
+    fetch.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    fetch.set_defaults(func=_fetch)
 
     info = _sub(sub, "info", "utterances, hours and voices per split and language", INFO_DESCRIPTION)
     info.add_argument("directory", help="corpus directory")

@@ -35,8 +35,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default=None,
                    help="'auto' to detect each utterance's language, a code to force one; default: the corpus label")
     p.add_argument("--beams", type=int, default=1, help="beam size (default 1 = greedy)")
-    p.add_argument("--guard", choices=["reference", "duration"], default="reference",
-                   help="bound on new tokens: from reference lengths (default) or audio duration")
+    p.add_argument("--guard", choices=["duration", "reference"], default="duration",
+                   help="bound on new tokens: from the audio duration (default, as in real use) or from the "
+                        "reference lengths (peeks at the answers; only to compare with older figures)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="explicit bound, overrides --guard")
     p.add_argument("--no-repetition-guard", dest="repetition_guard", action="store_false",
                    help="do not stop and cut repetition loops (see trainers/decoding.py)")

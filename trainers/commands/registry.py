@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from registry.expert_file import Expert, ExpertFormatError, new_manifest
-from registry.records import ExpertRecord
-from registry.store import Registry
+from typing import TYPE_CHECKING
+
 from trainers.commands.common import print_table, split_list
+
+if TYPE_CHECKING:  # the registry modules load torch; `--help` must not
+    from registry.records import ExpertRecord
+    from registry.store import Registry
 
 DESCRIPTION = """\
 The registry keeps experts as content-addressed .safetensors files with a SQLite index of names, versions and
@@ -43,6 +46,8 @@ def _local_root(location: str | None) -> Path | None:
 
 def open_registry(args) -> Registry:
     """The registry ``--registry`` names (a directory or file:// URL), else the default under the home."""
+    from registry.store import Registry
+
     location = getattr(args, "registry", None)
     if _is_remote(location):
         raise ValueError(f"{location} is a remote mirror; this action needs a local registry. Copy experts from "
@@ -195,15 +200,18 @@ def _export(args) -> int:
         raise ValueError(f"{rec.ref} is a {rec.kind!r} expert; only LoRA experts have a PEFT form "
                          "(use --format safetensors)")
     from lora_experts.peft_format import write_peft_adapter
+    from registry.bases import base_reference
 
     expert = reg.get(rec.ref)
     written = write_peft_adapter(expert.tensors, expert.manifest.get("hyperparameters", {}), out,
-                                 base_model_name_or_path=expert.manifest["base"].get("name") or "")
+                                 base_model_name_or_path=base_reference(expert.manifest["base"].get("name") or ""))
     print(f"wrote PEFT adapter {written} (load it with PeftModel.from_pretrained)")
     return 0
 
 
 def _import(args) -> int:
+    from registry.expert_file import Expert, ExpertFormatError, new_manifest
+
     reg = open_registry(args)
     source = Path(args.source)
     if source.is_file():

@@ -9,8 +9,10 @@ from pathlib import Path
 from trainers.commands.common import split_list
 
 DESCRIPTION = """\
-Transcribe audio files with a base Whisper and a pack of experts (whisper-experts pack create). Inputs are
-read with libsndfile (wav, flac, ogg/opus, mp3), mixed down to mono and resampled to 16 kHz; long audio is cut
+Transcribe audio and video files with a base Whisper and a pack of experts (whisper-experts pack create). Inputs are
+read with libsndfile (wav, flac, ogg/opus, mp3) or PyAV/FFmpeg (m4a, aac, webm, mp4 video, ...), mixed down to
+mono and resampled to 16 kHz (a file that cannot be read gets an error entry, the others are still
+transcribed, and the exit code is 1); long audio is cut
 into 30 s windows, and the windows of all files are decoded together in batches. Each window is routed to
 its own expert in the same forward pass:
   --language auto   Whisper's language ID (first decoder step, on the base model) picks the window's language
@@ -90,7 +92,7 @@ def _run(args) -> int:
     options = TranscribeOptions(batch_size=args.batch_size, threshold=args.threshold,
                                 candidates=tuple(split_list(args.candidates) or ()) or None, timestamps=timestamps,
                                 task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                progress=not args.no_progress, router=args.router)
+                                progress=not args.no_progress, router=args.router, on_error="record")
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir() and args.format not in SUBTITLE_FORMATS:
         raise ValueError(f"--out {out} is a directory; name a file for --format {args.format}")
@@ -109,9 +111,17 @@ def _run(args) -> int:
             print(f"note: {t.file}: {t.note}", file=sys.stderr)
     if args.format in SUBTITLE_FORMATS:
         for t, path in zip(transcripts, _subtitle_paths(transcripts, out, args.format)):
-            _write(render([t], args.format), path)
+            if not t.error:
+                _write(render([t], args.format), path)
     else:
         _write(render(transcripts, args.format), out)
+    failed = [t for t in transcripts if t.error]
+    for t in failed:
+        print(f"error: {t.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(transcripts)} input(s) could not be read; the others were transcribed",
+              file=sys.stderr)
+        return 1
     return 0
 
 

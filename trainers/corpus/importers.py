@@ -28,6 +28,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
 # (Common Voice: sentence; FLEURS: transcription / raw_transcription; LibriSpeech: text).
 TEXT_COLUMNS = ("sentence", "transcription", "text", "transcript", "raw_transcription", "normalized_text")
 LANGUAGE_COLUMNS = ("language", "locale", "lang", "language_code")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "client_id")
 SPLIT_ALIASES = {
     "train": ("train",),
     "validation": ("validation", "valid", "dev", "val"),
@@ -69,8 +70,8 @@ def _pick_column(found: Sequence[str], wanted: str | None, candidates: Sequence[
     )
 
 
-def _folder_entries(directory: Path, text_column: str | None) -> list[tuple[Path, str, str | None, str | None]]:
-    """(audio file, transcript, language or None, split or None) for one folder."""
+def _folder_entries(directory: Path, text_column: str | None) -> list[tuple[Path, str, str | None, str | None, str]]:
+    """(audio file, transcript, language or None, split or None, speaker or "") for one folder."""
     metadata = _read_metadata(directory)
     entries = []
     if metadata is not None:
@@ -82,9 +83,11 @@ def _folder_entries(directory: Path, text_column: str | None) -> list[tuple[Path
             raise CorpusFormatError(f"{where}: no 'file_name' column (columns found: {', '.join(found)})")
         text_key = _pick_column(found, text_column, TEXT_COLUMNS, "transcript", where)
         lang_key = next((c for c in LANGUAGE_COLUMNS if c in found), None)
+        speaker_key = next((c for c in SPEAKER_COLUMNS if c in found), None)
         for row in metadata:
             entries.append((directory / row["file_name"], str(row[text_key] or "").strip(),
-                            row.get(lang_key) if lang_key else None, row.get("split")))
+                            row.get(lang_key) if lang_key else None, row.get("split"),
+                            str(row.get(speaker_key) or "") if speaker_key else ""))
         return entries
     audio_files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     missing = [p for p in audio_files if not p.with_suffix(".txt").is_file()]
@@ -95,7 +98,7 @@ def _folder_entries(directory: Path, text_column: str | None) -> list[tuple[Path
             f"file_name,transcription columns"
         )
     for p in audio_files:
-        entries.append((p, p.with_suffix(".txt").read_text(encoding="utf-8").strip(), None, None))
+        entries.append((p, p.with_suffix(".txt").read_text(encoding="utf-8").strip(), None, None, ""))
     return entries
 
 
@@ -104,6 +107,9 @@ def corpus_from_dir(
     language: str | None = None,
     text_column: str | None = None,
     default_split: str = "test",
+    skip_bad: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
+    progress: bool = False,
 ) -> datasets.DatasetDict:
     """Import recorded speech from a directory into the corpus format.
 
@@ -122,11 +128,19 @@ def corpus_from_dir(
         text_column: transcript column of the metadata file (default: auto-detected).
         default_split: split for files whose split no folder or column names (a folder of recordings is
             usually an evaluation set).
+        skip_bad: leave out files that cannot be decoded or hold no audio (and rows with an empty
+            transcript) instead of stopping at the first one.
+        skipped: when given, ``(file, reason)`` of every file left out is appended to it.
+        progress: show a progress bar over the files.
 
     Returns:
-        A corpus ``DatasetDict`` (splits without files are empty); ``voice`` empty, ``speed``/``pitch`` -1,
-        ``source`` the directory.
+        A corpus ``DatasetDict`` (splits without files are empty); ``voice`` the metadata's speaker column
+        (``speaker``, ``speaker_id`` or ``client_id``) or empty, ``speed``/``pitch`` -1, ``source`` the directory.
     """
+    from tqdm.auto import tqdm
+
+    from trainers.audio import AudioError
+
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise CorpusFormatError(f"{directory} is not a directory of audio files")
@@ -145,7 +159,8 @@ def corpus_from_dir(
         entries = _folder_entries(folder, text_column)
         if not entries:
             raise CorpusFormatError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) found")
-        for audio_path, text, row_language, row_split in entries:
+        for audio_path, text, row_language, row_split, speaker in tqdm(entries, desc="importing", unit="file",
+                                                                       disable=not progress):
             lang = language_code(row_language, synthesizable=False) if row_language else fixed_language
             if lang is None:
                 raise CorpusFormatError(
@@ -153,12 +168,21 @@ def corpus_from_dir(
                     f"'language' column to the metadata"
                 )
             split = folder_split or _split_name(row_split) or default_split
-            if not text:
-                raise CorpusFormatError(f"{audio_path}: empty transcript")
+            try:
+                if not text:
+                    raise CorpusFormatError(f"{audio_path}: empty transcript")
+                audio = load_audio(audio_path)
+                if audio.size == 0:
+                    raise AudioError(f"{audio_path} holds no audio samples")
+            except (AudioError, CorpusFormatError) as err:
+                if not skip_bad:
+                    raise type(err)(f"{err} (pass --skip-bad to leave such files out and go on)") from err
+                if skipped is not None:
+                    skipped.append((str(audio_path), str(err)))
+                continue
             rel = audio_path.relative_to(directory).with_suffix("").as_posix()
-            audio = load_audio(audio_path)
             rows[split].append(make_row(id=rel.replace("/", "-"), audio=audio, text=text, language=lang,
-                                        source=source))
+                                        voice=speaker, source=source))
     return datasets.DatasetDict({split: rows_to_dataset(rows[split]) for split in SPLITS})
 
 
@@ -183,6 +207,8 @@ def corpus_from_hf(
     language: str | None = None,
     audio_column: str | None = None,
     max_per_split: int | None = None,
+    skip_bad: bool = False,
+    skipped: list[tuple[str, str]] | None = None,
     **load_kwargs: Any,
 ) -> datasets.DatasetDict:
     """Import a Hugging Face audio dataset (hub id or local path) into the corpus format.
@@ -199,6 +225,8 @@ def corpus_from_hf(
         language: language of every row; otherwise taken per row from a ``language``/``locale`` column.
         audio_column: default: the first column with an ``Audio`` feature.
         max_per_split: keep at most this many rows per split (the first ones).
+        skip_bad: leave out rows whose audio cannot be decoded or is empty instead of stopping.
+        skipped: when given, ``(row, reason)`` of every row left out is appended to it.
         **load_kwargs: passed to ``datasets.load_dataset`` (``data_dir``, ``revision``, ...).
 
     Raises:
@@ -209,7 +237,8 @@ def corpus_from_hf(
         # datasets' folder builders encode every example with torchcodec while preparing the dataset;
         # the same layout is read here without it.
         if split_map is None and audio_column is None:
-            return _limit(corpus_from_dir(local, language=language, text_column=text_column), max_per_split)
+            return _limit(corpus_from_dir(local, language=language, text_column=text_column, skip_bad=skip_bad,
+                                          skipped=skipped), max_per_split)
     try:
         loaded = datasets.load_dataset(name_or_path, config, **load_kwargs)
     except Exception as err:
@@ -264,7 +293,12 @@ def corpus_from_hf(
             try:
                 audio = load_audio(row[audio_key])
             except AudioError as err:
-                raise AudioError(f"{where}, split {source_split!r}, row {i}: {err}") from err
+                if not skip_bad:
+                    raise AudioError(f"{where}, split {source_split!r}, row {i}: {err} (pass --skip-bad to leave "
+                                     f"such rows out and go on)") from err
+                if skipped is not None:
+                    skipped.append((f"{source_split}[{i}]", str(err)))
+                continue
             row_id = Path(str(row[id_key])).stem if id_key else f"{source_split}-{i:06d}"
             if row_id in seen:
                 row_id = f"{row_id}-{i}"
