@@ -111,28 +111,65 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- writing
+PROD_TAG = "prod"
+
+
+def _test_wer(record: ExpertRecord, language: str) -> float | None:
+    metric = (record.metrics or {}).get(language)
+    wer = metric.get("test", {}).get("wer") if isinstance(metric, dict) and isinstance(metric.get("test"), dict) else None
+    return float(wer) if isinstance(wer, (int, float)) else None
+
+
+def choose_expert(found: Iterable[ExpertRecord], language: str, latest: bool = False) -> tuple[ExpertRecord, str]:
+    """The expert a pack should take for ``language`` among ``found``, and why.
+
+    Order: the version tagged ``prod``; else the best stored test WER for the language; else the latest.
+    ``latest=True`` takes the most recently added version whatever its tags or scores.
+    """
+    found = list(found)
+    newest = max(found, key=lambda r: (r.added, r.created or "", r.version))
+    if latest:
+        return newest, "the latest (--latest)"
+    prod = [r for r in found if PROD_TAG in r.tags]
+    if prod:
+        pick = max(prod, key=lambda r: (r.added, r.version))
+        return pick, f"tagged {PROD_TAG!r}"
+    by_recency = sorted(found, key=lambda r: (r.added, r.created or "", r.version), reverse=True)
+    scored = [(w, r) for r in by_recency if (w := _test_wer(r, language)) is not None]
+    if scored:
+        wer, pick = min(scored, key=lambda x: x[0])  # min keeps the first: the newest among equals
+        return pick, f"best stored {language} test WER ({100 * wer:.1f}%) of {len(scored)} scored"
+    return newest, "the latest (no version is tagged 'prod' or has a stored test WER)"
+
+
 def select_experts(registry: Registry, base: str, languages: Iterable[str],
-                   kind: str | None = "lora") -> list[ExpertRecord]:
-    """For each language, the latest expert serving it on ``base`` (an expert serving several is listed once).
+                   kind: str | None = "lora", latest: bool = False,
+                   reasons: dict[str, str] | None = None) -> list[ExpertRecord]:
+    """For each language, the expert serving it on ``base`` that :func:`choose_expert` picks (the one tagged
+    ``prod``, else the best stored test WER, else the latest); an expert serving several is listed once.
 
     Args:
         base: base name as recorded, or a prefix of its weight fingerprint.
         kind: only experts of this kind (None: any).
+        latest: take the latest version instead.
+        reasons: when given, filled with ``language -> "<ref>: why it was taken"``.
 
     Raises:
         ExpertNotFoundError: a language has no such expert (names the registry and the command that lists).
     """
     chosen: list[ExpertRecord] = []
     for language in languages:
-        found = registry.find(language=language, base=base, kind=kind)
+        found = registry.find(language=language, base=base, kind=kind, latest_only=False)
         if not found:
             what = f"{kind} expert" if kind else "expert"
             raise ExpertNotFoundError(
                 f"no {what} for language {language!r} on base {base!r} in the registry at {registry.root}; "
                 f"see `whisper-experts registry list --language {language}`")
-        newest = max(found, key=lambda r: (r.added, r.created or "", r.version))
-        if newest.ref not in {r.ref for r in chosen}:
-            chosen.append(newest)
+        pick, why = choose_expert(found, language, latest)
+        if reasons is not None:
+            reasons[language] = f"{pick.ref}: {why}"
+        if pick.ref not in {r.ref for r in chosen}:
+            chosen.append(pick)
     return chosen
 
 
@@ -174,7 +211,8 @@ def pack_bytes(experts: Mapping[str, Expert], provenance: Mapping[str, dict] | N
 
 
 def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None, base: str | None = None,
-                languages: Iterable[str] = (), kind: str | None = "lora") -> PackInfo:
+                languages: Iterable[str] = (), kind: str | None = "lora", latest: bool = False,
+                reasons: dict[str, str] | None = None) -> PackInfo:
     """Write a pack from registry experts and/or experts in memory; returns its table of contents.
 
     Args:
@@ -184,8 +222,11 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
         registry: where specs and language queries resolve (default: the registry under the project home).
         base: with ``languages``: the base to query; with ``experts``: every expert must be for this base
             (name or fingerprint prefix).
-        languages: for each, the latest expert serving it on ``base`` (:func:`select_experts`).
+        languages: for each, the expert serving it on ``base`` that :func:`select_experts` picks (tagged
+            ``prod``, else best stored test WER, else latest).
         kind: the kind the language query selects (default ``lora``; ``sparse``, ``clsr``; None: any kind).
+        latest: with ``languages``: the latest version instead.
+        reasons: when given, filled with language -> why its expert was taken.
     """
     registry = registry or Registry()
     languages = list(languages)
@@ -201,7 +242,7 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
     records = [registry.resolve(e) if isinstance(e, str) else e for e in experts]
     if languages:
         named = {r.ref for r in records}
-        records += [r for r in select_experts(registry, base, languages, kind) if r.ref not in named]
+        records += [r for r in select_experts(registry, base, languages, kind, latest, reasons) if r.ref not in named]
     for rec in records:
         if rec.name in chosen:
             raise ValueError(f"two experts named {rec.name!r} in one pack ({rec.ref} and another); pack one version")

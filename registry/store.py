@@ -104,7 +104,7 @@ CREATE TABLE IF NOT EXISTS tags (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders adds within a second
 
 
 class Registry:

@@ -55,6 +55,28 @@ def _info(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import shutil
+
+    from registry.atomic import staged_directory
+    from registry.bases import BASE_RECORD, resolve_base_dir
+    from registry.ct2_export import export_ct2
+
+    directory = resolve_base_dir(args.name)
+    if directory is None:
+        raise ValueError(f"{args.name} is a hub id; import it first (whisper-experts base import DIR) or load it "
+                         "with transformers directly")
+    if args.format == "ct2":
+        export_ct2(directory, args.out, args.quantization)
+        print(f"wrote {args.out}: {args.name} as CTranslate2 {args.quantization} (faster_whisper.WhisperModel)")
+        return 0
+    with staged_directory(args.out) as staging:
+        shutil.copytree(directory, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(BASE_RECORD, "conversion.json", "_*", ".*"))
+    print(f"wrote {args.out}: {args.name} as a transformers directory (WhisperForConditionalGeneration.from_pretrained)")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("base", help="import and list base Whisper models", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,3 +102,18 @@ def register(subparsers) -> None:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("name", help="registered name, bundled name, directory or hub id")
     info.set_defaults(func=_info)
+    ex = sub.add_parser("export", help="write a base as a transformers or faster-whisper directory",
+                        description="Write an imported base out again: --format hf as a plain transformers "
+                                    "directory, --format ct2 as a CTranslate2 model for faster-whisper (converted "
+                                    "by CTranslate2's own converter), so a CTranslate2 model round-trips."
+                                    "\n\nexamples:\n"
+                                    "  whisper-experts base export whisper-base --format ct2 --out faster-whisper-base\n"
+                                    "  whisper-experts base export whisper-base --format hf --out hf-whisper-base",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("name", help="registered name, bundled name or directory")
+    ex.add_argument("--format", choices=["hf", "ct2"], required=True, help="output format")
+    ex.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    ex.add_argument("--quantization", default="int8",
+                    choices=["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32"],
+                    help="with --format ct2: stored weight type (default int8)")
+    ex.set_defaults(func=_export)

@@ -42,8 +42,11 @@ def _create(args) -> int:
     experts, languages = split_list(args.experts) or [], split_list(args.languages) or []
     if not experts and not languages:
         raise ValueError("name the experts to pack: --experts NAME[,NAME...] or --base BASE --languages CODES")
+    reasons: dict[str, str] = {}
     info = create_pack(args.out, experts, registry=open_registry(args), base=args.base, languages=languages,
-                       kind=None if args.kind == "any" else args.kind)
+                       kind=None if args.kind == "any" else args.kind, latest=args.latest, reasons=reasons)
+    for language, why in reasons.items():
+        print(f"{language}: {why}")
     print(f"wrote {info.path}")
     _print_contents(info)
     return 0
@@ -69,9 +72,13 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="pack_command", metavar="ACTION", required=True)
 
     c = sub.add_parser("create", help="write a pack from registry experts", formatter_class=FORMATTER,
-                       description="Write a pack: for each of --languages the latest expert serving it on --base, "
-                                   "and/or the experts --experts names (registry specs), in that order. Every "
-                                   "expert must be for the same base.\n\nexamples:\n"
+                       description="Write a pack: for each of --languages the expert serving it on --base that "
+                                   "is tagged 'prod', else the one with the best stored test WER for the "
+                                   "language, else the latest (--latest: always the latest); and/or the experts "
+                                   "--experts names (registry specs), in that order. The output says which "
+                                   "expert each language got and why. Every expert must be for the same base."
+                                   "\n\nexamples:\n"
+                                   "  whisper-experts registry tag uk-real@3 prod   # what packs should take\n"
                                    "  whisper-experts pack create --base whisper-base --languages uk,pt,nl "
                                    "--out packs/eu3.safetensors\n"
                                    "  whisper-experts pack create --experts uk-espeak,pt-espeak --out packs/uk-pt"
@@ -79,7 +86,10 @@ def register(subparsers) -> None:
     c.add_argument("--out", required=True, help="the pack file to write (.safetensors)")
     c.add_argument("--base", help="base the experts were trained on (name or fingerprint prefix); needed with "
                                   "--languages, a check with --experts")
-    c.add_argument("--languages", help="comma-separated Whisper codes: the latest expert serving each")
+    c.add_argument("--languages", help="comma-separated Whisper codes: for each, the expert tagged 'prod', else "
+                                       "the best stored test WER, else the latest")
+    c.add_argument("--latest", action="store_true", help="with --languages: take each language's latest expert "
+                                                         "(ignore 'prod' tags and scores)")
     c.add_argument("--experts", help="comma-separated registry specs: NAME, NAME@VERSION, NAME@TAG")
     c.add_argument("--kind", default="lora", help="kind of expert --languages selects: lora (default), sparse, "
                                                   "clsr, or 'any' (the latest of any kind)")

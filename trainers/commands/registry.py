@@ -196,6 +196,20 @@ def _export(args) -> int:
         atomic_write_bytes(target, reg.read_bytes(rec))  # the exact bytes: same sha256 as in the registry
         print(f"wrote {target}")
         return 0
+    if args.format in ("hf", "ct2"):
+        from lora_experts.export import check_mergeable, export_ct2_expert, export_hf
+
+        expert = reg.get(rec.ref)
+        check_mergeable(expert, rec.ref)  # before the base is loaded
+        if args.format == "hf":
+            export_hf(expert, out, rec.ref, force=args.force)
+            print(f"wrote {out}: {expert.manifest['base'].get('name')} with {rec.ref} merged in (load it with "
+                  f"WhisperForConditionalGeneration.from_pretrained or pipeline('automatic-speech-recognition'))")
+        else:
+            export_ct2_expert(expert, out, rec.ref, quantization=args.quantization, force=args.force)
+            print(f"wrote {out}: {expert.manifest['base'].get('name')} with {rec.ref} merged in, CTranslate2 "
+                  f"{args.quantization} (load it with faster_whisper.WhisperModel('{out}'))")
+        return 0
     if rec.kind != "lora":
         raise ValueError(f"{rec.ref} is a {rec.kind!r} expert; only LoRA experts have a PEFT form "
                          "(use --format safetensors)")
@@ -312,14 +326,30 @@ def register(subparsers) -> None:
     pull.add_argument("url", help="mirror URL")
     pull.add_argument("specs", nargs="*", metavar="SPEC", help="experts on the mirror to pull (default: all)")
 
-    ex = _action(sub, parents, "export", "write an expert as a PEFT adapter or a plain expert file",
-                 "Export an expert: --format peft writes adapter_model.safetensors + adapter_config.json for "
-                 "PeftModel.from_pretrained (LoRA experts); --format safetensors copies the expert file.",
+    ex = _action(sub, parents, "export", "write an expert for transformers, faster-whisper, PEFT or vLLM",
+                 "Export an expert:\n"
+                 "  --format hf           the base with the expert merged in, a plain transformers directory\n"
+                 "                        (WhisperForConditionalGeneration.from_pretrained(DIR), pipeline(...))\n"
+                 "  --format ct2          the same as a CTranslate2 model: faster_whisper.WhisperModel(DIR)\n"
+                 "                        (--quantization int8 by default), converted by CTranslate2's converter\n"
+                 "  --format peft         adapter_model.safetensors + adapter_config.json for\n"
+                 "                        PeftModel.from_pretrained and vLLM's Whisper multi-LoRA (LoRA experts)\n"
+                 "  --format safetensors  the expert file itself\n"
+                 "lora, task_vector and sparse experts merge; a clsr expert (gated paths beside each feed-forward "
+                 "layer) has no plain-Whisper form and is refused: serve it from a pack.",
                  ["export uk-espeak --format peft --out exported/uk-espeak",
+                  "export cs-real --format hf --out exported/cs-real-hf",
+                  "export cs-real --format ct2 --quantization int8 --out exported/cs-real-ct2",
                   "export uk-espeak@2 --format safetensors --out ."], _export)
     ex.add_argument("spec", help="the expert to export")
-    ex.add_argument("--format", choices=["peft", "safetensors"], default="peft", help="output format (default peft)")
+    ex.add_argument("--format", choices=["peft", "hf", "ct2", "safetensors"], default="peft",
+                    help="output format (default peft)")
     ex.add_argument("--out", required=True, help="output directory (or a .safetensors path for --format safetensors)")
+    ex.add_argument("--quantization", default="int8",
+                    choices=["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32"],
+                    help="with --format ct2: stored weight type (default int8, faster-whisper's CPU default)")
+    ex.add_argument("--force", action="store_true",
+                    help="with hf/ct2: merge even if the imported base's fingerprint differs from the expert's")
 
     im = _action(sub, parents, "import", "add a PEFT adapter directory or an expert file",
                  "Import an expert file, or a PEFT LoRA adapter directory; a PEFT adapter does not record its "
