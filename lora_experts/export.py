@@ -30,7 +30,7 @@ def check_mergeable(expert: Expert, name: str) -> None:
     if expert.kind in MERGEABLE:
         return
     why = {"clsr": "a CLSR expert adds a gated language path beside each feed-forward layer, which a plain "
-                   "Whisper has no place for; serve it from a pack (whisper-experts pack create, transcribe, serve)",
+                   "Whisper has no place for; serve it from a pack (whisper-experts pack create, then transcribe)",
            "mask": "a mask changes no weights; train a sparse expert on it (whisper-experts train --kind sparse)"}
     raise ExportError(f"{name} is a {expert.kind!r} expert and cannot be merged into Whisper's weights: "
                       f"{why.get(expert.kind, 'only ' + ', '.join(MERGEABLE) + ' experts can')}")

@@ -3,15 +3,19 @@
 Files go through a temporary sibling, fsync and rename. Directories are built in a temporary sibling
 (:func:`new_staging_dir`) and swapped into place (:func:`move_into_place`); an existing directory is moved
 aside first and restored if the swap fails. Everything that writes artefacts (expert files, the registry,
-converted bases, corpora, reports) uses these.
+converted bases, corpora, reports) uses these. Writers that may be killed mid-write and whose leftovers someone
+cleans up later (registry objects, packs) name their temporaries after themselves (:func:`atomic_write_tagged`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -108,3 +112,95 @@ def staged_directory(target: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------- writer-tagged temporaries
+# A temporary file's name can record who writes it (``.<target>.w<pid>-<host>.<random>.tmp``), so that a
+# killed writer's leftover can be told from a write in progress: on the same host, a temporary whose pid no
+# longer runs belongs to nobody. Names written by atomic_write_bytes (no tag) can only be judged by age.
+_TAGGED_TEMP = re.compile(r"^\.(?P<target>.+)\.w(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+
+
+def atomic_write_tagged(path: Path | str, data: bytes, *, fsync: bool = True) -> Path:
+    """:func:`atomic_write_bytes` whose temporary file names its writer (pid and host), so that
+    :func:`is_stale_temp` can tell a killed writer's leftover from a write in progress.
+
+    Args:
+        fsync: flush the file before the rename. Batch writers pass False and make the whole batch durable at
+            once (``os.sync``) before anything refers to the files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}-{_host()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a symlink planted at ``path`` itself, never writes through it
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def temp_writer(path: Path | str) -> tuple[int, str] | None:
+    """``(pid, host)`` recorded in a temporary file's name by :func:`atomic_write_tagged`, else None."""
+    m = _TAGGED_TEMP.match(Path(path).name)
+    return (int(m["pid"]), m["host"]) if m else None
+
+
+def writer_is_dead(path: Path | str) -> bool:
+    """True when the temporary file's writer is known to be gone: tagged by this host, and its pid no longer
+    runs. Untagged names, other hosts' writers and live pids (even a reused one) are not known to be dead."""
+    writer = temp_writer(path)
+    if writer is None or writer[1] != _host():
+        return False
+    try:
+        os.kill(writer[0], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: the pid runs under another user
+        return False
+    return False
+
+
+def is_stale_temp(path: Path | str, max_age: float = 3600.0, now: float | None = None) -> bool:
+    """A temporary file older than ``max_age`` seconds whose writer is dead (or unrecorded: names from
+    :func:`atomic_write_bytes`, which only age can judge). Missing files are not stale."""
+    try:
+        age = (time.time() if now is None else now) - os.lstat(path).st_mtime
+    except OSError:
+        return False
+    return age > max_age and (temp_writer(path) is None or writer_is_dead(path))
+
+
+def clean_stale_temps(target: Path | str, max_age: float = 3600.0) -> list[Path]:
+    """Delete stale temporary siblings of ``target`` (left by killed writers of it); returns them.
+
+    Only names this module gives temporaries of ``target`` are considered (``.<name>.*.tmp``).
+    """
+    target = Path(target)
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(target.parent):
+            if entry.name.startswith(f".{target.name}.") and entry.name.endswith(".tmp") and \
+                    entry.is_file(follow_symlinks=False) and is_stale_temp(entry.path, max_age):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def write_replacing_stale(path: Path | str, data: bytes, max_age: float = 3600.0) -> Path:
+    """Write ``path`` atomically (:func:`atomic_write_tagged`), first deleting temporaries that killed
+    writers of the same path left beside it (:func:`clean_stale_temps`)."""
+    clean_stale_temps(path, max_age)
+    return atomic_write_tagged(path, data)

@@ -24,6 +24,8 @@ Files are never unpickled: safetensors only. Writes are atomic (temporary file, 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "whisper_experts"
 KINDS = ("lora", "clsr", "task_vector", "mask", "sparse")
 REQUIRED = ("format_version", "kind", "languages", "base")
+MAX_HEADER = 100_000_000  # safetensors' own bound on a header's size
 
 
 class ExpertFormatError(ValueError):
@@ -114,23 +117,42 @@ def new_manifest(kind: str, languages, base, hyperparameters: dict | None = None
     return manifest
 
 
+def is_int(value) -> bool:
+    """A JSON integer (``True`` is an int to Python, but not a version number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_manifest(manifest: dict, where: str) -> None:
-    """Raise :class:`ExpertFormatError` naming ``where`` if the manifest lacks a field or has a bad value."""
+    """Raise :class:`ExpertFormatError` naming ``where`` if the manifest lacks a field or has a bad value
+    (of the wrong JSON type too: a hand-edited ``"format_version": "1"`` is an error, not a traceback)."""
     if not isinstance(manifest, dict):
         raise ExpertFormatError(f"{where}: manifest is not a JSON object")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ExpertFormatError(f"{where}: manifest lacks {', '.join(missing)}; not a whisper-experts expert file")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise ExpertFormatError(f"{where}: expert format version {manifest['format_version']} is newer than this "
+    version = manifest["format_version"]
+    if not is_int(version) or version < 1:
+        raise ExpertFormatError(f"{where}: manifest format_version must be a positive integer, not {version!r}; "
+                                "the file is corrupt or was edited by hand")
+    if version > FORMAT_VERSION:
+        raise ExpertFormatError(f"{where}: expert format version {version} is newer than this "
                                 f"package understands ({FORMAT_VERSION}); upgrade whisper-experts")
-    if manifest["kind"] not in KINDS:
+    if not isinstance(manifest["kind"], str) or manifest["kind"] not in KINDS:
         raise ExpertFormatError(f"{where}: unknown expert kind {manifest['kind']!r} (known: {', '.join(KINDS)})")
     base = manifest["base"]
-    if not isinstance(base, dict) or not base.get("fingerprint"):
+    if not isinstance(base, dict) or not base.get("fingerprint") or not isinstance(base["fingerprint"], str):
         raise ExpertFormatError(f"{where}: manifest base has no weight fingerprint")
-    if not isinstance(manifest["languages"], list):
+    for key in ("name", "tokenizer_fingerprint"):
+        if not isinstance(base.get(key), (str, type(None))):
+            raise ExpertFormatError(f"{where}: manifest base {key} must be a string, not {base[key]!r}")
+    languages = manifest["languages"]
+    if not isinstance(languages, list) or not all(isinstance(lang, str) for lang in languages):
         raise ExpertFormatError(f"{where}: manifest languages must be a list of Whisper codes")
+    for key in ("hyperparameters", "metrics", "lineage"):
+        if not isinstance(manifest.get(key), (dict, type(None))):
+            raise ExpertFormatError(f"{where}: manifest {key} must be a JSON object, not {manifest[key]!r:.60}")
+    if not isinstance(manifest.get("created"), (str, type(None))):
+        raise ExpertFormatError(f"{where}: manifest created must be an ISO-8601 string")
 
 
 def expert_bytes(expert: Expert) -> bytes:
@@ -166,20 +188,31 @@ def read_manifest(path: Path | str) -> dict:
     return manifest
 
 
-def manifest_from_bytes(data: bytes, where: str) -> dict:
-    """The manifest in a safetensors file's header, parsed from its bytes (JSON only, never pickle).
+def _read_header(read, size: int, where: str) -> tuple[dict, int]:
+    """``(header, header length)`` of a safetensors file of ``size`` bytes, reading with ``read(offset, n)``.
 
-    Args:
-        data: the whole file content.
-        where: file or URL named in errors.
+    The 8-byte length is checked against the file's size and a sane bound before the header is read, so a
+    huge or foreign file is refused after reading 8 bytes, never loaded.
     """
-    if len(data) < 8:
-        raise ExpertFormatError(f"{where}: {len(data)} bytes is too short for a safetensors file; truncated")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8:
-        raise ExpertFormatError(f"{where}: header claims {header_len} bytes but the file has {len(data) - 8}; truncated")
+    if size < 8:
+        raise ExpertFormatError(f"{where}: {size} bytes is too short for a safetensors file; truncated")
+    header_len = int.from_bytes(read(0, 8), "little")
+    if header_len > MAX_HEADER:
+        raise ExpertFormatError(f"{where}: its first 8 bytes give a header of {header_len} bytes (more than "
+                                f"{MAX_HEADER}); not a safetensors expert file, or corrupt")
+    if header_len > size - 8:
+        raise ExpertFormatError(f"{where}: header claims {header_len} bytes but the file has {size - 8}; truncated")
     try:
-        header = json.loads(data[8:8 + header_len])
+        header = json.loads(read(8, header_len))
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+    except (ValueError, TypeError) as e:
+        raise ExpertFormatError(f"{where}: unreadable safetensors header ({e}); corrupt") from e
+    return header, header_len
+
+
+def _manifest_in(header: dict, where: str) -> dict:
+    try:
         manifest = json.loads((header.get("__metadata__") or {})[MANIFEST_KEY])
     except KeyError:
         raise ExpertFormatError(f"{where} has no '{MANIFEST_KEY}' manifest in its header; not an expert file "
@@ -188,6 +221,70 @@ def manifest_from_bytes(data: bytes, where: str) -> dict:
         raise ExpertFormatError(f"{where}: unreadable safetensors header ({e}); corrupt") from e
     validate_manifest(manifest, where)
     return manifest
+
+
+def manifest_from_bytes(data: bytes, where: str) -> dict:
+    """The manifest in a safetensors file's header, parsed from its bytes (JSON only, never pickle).
+
+    Args:
+        data: the whole file content.
+        where: file or URL named in errors.
+    """
+    header, _ = _read_header(lambda offset, n: data[offset:offset + n], len(data), where)
+    return _manifest_in(header, where)
+
+
+def manifest_from_file(f, where: str) -> dict:
+    """The manifest in the header of an open binary file (read from its start; tensors are not read)."""
+    size = os.fstat(f.fileno()).st_size
+
+    def read(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        return f.read(n)
+
+    return _manifest_in(_read_header(read, size, where)[0], where)
+
+
+def read_expert_file(path: Path | str) -> bytes:
+    """The bytes of an expert file, read only after its header was checked: a safetensors header with a valid
+    manifest that describes exactly the file's size. A foreign, truncated or padded file (even one of
+    gigabytes) is refused after reading its header.
+
+    Raises:
+        ExpertFormatError: missing, not a regular file, not an expert, truncated, or too large for memory.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ExpertFormatError(f"{path} is not a regular file; give an expert .safetensors file")
+
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            header, header_len = _read_header(read, info.st_size, str(path))
+            _manifest_in(header, str(path))
+            try:
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise ExpertFormatError(f"{path}: unreadable safetensors header ({e!r}); corrupt") from e
+            described = 8 + header_len + max(ends, default=0)
+            if described != info.st_size:
+                raise ExpertFormatError(f"{path} has {info.st_size} bytes but its header describes {described}; "
+                                        "it is truncated, or other data follows the expert")
+            f.seek(0)
+            try:
+                return f.read()
+            except MemoryError:
+                raise ExpertFormatError(f"{path} ({info.st_size} bytes) does not fit in memory; free memory, or "
+                                        "store a smaller expert") from None
+    except FileNotFoundError:
+        raise ExpertFormatError(f"expert file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ExpertFormatError(f"{path} is a directory; give an expert .safetensors file (a PEFT adapter "
+                                "directory? use `whisper-experts registry import DIR`)") from None
 
 
 def expert_from_bytes(data: bytes, where: str) -> Expert:

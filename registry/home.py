@@ -7,6 +7,7 @@ Resolution order: an explicit path, then ``WHISPER_EXPERTS_HOME``, then ``$XDG_C
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 ENV_VAR = "WHISPER_EXPERTS_HOME"
@@ -37,9 +38,11 @@ def ensure_writable(directory: Path, what: str, hint: str | None = None) -> Path
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # mkstemp creates a new file with O_EXCL under a random name: it never opens (let alone empties) a
+        # file or symlink someone planted at a predictable probe name.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise PermissionError(
             f"cannot write {what} to {directory} ({e.strerror or e}); "

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Matched with fullmatch: a pattern ending in ``$`` would also accept a trailing newline ("uk\n").
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 RESERVED_TAGS = ("latest", "all")  # selectors with a fixed meaning; a tag cannot shadow them
 
 
@@ -69,7 +70,8 @@ class Problem:
     Attributes:
         kind: ``missing`` (object file gone), ``size`` / ``hash`` (content changed: corrupt or truncated),
             ``manifest`` (hash fine but not a readable expert), ``orphan`` (object or temporary file no index
-            row refers to; harmless, ``gc`` removes it), ``index`` (SQLite integrity check failed).
+            row refers to; harmless, ``gc`` removes it), ``index`` (SQLite integrity check failed), ``base``
+            (an imported base the experts name no longer matches its recorded fingerprint).
         path: the file concerned.
         refs: the expert versions that use it.
         detail: expected vs found, in words.
@@ -79,6 +81,11 @@ class Problem:
     path: Path
     refs: tuple[str, ...] = ()
     detail: str = ""
+
+    @property
+    def serious(self) -> bool:
+        """Whether the problem affects an expert (orphans are harmless leftovers)."""
+        return self.kind != "orphan"
 
     def __str__(self) -> str:
         who = f" ({', '.join(self.refs)})" if self.refs else ""
@@ -92,7 +99,7 @@ def validate_name(name: str, what: str = "expert name") -> str:
     digit; so no ``/``, ``@``, ``..`` prefix or empty name. Names are never used as paths; the rule keeps specs
     unambiguous and names portable.
     """
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidNameError(
             f"invalid {what} {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter "
             "or digit (no '/', '@' or spaces), e.g. 'uk-espeak'"
@@ -103,7 +110,7 @@ def validate_name(name: str, what: str = "expert name") -> str:
 def validate_tag(tag: str) -> str:
     """A tag follows the name rule, and cannot be a number or a reserved selector (``latest``, ``all``)."""
     validate_name(tag, "tag")
-    if tag in RESERVED_TAGS or tag.isdigit():
+    if tag in RESERVED_TAGS or tag.isdigit():  # "7" would read as version 7, "latest" as the newest
         raise InvalidNameError(f"invalid tag {tag!r}: numbers and {', '.join(RESERVED_TAGS)} are reserved selectors")
     return tag
 

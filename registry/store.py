@@ -4,6 +4,7 @@ Layout of a registry directory (default ``<home>/registry``, see :mod:`registry.
 
     <root>/objects/<sha[:2]>/<sha256>.safetensors   expert files, content-addressed by the sha256 of their bytes
     <root>/index.sqlite                             names, versions, tags and the manifest fields worth querying
+    <root>/journal.jsonl                            every change to names, versions and tags (registry.journal)
 
 An expert is referred to by a *spec*:
 
@@ -22,6 +23,9 @@ Safety, which is the point of having a registry rather than a folder of files:
   fsynced and renamed, the directory fsynced, and only then is the index row inserted, in one SQLite
   transaction. A crash at any point leaves every committed expert readable; the worst leftover is an
   unreferenced object, which :meth:`Registry.verify` reports and :meth:`Registry.gc` deletes.
+* A lost or damaged index loses no expert: each transaction appends its names, versions and tags to the
+  journal before it commits, and ``registry doctor`` rebuilds the index from the journal and the objects'
+  own manifests (:mod:`registry.doctor`).
 * Concurrent writers (threads or processes) lose nothing: each insert runs under ``BEGIN IMMEDIATE`` (the
   database write lock) in WAL mode with a busy timeout, so version numbers are assigned one at a time.
 * Version numbers are never reused: after ``uk-espeak@3`` is removed the next add is ``@4``, so a config that
@@ -29,6 +33,9 @@ Safety, which is the point of having a registry rather than a folder of files:
 * Names are validated and never become paths (objects are named by hash), so no name can escape the root.
 * Every read re-hashes the object: a corrupt or truncated file is refused on load, naming the file.
 * Files are parsed as safetensors (a JSON header and raw tensor bytes); nothing is ever unpickled.
+* A registry this user cannot write is read read-only (:mod:`registry.index_db`), and says so; database
+  failures (damaged file, full disk, read-only, locked) are :class:`RegistryIndexError` s naming the file and
+  the fix, and leave the index as it was.
 
 Remote mirrors (``push``/``pull`` through fsspec URLs) live in :mod:`registry.remote`.
 """
@@ -37,70 +44,26 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import os
 import re
 import sqlite3
-import time
-from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from registry.atomic import atomic_write_bytes, fsync_dir
-from registry.expert_file import (
-    Expert,
-    ExpertFormatError,
-    expert_bytes,
-    expert_from_bytes,
-)
-from registry.home import ensure_writable, home_dir
-from registry.records import (
-    ExpertNotFoundError,
-    ExpertRecord,
-    InvalidNameError,
-    Problem,
-    sha256_file,
-    validate_name,
-    validate_tag,
-)
+from registry.atomic import atomic_write_tagged, fsync_dir
+from registry.expert_file import Expert, ExpertFormatError, expert_bytes, expert_from_bytes, read_expert_file
+from registry.home import home_dir
+from registry.index_db import (OBJECT_SUFFIX, RECORD_COLUMNS, SCHEMA_VERSION, Index, RegistryIndexError, insert_row,
+                               object_path, row_to_record, storage_error)
+from registry.records import (ExpertNotFoundError, ExpertRecord, InvalidNameError, Problem, sha256_file,
+                              validate_name, validate_tag)
 
-SCHEMA_VERSION = 1
-SHA_PREFIX_PATTERN = re.compile(r"^[0-9a-f]{8,64}$")
-OBJECT_SUFFIX = ".safetensors"
+__all__ = ["Registry", "RegistryIndexError", "OBJECT_SUFFIX", "SCHEMA_VERSION", "SHA_PREFIX_PATTERN", "Problem"]
+
+SHA_PREFIX_PATTERN = re.compile(r"[0-9a-f]{8,64}")  # matched with fullmatch
 LIST_HINT = "see `whisper-experts registry list`"
 VERIFY_HINT = "run `whisper-experts registry verify`"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- last_version survives removals so that version numbers are never reused.
-CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS experts (
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    languages TEXT NOT NULL,          -- JSON list
-    base_name TEXT,
-    base_fingerprint TEXT NOT NULL,
-    tokenizer_fingerprint TEXT,
-    metrics TEXT NOT NULL,            -- JSON object
-    lineage TEXT NOT NULL,            -- JSON object
-    hyperparameters TEXT NOT NULL,    -- JSON object
-    size INTEGER NOT NULL,
-    num_parameters INTEGER NOT NULL,
-    created TEXT,                     -- from the manifest: when the expert was made
-    added TEXT NOT NULL,              -- when it entered this registry
-    PRIMARY KEY (name, version),
-    UNIQUE (name, sha256)
-);
-CREATE INDEX IF NOT EXISTS experts_sha256 ON experts (sha256);
-CREATE TABLE IF NOT EXISTS tags (
-    name TEXT NOT NULL,
-    tag TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (name, tag)
-);
-"""
+SMALL_BATCH = 4  # up to this many new objects are fsynced one by one; more are made durable by one os.sync
 
 
 def _now() -> str:
@@ -126,7 +89,7 @@ class Registry:
     def __init__(self, root: str | os.PathLike | None = None, *, timeout: float = 60.0):
         self.root = Path(root).expanduser() if root is not None else home_dir() / "registry"
         self.timeout = timeout
-        self._schema_ready = False
+        self.index = Index(self.root, timeout)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -138,89 +101,40 @@ class Registry:
 
     @property
     def index_path(self) -> Path:
-        return self.root / "index.sqlite"
+        return self.index.path
+
+    @property
+    def journal_path(self) -> Path:
+        return self.index.journal_path
+
+    @property
+    def read_only(self) -> bool:
+        """Whether reads had to open the index read-only (this user cannot write it, or the disk is full)."""
+        return self.index.read_only
 
     def object_path(self, sha256: str) -> Path:
         """Where the object with this digest lives (whether or not it exists)."""
-        return self.objects_dir / sha256[:2] / f"{sha256}{OBJECT_SUFFIX}"
+        return object_path(self.objects_dir, sha256)
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before reading
-        # the last version number (a deferred transaction could read, then fail to upgrade to a writer).
-        con = sqlite3.connect(self.index_path, timeout=self.timeout, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        con.execute("PRAGMA synchronous = FULL")  # a committed expert survives power loss, not just a crash
-        return con
+        return self.index.connect()
 
     def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        ensure_writable(self.root, "the expert registry",
-                        "choose another registry (--registry DIR, or --home / WHISPER_EXPERTS_HOME)")
-        self.objects_dir.mkdir(exist_ok=True)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                with closing(self._connect()) as con:
-                    # Switching to WAL needs a moment of exclusive access; when several processes create the
-                    # registry at once the losers see "locked" and retry (the mode then persists in the file).
-                    con.execute("PRAGMA journal_mode = WAL")
-                    con.execute("BEGIN IMMEDIATE")
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            con.execute(statement)
-                    con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                    found = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-                    con.execute("COMMIT")
-                break
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        if found > SCHEMA_VERSION:
-            raise ExpertFormatError(f"{self.index_path}: registry schema {found} is newer than this package "
-                                    f"understands ({SCHEMA_VERSION}); upgrade whisper-experts")
-        self._schema_ready = True
+        self.index.ensure_schema()
 
-    @contextmanager
     def _write(self):
-        """A connection inside ``BEGIN IMMEDIATE``: committed on success, rolled back on any error."""
-        self._ensure_schema()
-        with closing(self._connect()) as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
+        """A write transaction (:meth:`registry.index_db.Index.write`)."""
+        return self.index.write()
 
     def _query(self, sql: str, params=()) -> list[sqlite3.Row]:
         """Read rows; an absent registry reads as empty (reads never create the directory)."""
-        if not self.index_path.exists():
-            return []
-        with closing(self._connect()) as con:
-            return con.execute(sql, params).fetchall()
+        return self.index.query(sql, params)
 
-    def _records(self, rows, con_or_none=None) -> list[ExpertRecord]:
-        if not rows:
-            return []
-        tag_rows = (con_or_none.execute("SELECT name, tag, version FROM tags").fetchall() if con_or_none
-                    else self._query("SELECT name, tag, version FROM tags"))
-        tags: dict[tuple[str, int], list[str]] = {}
-        for t in tag_rows:
-            tags.setdefault((t["name"], t["version"]), []).append(t["tag"])
-        return [ExpertRecord(
-            name=r["name"], version=r["version"], sha256=r["sha256"], kind=r["kind"],
-            languages=tuple(json.loads(r["languages"])), base_name=r["base_name"],
-            base_fingerprint=r["base_fingerprint"], tokenizer_fingerprint=r["tokenizer_fingerprint"],
-            metrics=json.loads(r["metrics"]), lineage=json.loads(r["lineage"]),
-            hyperparameters=json.loads(r["hyperparameters"]), size=r["size"], num_parameters=r["num_parameters"],
-            created=r["created"], added=r["added"], tags=tuple(sorted(tags.get((r["name"], r["version"]), []))),
-            path=self.object_path(r["sha256"]),
-        ) for r in rows]
+    def _select(self, where: str, params=(), con=None) -> list[ExpertRecord]:
+        """Records of ``SELECT ... FROM experts e WHERE <where>`` (``where`` may end in ORDER BY / LIMIT)."""
+        sql = f"SELECT {RECORD_COLUMNS} FROM experts e WHERE {where}"
+        rows = con.execute(sql, params).fetchall() if con is not None else self._query(sql, params)
+        return [row_to_record(r, self.objects_dir) for r in rows]
 
     # ----------------------------------------------------------------------------------------------- add
     def add(self, expert: Expert | str | os.PathLike, name: str, tags=()) -> ExpertRecord:
@@ -228,7 +142,8 @@ class Registry:
 
         Args:
             expert: an :class:`~registry.expert_file.Expert`, or the path of an expert file (its bytes are
-                stored as they are, so the registry's copy is bit-identical to the file).
+                stored as they are, so the registry's copy is bit-identical to the file; its header is checked
+                before the rest is read).
             name: see :func:`validate_name`.
             tags: tags to point at this version (moved from older versions that had them).
 
@@ -241,11 +156,7 @@ class Registry:
         if isinstance(expert, Expert):
             data, where = expert_bytes(expert), f"expert {name!r}"
         else:
-            where = str(expert)
-            try:
-                data = Path(expert).read_bytes()
-            except FileNotFoundError:
-                raise ExpertFormatError(f"expert file {where} does not exist") from None
+            data, where = read_expert_file(expert), str(expert)
         return self.add_bytes(data, name, tags, where)
 
     def add_bytes(self, data: bytes, name: str, tags=(), where: str = "expert bytes") -> ExpertRecord:
@@ -255,42 +166,56 @@ class Registry:
             data: the whole file; it must parse as a valid expert (manifest and tensors) or nothing is written.
             where: the source, named in errors.
         """
-        validate_name(name)
-        parsed = expert_from_bytes(data, where)  # refuse anything that is not a complete, valid expert
-        sha = hashlib.sha256(data).hexdigest()
+        return self.add_many([(data, name, tags, where)])[0]
+
+    def add_many(self, items) -> list[ExpertRecord]:
+        """Add several experts in one transaction: all are added, or (on any error) none.
+
+        Args:
+            items: ``(data, name, tags, where)`` tuples, as :meth:`add_bytes` takes; added in this order (the
+                same name twice gives two versions).
+
+        Returns:
+            The records, in the order of ``items``. A large batch's object files are made durable by one
+            ``os.sync`` rather than one fsync each, before the index refers to them.
+        """
+        prepared = []
+        for data, name, tags, where in items:
+            validate_name(name)
+            tags = [validate_tag(t) for t in tags]
+            parsed = expert_from_bytes(data, where)  # refuse anything that is not a complete, valid expert
+            prepared.append((hashlib.sha256(data).hexdigest(), data, name, tags, parsed))
+        if not prepared:
+            return []
         self._ensure_schema()
-        self._write_object(sha, data)
-        with self._write() as con:
-            # Under the write lock: a concurrent remove/gc may have deleted this object between our write and
-            # the lock (it saw no row using it); put it back so the row we insert never points at nothing.
-            self._ensure_object(sha, data)
-            row = con.execute("SELECT * FROM experts WHERE name = ? AND sha256 = ?", (name, sha)).fetchone()
-            if row is None:
-                version = self._insert_record(con, name, sha, parsed, len(data))
-            else:
-                version = row["version"]
-            for tag in tags:
-                con.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, tag, version))
-            row = con.execute("SELECT * FROM experts WHERE name = ? AND version = ?", (name, version)).fetchone()
-            return self._records([row], con)[0]
+        self._write_objects([(sha, data) for sha, data, *_ in prepared])
+        added = []
+        with self._write() as txn:
+            for sha, data, name, tags, parsed in prepared:
+                # Under the write lock: a concurrent remove/gc may have deleted this object between our write
+                # and the lock (it saw no row using it); put it back so the row we insert never points at nothing.
+                self._ensure_object(sha, data)
+                row = txn.execute("SELECT version FROM experts WHERE name = ? AND sha256 = ?", (name, sha)).fetchone()
+                new = row is None
+                version = self._insert_record(txn.con, name, sha, parsed, len(data)) if new else row[0]
+                for tag in tags:
+                    txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, tag, version))
+                rec = self._select("e.name = ? AND e.version = ?", (name, version), txn.con)[0]
+                if new:
+                    txn.log("add", name=name, version=version, sha256=sha, size=rec.size,
+                            params=rec.num_parameters, added=rec.added, tags=tags)
+                else:
+                    for tag in tags:
+                        txn.log("tag", name=name, tag=tag, version=version)
+                added.append(rec)
+        return added
 
     def _insert_record(self, con: sqlite3.Connection, name: str, sha: str, expert: Expert, size: int) -> int:
         """Insert the index row for a new version of ``name``; returns the version (inside the caller's txn)."""
         last = con.execute("SELECT last_version FROM names WHERE name = ?", (name,)).fetchone()
         version = (last[0] if last else 0) + 1
         con.execute("INSERT OR REPLACE INTO names (name, last_version) VALUES (?, ?)", (name, version))
-        m = expert.manifest
-        base = m["base"]
-        con.execute(
-            "INSERT INTO experts (name, version, sha256, kind, languages, base_name, base_fingerprint, "
-            "tokenizer_fingerprint, metrics, lineage, hyperparameters, size, num_parameters, created, added) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, version, sha, m["kind"], json.dumps(list(m["languages"])), base.get("name"), base["fingerprint"],
-             base.get("tokenizer_fingerprint"), json.dumps(m.get("metrics") or {}, sort_keys=True),
-             json.dumps(m.get("lineage") or {}, sort_keys=True),
-             json.dumps(m.get("hyperparameters") or {}, sort_keys=True), size, expert.num_parameters,
-             m.get("created"), _now()),
-        )
+        insert_row(con, name, version, sha, expert.manifest, size, expert.num_parameters, _now())
         return version
 
     def _object_ok(self, path: Path, sha: str, size: int) -> bool:
@@ -304,9 +229,26 @@ class Registry:
         replaced, so re-adding an expert repairs what ``verify`` reported)."""
         path = self.object_path(sha)
         if not self._object_ok(path, sha, len(data)):
-            atomic_write_bytes(path, data)
-            fsync_dir(path.parent)  # the rename must be durable before the index row that refers to it
+            try:
+                atomic_write_tagged(path, data)
+                fsync_dir(path.parent)  # the rename must be durable before the index row that refers to it
+            except OSError as e:
+                raise storage_error(e, path, "the expert object") from e
         return path
+
+    def _write_objects(self, pairs: list[tuple[str, bytes]]) -> None:
+        if len(pairs) <= SMALL_BATCH or not hasattr(os, "sync"):
+            for sha, data in pairs:
+                self._write_object(sha, data)
+            return
+        for sha, data in pairs:
+            path = self.object_path(sha)
+            if not self._object_ok(path, sha, len(data)):
+                try:
+                    atomic_write_tagged(path, data, fsync=False)
+                except OSError as e:
+                    raise storage_error(e, path, "the expert object") from e
+        os.sync()  # every file and rename of the batch durable before the index refers to them
 
     def _ensure_object(self, sha: str, data: bytes) -> None:
         path = self.object_path(sha)
@@ -316,7 +258,7 @@ class Registry:
     # ------------------------------------------------------------------------------------------- lookups
     def records(self) -> list[ExpertRecord]:
         """Every version of every expert, by name then version."""
-        return self._records(self._query("SELECT * FROM experts ORDER BY name, version"))
+        return self._select("1 ORDER BY e.name, e.version")
 
     def names(self) -> list[str]:
         return [r[0] for r in self._query("SELECT DISTINCT name FROM experts ORDER BY name")]
@@ -339,32 +281,34 @@ class Registry:
         if not isinstance(spec, str) or not spec:
             raise InvalidNameError(f"empty expert spec; {LIST_HINT}")
         name, _, selector = spec.partition("@")
-        rows = self._query("SELECT * FROM experts WHERE name = ? ORDER BY version", (name,))
-        if not rows:
-            if not selector and SHA_PREFIX_PATTERN.match(name):
-                hits = self._query("SELECT * FROM experts WHERE sha256 LIKE ? ORDER BY added DESC, name, version",
-                                   (name + "%",))
-                if len({h["sha256"] for h in hits}) > 1:
+        # One indexed lookup per form, so resolving stays fast however many versions and names there are.
+        if selector in ("", "latest"):
+            hit = self._select("e.name = ? ORDER BY e.version DESC LIMIT 1", (name,))
+        elif selector == "all":
+            hit = self._select("e.name = ? ORDER BY e.version", (name,))
+        elif selector.isascii() and selector.isdigit():
+            hit = self._select("e.name = ? AND e.version = ?", (name, int(selector)))
+        else:
+            hit = self._select("e.name = ? AND e.version = (SELECT version FROM tags WHERE name = ? AND tag = ?)",
+                               (name, name, selector))
+        if hit:
+            return hit
+        versions = [r[0] for r in self._query("SELECT version FROM experts WHERE name = ? ORDER BY version", (name,))]
+        if not versions:
+            if not selector and SHA_PREFIX_PATTERN.fullmatch(name):
+                # Hex digits sort below "g": the range is exactly the digests starting with the prefix.
+                hits = self._select("e.sha256 >= ? AND e.sha256 < ? ORDER BY e.added DESC, e.name, e.version",
+                                    (name, name + "g"))
+                if len({h.sha256 for h in hits}) > 1:
                     raise InvalidNameError(f"hash prefix {name!r} is ambiguous ({len(hits)} experts); give more digits")
                 if hits:
-                    return self._records(hits[:1])  # same bytes under several names: any one will do
+                    return hits[:1]  # same bytes under several names: any one will do
             self._not_found(name)
-        if selector in ("", "latest"):
-            return self._records(rows[-1:])
-        if selector == "all":
-            return self._records(rows)
-        if selector.isdigit():
-            hit = [r for r in rows if r["version"] == int(selector)]
-        else:
-            tag = self._query("SELECT version FROM tags WHERE name = ? AND tag = ?", (name, selector))
-            hit = [r for r in rows if tag and r["version"] == tag[0]["version"]]
-        if not hit:
-            tags = [t["tag"] for t in self._query("SELECT tag FROM tags WHERE name = ? ORDER BY tag", (name,))]
-            raise ExpertNotFoundError(
-                f"expert {name!r} has no version or tag {selector!r}; versions: "
-                f"{', '.join(str(r['version']) for r in rows)}; tags: {', '.join(tags) or '(none)'}; {LIST_HINT}"
-            )
-        return self._records(hit)
+        tags = [t[0] for t in self._query("SELECT tag FROM tags WHERE name = ? ORDER BY tag", (name,))]
+        raise ExpertNotFoundError(
+            f"expert {name!r} has no version or tag {selector!r}; versions: "
+            f"{', '.join(map(str, versions))}; tags: {', '.join(tags) or '(none)'}; {LIST_HINT}"
+        )
 
     def _not_found(self, name: str):
         validate_name(name, "expert name")  # a malformed spec gets the naming rule, not "not found"
@@ -385,13 +329,32 @@ class Registry:
         except FileNotFoundError:
             raise ExpertFormatError(f"{rec.ref}: object file {path} is missing; {VERIFY_HINT}, then re-add or "
                                     "pull the expert") from None
-        found = hashlib.sha256(data).hexdigest()
+        self._check_digest(rec, path, hashlib.sha256(data).hexdigest(), len(data))
+        return data
+
+    def _check_digest(self, rec: ExpertRecord, path: Path, found: str, size: int) -> None:
         if found != rec.sha256:
             raise ExpertFormatError(
                 f"{rec.ref}: object file {path} is corrupt or truncated (expected sha256 {rec.sha256}, "
-                f"{rec.size} bytes; found {found}, {len(data)} bytes); {VERIFY_HINT}, then re-add or pull the expert"
+                f"{rec.size} bytes; found {found}, {size} bytes); {VERIFY_HINT}, then re-add or pull the expert"
             )
-        return data
+
+    def read_manifest(self, spec_or_record: str | ExpertRecord) -> dict:
+        """An expert's manifest from its object's header, after checking the whole file's sha256 (streamed,
+        so a large expert is never held in memory)."""
+        from registry.expert_file import manifest_from_file
+
+        rec = spec_or_record if isinstance(spec_or_record, ExpertRecord) else self.resolve(spec_or_record)
+        path = self.object_path(rec.sha256)
+        try:
+            with open(path, "rb") as f:
+                found = hashlib.file_digest(f, "sha256").hexdigest()
+                self._check_digest(rec, path, found, f.tell())
+                f.seek(0)
+                return manifest_from_file(f, str(path))
+        except FileNotFoundError:
+            raise ExpertFormatError(f"{rec.ref}: object file {path} is missing; {VERIFY_HINT}, then re-add or "
+                                    "pull the expert") from None
 
     def get(self, spec: str) -> Expert:
         """Load an expert (tensors on CPU) by spec; the file's hash is checked first."""
@@ -400,7 +363,7 @@ class Registry:
 
     def find(self, language: str | None = None, base: str | None = None, kind: str | None = None,
              name: str | None = None, latest_only: bool = True) -> list[ExpertRecord]:
-        """Records matching every filter given.
+        """Records matching every filter given (compared exactly: no wildcards).
 
         Args:
             language: a Whisper code the expert serves.
@@ -410,36 +373,43 @@ class Registry:
             latest_only: keep only the highest *matching* version of each name (so ``find(base=...)`` gives
                 the newest expert usable on that base even if a later version moved to another base).
         """
-        sql, params = "SELECT * FROM experts WHERE 1", []
+        clauses, params = [], []
         if kind:
-            sql, params = sql + " AND kind = ?", params + [kind]
+            clauses, params = clauses + ["e.kind = ?"], params + [kind]
         if name:
-            sql, params = sql + " AND name = ?", params + [name]
-        if base:
-            sql, params = sql + " AND (base_name = ? OR base_fingerprint LIKE ?)", params + [base, f"{base}%"]
-        rows = self._query(sql + " ORDER BY name, version", params)
+            clauses, params = clauses + ["e.name = ?"], params + [name]
+        if base:  # substr, not LIKE: '%' and '_' in a base name are characters, not wildcards
+            clauses.append("(e.base_name = ? OR substr(e.base_fingerprint, 1, ?) = ?)")
+            params += [base, len(base), base]
         if language:
-            rows = [r for r in rows if language in json.loads(r["languages"])]
-        if latest_only:
-            newest = {r["name"]: r for r in rows}  # rows are in version order: the last one wins
-            rows = [r for r in rows if newest[r["name"]] is r]
-        return self._records(rows)
+            clauses.append("EXISTS (SELECT 1 FROM json_each(e.languages) WHERE json_each.value = ?)")
+            params.append(language)
+        where = " AND ".join(clauses) or "1"
+        if not latest_only:
+            return self._select(f"{where} ORDER BY e.name, e.version", params)
+        sql = (f"SELECT * FROM (SELECT {RECORD_COLUMNS}, ROW_NUMBER() OVER (PARTITION BY e.name ORDER BY "
+               f"e.version DESC) AS newest FROM experts e WHERE {where}) WHERE newest = 1 ORDER BY name")
+        return [row_to_record(r, self.objects_dir) for r in self._query(sql, params)]
 
     # ------------------------------------------------------------------------------------------ changes
     def tag(self, spec: str, tag: str) -> ExpertRecord:
         """Point ``tag`` at the version ``spec`` names (moving it from another version of the same name)."""
         validate_tag(tag)
         rec = self.resolve(spec)
-        with self._write() as con:
-            if con.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (rec.name, rec.version)).fetchone() is None:
+        with self._write() as txn:
+            if txn.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (rec.name, rec.version)).fetchone() is None:
                 raise ExpertNotFoundError(f"{rec.ref} was removed meanwhile; {LIST_HINT}")
-            con.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (rec.name, tag, rec.version))
+            txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (rec.name, tag, rec.version))
+            txn.log("tag", name=rec.name, tag=tag, version=rec.version)
         return self.resolve(f"{rec.name}@{rec.version}")
 
     def untag(self, name: str, tag: str) -> None:
         """Remove a tag (the version it pointed at stays)."""
-        with self._write() as con:
-            con.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
+        validate_name(name)
+        validate_tag(tag)
+        with self._write() as txn:
+            if txn.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag)).rowcount:
+                txn.log("untag", name=name, tag=tag)
 
     def remove(self, spec: str, all_versions: bool = False) -> list[ExpertRecord]:
         """Remove one version (or every version, with ``name@all`` or ``all_versions=True``).
@@ -449,10 +419,11 @@ class Registry:
         if all_versions and "@" not in spec:
             spec = f"{spec}@all"
         records = self.resolve_all(spec)
-        with self._write() as con:
+        with self._write() as txn:
             for rec in records:
-                con.execute("DELETE FROM experts WHERE name = ? AND version = ?", (rec.name, rec.version))
-                con.execute("DELETE FROM tags WHERE name = ? AND version = ?", (rec.name, rec.version))
+                if txn.execute("DELETE FROM experts WHERE name = ? AND version = ?", (rec.name, rec.version)).rowcount:
+                    txn.log("remove", name=rec.name, version=rec.version)
+                txn.execute("DELETE FROM tags WHERE name = ? AND version = ?", (rec.name, rec.version))
         self._delete_unreferenced({r.sha256 for r in records})
         return records
 
@@ -460,9 +431,9 @@ class Registry:
         """Delete objects among ``shas`` that no row uses, holding the write lock so that no add can index one
         of them meanwhile (an add re-checks its object under the same lock)."""
         removed = []
-        with self._write() as con:
+        with self._write() as txn:
             for sha in shas:
-                if con.execute("SELECT 1 FROM experts WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
+                if txn.execute("SELECT 1 FROM experts WHERE sha256 = ? LIMIT 1", (sha,)).fetchone() is None:
                     path = self.object_path(sha)
                     try:
                         path.unlink()
@@ -471,20 +442,27 @@ class Registry:
                         pass
         return removed
 
-    # ------------------------------------------------------------------------------------ verify and gc
-    def verify(self) -> list[Problem]:
-        """Re-hash every object and check the index; returns the problems (empty when all is well). See
-        :func:`registry.integrity.verify`."""
+    # --------------------------------------------------------------------------- verify, gc and repair
+    def verify(self, bases: bool = True) -> list[Problem]:
+        """Re-hash every object and check the index (and, with ``bases``, the imported bases the experts
+        name); returns the problems (empty when all is well). See :func:`registry.integrity.verify`."""
         from registry.integrity import verify
 
-        return verify(self)
+        return verify(self, bases=bases)
 
     def gc(self, temp_age: float = 3600.0) -> list[Path]:
-        """Delete orphan objects, and temporary files older than ``temp_age`` seconds; see
-        :func:`registry.integrity.gc`."""
+        """Delete orphan objects, and temporary files older than ``temp_age`` seconds or whose writer died;
+        see :func:`registry.integrity.gc`."""
         from registry.integrity import gc
 
-        return gc(self, temp_age)
+        return gc(self, temp_age).removed
+
+    def doctor(self, rebuild: bool = False, check: bool = False):
+        """Check the index against the journal and repair whichever is behind; see
+        :func:`registry.doctor.doctor`."""
+        from registry.doctor import doctor
+
+        return doctor(self, rebuild=rebuild, check=check)
 
     # ----------------------------------------------------------------------------------------- mirrors
     def push(self, url: str, specs=None) -> list[dict]:

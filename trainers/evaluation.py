@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
 from trainers.audio import SAMPLE_RATE, load_audio
-from trainers.confidence import bootstrap_ci, format_ci, utterance_counts
+from trainers.confidence import bootstrap_ci, format_ci, paired_bootstrap, utterance_counts
 from trainers.decoding import detect_languages, duration_bound, log_mel, transcribe_batch
 
 _normalizer = BasicTextNormalizer()
@@ -223,6 +223,30 @@ def evaluate(model, processor, utterances: Sequence[Utterance], opts: DecodeOpti
             hyps.append(rec)
     bar.close()
     return EvalReport(results, hyps, "; ".join(guards))
+
+
+def paired_comparison(a: EvalReport | dict, b: EvalReport | dict) -> dict[str, dict]:
+    """Per language, system B's WER minus system A's on the same utterances (matched by id), with the
+    paired-bootstrap 95% interval and p-value (:func:`trainers.confidence.paired_bootstrap`).
+
+    Args:
+        a, b: two reports (or their ``as_dict()`` / saved JSON) of the same utterances.
+
+    Returns:
+        ``{lang: {"a", "b", "difference", "relative", "ci95", "p_value", "significant", "n"}}`` (fractions).
+    """
+    rows_a = (a.as_dict() if isinstance(a, EvalReport) else a)["utterances"]
+    rows_b = {(r["language"], r["id"]): r for r in (b.as_dict() if isinstance(b, EvalReport) else b)["utterances"]}
+    out = {}
+    for lang in dict.fromkeys(r["language"] for r in rows_a):
+        pairs = [(r, rows_b[(lang, r["id"])]) for r in rows_a if r["language"] == lang and (lang, r["id"]) in rows_b]
+        if not pairs:
+            continue
+        d = paired_bootstrap(np.array([x["word_errors"] for x, _ in pairs]),
+                             np.array([y["word_errors"] for _, y in pairs]), np.array([x["words"] for x, _ in pairs]))
+        out[lang] = {"a": d.a, "b": d.b, "difference": d.difference, "relative": d.relative,
+                     "ci95": [d.low, d.high], "p_value": d.p_value, "significant": d.significant, "n": len(pairs)}
+    return out
 
 
 def utterances_from_dataset(dataset, languages: Iterable[str] | None = None, limit: int | None = None) -> list[Utterance]:

@@ -273,17 +273,21 @@ def evaluate_on_test_split(base, tensors: dict[str, torch.Tensor], hyperparamete
     ``base.model`` must carry no expert; it is left without one.
 
     Returns:
-        ``{"base": {lang: row}, "expert": {lang: row}, "guard": ...}``, rows as in ``trainers.evaluation``.
+        ``{"base": {lang: row}, "expert": {lang: row}, "paired": {lang: difference}, "guard": ...}``, rows as
+        in ``trainers.evaluation``; ``paired`` is the expert's WER minus the base's with its paired-bootstrap
+        95% interval and p-value (:func:`trainers.evaluation.paired_comparison`).
     """
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from trainers.evaluation import DecodeOptions, evaluate, paired_comparison, utterances_from_dataset
 
     utts = utterances_from_dataset(load_corpus(data)["test"], languages, limit)
     opts = DecodeOptions(batch_size=batch_size)
-    out = {"base": evaluate(base.model, base.processor, utts, opts, progress=progress).as_dict()["languages"]}
+    base_report = evaluate(base.model, base.processor, utts, opts, progress=progress)
+    out = {"base": base_report.as_dict()["languages"]}
     attach_expert(base.model, tensors, hyperparameters, DEFAULT_ADAPTER)
     report = evaluate(base.model, base.processor, utts, opts, progress=progress)
     out["expert"] = report.as_dict()["languages"]
+    out["paired"] = paired_comparison(base_report, report)
     out["guard"] = report.guard
     remove_experts(base.model)
     return out

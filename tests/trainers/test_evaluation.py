@@ -45,9 +45,14 @@ def test_evaluate_reports_every_language(tiny_whisper):
     d = report.as_dict()
     assert set(d["languages"]["de"]) >= {"wer", "cer", "wer_raw", "cer_raw", "n", "rtf"}
     assert len(d["utterances"]) == 4 and {u["id"] for u in d["utterances"]} == {"u0", "u1", "u2", "v0"}
-    assert "max_new_tokens=" in report.guard and "longest reference" in report.guard
+    # the default bound uses only the audio (each length-sorted batch its own), never the references
+    assert "max_new_tokens <= " in report.guard and "tokens/s" in report.guard and "reference" not in report.guard
+    low, high = d["languages"]["de"]["wer_ci95"]
+    assert low <= de.wer <= high and {"word_errors", "words"} <= set(d["utterances"][0])
     table = report.markdown()
     assert table.splitlines()[0].startswith("| language | n | WER %") and "| de | 3 |" in table
+    peeking = evaluate(model, processor, _utterances(), DecodeOptions(batch_size=2, guard="reference"), progress=False)
+    assert "max_new_tokens=" in peeking.guard and "longest reference" in peeking.guard
 
 
 def test_guard_bounds_generation_length(tiny_whisper):

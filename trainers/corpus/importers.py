@@ -178,7 +178,8 @@ def corpus_from_dir(
                 if not skip_bad:
                     raise type(err)(f"{err} (pass --skip-bad to leave such files out and go on)") from err
                 if skipped is not None:
-                    skipped.append((str(audio_path), str(err)))
+                    rel = audio_path.relative_to(directory) if audio_path.is_relative_to(directory) else audio_path
+                    skipped.append((str(rel), str(err).replace(f"{audio_path}: ", "")))
                 continue
             rel = audio_path.relative_to(directory).with_suffix("").as_posix()
             rows[split].append(make_row(id=rel.replace("/", "-"), audio=audio, text=text, language=lang,
