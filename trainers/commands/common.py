@@ -1,6 +1,34 @@
-"""Small helpers shared by subcommands: tables and comma-separated lists."""
+"""Small helpers shared by subcommands: tables, comma-separated lists, example configs."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Where a wheel installs examples/*.yaml (pyproject's data-files), so `--config examples/x.yaml` works without a clone.
+INSTALLED_EXAMPLES = Path(sys.prefix) / "share" / "whisper-experts" / "examples"
+
+
+def resolve_config(path: str) -> str:
+    """``path`` if it exists; else, for ``examples/NAME`` (or a bare NAME), the example config installed with
+    the package; else ``path`` unchanged (the caller reports it missing)."""
+    if Path(path).exists():
+        return path
+    candidate = INSTALLED_EXAMPLES / Path(path).name
+    if (path.startswith("examples/") or "/" not in path) and candidate.is_file():
+        return str(candidate)
+    return path
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """``--config X`` / ``--config=X`` in a LightningCLI argument list, with X passed through :func:`resolve_config`."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
 
 
 def split_list(value: str | None) -> list[str] | None:

@@ -142,11 +142,12 @@ def _run_lightning(args) -> int:
     if not args.args:
         args.lightning_parser.print_help()
         return 2
+    from trainers.commands.common import resolve_config_args
     from trainers.distill_lightning import DistillLightningCLI
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-        cli = DistillLightningCLI(args=list(args.args))
+        cli = DistillLightningCLI(args=resolve_config_args(list(args.args)))
     store = cli.expert_callback()
     if cli.trainer.is_global_zero and store.records:
         if store.test_results:

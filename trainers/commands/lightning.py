@@ -29,13 +29,14 @@ def _run(args) -> int:
     if not args.args:
         args.parser.print_help()
         return 2
+    from trainers.commands.common import resolve_config_args
     from trainers.commands.train import print_test_table
     from trainers.lightning_cli import ExpertLightningCLI
 
     with warnings.catch_warnings():
         # sys.argv also holds `whisper-experts lightning`; it stays as it is, since DDP re-runs it per rank.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-        cli = ExpertLightningCLI(args=list(args.args))
+        cli = ExpertLightningCLI(args=resolve_config_args(list(args.args)))
     store = cli.expert_callback()
     if cli.trainer.is_global_zero and store.record is not None:
         if store.test_results:

@@ -58,7 +58,9 @@ def _config_from_args(args):
     if args.config:
         import yaml
 
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        from trainers.commands.common import resolve_config
+
+        loaded = yaml.safe_load(Path(resolve_config(args.config)).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of option: value")
         known = {f.name for f in dataclasses.fields(SparseTrainConfig)} | {"name", "language", "out", "tags",
