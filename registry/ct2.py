@@ -1,4 +1,5 @@
-"""Reading and writing CTranslate2 ``model.bin`` files (the format faster-whisper ships).
+"""Reading CTranslate2 ``model.bin`` files (the format faster-whisper ships; writing is CTranslate2's own
+converter's job: :mod:`registry.ct2_export`).
 
 The file is little-endian::
 
@@ -216,64 +217,3 @@ def read_ct2_model(parts: list[Path] | Path | str) -> CT2Model:
         else:
             variables[name] = torch.from_numpy(array.copy())
     return CT2Model(version, spec_name, spec_revision, variables, aliases, dtypes)
-
-
-def write_ct2_model(
-    path: Path | str,
-    variables: dict[str, torch.Tensor],
-    *,
-    spec_name: str = "WhisperSpec",
-    spec_revision: int = 3,
-    aliases: dict[str, str] | None = None,
-    quantization: str | None = None,
-) -> Path:
-    """Write variables as a CTranslate2 ``model.bin`` (binary version 6).
-
-    Used to export models to faster-whisper and to build test fixtures of every stored dtype.
-
-    Args:
-        path: output file.
-        variables: name -> tensor. Float tensors are written as they are unless ``quantization`` says otherwise.
-        quantization: None (keep dtypes), ``"float16"``, or ``"int8"`` (2-D+ ``weight`` tensors quantized per
-            output row, with a float32 ``<name>_scale``; everything else float32).
-    """
-    out = io.BytesIO()
-
-    def string(s: str) -> None:
-        b = s.encode("utf-8") + b"\x00"
-        out.write(struct.pack("<H", len(b)) + b)
-
-    entries: list[tuple[str, np.ndarray]] = []
-    for name, tensor in sorted(variables.items()):
-        t = tensor.detach().cpu()
-        if quantization == "int8" and name.endswith("weight") and t.dim() >= 2 and t.is_floating_point():
-            w = t.float().reshape(t.shape[0], -1)
-            scale = 127.0 / w.abs().amax(dim=1).clamp_min(1e-12)
-            q = torch.round(w * scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(t.shape)
-            entries += [(name, q.numpy()), (name + "_scale", scale.numpy().astype(np.float32))]
-            continue
-        if t.is_floating_point():
-            t = t.half() if quantization == "float16" else (t.float() if quantization == "int8" else t)
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        entries.append((name, t.numpy()))
-
-    np_to_id = {np.dtype(d): i for i, (_, d) in _DTYPES.items() if i != 5}
-    out.write(struct.pack("<I", 6))
-    string(spec_name)
-    out.write(struct.pack("<II", spec_revision, len(entries)))
-    for name, array in entries:
-        array = np.ascontiguousarray(array)
-        dtype_id = np_to_id[array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype]
-        string(name)
-        out.write(struct.pack("<B", array.ndim) + struct.pack("<" + "I" * array.ndim, *array.shape))
-        out.write(struct.pack("<BI", dtype_id, array.nbytes))
-        out.write(array.tobytes())
-    aliases = aliases or {}
-    out.write(struct.pack("<I", len(aliases)))
-    for alias, target in aliases.items():
-        string(alias)
-        string(target)
-    path = Path(path)
-    path.write_bytes(out.getvalue())
-    return path

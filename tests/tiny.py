@@ -90,3 +90,24 @@ def random_lora_expert(model, base, language: str, seed: int):
                for k, v in tensors.items()}
     remove_experts(model)
     return Expert(tensors, new_manifest("lora", [language], base, config.hyperparameters()))
+
+
+def ct2_model_dir(hf_dir: Path, out_dir: Path, quantization: str = "float32", split: bool = False) -> Path:
+    """A faster-whisper directory made from a Hugging Face Whisper by CTranslate2's own converter (so the
+    importer is tested on the real format), laid out as the bundled packages are: their ``tokenizer.json``
+    (without timestamp tokens) and ``config.json``, and optionally ``model.bin`` cut into two parts."""
+    import shutil
+
+    from ctranslate2.converters import TransformersConverter
+
+    TransformersConverter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
+    if split:
+        blob = (out_dir / "model.bin").read_bytes()
+        (out_dir / "model.bin.part1").write_bytes(blob[: len(blob) // 2])
+        (out_dir / "model.bin.part2").write_bytes(blob[len(blob) // 2:])
+        (out_dir / "model.bin").unlink()
+    (out_dir / "vocabulary.json").unlink(missing_ok=True)
+    shutil.copy(bundled_tokenizer_json(), out_dir / "tokenizer.json")
+    (out_dir / "config.json").write_text(json.dumps(bundled_ct2_config()))
+    return out_dir
+

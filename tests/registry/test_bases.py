@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
 
 from registry.bases import BaseNotFoundError, find_bundle, import_base, list_bases, load_base
-from registry.convert import ct2_variables_from_whisper
-from registry.ct2 import write_ct2_model
 from registry.fingerprint import tokenizer_fingerprint, weight_fingerprint
-from tests.tiny import bundled_ct2_config, bundled_tokenizer_json
+from tests.tiny import ct2_model_dir
 
 
 @pytest.fixture()
@@ -21,15 +17,8 @@ def home(tmp_path):
 
 
 @pytest.fixture()
-def tiny_ct2_dir(tiny_whisper, tmp_path):
-    model, _ = tiny_whisper
-    d = tmp_path / "faster-whisper-tiny"
-    d.mkdir()
-    variables, aliases = ct2_variables_from_whisper(model.state_dict(), model.config)
-    write_ct2_model(d / "model.bin", variables, aliases=aliases, quantization="float16")
-    shutil.copy(bundled_tokenizer_json(), d / "tokenizer.json")
-    (d / "config.json").write_text(json.dumps(bundled_ct2_config()))
-    return d
+def tiny_ct2_dir(tiny_whisper_dir, tmp_path):
+    return ct2_model_dir(tiny_whisper_dir, tmp_path / "faster-whisper-tiny", "float16")
 
 
 def test_import_list_load_by_name(tiny_ct2_dir, home):

@@ -1,4 +1,5 @@
-"""CTranslate2 model.bin reading/writing and conversion to Hugging Face Whisper."""
+"""CTranslate2 model.bin reading (of what CTranslate2's own converter writes) and conversion to Hugging Face
+Whisper."""
 
 from __future__ import annotations
 
@@ -9,36 +10,22 @@ import pytest
 import torch
 from transformers import WhisperForConditionalGeneration
 
-from registry.convert import ct2_variables_from_whisper, convert_ct2_directory, whisper_state_dict
-from registry.ct2 import CT2FormatError, model_parts, read_ct2_model, write_ct2_model
-from tests.tiny import bundled_ct2_config, bundled_tokenizer_json
+from registry.convert import convert_ct2_directory, whisper_state_dict
+from registry.ct2 import CT2FormatError, model_parts, read_ct2_model
+from tests.tiny import ct2_model_dir
 
 
-def _ct2_dir(tiny_whisper, path, quantization=None, split=False):
-    """Write the tiny model as a faster-whisper directory (optionally quantized / split in two parts)."""
+def _ct2_dir(tiny_whisper_dir, path, quantization="float32", split=False):
+    """The tiny model as a faster-whisper directory (CTranslate2's converter; optionally split in two parts)."""
+    return ct2_model_dir(tiny_whisper_dir, path, quantization, split)
+
+
+@pytest.mark.parametrize("quantization,tol", [("float32", 0.0), ("float16", 1e-3), ("int8_float32", 2e-2)])
+def test_converter_output_reads_back_every_dtype(tiny_whisper, tiny_whisper_dir, tmp_path, quantization, tol):
     model, _ = tiny_whisper
-    path.mkdir(parents=True, exist_ok=True)
-    variables, aliases = ct2_variables_from_whisper(model.state_dict(), model.config)
-    bin_path = write_ct2_model(path / "model.bin", variables, aliases=aliases, quantization=quantization)
-    if split:
-        blob = bin_path.read_bytes()
-        cut = len(blob) // 2
-        (path / "model.bin.part1").write_bytes(blob[:cut])
-        (path / "model.bin.part2").write_bytes(blob[cut:])
-        bin_path.unlink()
-    shutil.copy(bundled_tokenizer_json(), path / "tokenizer.json")
-    (path / "config.json").write_text(json.dumps(bundled_ct2_config()))
-    return path
-
-
-@pytest.mark.parametrize("quantization,tol", [(None, 0.0), ("float16", 1e-3), ("int8", 2e-2)])
-def test_write_read_roundtrip_every_dtype(tiny_whisper, tmp_path, quantization, tol):
-    model, _ = tiny_whisper
-    variables, aliases = ct2_variables_from_whisper(model.state_dict(), model.config)
-    write_ct2_model(tmp_path / "model.bin", variables, aliases=aliases, quantization=quantization)
-    ct2 = read_ct2_model(tmp_path / "model.bin")
-    assert ct2.spec_name == "WhisperSpec" and ct2.aliases == aliases
-    if quantization == "int8":
+    ct2 = read_ct2_model(_ct2_dir(tiny_whisper_dir, tmp_path / "ct2", quantization) / "model.bin")
+    assert ct2.spec_name == "WhisperSpec"
+    if quantization.startswith("int8"):
         assert ct2.dtypes["decoder/layer_0/ffn/linear_0/weight"] == "int8"
     state, dims = whisper_state_dict(ct2)
     assert dims["d_model"] == 64 and dims["encoder_layers"] == 2 and dims["vocab_size"] == 51865
@@ -48,10 +35,10 @@ def test_write_read_roundtrip_every_dtype(tiny_whisper, tmp_path, quantization, 
         torch.testing.assert_close(state[name].float(), tensor.float(), atol=tol * tensor.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("quantization,split", [(None, False), ("float16", True), ("int8", False)])
-def test_converted_directory_gives_same_logits(tiny_whisper, tmp_path, quantization, split):
+@pytest.mark.parametrize("quantization,split", [("float32", False), ("float16", True), ("int8_float32", False)])
+def test_converted_directory_gives_same_logits(tiny_whisper, tiny_whisper_dir, tmp_path, quantization, split):
     model, processor = tiny_whisper
-    src = _ct2_dir(tiny_whisper, tmp_path / "ct2", quantization, split)
+    src = _ct2_dir(tiny_whisper_dir, tmp_path / "ct2", quantization, split)
     out = convert_ct2_directory(src, tmp_path / "hf")
     converted, info = WhisperForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
                                                                       output_loading_info=True)
@@ -61,7 +48,7 @@ def test_converted_directory_gives_same_logits(tiny_whisper, tmp_path, quantizat
     with torch.no_grad():
         ref = model(input_features=feats, decoder_input_ids=ids).logits
         got = converted.eval()(input_features=feats, decoder_input_ids=ids).logits
-    tol = {None: 1e-5, "float16": 2e-2, "int8": 0.25}[quantization]
+    tol = {"float32": 1e-5, "float16": 2e-2, "int8_float32": 0.25}[quantization]
     torch.testing.assert_close(got, ref, atol=tol, rtol=0)
     gc = converted.generation_config
     assert gc.is_multilingual and gc.task == "transcribe" and gc.lang_to_id["<|de|>"] == 50261
@@ -73,8 +60,8 @@ def test_converted_directory_gives_same_logits(tiny_whisper, tmp_path, quantizat
     assert len(tok) == 51865 and tok.convert_tokens_to_ids("<|30.00|>") == 51864
 
 
-def test_truncated_model_bin_is_refused(tiny_whisper, tmp_path):
-    src = _ct2_dir(tiny_whisper, tmp_path / "ct2")
+def test_truncated_model_bin_is_refused(tiny_whisper_dir, tmp_path):
+    src = _ct2_dir(tiny_whisper_dir, tmp_path / "ct2")
     blob = (src / "model.bin").read_bytes()
     (src / "model.bin").write_bytes(blob[: len(blob) - 1000])
     with pytest.raises(CT2FormatError, match="truncated"):
@@ -83,8 +70,8 @@ def test_truncated_model_bin_is_refused(tiny_whisper, tmp_path):
     assert not list(tmp_path.glob(".hf.*")), "no partial output left behind"
 
 
-def test_missing_part_is_named(tiny_whisper, tmp_path):
-    src = _ct2_dir(tiny_whisper, tmp_path / "ct2", split=True)
+def test_missing_part_is_named(tiny_whisper_dir, tmp_path):
+    src = _ct2_dir(tiny_whisper_dir, tmp_path / "ct2", split=True)
     (src / "model.bin.part1").unlink()
     with pytest.raises(CT2FormatError, match=r"part\(s\) \[1\] are missing"):
         model_parts(src)
@@ -93,8 +80,8 @@ def test_missing_part_is_named(tiny_whisper, tmp_path):
         convert_ct2_directory(src, tmp_path / "hf")
 
 
-def test_parts_across_directories(tiny_whisper, tmp_path):
-    src = _ct2_dir(tiny_whisper, tmp_path / "a", split=True)
+def test_parts_across_directories(tiny_whisper_dir, tmp_path):
+    src = _ct2_dir(tiny_whisper_dir, tmp_path / "a", split=True)
     other = tmp_path / "b"
     other.mkdir()
     shutil.move(src / "model.bin.part2", other / "model.bin.part2")
@@ -112,8 +99,8 @@ def test_garbage_file_is_refused(tmp_path):
         read_ct2_model(tmp_path / "model.bin")
 
 
-def test_tokenizer_that_does_not_match_the_model_is_refused(tiny_whisper, tmp_path):
-    src = _ct2_dir(tiny_whisper, tmp_path / "ct2")
+def test_tokenizer_that_does_not_match_the_model_is_refused(tiny_whisper_dir, tmp_path):
+    src = _ct2_dir(tiny_whisper_dir, tmp_path / "ct2")
     data = json.loads((src / "tokenizer.json").read_text())
     data["added_tokens"] = data["added_tokens"][:50]  # drops language tokens: vocabulary no longer fits
     (src / "tokenizer.json").write_text(json.dumps(data))
