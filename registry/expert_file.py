@@ -23,6 +23,7 @@ Files are never unpickled: safetensors only. Writes are atomic (temporary file, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -52,6 +53,7 @@ class ExpertMismatchError(ValueError):
     """An expert was trained on another base (weights or tokenizer) than the one it is being loaded onto."""
 
 
+@functools.lru_cache(maxsize=None)  # reading package metadata costs ~10 ms; one process has one version
 def package_version() -> str:
     try:
         from importlib.metadata import version

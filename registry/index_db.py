@@ -16,17 +16,25 @@ the fix (a damaged file, a read-only registry, a full disk, a lock held too long
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
+import os
 import sqlite3
+import time
+from contextlib import closing, contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from registry.records import ExpertRecord
+from registry import journal
+from registry.home import ensure_writable
+from registry.records import OBJECT_SUFFIX, ExpertRecord
 
 SCHEMA_VERSION = 1
-OBJECT_SUFFIX = ".safetensors"
 DOCTOR_HINT = "run `whisper-experts registry doctor` to rebuild it from the journal and the objects"
 READ_MODES = ("rw", "ro", "immutable")
+log = logging.getLogger("registry")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +60,7 @@ CREATE TABLE IF NOT EXISTS experts (
     UNIQUE (name, sha256)
 );
 CREATE INDEX IF NOT EXISTS experts_sha256 ON experts (sha256);
--- find(base=..., kind=...) on a large registry; languages are matched in SQL with json_each.
+-- find(base=..., kind=...) on a large registry (languages are matched in SQL with json_each).
 CREATE INDEX IF NOT EXISTS experts_base_name ON experts (base_name);
 CREATE INDEX IF NOT EXISTS experts_base_fingerprint ON experts (base_fingerprint);
 CREATE INDEX IF NOT EXISTS experts_kind ON experts (kind);
@@ -137,12 +145,13 @@ def _has_wal(path: Path) -> bool:
         return False
 
 
-def open_reader(path: Path, timeout: float, start: str = "rw") -> tuple[sqlite3.Connection, str, str | None]:
+def open_reader(path: Path, timeout: float, start: str = "rw") -> tuple[sqlite3.Connection, str, str | None, bool]:
     """Open the index for reading, falling back from ``rw`` to ``ro`` to ``immutable`` (from ``start`` on).
 
     Returns:
-        ``(connection, mode, why)``: ``why`` is the error that made a read-write connection fail (None in
-        ``rw`` mode), for telling the user the registry was opened read-only.
+        ``(connection, mode, why, has_tables)``: ``why`` is the error that made a read-write connection fail
+        (None in ``rw`` mode), for telling the user the registry was opened read-only; ``has_tables`` is False
+        for a database without the registry's tables (just created, or emptied).
 
     Raises:
         RegistryIndexError: damaged (no fallback can help), or no mode could read it.
@@ -154,15 +163,18 @@ def open_reader(path: Path, timeout: float, start: str = "rw") -> tuple[sqlite3.
         con = None
         try:
             con = connect(path, timeout, mode)
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the file and its WAL index
-            return con, mode, None if mode == "rw" else str(first)
+            # Reading the schema opens the file and its WAL index, where a read-only user or full disk fails.
+            tables = con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'experts'").fetchone()[0]
+            return con, mode, None if mode == "rw" else str(first), bool(tables)
         except sqlite3.Error as e:
             if con is not None:
                 con.close()
             if _damaged(e) or not _unopenable(e):
                 raise index_error(e, path, writing=False) from e
             first = first or e
-    assert first is not None
+    if first is None:  # remembered immutable mode, and now a writer's log exists
+        raise RegistryIndexError(f"cannot read the registry index {path} now: another process is writing it, and "
+                                 "this user cannot open its lock files to read alongside; retry when it has finished")
     raise index_error(first, path, writing=False) from first
 
 
@@ -180,17 +192,48 @@ def object_path(objects_dir: Path, sha256: str) -> Path:
     return objects_dir / sha256[:2] / f"{sha256}{OBJECT_SUFFIX}"
 
 
-def row_to_record(row: sqlite3.Row, objects_dir: Path) -> ExpertRecord:
-    """An :class:`ExpertRecord` from a row selected with :data:`RECORD_COLUMNS`."""
-    return ExpertRecord(
-        name=row["name"], version=row["version"], sha256=row["sha256"], kind=row["kind"],
-        languages=tuple(json.loads(row["languages"])), base_name=row["base_name"],
-        base_fingerprint=row["base_fingerprint"], tokenizer_fingerprint=row["tokenizer_fingerprint"],
-        metrics=json.loads(row["metrics"]), lineage=json.loads(row["lineage"]),
-        hyperparameters=json.loads(row["hyperparameters"]), size=row["size"], num_parameters=row["num_parameters"],
-        created=row["created"], added=row["added"], tags=tuple(sorted((row["tag_list"] or "").split())),
-        path=object_path(objects_dir, row["sha256"]),
-    )
+def rows_to_records(rows: list[sqlite3.Row], objects_dir: Path) -> list[ExpertRecord]:
+    """:class:`ExpertRecord` s from rows selected with :data:`RECORD_COLUMNS`.
+
+    A listing builds thousands of records, so the per-record work is kept small: every row's JSON columns are
+    decoded in one ``json.loads`` (they are JSON this package wrote), and paths are built only when used.
+    """
+    if not rows:
+        return []
+    # Thousands of new dicts would trigger the cyclic garbage collector over and over, and each full pass
+    # walks every object of the process (torch's included): tens of ms per listing. Records hold no cycles.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _records(rows, objects_dir)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _records(rows: list[sqlite3.Row], objects_dir: Path) -> list[ExpertRecord]:
+    try:
+        decoded = json.loads("[" + ",".join(f'[{r["languages"]},{r["metrics"]},{r["lineage"]},{r["hyperparameters"]}]'
+                                            for r in rows) + "]")
+    except (ValueError, TypeError) as e:
+        raise RegistryIndexError(f"the registry index in {objects_dir.parent} holds unreadable JSON ({e}); "
+                                 f"{DOCTOR_HINT}") from e
+    records = []
+    new = object.__new__
+    for row, (languages, metrics, lineage, hyperparameters) in zip(rows, decoded):
+        # The frozen dataclass's __init__ sets each of its 17 fields through object.__setattr__; filling the
+        # instance dict at once makes the same record (equal, hashable, frozen) at half the cost.
+        record = new(ExpertRecord)
+        record.__dict__.update(
+            name=row["name"], version=row["version"], sha256=row["sha256"], kind=row["kind"],
+            languages=tuple(languages), base_name=row["base_name"], base_fingerprint=row["base_fingerprint"],
+            tokenizer_fingerprint=row["tokenizer_fingerprint"], metrics=metrics, lineage=lineage,
+            hyperparameters=hyperparameters, size=row["size"], num_parameters=row["num_parameters"],
+            created=row["created"], added=row["added"], tags=tuple(sorted((row["tag_list"] or "").split())),
+            objects_dir=objects_dir,
+        )
+        records.append(record)
+    return records
 
 
 def insert_row(con: sqlite3.Connection, name: str, version: int, sha: str, manifest: dict, size: int,
@@ -208,3 +251,162 @@ def insert_row(con: sqlite3.Connection, name: str, version: int, sha: str, manif
          json.dumps(manifest.get("hyperparameters") or {}, sort_keys=True), size, num_parameters,
          manifest.get("created"), added),
     )
+
+
+def storage_error(e: OSError, path: Path, what: str) -> OSError:
+    """The same kind of OSError, saying which file could not be written and what to do."""
+    return type(e)(f"cannot write {what} {path} ({e.strerror or e}): free space on {path.parent} (or raise the "
+                   "file-size limit, ulimit -f) or fix its permissions, then retry; the registry index was not "
+                   "changed")
+
+
+class Txn:
+    """A write transaction: its connection, and the journal lines it appends before committing."""
+
+    def __init__(self, con: sqlite3.Connection):
+        self.con, self.id, self.entries, self.journaled = con, journal.new_txn(), [], False
+
+    def execute(self, sql: str, params=()):
+        return self.con.execute(sql, params)
+
+    def log(self, op: str, **fields) -> None:
+        """Record a change for the journal (see :mod:`registry.journal` for the ops)."""
+        self.entries.append({"op": op, "txn": self.id, **fields})
+
+
+class Index:
+    """The index of one registry directory: schema, read connections that fall back to read-only, and write
+    transactions that append to the journal before they commit.
+
+    Args:
+        root: the registry directory.
+        timeout: seconds a writer waits for another's write lock.
+    """
+
+    def __init__(self, root: Path, timeout: float):
+        self.root, self.timeout = Path(root), timeout
+        self.path = self.root / "index.sqlite"
+        self.journal_path = journal.journal_path(self.root)
+        self.read_mode = "rw"  # becomes "ro" / "immutable" once a read-write open fails
+        self._schema_ready = False
+
+    @property
+    def read_only(self) -> bool:
+        return self.read_mode != "rw"
+
+    def connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before reading
+        # the last version number (a deferred transaction could read, then fail to upgrade to a writer).
+        return connect(self.path, self.timeout)
+
+    def lost(self) -> RegistryIndexError:
+        return RegistryIndexError(f"the registry index {self.path} is missing or empty, but {self.journal_path} "
+                                  f"records experts; {DOCTOR_HINT}")
+
+    def ensure_schema(self) -> None:
+        """Create the directory, its objects/ and the index if needed (once per instance); checks it can be
+        written first."""
+        if self._schema_ready and self.path.exists():
+            return
+        ensure_writable(self.root, "the expert registry",
+                        "choose another registry (--registry DIR, or --home / WHISPER_EXPERTS_HOME)")
+        (self.root / "objects").mkdir(exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if not self._has_tables() and journal.has_entries(self.root):
+                    raise self.lost()  # a fresh index would hand out the lost one's version numbers again
+                with closing(self.connect()) as con:
+                    # Switching to WAL needs a moment of exclusive access; when several processes create the
+                    # registry at once the losers see "locked" and retry (the mode then persists in the file).
+                    con.execute("PRAGMA journal_mode = WAL")
+                    con.execute("BEGIN IMMEDIATE")
+                    found = create_schema(con)
+                    con.execute("COMMIT")
+                break
+            except sqlite3.Error as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise index_error(e, self.path, writing=True) from e
+                time.sleep(0.05)
+        if found > SCHEMA_VERSION:
+            from registry.expert_file import ExpertFormatError
+
+            raise ExpertFormatError(f"{self.path}: registry schema {found} is newer than this package "
+                                    f"understands ({SCHEMA_VERSION}); upgrade whisper-experts")
+        self._schema_ready = True
+
+    def _has_tables(self) -> bool:
+        if not self.path.exists():
+            return False
+        with closing(self.connect()) as con:
+            return bool(con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'experts'").fetchone()[0])
+
+    def _journal_io(self, write) -> None:
+        try:
+            write()
+        except OSError as e:
+            raise storage_error(e, self.journal_path, "the registry journal") from e
+
+    @contextmanager
+    def write(self):
+        """A :class:`Txn` inside ``BEGIN IMMEDIATE``: its journal lines are appended, then it commits; on any
+        error it rolls back (and its journal lines are cancelled). SQLite errors become
+        :class:`RegistryIndexError`."""
+        self.ensure_schema()
+        try:
+            with closing(self.connect()) as con:
+                con.execute("BEGIN IMMEDIATE")
+                txn = Txn(con)
+                try:
+                    if not self.journal_path.exists():  # a registry older than the journal, or a deleted one
+                        self._journal_io(lambda: journal.write_snapshot(self.root, con))
+                    yield txn
+                    if txn.entries:
+                        self._journal_io(lambda: journal.append(self.root, txn.entries))
+                        txn.journaled = True
+                    con.execute("COMMIT")
+                except BaseException:
+                    if con.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):  # closing the connection rolls back too
+                            con.execute("ROLLBACK")
+                    if txn.journaled:
+                        journal.abort(self.root, txn.id)
+                    raise
+        except sqlite3.Error as e:
+            raise index_error(e, self.path, writing=True) from e
+
+    @contextmanager
+    def reading(self):
+        """A connection for reads (None when there is no registry yet); never creates or changes anything."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            if journal.has_entries(self.root):
+                raise self.lost() from None
+            yield None
+            return
+        except OSError as e:
+            raise RegistryIndexError(f"cannot read the registry at {self.root} ({e.strerror or e}); check that "
+                                     "this user may read it, or choose another with --registry DIR") from e
+        con, mode, why, has_tables = open_reader(self.path, self.timeout, self.read_mode)
+        if not has_tables:  # created but never written (or emptied): lost if the journal names experts
+            con.close()
+            if journal.has_entries(self.root):
+                raise self.lost()
+            yield None
+            return
+        if mode != self.read_mode:
+            how = " and without locks (immutable: its lock files cannot be created)" if mode == "immutable" else ""
+            log.warning("opened the registry index %s read-only%s, as it could not be opened for writing (%s); "
+                        "reading works, changes will be refused", self.path, how, why)
+            self.read_mode = mode
+        try:
+            with closing(con):
+                yield con
+        except sqlite3.Error as e:
+            raise index_error(e, self.path, writing=False) from e
+
+    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        """Rows of a read; an absent registry reads as empty."""
+        with self.reading() as con:
+            return [] if con is None else con.execute(sql, params).fetchall()

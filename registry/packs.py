@@ -37,10 +37,10 @@ from safetensors.torch import save
 
 from lora_experts.bank import ExpertBank, expert_bank
 from lora_experts.batched_layer import BatchedLoraLinear
-from registry.atomic import atomic_write_bytes
+from registry.atomic import write_replacing_stale
 from registry.attach import attach_experts, check_routable
-from registry.expert_file import (MANIFEST_KEY, Expert, ExpertFormatError, check_compatible, package_version,
-                                  validate_manifest)
+from registry.expert_file import (MANIFEST_KEY, Expert, ExpertFormatError, check_compatible, is_int,
+                                  package_version, validate_manifest)
 from registry.records import ExpertNotFoundError, ExpertRecord, validate_name
 from registry.store import Registry
 
@@ -256,7 +256,13 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
             if b.get("name") != base and not b["fingerprint"].startswith(base):
                 raise ExpertFormatError(f"expert {name} was trained on base {b.get('name')} (fingerprint "
                                         f"{b['fingerprint']}), not {base}; leave it out or pack it for its own base")
-    atomic_write_bytes(out, pack_bytes(chosen, provenance))
+    data = pack_bytes(chosen, provenance)
+    try:
+        # Temporaries that killed `pack create` runs left beside --out are deleted first (an hour old, writer gone).
+        write_replacing_stale(out, data)
+    except OSError as e:
+        raise type(e)(f"cannot write the pack {out} ({e.strerror or e}): choose another --out, or free space on / "
+                      f"fix the permissions of {Path(out).parent}") from e
     return inspect_pack(out)
 
 
@@ -278,6 +284,13 @@ def _pack_manifest(path: Path, meta: dict) -> dict:
         raise PackFormatError(f"{path}: pack manifest is not valid JSON ({e}); the file is corrupt") from e
     if not isinstance(manifest, dict) or not {"format_version", "base", "experts"} <= set(manifest):
         raise PackFormatError(f"{path}: pack manifest lacks format_version, base or experts; corrupt")
+    version = manifest["format_version"]
+    if not is_int(version) or version < 1:
+        raise PackFormatError(f"{path}: pack format_version must be a positive integer, not {version!r}; the pack "
+                              "is corrupt or was edited: create it again with `whisper-experts pack create`")
+    if not isinstance(manifest["base"], dict) or not isinstance(manifest["experts"], list):
+        raise PackFormatError(f"{path}: pack manifest base must be an object and experts a list; the pack is "
+                              "corrupt or was edited: create it again with `whisper-experts pack create`")
     if manifest["format_version"] > PACK_FORMAT_VERSION:
         raise PackFormatError(f"{path}: pack format version {manifest['format_version']} is newer than this package "
                               f"understands ({PACK_FORMAT_VERSION}); upgrade whisper-experts")
@@ -311,6 +324,9 @@ def inspect_pack(path: Path | str) -> PackInfo:
     for item in manifest["experts"]:
         try:
             name = item["name"]
+            if name in listed:  # two entries would share one tensor namespace: which manifest is whose?
+                raise PackFormatError(f"{path}: the pack lists expert {name!r} twice; it is corrupt or was edited: "
+                                      "create it again with `whisper-experts pack create`")
             validate_manifest(item["manifest"], f"{path}: expert {name}")
             own = by_expert.get(name)
             if not own:

@@ -15,6 +15,7 @@ from pathlib import Path
 # Matched with fullmatch: a pattern ending in ``$`` would also accept a trailing newline ("uk\n").
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 RESERVED_TAGS = ("latest", "all")  # selectors with a fixed meaning; a tag cannot shadow them
+OBJECT_SUFFIX = ".safetensors"  # objects are <sha256>.safetensors
 
 
 class ExpertNotFoundError(LookupError):
@@ -37,7 +38,9 @@ class ExpertRecord:
         size: file size in bytes; num_parameters: total tensor elements.
         added: when the version entered this registry (ISO-8601, UTC).
         tags: the tags pointing at this version (``latest`` is implicit and not listed).
-        path: the object file.
+        objects_dir: the registry's ``objects/`` directory (None for a record not read from a registry).
+        path: the object file, ``objects/<sha[:2]>/<sha>.safetensors`` (a property: a listing of thousands of
+            records builds no paths it does not use).
     """
 
     name: str
@@ -56,11 +59,17 @@ class ExpertRecord:
     created: str | None
     added: str
     tags: tuple[str, ...] = ()
-    path: Path | None = field(default=None, compare=False)
+    objects_dir: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def path(self) -> Path | None:
+        if self.objects_dir is None:
+            return None
+        return self.objects_dir / self.sha256[:2] / f"{self.sha256}{OBJECT_SUFFIX}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ mirror has not seen under that name makes it the mirror's next version of ``uk-e
 local registry's next version. Content (sha256) is the identity; version numbers are per store.
 
 Objects are uploaded before the index that names them, so a reader never sees an index entry for an object
-that was not written; pull re-hashes every download before anything is added. There is no lock on a mirror:
+that was not written; on a local (``file://``) mirror they are written atomically and never through a
+symlink. Pull validates the whole index first (hashes, names, tags, versions: nothing in it becomes a path
+unchecked), re-hashes every download, and adds them all in one transaction, or none. There is no lock on a mirror:
 pushes to one mirror should not run concurrently (the last index written wins; objects are never lost, and
 ``push`` again repairs the index).
 
@@ -23,10 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from datetime import datetime, timezone
+from pathlib import Path
 
-from registry.expert_file import ExpertFormatError
-from registry.records import ExpertNotFoundError, ExpertRecord, InvalidNameError, validate_name
+from registry.expert_file import ExpertFormatError, is_int
+from registry.journal import SHA256_PATTERN
+from registry.records import ExpertNotFoundError, ExpertRecord, InvalidNameError, validate_name, validate_tag
 from registry.store import OBJECT_SUFFIX, SHA_PREFIX_PATTERN, Registry
 
 INDEX_NAME = "index.json"
@@ -70,13 +76,70 @@ def _read_index(fs, root: str, url: str) -> dict:
     try:
         index = json.loads(fs.cat_file(path))
     except ValueError as e:
-        raise ExpertFormatError(f"{url}/{INDEX_NAME} is not valid JSON ({e}); the mirror's index is damaged: "
-                                "push to it again to rewrite it") from e
-    if index.get("format_version", 0) > INDEX_FORMAT:
-        raise ExpertFormatError(f"{url}/{INDEX_NAME} has format {index['format_version']}, newer than this package "
+        raise _damaged(url, f"it is not valid JSON ({e})") from e
+    return check_index(index, url)
+
+
+def _damaged(url: str, what: str) -> ExpertFormatError:
+    return ExpertFormatError(f"{url}/{INDEX_NAME}: {what}; the mirror's index is damaged or was not written by "
+                             f"whisper-experts. Nothing was copied: move {INDEX_NAME} aside and push again from a "
+                             "registry that has the experts")
+
+
+def check_index(index, url: str) -> dict:
+    """Validate a mirror index read from ``url`` and return it (``experts`` and ``tags`` filled in).
+
+    Everything in it is checked before use, because it decides paths and names here: each ``sha256`` must be
+    64 hex digits (no ``../``), each name and tag must pass the local rules, versions must be positive
+    integers, unique per name, and tags must point at listed versions.
+
+    Raises:
+        ExpertFormatError: the first thing wrong, naming the index and the fix.
+    """
+    if not isinstance(index, dict):
+        raise _damaged(url, f"it holds a JSON {type(index).__name__}, not an object")
+    version = index.get("format_version", INDEX_FORMAT)
+    if not is_int(version) or version < 1:
+        raise _damaged(url, f"format_version must be a positive integer, not {version!r}")
+    if version > INDEX_FORMAT:
+        raise ExpertFormatError(f"{url}/{INDEX_NAME} has format {version}, newer than this package "
                                 f"understands ({INDEX_FORMAT}); upgrade whisper-experts")
-    index.setdefault("experts", [])
-    index.setdefault("tags", {})
+    experts, tags = index.setdefault("experts", []), index.setdefault("tags", {})
+    if not isinstance(experts, list):
+        raise _damaged(url, f"'experts' must be a list, not {experts!r:.40}")
+    if not isinstance(tags, dict):
+        raise _damaged(url, f"'tags' must be an object, not {tags!r:.40}")
+    seen = set()
+    for entry in experts:
+        where = f"entry {entry!r:.80}"
+        if not isinstance(entry, dict):
+            raise _damaged(url, f"{where} is not an object")
+        try:
+            validate_name(entry.get("name"))
+        except InvalidNameError as e:
+            raise _damaged(url, f"{where}: {e}") from None
+        for key in ("version", "size"):
+            if not is_int(entry.get(key)) or entry[key] < (1 if key == "version" else 0):
+                raise _damaged(url, f"{where}: {key} must be a {'positive' if key == 'version' else 'non-negative'} "
+                                    f"integer, not {entry.get(key)!r}")
+        if not isinstance(entry.get("sha256"), str) or not SHA256_PATTERN.fullmatch(entry["sha256"]):
+            raise _damaged(url, f"{where}: sha256 must be 64 lowercase hex digits, not {entry.get('sha256')!r:.80}")
+        if not isinstance(entry.get("languages", []), list):
+            raise _damaged(url, f"{where}: languages must be a list")
+        if (entry["name"], entry["version"]) in seen:
+            raise _damaged(url, f"{entry['name']}@{entry['version']} is listed twice")
+        seen.add((entry["name"], entry["version"]))
+    for name, by_tag in tags.items():
+        if not isinstance(by_tag, dict):
+            raise _damaged(url, f"tags of {name!r:.40} must be an object of tag -> version")
+        for tag, version in by_tag.items():
+            try:
+                validate_name(name)
+                validate_tag(tag)
+            except InvalidNameError as e:
+                raise _damaged(url, f"tag {tag!r} of {name!r}: {e}") from None
+            if not is_int(version) or (name, version) not in seen:
+                raise _damaged(url, f"tag {name}@{tag} points at {version!r}, which is not a listed version of {name}")
     return index
 
 
@@ -95,6 +158,34 @@ def _write_index(fs, root: str, index: dict) -> None:
 
 def _object_key(root: str, sha: str) -> str:
     return f"{root}/objects/{sha[:2]}/{sha}{OBJECT_SUFFIX}"
+
+
+def _put_object(fs, root: str, sha: str, data: bytes) -> None:
+    """Upload one object unless the mirror has it. On a local mirror the object is written atomically
+    (temporary file and rename) and nothing is written through a symlink: a symlink planted at the object's
+    path is replaced, not followed, and a symlinked ``objects/`` directory is refused."""
+    key = _object_key(root, sha)
+    if not _is_local(fs):
+        if not (fs.exists(key) and fs.size(key) == len(data)):
+            fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(key, data)  # an object store replaces a key atomically
+        return
+    from registry.atomic import atomic_write_tagged, fsync_dir
+
+    path = Path(key)
+    for directory in (path.parent.parent, path.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+        if directory.is_symlink() or not directory.is_dir():
+            raise ExpertFormatError(f"{directory} in the mirror is a symlink or not a directory; refusing to "
+                                    "write objects through it: replace it with a plain directory")
+    try:
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size == len(data):
+            return
+    except FileNotFoundError:
+        pass
+    atomic_write_tagged(path, data)
+    fsync_dir(path.parent)
 
 
 def list_remote(url: str) -> list[dict]:
@@ -124,10 +215,7 @@ def push(registry: Registry, url: str, specs=None) -> list[dict]:
     pushed = []
     for rec in records:
         data = registry.read_bytes(rec)  # re-hashed: a corrupt local copy is never spread
-        key = _object_key(root, rec.sha256)
-        if not (fs.exists(key) and fs.size(key) == rec.size):
-            fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-            fs.pipe_file(key, data)
+        _put_object(fs, root, rec.sha256, data)
         entry = next((e for e in index["experts"] if e["name"] == rec.name and e["sha256"] == rec.sha256), None)
         if entry is None:
             versions = [e["version"] for e in index["experts"] if e["name"] == rec.name]
@@ -172,11 +260,11 @@ def pull(registry: Registry, url: str, specs=None) -> list[ExpertRecord]:
                 "pulled; push it again from a registry that has a good copy"
             )
         downloads.append((entry, data))
-    added = []
+    items = []
     for entry, data in downloads:
         tags = [t for t, v in index["tags"].get(entry["name"], {}).items() if v == entry["version"]]
-        added.append(registry.add_bytes(data, entry["name"], tags, f"{url} {entry['name']}@{entry['version']}"))
-    return added
+        items.append((data, entry["name"], tags, f"{url} {entry['name']}@{entry['version']}"))
+    return registry.add_many(items)  # one transaction: all of them or, on any error, none
 
 
 def _resolve_remote(index: dict, spec: str, url: str) -> list[dict]:
@@ -184,7 +272,7 @@ def _resolve_remote(index: dict, spec: str, url: str) -> list[dict]:
     name, _, selector = spec.partition("@")
     entries = sorted((e for e in index["experts"] if e["name"] == name), key=lambda e: e["version"])
     if not entries:
-        if not selector and SHA_PREFIX_PATTERN.match(name):
+        if not selector and SHA_PREFIX_PATTERN.fullmatch(name):
             hits = [e for e in index["experts"] if e["sha256"].startswith(name)]
             if len({h["sha256"] for h in hits}) > 1:
                 raise InvalidNameError(f"hash prefix {name!r} is ambiguous on {url}; give more digits")

@@ -54,7 +54,7 @@ from registry.atomic import atomic_write_tagged, fsync_dir
 from registry.expert_file import Expert, ExpertFormatError, expert_bytes, expert_from_bytes, read_expert_file
 from registry.home import home_dir
 from registry.index_db import (OBJECT_SUFFIX, RECORD_COLUMNS, SCHEMA_VERSION, Index, RegistryIndexError, insert_row,
-                               object_path, row_to_record, storage_error)
+                               object_path, rows_to_records, storage_error)
 from registry.records import (ExpertNotFoundError, ExpertRecord, InvalidNameError, Problem, sha256_file,
                               validate_name, validate_tag)
 
@@ -134,7 +134,7 @@ class Registry:
         """Records of ``SELECT ... FROM experts e WHERE <where>`` (``where`` may end in ORDER BY / LIMIT)."""
         sql = f"SELECT {RECORD_COLUMNS} FROM experts e WHERE {where}"
         rows = con.execute(sql, params).fetchall() if con is not None else self._query(sql, params)
-        return [row_to_record(r, self.objects_dir) for r in rows]
+        return rows_to_records(rows, self.objects_dir)
 
     # ----------------------------------------------------------------------------------------------- add
     def add(self, expert: Expert | str | os.PathLike, name: str, tags=()) -> ExpertRecord:
@@ -199,7 +199,8 @@ class Registry:
                 new = row is None
                 version = self._insert_record(txn.con, name, sha, parsed, len(data)) if new else row[0]
                 for tag in tags:
-                    txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (name, tag, version))
+                    txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)",
+                                (name, tag, version))
                 rec = self._select("e.name = ? AND e.version = ?", (name, version), txn.con)[0]
                 if new:
                     txn.log("add", name=name, version=version, sha256=sha, size=rec.size,
@@ -385,11 +386,18 @@ class Registry:
             clauses.append("EXISTS (SELECT 1 FROM json_each(e.languages) WHERE json_each.value = ?)")
             params.append(language)
         where = " AND ".join(clauses) or "1"
+        # Filtering on columns the (name, version) key does not hold: one pass over the table and a sort beats
+        # walking the key in order with a table lookup per row, which SQLite otherwise picks (3-4x slower at
+        # 10,000 experts).
+        table = "experts e NOT INDEXED" if (base or language) and not name else "experts e"
         if not latest_only:
-            return self._select(f"{where} ORDER BY e.name, e.version", params)
-        sql = (f"SELECT * FROM (SELECT {RECORD_COLUMNS}, ROW_NUMBER() OVER (PARTITION BY e.name ORDER BY "
-               f"e.version DESC) AS newest FROM experts e WHERE {where}) WHERE newest = 1 ORDER BY name")
-        return [row_to_record(r, self.objects_dir) for r in self._query(sql, params)]
+            sql = f"SELECT {RECORD_COLUMNS} FROM {table} WHERE {where} ORDER BY e.name, e.version"
+            return rows_to_records(self._query(sql, params), self.objects_dir)
+        # The newest matching version per name first, then records (and their tags) for those rows only.
+        sql = (f"WITH newest AS (SELECT e.name AS name, MAX(e.version) AS version FROM {table} WHERE {where} "
+               f"GROUP BY e.name) SELECT {RECORD_COLUMNS} FROM newest n JOIN experts e ON e.name = n.name AND "
+               "e.version = n.version ORDER BY e.name")
+        return rows_to_records(self._query(sql, params), self.objects_dir)
 
     # ------------------------------------------------------------------------------------------ changes
     def tag(self, spec: str, tag: str) -> ExpertRecord:
@@ -397,9 +405,11 @@ class Registry:
         validate_tag(tag)
         rec = self.resolve(spec)
         with self._write() as txn:
-            if txn.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (rec.name, rec.version)).fetchone() is None:
+            if txn.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?",
+                           (rec.name, rec.version)).fetchone() is None:
                 raise ExpertNotFoundError(f"{rec.ref} was removed meanwhile; {LIST_HINT}")
-            txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)", (rec.name, tag, rec.version))
+            txn.execute("INSERT OR REPLACE INTO tags (name, tag, version) VALUES (?, ?, ?)",
+                        (rec.name, tag, rec.version))
             txn.log("tag", name=rec.name, tag=tag, version=rec.version)
         return self.resolve(f"{rec.name}@{rec.version}")
 

@@ -174,5 +174,7 @@ def test_export_peft_then_import_round_trips_the_tensors(root, tmp_path, tiny_wh
     Registry(root).add(make_expert(5, kind="task_vector"), "tv")
     with pytest.raises(ValueError, match="only LoRA experts"):
         run("--registry", root, "export", "tv", "--format", "peft", "--out", tmp_path / "tv")
-    json.loads((out / "adapter_config.json").read_text())  # valid JSON for peft
+    config = json.loads((out / "adapter_config.json").read_text())  # valid JSON for peft
+    # a loadable base reference (here the base's directory; a bundled base names its hub id) and the task type
+    assert config["base_model_name_or_path"] == str(tiny_whisper_dir) and config["task_type"] == "SEQ_2_SEQ_LM"
     assert load_expert(Registry(root).resolve("uk-peft").path).manifest == m

@@ -55,6 +55,18 @@ def _info(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from registry.base_integrity import verify_base
+
+    problems = verify_base(args.name)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        return 1
+    print(f"{args.name}: weights and tokenizer match the fingerprints recorded at import")
+    return 0
+
+
 def _export(args) -> int:
     import shutil
 
@@ -102,6 +114,15 @@ def register(subparsers) -> None:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("name", help="registered name, bundled name, directory or hub id")
     info.set_defaults(func=_info)
+    ver = sub.add_parser("verify", help="re-hash an imported base against its recorded fingerprints",
+                         description="Recompute an imported base's weight and tokenizer fingerprints from its files "
+                                     "and compare them with those recorded at import (base.json): a damaged or "
+                                     "altered model.safetensors is found before experts are checked against it. "
+                                     "Exit code 1 when a problem is found.\n\nexample:\n"
+                                     "  whisper-experts base verify whisper-base",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ver.add_argument("name", help="imported name or directory")
+    ver.set_defaults(func=_verify)
     ex = sub.add_parser("export", help="write a base as a transformers or faster-whisper directory",
                         description="Write an imported base out again: --format hf as a plain transformers "
                                     "directory, --format ct2 as a CTranslate2 model for faster-whisper (converted "

@@ -19,6 +19,8 @@ DESCRIPTION = """\
 The registry keeps experts as content-addressed .safetensors files with a SQLite index of names, versions and
 tags. An expert is named by a spec: NAME (latest version), NAME@3, NAME@latest, NAME@TAG, or a sha256 prefix.
 The registry lives in <home>/registry (set --home or WHISPER_EXPERTS_HOME), or wherever --registry points.
+A journal beside the index records every name, version and tag: `registry doctor` rebuilds a lost or damaged
+index from it and the objects. A registry this user may only read is opened read-only (reads work).
 
 examples:
   whisper-experts registry add runs/uk/expert.safetensors --name uk-espeak --tag best
@@ -27,6 +29,7 @@ examples:
   whisper-experts registry export uk-espeak --format peft --out exported/uk-espeak
   whisper-experts registry push file:///srv/experts uk-espeak
   whisper-experts registry --registry /data/team-registry verify
+  whisper-experts registry doctor
 """
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -88,7 +91,7 @@ def _row(r: dict) -> dict:
 
 
 def _record_dict(rec: ExpertRecord) -> dict:
-    return {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+    return vars(rec)  # the record's own field dict, not a copy: a listing has thousands (read it, don't change it)
 
 
 # ------------------------------------------------------------------------------------------------- actions
@@ -122,9 +125,7 @@ def _list(args) -> int:
 def _show(args) -> int:
     reg = open_registry(args)
     rec = reg.resolve(args.spec)
-    from registry.expert_file import read_manifest
-
-    manifest = read_manifest(rec.path)  # the header only: cheap even for large experts
+    manifest = reg.read_manifest(rec)  # the file is hashed (streamed) first: a corrupt object is refused
     fields = [("ref", rec.ref), ("tags", ", ".join(rec.tags) or "-"), ("sha256", rec.sha256), ("path", rec.path),
               ("size", f"{_fmt_size(rec.size)} ({rec.size} bytes)"), ("parameters", f"{rec.num_parameters:,}"),
               ("added", rec.added)]
@@ -144,13 +145,18 @@ def _remove(args) -> int:
 
 def _verify(args) -> int:
     reg = open_registry(args)
-    problems = reg.verify()
-    serious = [p for p in problems if p.kind != "orphan"]
+    problems = reg.verify(bases=not args.no_bases)
+    serious = [p for p in problems if p.serious]
     for p in problems:
         print(p)
     records = reg.records()
     if serious:
-        print(f"{len(serious)} problem(s) in {reg.root}: re-add or pull the affected experts, or remove them")
+        fixes = ["re-add or pull the affected experts, or remove them"]
+        if any(p.kind == "base" for p in serious):
+            fixes.append("re-import the damaged base(s)")
+        if any(p.kind == "index" for p in serious):
+            fixes.append("rebuild the index with `whisper-experts registry doctor --rebuild`")
+        print(f"{len(serious)} problem(s) in {reg.root}: {'; '.join(fixes)}")
         return 1
     print(f"ok: {len(records)} expert version(s), {len({r.sha256 for r in records})} object(s) in {reg.root}"
           + (f"; {len(problems)} orphan file(s), `whisper-experts registry gc` removes them" if problems else ""))
@@ -158,9 +164,38 @@ def _verify(args) -> int:
 
 
 def _gc(args) -> int:
-    removed = open_registry(args).gc()
-    print(f"removed {len(removed)} orphan file(s)")
+    from registry.integrity import gc
+
+    reg = open_registry(args)
+    report = gc(reg, temp_age=-1.0 if args.now else args.temp_age)
+    print(f"removed {len(report.removed)} orphan or temporary file(s) from {reg.root}")
+    if report.kept_temporary:
+        print(f"kept {len(report.kept_temporary)} temporary file(s) younger than {args.temp_age:g} s whose writer may "
+              "still be running (a killed writer's are deleted at once when it ran on this host); "
+              "`whisper-experts registry gc --now` deletes them now: run it only when no add or pull is running")
     return 0
+
+
+def _doctor(args) -> int:
+    reg = open_registry(args)
+    report = reg.doctor(rebuild=args.rebuild, check=args.check)
+    print(f"index {reg.index_path}: {report.index_state}")
+    for line in report.differences:
+        print(f"  differs from the journal: {line}")
+    if report.bad_lines:
+        print(f"  journal lines that could not be read: {', '.join(map(str, report.bad_lines[:20]))}"
+              + (" ..." if len(report.bad_lines) > 20 else ""))
+    for line in report.dropped:
+        print(f"  left out (its object is gone; re-add the file to restore it): {line}")
+    if report.recovered:
+        print(f"  objects the journal did not name, kept as: {', '.join(report.recovered)}")
+    for path in report.set_aside:
+        print(f"  kept the old file as {path}")
+    if report.action == "none":
+        print(f"ok: the index and the journal agree ({report.experts} expert version(s), {report.tags} tag(s))")
+    else:
+        print(f"{report.action}: {report.experts} expert version(s), {report.tags} tag(s)")
+    return 1 if args.check and report.action != "none" else 0
 
 
 def _tag(args) -> int:
@@ -193,7 +228,11 @@ def _export(args) -> int:
         target = out if out.suffix == ".safetensors" else out / f"{rec.name}-v{rec.version}.safetensors"
         from registry.atomic import atomic_write_bytes
 
-        atomic_write_bytes(target, reg.read_bytes(rec))  # the exact bytes: same sha256 as in the registry
+        try:
+            atomic_write_bytes(target, reg.read_bytes(rec))  # the exact bytes: same sha256 as in the registry
+        except OSError as e:
+            raise type(e)(f"cannot write {target} ({e.strerror or e}): choose another --out, or free space on / fix "
+                          f"the permissions of {target.parent}") from e
         print(f"wrote {target}")
         return 0
     if args.format in ("hf", "ct2"):
@@ -300,12 +339,30 @@ def register(subparsers) -> None:
     rm.add_argument("spec", help="NAME, NAME@VERSION, NAME@TAG, NAME@all")
     rm.add_argument("--all-versions", action="store_true", help="remove every version of the name")
 
-    _action(sub, parents, "verify", "re-hash every file and report corruption",
-            "Re-hash every object and check the index; exit code 1 if any expert is missing, truncated or corrupt. "
-            "Orphan files (from interrupted writes) are listed but harmless.", ["verify"], _verify)
+    vf = _action(sub, parents, "verify", "re-hash every file and report corruption",
+                 "Re-hash every object and check the index, and check each imported base the experts name "
+                 "(<home>/bases/NAME) against the fingerprint recorded at import; exit code 1 if any expert is "
+                 "missing, truncated or corrupt, or a base changed. Orphan files (from interrupted writes) are "
+                 "listed but harmless.", ["verify", "verify --no-bases"], _verify)
+    vf.add_argument("--no-bases", action="store_true", help="skip re-hashing the imported bases (loads each)")
 
-    _action(sub, parents, "gc", "delete orphan object files",
-            "Delete object files no expert refers to (left by interrupted writes or removals).", ["gc"], _gc)
+    gc = _action(sub, parents, "gc", "delete orphan object files",
+                 "Delete object files no expert refers to (left by interrupted writes or removals), and temporary "
+                 "files no write in progress can own: older than --temp-age, or left by a killed process of this "
+                 "host. Younger ones are kept, and counted in the output.", ["gc", "gc --now"], _gc)
+    gc.add_argument("--temp-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="delete temporary files older than this (default 3600)")
+    gc.add_argument("--now", action="store_true",
+                    help="delete every temporary file now (only when no add or pull is running)")
+
+    dr = _action(sub, parents, "doctor", "rebuild a lost or damaged index from the journal and objects",
+                 "Check the index (index.sqlite) against the journal (journal.jsonl, every name, version and tag) "
+                 "and repair whichever is behind: a missing or damaged index is rebuilt from the journal and the "
+                 "objects' manifests (the damaged file is kept beside it); a journal that lags a healthy index is "
+                 "rewritten from it. Run it while nothing else writes to the registry.",
+                 ["doctor", "doctor --check", "doctor --rebuild"], _doctor)
+    dr.add_argument("--check", action="store_true", help="only report; exit code 1 if a repair is needed")
+    dr.add_argument("--rebuild", action="store_true", help="rebuild the index even if it looks healthy")
 
     tg = _action(sub, parents, "tag", "point a tag at a version",
                  "Point TAG at the version SPEC names (a tag moves from the version that had it).",
