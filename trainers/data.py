@@ -271,7 +271,7 @@ class ExpertDataModule(L.LightningDataModule):
         processor: the base's ``WhisperProcessor``.
         languages: Whisper codes to keep.
         batch_size: rows per batch.
-        max_train: at most this many training utterances per language (None: all).
+        max_train: at most this many training utterances per language (None: all), spread evenly over the split.
         encoder: the frozen encoder when the expert leaves it (or its lower layers) untouched: enables the cache.
         encoder_layer: None caches encoder outputs; k caches the input of encoder layer k (layers k.. train).
         cache_dir: where encoder caches live (default: ``<data>/.cache``).
@@ -303,12 +303,18 @@ class ExpertDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"{self.data} [{split}] has no utterances in {', '.join(missing)}; "
                              f"it has {', '.join(sorted(have))}")
-        keep, counts = [], {}
+        by_language: dict[str, list[int]] = {}
         for i, lang in enumerate(ds["language"]):
-            if lang in self.languages and (limit is None or counts.get(lang, 0) < limit):
-                keep.append(i)
-                counts[lang] = counts.get(lang, 0) + 1
-        return ds.select(keep)
+            if lang in self.languages:
+                by_language.setdefault(lang, []).append(i)
+        keep = []
+        for rows in by_language.values():
+            if limit is not None and limit < len(rows):
+                # evenly spaced over the split, so a subset spans its speakers and scenes (recorded corpora are
+                # stored scene by scene), the same rows every time
+                rows = [rows[int(k * len(rows) / limit)] for k in range(limit)]
+            keep += rows
+        return ds.select(sorted(keep))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

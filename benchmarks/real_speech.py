@@ -1,0 +1,211 @@
+"""Language experts on real recorded speech: Czech and Dutch voice acting (Fish Fillets NG, Debian packages).
+
+    python benchmarks/real_speech.py --languages cs,nl                     # the default recipe on all train clips
+    python benchmarks/real_speech.py --languages cs --train 100,300        # the learning curve
+    python benchmarks/real_speech.py --languages cs --variant decoder      # the old decoder-only default
+    python benchmarks/real_speech.py --languages cs --adopt runs/cs-enc3/expert.safetensors   # score a trained one
+    python benchmarks/real_speech.py --table-only                          # only rewrite the tables
+
+The corpus is made once with ``whisper-experts corpus fetch fillets`` (whole game levels per split: no test
+scene, speaker line or sentence is trained on). whisper-base decodes each test split once, greedy, language
+forced, bounded by audio duration only; that report is reused by every row. Each expert (rank 16, the
+variant's layers and precision, at most ``--epochs`` epochs, best validation WER kept) is trained on the
+first ``--train`` clips spread evenly over the training split ("all": every clip), then decodes the same test
+clips the same way. Every WER carries its 95% bootstrap interval (utterances resampled), and every expert row
+the paired-bootstrap interval of its difference to the base on the same clips.
+
+Writes ``benchmarks/results/real_speech.{json,md}``; runs live under ``--runs`` (default ``runs/real``).
+Minutes are wall-clock on the machine named in the table (training only; the cache of frozen layers included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).parent / "results"
+# Recipes compared; "enc3" adapts encoder layers 3.. as well (their input cached once), in bf16 autocast.
+VARIANTS = {
+    "decoder": {"side": "decoder"},
+    "enc3": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed"},
+    "enc3-fp32": {"side": "both", "encoder_start": 3, "dropout": 0.0},
+}
+DESCRIBED = {"decoder": "decoder only, float32", "enc3": "decoder + encoder layers 3.., bf16 autocast",
+             "enc3-fp32": "decoder + encoder layers 3.., float32"}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    return f"{cpu}, {device}, torch {torch.__version__}"
+
+
+def _test_utterances(data: str, language: str):
+    from trainers.corpus.loading import load_corpus
+    from trainers.evaluation import utterances_from_dataset
+
+    return utterances_from_dataset(load_corpus(data)["test"], [language])
+
+
+def base_report(data: str, language: str, runs: Path, base_name: str) -> dict:
+    """whisper-base on the test split of ``language`` (decoded once, then read back)."""
+    path = runs / f"base-{language}-test.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from registry.bases import load_base
+    from trainers.evaluation import DecodeOptions, evaluate
+
+    base = load_base(base_name)
+    report = evaluate(base.model, base.processor, _test_utterances(data, language), DecodeOptions()).as_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, ensure_ascii=False))
+    return report
+
+
+def expert_report(expert_path: Path, data: str, language: str) -> dict:
+    """The expert (attached to its base) on the test split, stored beside the expert file."""
+    path = expert_path.with_name("test.json")
+    if path.is_file() and path.stat().st_mtime >= expert_path.stat().st_mtime:
+        return json.loads(path.read_text())
+    from lora_experts.model import attach_expert
+    from registry.bases import load_base
+    from registry.expert_file import check_compatible, load_expert
+    from trainers.evaluation import DecodeOptions, evaluate
+
+    expert = load_expert(expert_path)
+    base = load_base(expert.manifest["base"]["name"])
+    check_compatible(expert.manifest, base, what=str(expert_path))
+    attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
+    report = evaluate(base.model, base.processor, _test_utterances(data, language), DecodeOptions()).as_dict()
+    path.write_text(json.dumps(report, ensure_ascii=False))
+    return report
+
+
+def train(data: str, language: str, variant: str, n: int | None, run_dir: Path, args) -> dict:
+    from registry.expert_file import save_expert
+    from trainers.train_lora import TrainConfig, train_lora_expert
+
+    cfg = TrainConfig(data=data, languages=(language,), base=args.base, rank=16, alpha=32.0, epochs=args.epochs,
+                      patience=args.patience, lr=args.lr, batch_size=16, max_train=n, run_dir=str(run_dir),
+                      test=False, **VARIANTS[variant])
+    t0 = time.time()
+    expert, report = train_lora_expert(cfg)
+    save_expert(expert, run_dir / "expert.safetensors")
+    info = {"best_epoch": report["best_epoch"], "best_val_wer": report["best_val_wer"],
+            "minutes": round((time.time() - t0) / 60, 1), "history": report["history"]}
+    (run_dir / "train.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def row(language: str, variant: str, n: int | None, expert_path: Path, data: str, runs: Path, args,
+        info: dict) -> dict:
+    from registry.expert_file import read_manifest
+    from trainers.evaluation import paired_comparison
+
+    base = base_report(data, language, runs, args.base)
+    ours = expert_report(expert_path, data, language)
+    manifest = read_manifest(expert_path)
+    return {"language": language, "variant": variant, "recipe": DESCRIBED.get(variant, variant),
+            "train_clips": manifest.get("data", {}).get("utterances"), "train_hours": manifest.get("data", {}).get("hours"),
+            "requested": n or "all", "base": base["languages"][language], "expert": ours["languages"][language],
+            "paired": paired_comparison(base, ours)[language], "expert_file": str(expert_path), **info,
+            "machine": args.machine}
+
+
+def table(results: dict) -> str:
+    from trainers.confidence import format_ci
+
+    lines = ["| language | recipe | train clips (h) | test n | base WER % [95% CI] | expert WER % [95% CI] | "
+             "change [paired 95% CI] | base CER % | expert CER % | train min |", "|" + "---|" * 10]
+    for key in sorted(results, key=lambda k: (results[k]["language"], results[k]["variant"],
+                                              results[k]["train_clips"] or 0)):
+        r = results[key]
+        b, e, d = r["base"], r["expert"], r["paired"]
+        change = (f"{100 * d['relative']:+.0f}% ({100 * d['difference']:+.1f} "
+                  f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}])")
+        lines.append(f"| {r['language']} | {r['recipe']} | {r['train_clips']} ({r['train_hours']:.2f}) | {e['n']} | "
+                     f"{format_ci(b['wer'], b.get('wer_ci95'))} | {format_ci(e['wer'], e.get('wer_ci95'))} | "
+                     f"{change} | {100 * b['cer']:.1f} | {100 * e['cer']:.1f} | {r.get('minutes', '?')} |")
+    machines = sorted({r["machine"] for r in results.values()})
+    return "\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--languages", default="cs,nl", help="among cs,nl (default both)")
+    p.add_argument("--variant", default="enc3", choices=sorted(VARIANTS), help="recipe (default enc3)")
+    p.add_argument("--train", default="all", help="training clips per language, comma-separated (default all)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--base", default="whisper-base")
+    p.add_argument("--data", default="data/fillets", help="the corpus (made here if missing)")
+    p.add_argument("--runs", default="runs/real", help="where experts and reports go")
+    p.add_argument("--adopt", metavar="EXPERT", help="score this already trained expert file as the run of "
+                   "--languages (one), --variant and --train instead of training")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the tables from the stored results")
+    args = p.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_path = RESULTS / "real_speech.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not args.table_only:
+        args.machine = machine()
+        if not (Path(args.data) / "dataset_dict.json").is_file():
+            from trainers.cli import main as cli
+
+            if cli(["corpus", "fetch", "fillets", "--languages", "cs,nl", "--out", args.data]) != 0:
+                return 1
+        runs = Path(args.runs)
+        for language in [x.strip() for x in args.languages.split(",") if x.strip()]:
+            for size in args.train.split(","):
+                n = None if size.strip() == "all" else int(size)
+                run_dir = runs / f"{language}-{args.variant}-{size.strip()}"
+                if args.adopt:
+                    expert_path = Path(args.adopt)
+                    info = {"minutes": None}
+                    log = expert_path.parent / "train.json"
+                    if log.is_file():
+                        info.update(json.loads(log.read_text()))
+                else:
+                    expert_path = run_dir / "expert.safetensors"
+                    if expert_path.is_file() and (run_dir / "train.json").is_file():
+                        info = json.loads((run_dir / "train.json").read_text())
+                    else:
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                        info = train(args.data, language, args.variant, n, run_dir, args)
+                info = {k: v for k, v in info.items() if k != "history"}
+                results[f"{language} | {args.variant} | {size.strip()}"] = row(
+                    language, args.variant, n, expert_path, args.data, runs, args, info)
+                results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    md = table(results)
+    header = ("Real recorded speech (Fish Fillets NG voice acting, Debian packages), whisper-base, greedy, language "
+              "forced, decoding bounded by audio duration; rank-16 LoRA experts.\n\n"
+              "Command: `python benchmarks/real_speech.py --languages cs,nl` (other rows: `--train 100,300`, "
+              "`--variant decoder`; see the script's help)\n\n")
+    (RESULTS / "real_speech.md").write_text(header + md)
+    print(header + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
