@@ -174,17 +174,21 @@ class BatchedLoraLinear(nn.Module):
         w = self.base_layer.weight
         ranks = [0 if a is None else a.shape[0] for a, _, _ in slots]
         width = max(ranks, default=0)
-        lora_a = w.new_zeros(len(slots), width, self.in_features)
-        lora_b = w.new_zeros(len(slots), self.out_features, width)
+        # Uninitialised stacks, each slot written once: zero-filling 64 experts' stacks first costs more than
+        # copying them (pack loading); only the padding beyond an expert's rank (or an absent expert) is zeroed.
+        lora_a = w.new_empty(len(slots), width, self.in_features)
+        lora_b = w.new_empty(len(slots), self.out_features, width)
         with torch.no_grad():
             for e, (a, b, _) in enumerate(slots):
-                if a is None:
-                    continue
-                if a.shape != (ranks[e], self.in_features) or b is None or b.shape != (self.out_features, ranks[e]):
+                if a is not None and (a.shape != (ranks[e], self.in_features) or b is None
+                                      or b.shape != (self.out_features, ranks[e])):
                     raise ValueError(f"LoRA shapes A {tuple(a.shape)}, B {None if b is None else tuple(b.shape)} do "
                                      f"not fit a linear layer {self.in_features} -> {self.out_features}")
-                lora_a[e, :ranks[e]] = a.to(w.device, w.dtype)
-                lora_b[e, :, :ranks[e]] = b.to(w.device, w.dtype)
+                if a is not None:
+                    lora_a[e, :ranks[e]] = a.to(w.device, w.dtype)
+                    lora_b[e, :, :ranks[e]] = b.to(w.device, w.dtype)
+                lora_a[e, ranks[e]:].zero_()
+                lora_b[e, :, ranks[e]:].zero_()
         self.lora_A, self.lora_B = lora_a, lora_b
         self.ranks = ranks
         self.scales = [float(s) if r else 0.0 for (_, _, s), r in zip(slots, ranks)]

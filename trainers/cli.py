@@ -14,7 +14,7 @@ import os
 import sys
 
 COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack",
-            "router", "transcribe", "distill"]
+            "router", "transcribe", "serve", "distill"]
 
 EPILOG = """\
 examples:
@@ -28,6 +28,7 @@ examples:
   whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
   whisper-experts router train --pack packs/eu3.safetensors --data data/eu4 --languages uk,pt,nl,de --out r.safetensors
   whisper-experts transcribe a.wav b.mp3 --pack packs/eu3.safetensors --language auto --format json
+  whisper-experts serve --pack packs/eu3.safetensors --port 8000     # OpenAI's transcription API, batched
 
 Run `whisper-experts COMMAND --help` for each command's options.
 """

@@ -17,6 +17,11 @@ the encoder output of the language-ID pass instead of running the encoder again.
 
 Windows are cut at fixed 30 s boundaries (a word on a boundary may be split); with ``timestamps`` the
 segments inside a window come from Whisper's timestamp tokens, else each window is one segment.
+
+A server decodes windows of many requests together: :func:`cut_windows` cuts one input, each window may carry
+its own :class:`~trainers.window_routing.Route` (expert and language chosen per request), and
+:meth:`ExpertWhisper.decode_windows` decodes any such mix, one ``generate`` call per batch; a window's
+transcript does not depend on the other windows of its batch.
 """
 
 from __future__ import annotations
@@ -38,11 +43,11 @@ from transformers.modeling_outputs import BaseModelOutput
 from lora_experts.bank import ExpertBank, expert_bank
 from lora_experts.batched_layer import BASE_ONLY
 from lora_experts.router import LearnedRouter, LearnedRouting, audio_frames
-from lora_experts.routing import CallerLanguages, FixedLanguage, LanguageIDRouting, RoutingDecision
 from registry.bases import Base, load_base
 from registry.packs import load_pack
 from trainers.audio import SAMPLE_RATE, AudioError, EmptyAudioError, is_silent, load_audio
 from trainers.decoding import RepetitionGuard, cut_loop, log_mel
+from trainers.window_routing import FROM_LANGUAGE, Route, route_windows
 
 WINDOW_SECONDS = 30  # Whisper's context
 TIME_PRECISION = 0.02  # seconds per timestamp token step
@@ -113,16 +118,34 @@ class Transcript:
 
 
 @dataclass
-class _Window:
+class Window:
+    """Up to 30 s of one input, decoded as one row of a batch; ``segments`` are filled by decoding."""
+
     item: int  # index of the input it comes from
     start: float  # seconds from the input's start
     audio: np.ndarray
     segments: list[Segment] = field(default_factory=list)
     posterior: tuple[list[str], np.ndarray] | None = None  # language ID: (codes, probabilities)
+    route: Route | None = None  # the caller's routing of this window (None: the options' language)
 
     @property
     def seconds(self) -> float:
         return len(self.audio) / SAMPLE_RATE
+
+
+def cut_windows(audio: np.ndarray, item: int = 0, silence_db: float = -60.0,
+                route: Route | None = None) -> tuple[list[Window], str | None]:
+    """Cut 16 kHz audio into 30 s windows, leaving out silent ones.
+
+    Returns:
+        (the audible windows, a note when the audio is not empty but every window is silent, else None).
+    """
+    step = WINDOW_SECONDS * SAMPLE_RATE
+    cut = [Window(item, s / SAMPLE_RATE, audio[s:s + step], route=route) for s in range(0, len(audio), step)]
+    audible = [w for w in cut if not is_silent(w.audio, silence_db)]
+    if cut and not audible:
+        return [], f"silent audio (below {silence_db:g} dBFS), nothing to transcribe"
+    return audible, None
 
 
 class RowLimit(LogitsProcessor):
@@ -222,6 +245,12 @@ class ExpertWhisper:
             raise ValueError(f"unknown {what} {code!r} for {self.base.name}; Whisper language codes are: "
                              f"{', '.join(sorted(known))}")
 
+    def resolve_options(self, language: str | Sequence[str] | None = None, options: TranscribeOptions | None = None,
+                        **overrides) -> TranscribeOptions:
+        """``options`` with ``language`` and ``overrides`` applied, checked against this base and bank (a
+        router file is loaded); what :meth:`transcribe` does first, for callers of :meth:`decode_windows`."""
+        return self._options(language, options, overrides)
+
     def _options(self, language, options, overrides) -> TranscribeOptions:
         opts = options or TranscribeOptions()
         if language is not None:
@@ -286,11 +315,9 @@ class ExpertWhisper:
                     raise
                 audio, errors[i] = np.zeros(0, np.float32), str(e)
             audios.append(audio)
-            step = WINDOW_SECONDS * SAMPLE_RATE
-            cut = [_Window(i, s / SAMPLE_RATE, audio[s:s + step]) for s in range(0, len(audio), step)]
-            audible = [w for w in cut if not is_silent(w.audio, opts.silence_db)]
-            if cut and not audible:
-                notes[i] = f"silent audio (below {opts.silence_db:g} dBFS), nothing to transcribe"
+            audible, note = cut_windows(audio, i, opts.silence_db)
+            if note:
+                notes[i] = note
             windows += audible
         bar = tqdm(total=len(windows), desc="transcribing", unit="window", disable=not opts.progress or not windows)
         for start in range(0, len(windows), opts.batch_size):
@@ -304,35 +331,33 @@ class ExpertWhisper:
             out[i].error = message
         return out
 
-    def _route(self, encoder_states, languages: list[str], opts, frames=None) -> tuple[RoutingDecision, tuple | None]:
-        """Each window's language and expert: given by the caller, or chosen on the base model's encoder output
-        by the learned router (``opts.router``; ``frames``: encoder frames with audio per window) or else by
-        language ID. Returns the decision and, when detected, (codes, posterior (batch, codes))."""
-        if languages[0] != "auto":
-            return CallerLanguages(self.bank).route(languages=languages), None
-        if not self.base.multilingual:
-            return FixedLanguage(self.bank, "en").route(languages=languages), None
-        if opts.router is not None:  # the router's slot probabilities, summed per language, are the posterior
-            policy = LearnedRouting(self.bank, opts.router)
-            probs = policy.probabilities(encoder_hidden_states=encoder_states, frames=frames)
-            codes, by_language = policy.language_posterior(probs)
-            return policy.decide(probs), (codes, by_language.cpu().numpy())
-        policy = LanguageIDRouting(self.bank, opts.threshold, opts.candidates)
-        codes, probs = policy.posterior(encoder_hidden_states=encoder_states)
-        return policy.decide(codes, probs), (codes, probs.cpu().numpy())
+    def decode_windows(self, windows: Sequence[Window], options: TranscribeOptions) -> None:
+        """Route and decode windows (of any inputs, each with its own :class:`Route` or the options' language),
+        ``options.batch_size`` per ``generate`` call; fills each window's ``segments`` (and ``posterior`` when
+        its language was detected). ``options`` should come from :meth:`resolve_options`."""
+        for start in range(0, len(windows), options.batch_size):
+            self._decode(list(windows[start:start + options.batch_size]), options)
+
+    def _routes(self, batch: list[Window], opts: TranscribeOptions) -> list[Route]:
+        """Each window's route: its own, else the language the options give its input (its expert serves it)."""
+        codes = opts.language if not isinstance(opts.language, str) else None
+        return [w.route if w.route is not None else Route(codes[w.item] if codes else opts.language, FROM_LANGUAGE)
+                for w in batch]
 
     @torch.inference_mode()
-    def _decode(self, batch: list[_Window], opts: TranscribeOptions) -> None:
+    def _decode(self, batch: list[Window], opts: TranscribeOptions) -> None:
         """Route and decode one batch of windows in one ``generate`` call; fills their segments."""
         model, tokenizer = self.base.model, self.base.processor.tokenizer
         features = log_mel(self.base.processor, [w.audio for w in batch], model)
-        codes = opts.language if not isinstance(opts.language, str) else None
-        languages = [codes[w.item] for w in batch] if codes else [opts.language] * len(batch)
+        routes = self._routes(batch, opts)
         encoder_states = None
-        if languages[0] == "auto":  # language ID needs the base model's encoder output; generate may reuse it
-            with self.bank.route(None):
+        if any(r.language == "auto" for r in routes):  # language ID needs the base model's encoder output;
+            with self.bank.route(None):                 # generate may reuse it
                 encoder_states = model.get_encoder()(features).last_hidden_state
-        decision, posterior = self._route(encoder_states, languages, opts, audio_frames([w.seconds for w in batch]))
+        # Each window by its route: the caller's language, language ID, or the learned router (opts.router).
+        decision, posteriors = route_windows(self.bank, routes, encoder_states, multilingual=self.base.multilingual,
+                                             threshold=opts.threshold, candidates=opts.candidates, router=opts.router,
+                                             frames=audio_frames([w.seconds for w in batch]))
         routed = {int(e) for e in decision.experts[decision.weights > 0].tolist() if e != BASE_ONLY}
         if self._encoder_adapted(routed):
             encoder_states = None  # the routed experts change the encoder: generate runs it under routing
@@ -365,16 +390,20 @@ class ExpertWhisper:
                 s.language = decision.languages[n]
                 s.language_probability = None if probability is None else round(probability, 4)
                 s.expert = decision.names[n]
-            if posterior is not None:
-                w.posterior = (posterior[0], posterior[1][n])
+            w.posterior = posteriors[n]
 
     def _encoder_adapted(self, expert_ids) -> bool:
         """Whether any of these experts adapts an encoder module."""
         return any(m.startswith("model.encoder.") for i in expert_ids for m in self.bank.experts[i].modules)
 
     @staticmethod
-    def _assemble(name: str, audio: np.ndarray, windows: list[_Window], note: str | None) -> Transcript:
-        duration = len(audio) / SAMPLE_RATE
+    def _assemble(name: str, audio: np.ndarray, windows: list[Window], note: str | None) -> Transcript:
+        return ExpertWhisper.assemble(name, len(audio) / SAMPLE_RATE, windows, note)
+
+    @staticmethod
+    def assemble(name: str, duration: float, windows: list[Window], note: str | None = None) -> Transcript:
+        """One input's :class:`Transcript` from its decoded windows (in order) and its duration in seconds:
+        the text joins the segments; language and expert are those of most of the audio."""
         if not windows:
             return Transcript(name, "", None, None, None, duration, [], note)
         segments = [s for w in windows for s in w.segments]
