@@ -146,6 +146,19 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n\nMachine: " + "; ".join(machines) + "\n"
 
 
+def baseline_table(runs: Path) -> str:
+    """whisper-base alone on each language's test split (the reports every expert row is compared with)."""
+    from trainers.confidence import format_ci
+
+    lines = ["| language | test clips | audio min | whisper-base WER % [95% CI] | CER % [95% CI] | loops cut |",
+             "|---|---|---|---|---|---|"]
+    for path in sorted(runs.glob("base-*-test.json")):
+        for lang, r in json.loads(path.read_text())["languages"].items():
+            lines.append(f"| {lang} | {r['n']} | {r['audio_seconds'] / 60:.1f} | {format_ci(r['wer'], r.get('wer_ci95'))} "
+                         f"| {format_ci(r['cer'], r.get('cer_ci95'))} | {r.get('guarded', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--languages", default="cs,nl", help="among cs,nl (default both)")
@@ -197,7 +210,7 @@ def main(argv=None) -> int:
                 results[f"{language} | {args.variant} | {size.strip()}"] = row(
                     language, args.variant, n, expert_path, args.data, runs, args, info)
                 results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    md = table(results)
+    md = baseline_table(Path(args.runs)) + "\n" + table(results)
     header = ("Real recorded speech (Fish Fillets NG voice acting, Debian packages), whisper-base, greedy, language "
               "forced, decoding bounded by audio duration; rank-16 LoRA experts.\n\n"
               "Command: `python benchmarks/real_speech.py --languages cs,nl` (other rows: `--train 100,300`, "

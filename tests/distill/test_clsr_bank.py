@@ -53,7 +53,10 @@ def test_a_mixed_batch_equals_per_sample_single_language_runs(short_whisper, cls
         alone = logits(_single(trained, language), FEATS3[n:n + 1], IDS3[n:n + 1])
         torch.testing.assert_close(mixed[n:n + 1], alone, rtol=1e-5, atol=1e-5)
     base_logits = logits(short_whisper, FEATS3, IDS3)
-    assert torch.equal(mixed[2], base_logits[2]) and not torch.allclose(mixed[0], base_logits[0])
+    # The base-routed row equals the base to float rounding: the shared path runs on that row alone, and the CPU's
+    # matmul kernels (oneDNN/AMX) may block a 1-row product differently from a 3-row one, so not bit for bit.
+    torch.testing.assert_close(mixed[2], base_logits[2], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(mixed[0], base_logits[0])
     assert torch.equal(logits(model, FEATS3, IDS3), base_logits)  # outside the block: the shared path
     with bank.route("pt-clsr"):  # one expert for all
         torch.testing.assert_close(logits(model, FEATS3, IDS3), logits(_single(trained, "pt"), FEATS3, IDS3),
