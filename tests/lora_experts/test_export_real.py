@@ -1,5 +1,6 @@
-"""A trained expert on the real whisper-base, exported: the transformers directory, the CTranslate2 runtime and
-faster-whisper transcribe what the project transcribes with the expert attached (slow: real weights)."""
+"""A trained expert on the real whisper-base, exported: the transformers directory transcribes what the project
+transcribes with the expert attached, and the CTranslate2 runtime and faster-whisper transcribe what the
+transformers directory does (slow: real weights)."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
     assert ours != plain  # the expert changes what is heard, so equality below means something
 
     hf_dir = export_hf(expert, tmp_path / "hf", "de-test@1", base=copy.deepcopy(whisper_base))
-    merged = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    merged_model = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
     with torch.inference_mode():
-        ids = merged.generate(features, task="transcribe", max_new_tokens=60)  # language: the export's default
-    assert [t.strip() for t in whisper_base.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)] == ours
+        ids = merged_model.generate(features, task="transcribe", max_new_tokens=60)  # language: the export's default
+    merged = [t.strip() for t in whisper_base.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    # W + BA in the weights rounds differently from W x + B(A x): a rare greedy near-tie may go the other way
+    assert sum(a == b for a, b in zip(merged, ours)) >= len(ours) - 1, (merged, ours)
 
     ctranslate2 = pytest.importorskip("ctranslate2")
     ct2_dir = export_ct2_expert(expert, tmp_path / "ct2", "de-test@1", quantization="float32",
@@ -68,7 +71,8 @@ def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
                                                       "<|notimestamps|>")]
     results = runtime.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy())),
                                [prompt] * len(audio), beam_size=1, max_length=64)
-    assert [tok.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results] == ours
+    # the same merged weights in float32: CTranslate2's runtime decodes what transformers decodes
+    assert [tok.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results] == merged
 
     faster_whisper = pytest.importorskip("faster_whisper")
     model = faster_whisper.WhisperModel(str(ct2_dir), device="cpu", compute_type="float32")
@@ -78,4 +82,4 @@ def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
                                        condition_on_previous_text=False, vad_filter=False)
         theirs.append(" ".join(s.text.strip() for s in segments).strip())
     # faster-whisper computes its own log-mel features (numpy), so a rare near-tie may decode differently
-    assert sum(a == b for a, b in zip(theirs, ours)) >= len(ours) - 1, (theirs, ours)
+    assert sum(a == b for a, b in zip(theirs, merged)) >= len(merged) - 1, (theirs, merged)

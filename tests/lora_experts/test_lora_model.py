@@ -103,8 +103,12 @@ def test_peft_export_loads_in_plain_peft_with_identical_logits(model, tmp_path):
     tensors, hyper = _random_expert(model)
     write_peft_adapter(tensors, hyper, tmp_path / "peft", "tiny-whisper")
     reference = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+    # task_type SEQ_2_SEQ_LM makes this PEFT's seq2seq wrapper: its generate() takes Whisper's input_features,
+    # its forward() would add input_ids that Whisper refuses, so logits come from the adapted model it wraps
+    assert type(reference).__name__ == "PeftModelForSeq2SeqLM"
     with torch.no_grad():
-        theirs = reference(input_features=FEATS, decoder_input_ids=IDS).logits
+        theirs = reference.get_base_model()(input_features=FEATS, decoder_input_ids=IDS).logits
+        assert reference.generate(input_features=FEATS[:1], max_new_tokens=3).shape == (1, 3)
     attach_expert(model, tensors, hyper)
     torch.testing.assert_close(_logits(model), theirs, rtol=0, atol=1e-6)
     back, hyper_back = read_peft_adapter(tmp_path / "peft")
