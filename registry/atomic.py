@@ -37,23 +37,10 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, then rename.
 
     The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask), not mkstemp's 0600,
-    so a shared registry or a server running as another user can read it.
+    so a shared registry or a server running as another user can read it. The temporary file names its
+    writer (:func:`atomic_write_tagged`), so a killed writer's leftover can be cleaned.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_tagged(path, data, fsync=True)
 
 
 def fsync_dir(directory: Path | str) -> None:
@@ -117,7 +104,7 @@ def staged_directory(target: Path | str) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------- writer-tagged temporaries
 # A temporary file's name can record who writes it (``.<target>.w<pid>-<host>.<random>.tmp``), so that a
 # killed writer's leftover can be told from a write in progress: on the same host, a temporary whose pid no
-# longer runs belongs to nobody. Names written by atomic_write_bytes (no tag) can only be judged by age.
+# longer runs belongs to nobody. Untagged names (older versions) can only be judged by age.
 _TAGGED_TEMP = re.compile(r"^\.(?P<target>.+)\.w(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)\.[A-Za-z0-9_]+\.tmp$")
 
 

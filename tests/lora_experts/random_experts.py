@@ -57,3 +57,21 @@ def expert_alone(base: torch.nn.Module, experts: dict, name: str | None) -> torc
         else:
             attach_expert(ref, tensors, hyper)
     return ref
+
+
+def peft_random_expert(model, config=None, seed: int = 1) -> tuple[dict, dict]:
+    """(tensors, hyperparameters) of a LoRA expert made through peft on ``model`` (left without it) with random
+    A and B (so it changes the output), as training would leave one."""
+    from lora_experts.config import LoraExpertConfig
+    from lora_experts.model import add_trainable_expert, expert_tensors, remove_experts
+
+    config = config or LoraExpertConfig(rank=4, alpha=8, side="both")
+    add_trainable_expert(model, config, "tmp")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [p for n, p in model.named_parameters() if "lora_" in n]:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    tensors = expert_tensors(model, "tmp")
+    remove_experts(model)
+    return tensors, config.hyperparameters()
+

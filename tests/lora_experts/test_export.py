@@ -12,10 +12,11 @@ import torch
 
 from lora_experts.config import LoraExpertConfig
 from lora_experts.export import export_ct2_expert, export_hf
-from lora_experts.model import add_trainable_expert, attach_expert, expert_tensors, remove_experts
+from lora_experts.model import attach_expert
 from registry.bases import load_base
 from registry.ct2_export import ExportError
 from registry.expert_file import Expert, ExpertMismatchError, new_manifest
+from tests.lora_experts.random_experts import peft_random_expert
 
 FEATS = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(3))
 PROMPT = [50258, 50261, 50359, 50363]  # <|startoftranscript|><|de|><|transcribe|><|notimestamps|>
@@ -26,17 +27,10 @@ def tiny_base(tiny_whisper_dir):
     return load_base(str(tiny_whisper_dir), device="cpu")
 
 
-def _expert(base, side="both", seed=1) -> Expert:
-    model = copy.deepcopy(base.model)
-    config = LoraExpertConfig(rank=4, alpha=8, side=side)
-    add_trainable_expert(model, config, "tmp")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in [p for n, p in model.named_parameters() if "lora_" in n]:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    tensors = expert_tensors(model, "tmp")
-    remove_experts(model)
-    return Expert(tensors, new_manifest("lora", ["de"], base, config.hyperparameters()))
+def _expert(base, seed=1) -> Expert:
+    config = LoraExpertConfig(rank=4, alpha=8, side="both")
+    tensors, hyper = peft_random_expert(copy.deepcopy(base.model), config, seed)
+    return Expert(tensors, new_manifest("lora", ["de"], base, hyper))
 
 
 def _attached(base, expert):

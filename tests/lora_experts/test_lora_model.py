@@ -12,6 +12,7 @@ from lora_experts.config import LoraExpertConfig
 from lora_experts.model import (add_trainable_expert, attach_expert, expert_tensors, remove_experts,
                                 set_active_expert)
 from lora_experts.peft_format import read_peft_adapter, write_peft_adapter
+from tests.lora_experts.random_experts import peft_random_expert
 
 FEATS = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
 IDS = torch.tensor([[50258, 50280, 50359, 50363, 400, 500], [50258, 50261, 50359, 50363, 600, 700]])
@@ -28,14 +29,7 @@ def model(tiny_whisper):
 
 
 def _random_expert(model, config=LoraExpertConfig(rank=4, alpha=8, side="both"), seed=1):
-    add_trainable_expert(model, config, "tmp")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in [p for n, p in model.named_parameters() if "lora_" in n]:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    tensors = expert_tensors(model, "tmp")
-    remove_experts(model)
-    return tensors, config.hyperparameters()
+    return peft_random_expert(model, config, seed)
 
 
 def test_fresh_expert_is_an_identity_and_only_lora_trains(model):
