@@ -35,7 +35,7 @@ def _ours(base, expert, features):
     model = copy.deepcopy(base.model)
     attach_expert(model, expert.tensors, expert.manifest["hyperparameters"])
     with torch.inference_mode():
-        ids = model.generate(features, language="de", task="transcribe", max_new_tokens=60)
+        ids = model.generate(features, language="de", task="transcribe", max_new_tokens=200)
     return [t.strip() for t in base.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -50,14 +50,14 @@ def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
     features = whisper_base.processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
     ours = _ours(whisper_base, expert, features)
     with torch.inference_mode():
-        plain_ids = whisper_base.model.generate(features, language="de", task="transcribe", max_new_tokens=60)
+        plain_ids = whisper_base.model.generate(features, language="de", task="transcribe", max_new_tokens=200)
     plain = [t.strip() for t in whisper_base.processor.tokenizer.batch_decode(plain_ids, skip_special_tokens=True)]
     assert ours != plain  # the expert changes what is heard, so equality below means something
 
     hf_dir = export_hf(expert, tmp_path / "hf", "de-test@1", base=copy.deepcopy(whisper_base))
     merged_model = WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
     with torch.inference_mode():
-        ids = merged_model.generate(features, task="transcribe", max_new_tokens=60)  # language: the export's default
+        ids = merged_model.generate(features, task="transcribe", max_new_tokens=200)  # language: the export's default
     merged = [t.strip() for t in whisper_base.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     # W + BA in the weights rounds differently from W x + B(A x): a rare greedy near-tie may go the other way
     assert sum(a == b for a, b in zip(merged, ours)) >= len(ours) - 1, (merged, ours)
@@ -70,7 +70,7 @@ def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
     prompt = [tok.convert_tokens_to_ids(t) for t in ("<|startoftranscript|>", "<|de|>", "<|transcribe|>",
                                                       "<|notimestamps|>")]
     results = runtime.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(features.numpy())),
-                               [prompt] * len(audio), beam_size=1, max_length=64)
+                               [prompt] * len(audio), beam_size=1, max_length=448)  # EOS ends each clip
     # the same merged weights in float32: CTranslate2's runtime decodes what transformers decodes
     assert [tok.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results] == merged
 
