@@ -139,7 +139,8 @@ def table(results: dict) -> str:
         b, e, d = r["base"], r["expert"], r["paired"]
         change = (f"{100 * d['relative']:+.0f}% ({100 * d['difference']:+.1f} "
                   f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}])")
-        lines.append(f"| {r['language']} | {r['recipe']} | {r['train_clips']} ({r['train_hours']:.2f}) | {e['n']} | "
+        clips = f"{r['train_clips']}" + (f" ({r['train_hours']:.2f})" if r.get("train_hours") else "")
+        lines.append(f"| {r['language']} | {r['recipe']} | {clips} | {e['n']} | "
                      f"{format_ci(b['wer'], b.get('wer_ci95'))} | {format_ci(e['wer'], e.get('wer_ci95'))} | "
                      f"{change} | {100 * b['cer']:.1f} | {100 * e['cer']:.1f} | {r.get('minutes', '?')} |")
     machines = sorted({r["machine"] for r in results.values()})
