@@ -129,16 +129,14 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
 
 
 def table(results: dict) -> str:
-    from trainers.confidence import format_ci
+    from trainers.confidence import format_change, format_ci
 
     lines = ["| language | recipe | train clips (h) | test n | base WER % [95% CI] | expert WER % [95% CI] | "
              "change [paired 95% CI] | base CER % | expert CER % | train min |", "|" + "---|" * 10]
     for key in sorted(results, key=lambda k: (results[k]["language"], results[k]["variant"],
                                               results[k]["train_clips"] or 0)):
         r = results[key]
-        b, e, d = r["base"], r["expert"], r["paired"]
-        change = (f"{100 * d['relative']:+.0f}% ({100 * d['difference']:+.1f} "
-                  f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}])")
+        b, e, change = r["base"], r["expert"], format_change(r["paired"])
         clips = f"{r['train_clips']}" + (f" ({r['train_hours']:.2f})" if r.get("train_hours") else "")
         lines.append(f"| {r['language']} | {r['recipe']} | {clips} | {e['n']} | "
                      f"{format_ci(b['wer'], b.get('wer_ci95'))} | {format_ci(e['wer'], e.get('wer_ci95'))} | "

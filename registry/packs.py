@@ -41,7 +41,7 @@ from registry.atomic import write_replacing_stale
 from registry.attach import attach_experts, check_routable
 from registry.expert_file import (MANIFEST_KEY, Expert, ExpertFormatError, check_compatible, is_int,
                                   package_version, validate_manifest)
-from registry.records import ExpertNotFoundError, ExpertRecord, validate_name
+from registry.records import ExpertNotFoundError, ExpertRecord, stored_test_wer, validate_name
 from registry.store import Registry
 
 PACK_KEY = "whisper_experts_pack"
@@ -114,12 +114,6 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 PROD_TAG = "prod"
 
 
-def _test_wer(record: ExpertRecord, language: str) -> float | None:
-    metric = (record.metrics or {}).get(language)
-    wer = metric.get("test", {}).get("wer") if isinstance(metric, dict) and isinstance(metric.get("test"), dict) else None
-    return float(wer) if isinstance(wer, (int, float)) else None
-
-
 def choose_expert(found: Iterable[ExpertRecord], language: str, latest: bool = False) -> tuple[ExpertRecord, str]:
     """The expert a pack should take for ``language`` among ``found``, and why.
 
@@ -135,7 +129,7 @@ def choose_expert(found: Iterable[ExpertRecord], language: str, latest: bool = F
         pick = max(prod, key=lambda r: (r.added, r.version))
         return pick, f"tagged {PROD_TAG!r}"
     by_recency = sorted(found, key=lambda r: (r.added, r.created or "", r.version), reverse=True)
-    scored = [(w, r) for r in by_recency if (w := _test_wer(r, language)) is not None]
+    scored = [(w, r) for r in by_recency if (w := stored_test_wer(r.metrics, language)) is not None]
     if scored:
         wer, pick = min(scored, key=lambda x: x[0])  # min keeps the first: the newest among equals
         return pick, f"best stored {language} test WER ({100 * wer:.1f}%) of {len(scored)} scored"

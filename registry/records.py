@@ -101,6 +101,15 @@ class Problem:
         return f"{self.kind}: {self.path}{who}: {self.detail}"
 
 
+def stored_test_wer(metrics: dict | None, language: str) -> float | None:
+    """The test WER a manifest's ``metrics`` records for ``language`` (``{"uk": {"test": {"wer": 0.231}}}``), or
+    None when it records none."""
+    per_split = (metrics or {}).get(language)
+    test = per_split.get("test") if isinstance(per_split, dict) else None
+    wer = test.get("wer") if isinstance(test, dict) else None
+    return float(wer) if isinstance(wer, (int, float)) else None
+
+
 def validate_name(name: str, what: str = "expert name") -> str:
     """Return ``name`` if it is a valid expert name (or tag), else raise :class:`InvalidNameError`.
 

@@ -112,6 +112,16 @@ def paired_bootstrap(errors_a: np.ndarray, errors_b: np.ndarray, totals: np.ndar
                             float(np.percentile(diffs, 100 - tail)), min(p, 1.0))
 
 
+def format_change(paired: dict | None) -> str:
+    """``"-31% (-21.1 [-23.8, -18.6])"``: relative change and the paired difference in points with its 95%
+    interval, from :func:`trainers.evaluation.paired_comparison`'s entry; blank without one."""
+    if not paired:
+        return ""
+    low, high = paired["ci95"]
+    return (f"{100 * paired['relative']:+.0f}% ({100 * paired['difference']:+.1f} "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}])")
+
+
 def format_ci(rate: float, ci: tuple[float, float] | None) -> str:
     """``"41.2 [37.9, 44.8]"`` in percent."""
     if ci is None or np.isnan(ci[0]):

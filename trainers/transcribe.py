@@ -27,7 +27,6 @@ transcript does not depend on the other windows of its batch.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from lora_experts.router import LearnedRouter, LearnedRouting, audio_frames
 from registry.bases import Base, load_base
 from registry.packs import load_pack
 from trainers.audio import SAMPLE_RATE, AudioError, EmptyAudioError, is_silent, load_audio
-from trainers.decoding import RepetitionGuard, cut_loop, log_mel
+from trainers.decoding import RepetitionGuard, cut_loop, duration_bound, log_mel
 from trainers.window_routing import FROM_LANGUAGE, Route, route_windows
 
 WINDOW_SECONDS = 30  # Whisper's context
@@ -365,7 +364,7 @@ class ExpertWhisper:
         gc = model.generation_config
         eos = gc.eos_token_id[0] if isinstance(gc.eos_token_id, (list, tuple)) else gc.eos_token_id
         cap = model.config.max_target_positions - 4
-        limits = [min(opts.max_new_tokens or math.ceil(8 * w.seconds) + 16, cap) for w in batch]
+        limits = [min(opts.max_new_tokens, cap) if opts.max_new_tokens else duration_bound(w.seconds, cap) for w in batch]
         processors = [RowLimit(eos, limits, opts.num_beams)]
         guard = RepetitionGuard(eos, num_beams=opts.num_beams) if opts.repetition_guard else None
         if guard is not None:

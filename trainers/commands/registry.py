@@ -72,12 +72,10 @@ def _fmt_params(n: int) -> str:
 
 def _test_wer(metrics: dict) -> str:
     """``"uk 23.1"`` from ``{"uk": {"test": {"wer": 0.231}}}`` (WER as a percentage), blank without one."""
-    parts = []
-    for lang, per_split in sorted((metrics or {}).items()):
-        wer = (per_split or {}).get("test", {}).get("wer") if isinstance(per_split, dict) else None
-        if isinstance(wer, (int, float)):
-            parts.append(f"{lang} {100 * wer:.1f}")
-    return ", ".join(parts)
+    from registry.records import stored_test_wer
+
+    wers = {lang: stored_test_wer(metrics, lang) for lang in sorted(metrics or {})}
+    return ", ".join(f"{lang} {100 * wer:.1f}" for lang, wer in wers.items() if wer is not None)
 
 
 def _row(r: dict) -> dict:

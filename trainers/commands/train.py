@@ -110,14 +110,12 @@ def _config_from_args(args):
 
 def print_test_table(test: dict) -> None:
     """The base's and the expert's test-split WER/CER per language, as a Markdown table."""
-    from trainers.confidence import format_ci
+    from trainers.confidence import format_change, format_ci
 
     print("\n| language | n | base WER % [95% CI] | expert WER % [95% CI] | change [95% CI] | base CER % | "
           "expert CER % |\n|---|---|---|---|---|---|---|")
     for lang, row in test["expert"].items():
-        b, d = test["base"][lang], test.get("paired", {}).get(lang)
-        change = (f"{100 * d['relative']:+.0f}% ({100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
-                  f"{100 * d['ci95'][1]:+.1f}])" if d else "")
+        b, change = test["base"][lang], format_change(test.get("paired", {}).get(lang))
         print(f"| {lang} | {row['n']} | {format_ci(b['wer'], b.get('wer_ci95'))} | "
               f"{format_ci(row['wer'], row.get('wer_ci95'))} | {change} | {100 * b['cer']:.1f} | "
               f"{100 * row['cer']:.1f} |")
