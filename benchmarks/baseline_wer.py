@@ -72,10 +72,10 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()  # generate() repeats config notices on every call
 
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
     from trainers.corpus.synth import SynthConfig, synthesize_corpus
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
 
     languages = [x.strip() for x in args.languages.split(",") if x.strip()]
     corpus_dir = Path(args.corpus)

@@ -34,7 +34,7 @@ Rows:
   files benchmarks/expert_wer.py leaves in ``runs/<lang>-expert/expert.safetensors``; trained here, rank-16
   decoder LoRA, when missing), i.e. better than the student on the language.
 
-Test WER/CER (normalized, ``trainers.evaluation``) of each student language, and of the untouched languages
+Test WER/CER (normalized, ``inference.evaluation``) of each student language, and of the untouched languages
 (``--untouched``, default nl,ru, corpora ``data/<lang>-expert``): under CLSR they take the shared path (no
 language selected), under LoRA each student language's expert is applied to them (the table shows the mean
 over those experts, the JSON each one); the teacher is not run on them. Parameters stored per language (the
@@ -175,8 +175,8 @@ class Evaluator:
         self.utterances: dict[str, list] = {}
 
     def _utts(self, lang: str) -> list:
+        from inference.evaluation import utterances_from_dataset
         from trainers.corpus.loading import load_corpus
-        from trainers.evaluation import utterances_from_dataset
 
         if lang not in self.utterances:
             test = load_corpus(corpus_for(lang, self.args))["test"]
@@ -185,14 +185,14 @@ class Evaluator:
 
     def rates(self, lang: str) -> dict:
         """The model as it is now (base, or with an expert applied / a CLSR language set) on ``lang``."""
-        from trainers.evaluation import DecodeOptions, evaluate
+        from inference.evaluation import DecodeOptions, evaluate
 
         report = evaluate(self.base.model, self.base.processor, self._utts(lang),
                           DecodeOptions(batch_size=self.args.batch_size), progress=False)
         return {k: report.as_dict()["languages"][lang][k] for k in ("wer", "cer", "n")}
 
     def with_expert(self, expert, lang: str) -> dict:
-        from trainers.language_matrix import expert_applied
+        from inference.language_matrix import expert_applied
 
         with expert_applied(self.base.model, expert):
             return self.rates(lang)

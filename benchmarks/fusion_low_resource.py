@@ -58,9 +58,9 @@ def trained(lang: str, utterances: int, data: str, epochs: int, out_dir: Path):
 
 
 def test_wer(base, expert, utterances) -> dict:
+    from inference.evaluation import DecodeOptions, evaluate
     from lora_experts.model import attach_expert, remove_experts
     from lora_experts.task_vectors import apply_task_vector
-    from trainers.evaluation import DecodeOptions, evaluate
 
     saved = None
     if expert is not None and expert.kind == "lora":
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from inference.evaluation import utterances_from_dataset
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import utterances_from_dataset
     from trainers.fusion import fuse_for_target, plot_search
 
     out = Path(args.out)

@@ -18,7 +18,7 @@ averages by itself) and the methods' default options:
 
 Each language's test set (the first ``--test-limit`` utterances, held-out sentences and voices) is decoded under
 the base, under every single expert and under every merged expert: a language x expert WER matrix
-(``trainers.language_matrix``, as ``whisper-experts eval --experts`` prints) whose mean column is the number to
+(``inference.language_matrix``, as ``whisper-experts eval --experts`` prints) whose mean column is the number to
 compare. Writes ``<out>/multilingual_merge.{json,md,png}``; the goal is LoRS >= 5% relative better than
 linear averaging on the mean WER, reported as it comes out.
 """
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     from benchmarks.fusion_low_resource import corpus_for
+    from inference.evaluation import DecodeOptions, utterances_from_dataset
+    from inference.language_matrix import language_matrix, plot_matrix
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import DecodeOptions, utterances_from_dataset
-    from trainers.language_matrix import language_matrix, plot_matrix
 
     experts, sources = [], {}
     for lang in langs:

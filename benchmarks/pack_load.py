@@ -12,10 +12,10 @@ decoder layers, 48 modules), so the pack holds what ``pack create`` would write 
 Timed, each the median of ``--repeats`` runs after one untimed warm-up (every run on a fresh copy of the model
 that shares its weights, as the server makes one per reload):
 
-  load_pack            ``registry.packs.load_pack``: read the file memory-mapped, check manifests and each
+  load_pack            ``inference.packs.load_pack``: read the file memory-mapped, check manifests and each
                        expert's tensor digest, attach every expert to the bank (stacked per layer)
   load_pack, no verify the same without re-hashing the tensors (``verify=False``)
-  server reload        ``trainers.serve.state.PackLoader.load``: the copy, ``load_pack`` and the checked
+  server reload        ``inference.serve.state.PackLoader.load``: the copy, ``load_pack`` and the checked
                        decoding options, i.e. what ``POST /admin/packs`` or SIGHUP costs before the swap
 
 Writes ``<out>/pack_load.{json,md}`` (default ``benchmarks/results``) with the command at the top.
@@ -96,8 +96,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from registry.packs import load_pack
-    from trainers.serve.state import PackLoader, ServeConfig, shared_copy
+    from inference.packs import load_pack
+    from inference.serve.state import PackLoader, ServeConfig, shared_copy
 
     base = whisper_base_sized()
     with tempfile.TemporaryDirectory() as tmp:

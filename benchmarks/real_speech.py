@@ -57,8 +57,8 @@ def machine() -> str:
 
 
 def _test_utterances(data: str, language: str):
+    from inference.evaluation import utterances_from_dataset
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import utterances_from_dataset
 
     return utterances_from_dataset(load_corpus(data)["test"], [language])
 
@@ -68,8 +68,8 @@ def base_report(data: str, language: str, runs: Path, base_name: str) -> dict:
     path = runs / f"base-{language}-test.json"
     if path.is_file():
         return json.loads(path.read_text())
+    from inference.evaluation import DecodeOptions, evaluate
     from registry.bases import load_base
-    from trainers.evaluation import DecodeOptions, evaluate
 
     base = load_base(base_name)
     report = evaluate(base.model, base.processor, _test_utterances(data, language), DecodeOptions()).as_dict()
@@ -83,10 +83,10 @@ def expert_report(expert_path: Path, data: str, language: str) -> dict:
     path = expert_path.with_name("test.json")
     if path.is_file() and path.stat().st_mtime >= expert_path.stat().st_mtime:
         return json.loads(path.read_text())
+    from inference.evaluation import DecodeOptions, evaluate
     from lora_experts.model import attach_expert
     from registry.bases import load_base
     from registry.expert_file import check_compatible, load_expert
-    from trainers.evaluation import DecodeOptions, evaluate
 
     expert = load_expert(expert_path)
     base = load_base(expert.manifest["base"]["name"])
@@ -115,8 +115,8 @@ def train(data: str, language: str, variant: str, n: int | None, run_dir: Path, 
 
 def row(language: str, variant: str, n: int | None, expert_path: Path, data: str, runs: Path, args,
         info: dict) -> dict:
+    from inference.evaluation import paired_comparison
     from registry.expert_file import read_manifest
-    from trainers.evaluation import paired_comparison
 
     base = base_report(data, language, runs, args.base)
     ours = expert_report(expert_path, data, language)
@@ -129,7 +129,7 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
 
 
 def table(results: dict) -> str:
-    from trainers.confidence import format_change, format_ci
+    from inference.confidence import format_change, format_ci
 
     lines = ["| language | recipe | train clips (h) | test n | base WER % [95% CI] | expert WER % [95% CI] | "
              "change [paired 95% CI] | base CER % | expert CER % | train min |", "|" + "---|" * 10]
@@ -147,7 +147,7 @@ def table(results: dict) -> str:
 
 def baseline_table(runs: Path) -> str:
     """whisper-base alone on each language's test split (the reports every expert row is compared with)."""
-    from trainers.confidence import format_ci
+    from inference.confidence import format_ci
 
     lines = ["| language | test clips | audio min | whisper-base WER % [95% CI] | CER % [95% CI] | loops cut |",
              "|---|---|---|---|---|---|"]

@@ -115,7 +115,7 @@ def timed_each_ms(fn, args) -> float:
 
 def list_command(root: Path):
     """``whisper-experts registry list`` run in-process (its table printed to nowhere)."""
-    from trainers.commands.registry import register
+    from trainers.cli.registry import register
 
     parser = argparse.ArgumentParser(prog="whisper-experts")
     register(parser.add_subparsers(dest="command"))

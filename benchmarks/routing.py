@@ -13,7 +13,7 @@ same work), experts of rank 16 on all linear layers (encoder and decoder q/k/v/o
 32), one ``generate`` call per batch unless said otherwise; the time includes the encoder:
 
   (a) base     whisper-base with no experts
-  (b) ours     ``lora_experts.bank``: the 4 experts from a pack, each utterance routed to its own (one batch)
+  (b) ours     ``inference.bank``: the 4 experts from a pack, each utterance routed to its own (one batch)
   (c) peft     the same experts as peft adapters, ``generate(..., adapter_names=[...])`` (one batch; peft runs
                each adapter's sub-batch per layer)
   (d) switch   peft, one language at a time: ``set_adapter(lang)`` then generate its 4 utterances (4 calls)
@@ -23,16 +23,16 @@ Reported: CPU seconds of this process (``--threads`` 1 by default) and wall seco
 one small warm-up call per variant, and throughput relative to (a) by CPU time (the wall time of one call on a
 machine shared with other jobs swings by 2x); (c) and (d) are checked to generate (b)'s tokens. The issue's
 goals are (b) >= 0.9x (a) and (b) >= 2x (c). Pack load: a 16-expert pack of the
-same experts (rank 16, all linear layers) attached to the loaded whisper-base with ``registry.packs.load_pack``
+same experts (rank 16, all linear layers) attached to the loaded whisper-base with ``inference.packs.load_pack``
 (digests verified, and not), median of 3.
 
 Quality (skipped if the experts are missing): the trained uk, pt, nl experts of benchmarks/expert_wer.py
 (``runs/<lang>-expert/expert.safetensors``) in one pack; ``--quality-per-language`` test utterances of each
 from ``data/<lang>-expert`` plus German (no expert: the base model) from ``data/baseline-corpus``; WER per
-language with language-ID routing (``trainers.transcribe``, ``--language auto``, threshold 0.5; over every
+language with language-ID routing (``inference.transcribe``, ``--language auto``, threshold 0.5; over every
 Whisper language, and among the 4 languages only, ``--candidates``) vs oracle routing (each utterance's true
 language and expert), language-ID accuracy, and how often an utterance reached its language's expert. The
-same for a learned router (``lora_experts.router``, ``trainers/train_router.py``) over the pack, trained on the
+same for a learned router (``inference.router``, ``trainers/train_router.py``) over the pack, trained on the
 train split of ``--router-data`` (default data/baseline-corpus: uk, pt, nl, de; German gets a base-model slot),
 or given with ``--router FILE`` (a trained one is written to runs/routing-router.safetensors for reuse); its
 validation figures go into the JSON. Smoke run of the quality path: ``--no-speed --quality-per-language 1
@@ -84,8 +84,8 @@ def random_experts(model, base, languages, rank: int, seed: int) -> dict:
 def load_utterances(languages, per_language: int, expert_data: bool):
     """``per_language`` test utterances per language: data/<lang>-expert (held-out voices) when it exists and
     ``expert_data``, else data/baseline-corpus."""
+    from inference.evaluation import utterances_from_dataset
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import utterances_from_dataset
 
     out = []
     for lang in languages:
@@ -145,7 +145,8 @@ def speed(base, plain, feats, langs, args, workdir: Path) -> tuple[dict, dict, d
     """Seconds per variant (a)-(e), whether (c) and (d) generated (b)'s tokens, the 16-expert pack load times."""
     import torch
 
-    from registry.packs import create_pack, load_pack
+    from inference.packs import load_pack
+    from registry.packs import create_pack
 
     experts = random_experts(plain, base, LANGUAGES, args.rank, seed=0)
     names = [f"{lang}-random" for lang in langs]
@@ -209,7 +210,7 @@ def speed(base, plain, feats, langs, args, workdir: Path) -> tuple[dict, dict, d
 def learned_router(base, args):
     """The router of ``--router``, or one trained over the experts on ``base`` (see the module docstring);
     returns (router, its training summary and validation metrics)."""
-    from lora_experts.router import LearnedRouter
+    from inference.router import LearnedRouter
     from trainers.train_router import RouterTrainConfig, train_router
 
     if args.router:
@@ -232,10 +233,10 @@ def learned_router(base, args):
 def quality(base, args, workdir: Path) -> tuple[dict, dict | None] | None:
     """WER per language with language-ID routing and a learned router vs oracle routing (the trained experts);
     returns (rows per language, the router's summary or None)."""
+    from inference.evaluation import error_rates
+    from inference.transcribe import ExpertWhisper
     from registry.expert_file import load_expert
     from registry.packs import create_pack
-    from trainers.evaluation import error_rates
-    from trainers.transcribe import ExpertWhisper
 
     files = {lang: ROOT / "runs" / f"{lang}-expert" / "expert.safetensors" for lang in LANGUAGES[:3]}
     if not all(f.is_file() for f in files.values()):
@@ -362,8 +363,8 @@ def main(argv=None) -> int:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from inference.decoding import log_mel
     from registry.bases import load_base
-    from trainers.decoding import log_mel
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

@@ -57,7 +57,7 @@ def synthesize_clips(languages, workdir: Path) -> list[tuple[str, bytes, float]]
     """(language, FLAC bytes, seconds) per language, spoken by espeak-ng."""
     import soundfile as sf
 
-    from trainers.audio import SAMPLE_RATE
+    from inference.audio import SAMPLE_RATE
     from trainers.corpus.languages import espeak_voices
     from trainers.corpus.synth import find_espeak, speak
 
@@ -71,7 +71,7 @@ def synthesize_clips(languages, workdir: Path) -> list[tuple[str, bytes, float]]
 
 
 def read_clips(directory: Path) -> list[tuple[str, bytes, float]]:
-    from trainers.audio import audio_duration
+    from inference.audio import audio_duration
 
     out = []
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
@@ -172,7 +172,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         import httpx
 
-        from trainers.serve.metrics import parse
+        from inference.serve.metrics import parse
 
         return parse(httpx.get(self.url + "/metrics", timeout=30).text)
 

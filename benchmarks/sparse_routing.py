@@ -8,7 +8,7 @@ One linear layer of whisper-base's shape (fc1: 2048 x 512), ``--experts`` random
 (``--frames`` frames per row) and one decoder step (1 frame per row):
 
   base layer         the dense ``W x`` itself, for scale
-  block-diagonal     ``lora_experts.batched_sparse.BatchedSparseDelta`` (what the expert bank runs): one CSR matmul
+  block-diagonal     ``inference.batched_sparse.BatchedSparseDelta`` (what the expert bank runs): one CSR matmul
   dense gathered     each row's dense delta gathered from an (experts, out, in) stack, one batched matmul
   loop per expert    one CSR matmul per expert on its rows (a Python loop over the experts in the batch)
 
@@ -26,8 +26,8 @@ import warnings
 
 import torch
 
-from lora_experts.batched_layer import Routing
-from lora_experts.batched_sparse import BatchedSparseDelta
+from inference.batched_layer import Routing
+from inference.batched_sparse import BatchedSparseDelta
 from lora_experts.sparse import SparseDelta
 
 

@@ -82,8 +82,8 @@ def matched_sparsity(lora, base_model) -> float:
 
 
 def test_rows(base, experts: dict, utterances) -> dict:
-    from trainers.evaluation import DecodeOptions, evaluate
-    from trainers.language_matrix import expert_applied
+    from inference.evaluation import DecodeOptions, evaluate
+    from inference.language_matrix import expert_applied
 
     def row(report):
         r = next(iter(report.as_dict()["languages"].values()))
@@ -98,10 +98,10 @@ def test_rows(base, experts: dict, utterances) -> dict:
 
 
 def run_language(lang: str, args, work: Path) -> dict:
+    from inference.evaluation import utterances_from_dataset
     from registry.bases import load_base
     from registry.expert_file import expert_bytes, save_expert
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import utterances_from_dataset
     from trainers.train_sparse import SparseTrainConfig, train_sparse_expert
 
     data = corpus_for(lang, args.data, args.seed)

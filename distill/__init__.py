@@ -1,7 +1,24 @@
-"""DistilWhisper-style gated experts (CLSR) and knowledge distillation.
+"""DistilWhisper's gated language experts (CLSR) and knowledge distillation.
 
-This package holds the conditional language-specific routing layer (a frozen shared feed-forward path, one
-path per language and a learned per-token gate), conversion of a plain Whisper into a CLSR Whisper and back,
-the gate-budget loss, knowledge-distillation losses (KL, Jensen-Shannon) as ``nn.Module``s, and teacher
-sources (an online teacher, cached top-k teacher log-probabilities). It never imports from ``trainers``.
+``clsr``: the conditional language-specific routing layer (a frozen shared feed-forward path, one path per
+language, a learned per-token gate), converting a Whisper to CLSR and back, CLSR expert files; ``losses``: KD
+(KL, Jensen-Shannon) and the gate budget; ``teachers`` and ``teacher_cache``: teachers (any larger Whisper, or
+a base plus experts) online or as cached top-k log-probabilities. Imports ``lora_experts`` and ``registry``.
 """
+
+from registry.faces import exports_of, lazy_attribute
+
+_EXPORTS = exports_of({
+    "distill.clsr": "ClsrConfig convert_to_clsr convert_from_clsr make_clsr_expert attach_clsr_expert",
+    "distill.losses": "DistillationLoss DistillationLossConfig KLDivergenceLoss JensenShannonLoss",
+    "distill.teachers": "Teacher TeacherSet load_teachers",
+})
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from registry.bases import load_base  # noqa: E402
 from trainers.corpus.synth import SynthConfig, synthesize_corpus  # noqa: E402
-from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset  # noqa: E402
+from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,28 @@
-"""LoRA language experts on Whisper, built on peft.
+"""LoRA language experts on Whisper (built on peft), sparse experts, and the arithmetic that fuses experts.
 
-This package holds the LoRA expert kind as a library: its config, attaching one or many experts to a
-Whisper model, the batched per-sample LoRA forward used for mixed-language batches (``batched_layer``: the
-layer; ``bank``: experts side by side on one model; ``routing``: policies that pick each sample's expert;
-``router``: the learned router, a small trained gate over a bank's experts), and fusion arithmetic as pure
-tensor functions (task vectors, exact linear fusion, SVD truncation, TIES, DARE, LoRS,
-magnitude pruning) in one name -> function registry. The sparse expert kind lives beside it (``sparse``: masks
-and values, the file layout, exact apply/remove; ``sparse_masks``: choosing masks and their overlap between
-languages; ``sparse_layer``: training only the masked entries). It never imports from ``trainers``.
+``config``/``model``: the LoRA expert kind (attach one or several to a Whisper, switch, remove); ``sparse``,
+``sparse_masks``, ``sparse_layer``: the sparse expert kind (masks and values, choosing masks, training only the
+masked entries); ``task_vectors`` and ``merge``/``merge_methods``: fusion as pure tensor functions (exact
+linear, SVD truncation, TIES, DARE, LoRS, magnitude pruning, task arithmetic) in one name -> function table;
+``export``/``peft_format``: PEFT, merged Hugging Face and CTranslate2 exports. Imports only ``registry``.
 """
+
+from registry.faces import exports_of, lazy_attribute
+
+_EXPORTS = exports_of({
+    "lora_experts.config": "LoraExpertConfig",
+    "lora_experts.model": "attach_expert set_active_expert remove_experts expert_tensors",
+    "lora_experts.merge": "fuse_experts fused_expert MergeResult",
+    "lora_experts.task_vectors": "LowRank task_vector apply_task_vector expert_from_task_vector",
+    "lora_experts.sparse": "SparseDelta sparse_expert apply_sparse remove_sparse",
+    "lora_experts.export": "export_hf export_ct2_expert merged_model",
+})
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

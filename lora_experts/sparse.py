@@ -196,11 +196,10 @@ def sparse_from_dense(task_vector: Mapping[str, torch.Tensor], masks: Mapping[st
         masks: parameter name -> ascending flat indices; a parameter without a mask is left out.
         dtype: the values' dtype (default the delta's).
     """
-    from lora_experts.task_vectors import dense
-
     out = {}
     for name, idx in masks.items():
-        d = dense(task_vector[name])
+        d = task_vector[name]
+        d = d.dense() if hasattr(d, "dense") else d  # a LowRank delta
         out[name] = SparseDelta(idx, d.reshape(-1)[idx.to(d.device)].to(dtype or d.dtype).cpu(), d.shape)
     return out
 

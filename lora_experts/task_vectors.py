@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_experts.model import lora_modules
+from lora_experts.sparse import sparse_task_vector
 from registry.expert_file import Expert, new_manifest
 
 
@@ -163,8 +164,6 @@ def task_vector(expert: Expert, *, as_dense: bool = False) -> TaskVector:
     if expert.kind == "task_vector":
         return dict(expert.tensors)
     if expert.kind == "sparse":
-        from lora_experts.sparse import sparse_task_vector  # imports this module
-
         return sparse_task_vector(expert)
     raise ValueError(f"a {expert.kind} expert (languages {expert.languages}) has no task vector; only lora, "
                      "task_vector and sparse experts can be fused")

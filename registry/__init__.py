@@ -1,9 +1,27 @@
-"""Base models and expert storage.
+"""Formats and storage: where weights come from and how they are kept.
 
-Everything about *where weights come from and how they are kept* belongs here: loading a base Whisper
-(model, processor, generation config) from a hub id, a local Hugging Face directory or a faster-whisper /
-CTranslate2 directory (converted once into a cached Hugging Face directory), the weight and tokenizer
-fingerprints that tie experts to their base, the project's home directory (``WHISPER_EXPERTS_HOME``), and,
-as later issues land, the expert file format, the content-addressed store with its SQLite index, and packs.
-Nothing in here trains or decodes.
+Loading a base Whisper (hub id, Hugging Face directory, or faster-whisper / CTranslate2 directory, converted
+once) with the weight and tokenizer fingerprints that tie experts to it; the expert file (one safetensors with
+a JSON manifest), the pack and router file formats; the content-addressed store with its SQLite index,
+journal and fsspec mirrors; exports to CTranslate2. Nothing in here trains, decodes or imports peft.
 """
+
+from registry.faces import exports_of, lazy_attribute
+
+_EXPORTS = exports_of({
+    "registry.bases": "Base BaseNotFoundError load_base import_base list_bases base_reference",
+    "registry.expert_file": ("Expert ExpertFormatError ExpertMismatchError load_expert save_expert read_manifest "
+                             "check_compatible"),
+    "registry.store": "Registry",
+    "registry.records": "ExpertRecord ExpertNotFoundError",
+    "registry.packs": "PackFormatError PackInfo create_pack inspect_pack read_pack select_experts",
+})
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

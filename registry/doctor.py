@@ -28,6 +28,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry import journal
 from registry.atomic import fsync_dir
@@ -36,7 +37,9 @@ from registry.home import ensure_writable
 from registry.index_db import (OBJECT_SUFFIX, RegistryIndexError, connect, create_schema, index_error, insert_row,
                                object_path)
 from registry.journal import SHA256_PATTERN
-from registry.store import Registry
+
+if TYPE_CHECKING:  # the store calls these functions; they only need its type
+    from registry.store import Registry
 
 RECOVERED_PREFIX = "recovered-"
 

@@ -16,13 +16,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.atomic import writer_is_dead
 from registry.expert_file import ExpertFormatError, manifest_from_file
 from registry.home import bases_dir
 from registry.index_db import DOCTOR_HINT, OBJECT_SUFFIX
 from registry.records import ExpertRecord, Problem
-from registry.store import Registry
+
+if TYPE_CHECKING:  # the store calls these functions; they only need its type
+    from registry.store import Registry
 
 
 def _object_files(reg: Registry) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 # Matched with fullmatch: a pattern ending in ``$`` would also accept a trailing newline ("uk\n").
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+SHA_PREFIX_PATTERN = re.compile(r"[0-9a-f]{8,64}")  # a content hash prefix (matched with fullmatch)
 RESERVED_TAGS = ("latest", "all")  # selectors with a fixed meaning; a tag cannot shadow them
 OBJECT_SUFFIX = ".safetensors"  # objects are <sha256>.safetensors
 

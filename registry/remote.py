@@ -29,11 +29,16 @@ import os
 import stat
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.expert_file import ExpertFormatError, is_int
+from registry.index_db import OBJECT_SUFFIX
 from registry.journal import SHA256_PATTERN
-from registry.records import ExpertNotFoundError, ExpertRecord, InvalidNameError, validate_name, validate_tag
-from registry.store import OBJECT_SUFFIX, SHA_PREFIX_PATTERN, Registry
+from registry.records import (SHA_PREFIX_PATTERN, ExpertNotFoundError, ExpertRecord, InvalidNameError, validate_name,
+                              validate_tag)
+
+if TYPE_CHECKING:  # the store calls these functions; they only need its type
+    from registry.store import Registry
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 1

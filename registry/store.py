@@ -45,7 +45,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-import re
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,12 +54,11 @@ from registry.expert_file import Expert, ExpertFormatError, expert_bytes, expert
 from registry.home import home_dir
 from registry.index_db import (OBJECT_SUFFIX, RECORD_COLUMNS, SCHEMA_VERSION, Index, RegistryIndexError, insert_row,
                                object_path, rows_to_records, storage_error)
-from registry.records import (ExpertNotFoundError, ExpertRecord, InvalidNameError, Problem, sha256_file,
-                              validate_name, validate_tag)
+from registry.records import (SHA_PREFIX_PATTERN, ExpertNotFoundError, ExpertRecord, InvalidNameError, Problem,
+                              sha256_file, validate_name, validate_tag)
 
 __all__ = ["Registry", "RegistryIndexError", "OBJECT_SUFFIX", "SCHEMA_VERSION", "SHA_PREFIX_PATTERN", "Problem"]
 
-SHA_PREFIX_PATTERN = re.compile(r"[0-9a-f]{8,64}")  # matched with fullmatch
 LIST_HINT = "see `whisper-experts registry list`"
 VERIFY_HINT = "run `whisper-experts registry verify`"
 SMALL_BATCH = 4  # up to this many new objects are fsynced one by one; more are made durable by one os.sync

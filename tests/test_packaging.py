@@ -39,7 +39,7 @@ def test_every_example_ships_in_the_wheel():
 
 
 def test_example_configs_resolve_outside_a_clone(tmp_path, monkeypatch):
-    from trainers.commands import common
+    from trainers.cli import common
 
     installed = tmp_path / "share" / "whisper-experts" / "examples"
     installed.mkdir(parents=True)

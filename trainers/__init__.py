@@ -1,7 +1,27 @@
-"""Recipes: the pieces of ``registry``, ``lora_experts`` and ``distill`` wired into jobs.
+"""Recipes and the command line: the libraries wired into jobs.
 
-Lightning modules and data modules, synthetic speech corpora (``trainers.corpus``), audio reading, the
-evaluation harness (batched decoding, WER/CER per language), fusion weight search, and the
-``whisper-experts`` command line (``trainers.cli``). Dependencies point one way: trainers may import the
-libraries, never the reverse.
+Lightning modules, data modules and recipes (``train_lora``, ``train_sparse``, ``train_full``,
+``train_distill``, ``train_router``), corpora (``trainers.corpus``: synthetic, Hugging Face, a folder of
+recordings, Fish Fillets), fusion weight search (``fusion``), and ``whisper-experts`` (``trainers.cli``).
+May import every other package; none imports it.
 """
+
+from registry.faces import exports_of, lazy_attribute
+
+_EXPORTS = exports_of({
+    "trainers.train_lora": "TrainConfig train_lora_expert",
+    "trainers.train_sparse": "SparseTrainConfig train_sparse_expert",
+    "trainers.train_distill": "DistillConfig train_distilled",
+    "trainers.train_router": "RouterTrainConfig",
+    "trainers.fusion": "fuse_for_target search_weights",
+    "trainers.corpus.loading": "load_corpus",
+})
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    return lazy_attribute(__name__, _EXPORTS, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -58,10 +58,10 @@ def evaluate_clsr_on_test_split(model, processor, data: str, languages: Sequence
     """Test-split WER per language: the base (shared path only) and the CLSR model routed by that language.
 
     Returns:
-        ``{"base": {lang: row}, "expert": {lang: row}}``, rows as in ``trainers.evaluation``.
+        ``{"base": {lang: row}, "expert": {lang: row}}``, rows as in ``inference.evaluation``.
     """
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
 
     utts = utterances_from_dataset(load_corpus(data)["test"], languages, limit)
     opts = DecodeOptions(batch_size=batch_size)

@@ -29,9 +29,9 @@ from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect
                           language_parameters, noise_scale_at, set_language, set_noise_scale)
 from distill.losses import DistillationLoss, DistillationLossConfig
 from trainers.data import IGNORE, cached_encoder_states
-from trainers.decoding import transcribe_batch
+from inference.decoding import transcribe_batch
 from trainers.distributed import gather_union
-from trainers.evaluation import error_rates
+from inference.evaluation import error_rates
 from trainers.lora_module import lr_lambda
 
 

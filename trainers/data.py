@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from trainers.audio import SAMPLE_RATE, load_audio
+from inference.audio import SAMPLE_RATE, load_audio
 
 IGNORE = -100
 

@@ -27,12 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from inference.decoding import duration_bound, log_mel, transcribe_batch
+from inference.evaluation import Utterance, error_rates
 from lora_experts.merge import MergeResult, fused_expert, merge
 from lora_experts.model import attach_expert, remove_experts
 from lora_experts.task_vectors import dense, lora_tensors, task_vector
 from registry.expert_file import Expert
-from trainers.decoding import duration_bound, log_mel, transcribe_batch
-from trainers.evaluation import Utterance, error_rates
 
 FUSION_ADAPTER = "fusion"
 SEARCHES = ("fixed", "grid", "bayes")

@@ -15,12 +15,12 @@ import lightning as L
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from inference.decoding import transcribe_batch
+from inference.evaluation import error_rates
 from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, add_trainable_expert, attach_expert, expert_tensors
 from trainers.data import IGNORE, cached_encoder_states
-from trainers.decoding import transcribe_batch
 from trainers.distributed import gather_union
-from trainers.evaluation import error_rates
 
 
 def lr_lambda(total: int, warmup: int, schedule: str):

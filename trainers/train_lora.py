@@ -274,11 +274,11 @@ def evaluate_on_test_split(base, tensors: dict[str, torch.Tensor], hyperparamete
 
     Returns:
         ``{"base": {lang: row}, "expert": {lang: row}, "paired": {lang: difference}, "guard": ...}``, rows as
-        in ``trainers.evaluation``; ``paired`` is the expert's WER minus the base's with its paired-bootstrap
-        95% interval and p-value (:func:`trainers.evaluation.paired_comparison`).
+        in ``inference.evaluation``; ``paired`` is the expert's WER minus the base's with its paired-bootstrap
+        95% interval and p-value (:func:`inference.evaluation.paired_comparison`).
     """
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import DecodeOptions, evaluate, paired_comparison, utterances_from_dataset
+    from inference.evaluation import DecodeOptions, evaluate, paired_comparison, utterances_from_dataset
 
     utts = utterances_from_dataset(load_corpus(data)["test"], languages, limit)
     opts = DecodeOptions(batch_size=batch_size)

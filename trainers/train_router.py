@@ -1,4 +1,4 @@
-"""Recipe: train a learned router (``lora_experts.router``) over a pack of frozen experts on a language mix.
+"""Recipe: train a learned router (``inference.router``) over a pack of frozen experts on a language mix.
 
 Per step, each utterance of a batch runs through every slot of the router at once, weighted by the router's
 softmax (the batched LoRA layer applies weights that require grad in rank space), and the loss is the
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from lora_experts.bank import expert_bank
-from lora_experts.router import LearnedRouter, audio_frames, router_slots
+from inference.bank import expert_bank
+from inference.router import LearnedRouter, audio_frames, router_slots
 from trainers.data import IGNORE, encode_from
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ def train_router(cfg: RouterTrainConfig, base=None) -> tuple[LearnedRouter, dict
     Returns:
         (the best router, in eval mode on CPU, its manifest filled; a report with the per-epoch history).
     """
+    from inference.packs import load_pack
     from registry.bases import load_base
-    from registry.packs import load_pack
     from trainers.data import ExpertDataModule
     from trainers.lora_module import lr_lambda
 
@@ -231,8 +231,8 @@ def _validate(model, processor, bank, router: LearnedRouter, split: _Split, base
     routed to its own slot instead; no accuracy). ``base_states(batch)``: the base model's encoder output;
     ``encode(batch)``: the encoder output under the routing in force. Greedy decoding is a function of the
     batch and its slots, so transcripts are kept in ``memo`` and a batch routed as before is not decoded again."""
-    from trainers.decoding import duration_bound, transcribe_batch
-    from trainers.evaluation import error_rates
+    from inference.decoding import duration_bound, transcribe_batch
+    from inference.evaluation import error_rates
 
     router.eval()
     ids = router.slot_ids(bank)

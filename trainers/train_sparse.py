@@ -173,11 +173,11 @@ def evaluate_expert_on_test_split(base, expert: Expert, data: str, languages: Se
     """Test-split WER of the base alone and with ``expert`` applied (any kind ``expert_applied`` takes).
 
     Returns:
-        ``{"base": {lang: row}, "expert": {lang: row}, "guard": ...}``, rows as in ``trainers.evaluation``.
+        ``{"base": {lang: row}, "expert": {lang: row}, "guard": ...}``, rows as in ``inference.evaluation``.
     """
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
-    from trainers.language_matrix import expert_applied
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from inference.language_matrix import expert_applied
 
     utts = utterances_from_dataset(load_corpus(data)["test"], languages, limit)
     opts = DecodeOptions(batch_size=batch_size)

@@ -42,8 +42,8 @@ def _ours(base, expert, features):
 def test_exported_expert_transcribes_like_ours(whisper_base, trained, tmp_path):
     from transformers import WhisperForConditionalGeneration
 
+    from inference.audio import load_audio
     from lora_experts.export import export_ct2_expert, export_hf
-    from trainers.audio import load_audio
 
     expert, rows = trained
     audio = [load_audio(r["audio"]) for r in rows]

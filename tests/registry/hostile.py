@@ -35,7 +35,7 @@ def preload() -> None:
     import registry.integrity  # noqa: F401
     import registry.packs  # noqa: F401
     import registry.remote  # noqa: F401
-    import trainers.commands.pack  # noqa: F401
+    import trainers.cli.pack  # noqa: F401
     from trainers.cli import build_parser
 
     build_parser()

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from distill.clsr import add_language, convert_to_clsr, make_clsr_expert, set_language
-from lora_experts.bank import expert_bank
+from inference.bank import expert_bank
+from inference.packs import add_expert, load_pack
 from lora_experts.model import attach_expert
 from lora_experts.sparse import apply_sparse, sparse_deltas, sparse_expert
 from registry.bases import load_base
 from registry.expert_file import Expert, new_manifest
-from registry.packs import add_expert, create_pack, inspect_pack, load_pack, read_pack
+from registry.packs import create_pack, inspect_pack, read_pack
 from registry.store import Registry
 from tests.distill.clsr_helpers import randomize_language
 from tests.lora_experts.random_experts import linear_shapes, lora_expert
-from tests.lora_experts.test_sparse_routing import random_sparse
+from tests.inference.test_sparse_routing import random_sparse
 from trainers.cli import main
 
 FEATS = torch.randn(3, 80, 3000, generator=torch.Generator().manual_seed(1))

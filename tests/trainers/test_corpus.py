@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from trainers.audio import SAMPLE_RATE, is_silent, load_audio
-from trainers.commands import corpus as corpus_command
+from inference.audio import SAMPLE_RATE, is_silent, load_audio
+from trainers.cli import corpus as corpus_command
 from trainers.corpus import synth
 from trainers.corpus.importers import corpus_from_dir, corpus_from_hf
 from trainers.corpus.loading import (
@@ -178,7 +178,6 @@ def tiny_corpus(tmp_path_factory, tiny_config):
     return out, synthesize_corpus(tiny_config, out, progress=False)
 
 
-@pytest.mark.slow
 def test_synthesized_corpus_schema(tiny_corpus, tiny_config):
     out, corpus = tiny_corpus
     assert list(corpus) == ["train", "validation", "test"]
@@ -199,7 +198,6 @@ def test_synthesized_corpus_schema(tiny_corpus, tiny_config):
     assert card["languages"]["uk"]["utterances"] == {"train": 4, "validation": 1, "test": 1}
 
 
-@pytest.mark.slow
 def test_synthesized_splits_share_no_sentence_and_test_speakers_are_unseen(tiny_corpus):
     _, corpus = tiny_corpus
     texts = {split: set(ds["text"]) for split, ds in corpus.items()}
@@ -208,7 +206,6 @@ def test_synthesized_splits_share_no_sentence_and_test_speakers_are_unseen(tiny_
     assert not set(corpus["train"]["voice"]) & set(corpus["test"]["voice"])
 
 
-@pytest.mark.slow
 def test_synthesized_audio_is_16k_mono_flac_speech(tiny_corpus, tiny_config):
     _, corpus = tiny_corpus
     for row in corpus["test"]:
@@ -221,7 +218,6 @@ def test_synthesized_audio_is_16k_mono_flac_speech(tiny_corpus, tiny_config):
         assert np.max(np.abs(audio[: int(0.2 * SAMPLE_RATE)])) > 0.01
 
 
-@pytest.mark.slow
 def test_synthesis_is_reproducible_for_a_seed(tiny_corpus, tiny_config, tmp_path):
     _, corpus = tiny_corpus
     again = synthesize_corpus(tiny_config, tmp_path / "again", progress=False)
@@ -232,7 +228,6 @@ def test_synthesis_is_reproducible_for_a_seed(tiny_corpus, tiny_config, tmp_path
         assert [a["bytes"] for a in corpus[split]["audio"]] == [a["bytes"] for a in again[split]["audio"]]
 
 
-@pytest.mark.slow
 def test_load_corpus_round_trip_and_overwrite(tiny_corpus, tmp_path):
     out, corpus = tiny_corpus
     loaded = load_corpus(out)

@@ -121,8 +121,8 @@ def test_fixed_weights_must_match_the_experts():
 
 
 def test_fuse_for_target_stores_the_search_in_the_expert(base, experts, uk_corpus, tmp_path):
+    from inference.evaluation import utterances_from_dataset
     from trainers.corpus.loading import load_corpus
-    from trainers.evaluation import utterances_from_dataset
 
     dev = utterances_from_dataset(load_corpus(str(uk_corpus))["test"], ["uk"])
     fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], "uk", dev, method="linear",

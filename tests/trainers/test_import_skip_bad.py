@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from trainers.audio import AudioError
+from inference.audio import AudioError
 from trainers.cli import main
 from trainers.corpus.loading import load_corpus
 

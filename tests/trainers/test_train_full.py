@@ -66,8 +66,8 @@ def fine_tuned(uk_corpus, tiny_whisper_dir, tmp_path_factory):
 
 
 def test_the_recipe_stores_a_task_vector_expert_that_fuses(fine_tuned, tiny_whisper):
+    from inference.language_matrix import expert_applied
     from lora_experts.merge import fuse_experts
-    from trainers.language_matrix import expert_applied
 
     expert, report = fine_tuned
     m = expert.manifest

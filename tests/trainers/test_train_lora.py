@@ -106,7 +106,7 @@ def test_unknown_language_is_refused(uk_corpus, tiny_whisper_dir, tmp_path):
 
 def test_yaml_config_with_overrides(tmp_path):
     from trainers.cli import build_parser
-    from trainers.commands.train import _config_from_args
+    from trainers.cli.train import _config_from_args
 
     (tmp_path / "c.yaml").write_text("data: d\nlanguage: uk\nname: uk-x\nrank: 8\nepochs: 4\n")
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2"])
@@ -122,7 +122,7 @@ def test_example_config_parses():
     from pathlib import Path
 
     from trainers.cli import build_parser
-    from trainers.commands.train import _config_from_args
+    from trainers.cli.train import _config_from_args
 
     path = Path(__file__).resolve().parents[2] / "examples" / "train_lora_uk.yaml"
     assert path.read_text().startswith("# whisper-experts train --config examples/train_lora_uk.yaml")

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from lora_experts.bank import expert_bank
-from lora_experts.router import LearnedRouter, LearnedRouting, audio_frames
+from inference.bank import expert_bank
+from inference.router import LearnedRouter, audio_frames
+from inference.routing import LearnedRouting
 from registry.bases import load_base
 from registry.expert_file import Expert, new_manifest
 from registry.packs import create_pack
 from trainers.cli import main
-from trainers.audio import load_audio
+from inference.audio import load_audio
 from trainers.corpus.loading import load_corpus, make_row, rows_to_dataset, save_corpus
-from trainers.decoding import log_mel
+from inference.decoding import log_mel
 from trainers.train_router import RouterTrainConfig, train_router
 
 SR = 16000
@@ -136,8 +137,8 @@ def test_the_router_learns_from_the_decoder_loss_alone_to_send_each_language_to_
 
 
 def test_experts_that_route_hard_train_the_router_on_the_language_loss_alone(tiny_base, pack, tone_corpus, tmp_path):
-    from lora_experts.bank import RoutedKind
-    from registry.packs import load_pack
+    from inference.bank import RoutedKind
+    from inference.packs import load_pack
 
     class Recorder(RoutedKind):  # stands in for CLSR experts: computed in the model's own layers, routed hard
         kind = "recorded"

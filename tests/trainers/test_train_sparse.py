@@ -64,9 +64,10 @@ def test_gradient_masks_per_matrix_from_an_existing_expert(trained, tmp_path):
 
 
 def test_packs_store_sparse_experts_and_evaluation_restores_the_base(trained, tiny_whisper_dir, tmp_path):
+    from inference.language_matrix import expert_applied
+    from inference.packs import load_pack
     from registry.bases import load_base
-    from registry.packs import create_pack, load_pack, read_pack
-    from trainers.language_matrix import expert_applied
+    from registry.packs import create_pack, read_pack
 
     _, expert, _ = trained
     info = create_pack(tmp_path / "pack.safetensors", {"uk-sparse": expert})
@@ -108,7 +109,7 @@ def test_train_kind_sparse_from_the_command_line(uk_corpus, tiny_whisper_dir, tm
 
 def test_yaml_config_selects_the_sparse_recipe(tmp_path):
     from trainers.cli import build_parser
-    from trainers.commands.train import _config_from_args
+    from trainers.cli.train import _config_from_args
 
     (tmp_path / "s.yaml").write_text("data: d\nlanguage: uk\nname: uk-s\nkind: sparse\nsparsity: 0.95\n")
     cfg, name, _ = _config_from_args(build_parser().parse_args(["train", "--config", str(tmp_path / "s.yaml"),

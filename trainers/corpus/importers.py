@@ -17,7 +17,7 @@ from typing import Any
 
 import datasets
 
-from trainers.audio import AudioError, load_audio
+from inference.audio import AudioError, load_audio
 from trainers.corpus.loading import SPLITS, CorpusFormatError, make_row, rows_to_dataset
 from trainers.corpus.languages import language_code
 
@@ -139,7 +139,7 @@ def corpus_from_dir(
     """
     from tqdm.auto import tqdm
 
-    from trainers.audio import AudioError
+    from inference.audio import AudioError
 
     directory = Path(path).expanduser()
     if not directory.is_dir():
@@ -215,7 +215,7 @@ def corpus_from_hf(
     """Import a Hugging Face audio dataset (hub id or local path) into the corpus format.
 
     The audio column is cast to ``Audio(decode=False)`` before any row is read, so torchcodec is never
-    used; each file is decoded by :func:`trainers.audio.load_audio`, made 16 kHz mono and stored as FLAC.
+    used; each file is decoded by :func:`inference.audio.load_audio`, made 16 kHz mono and stored as FLAC.
 
     Args:
         name_or_path: as for ``datasets.load_dataset`` (``mozilla-foundation/common_voice_17_0``,

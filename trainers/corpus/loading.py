@@ -17,7 +17,7 @@ source    where the sentence came from (``fortunes-de``, ``chatterbot-corpus``, 
 The audio bytes are embedded, so the directory is self-contained. ``save_to_disk`` keeps only the base name
 of ``path`` (``de/de-00042.flac`` is stored as ``de-00042.flac``); the bytes are what matters.
 Audio is never decoded by ``datasets`` (its decoder, torchcodec, needs CUDA libraries): read it with
-:func:`trainers.audio.load_audio`.
+:func:`inference.audio.load_audio`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from registry.atomic import move_into_place, new_staging_dir
 
-from trainers.audio import SAMPLE_RATE, encode_flac
+from inference.audio import SAMPLE_RATE, encode_flac
 from trainers.corpus.languages import CorpusError
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from trainers.audio import SAMPLE_RATE, encode_flac, is_silent, resample, trim_silence
+from inference.audio import SAMPLE_RATE, encode_flac, is_silent, resample, trim_silence
 from trainers.corpus.loading import SPLITS, atomic_output_dir, load_corpus, make_row, rows_to_dataset, write_corpus_dir
 from trainers.corpus.languages import CorpusError, espeak_voices, language_code
 from trainers.corpus.sources import sentences

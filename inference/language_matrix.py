@@ -1,0 +1,153 @@
+"""The language x expert WER matrix: every language of a test set under the base and under each expert in turn.
+
+Rows are the base alone and each expert (single-language experts and merged ones alike), columns the
+languages, cells normalized WER. Along a row: what an expert does to the languages it was not trained for
+(interference); down a column: which expert serves that language best. All rows decode on one loaded base:
+a ``lora`` expert is attached and then detached (peft's wrappers replaced by the original layers), a
+``task_vector`` expert is added to the weights it touches, which are then restored from a copy, a ``sparse``
+expert's masked entries are changed in place and their originals written back; either way the base is
+bit-exactly as before (:func:`expert_applied`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from inference.evaluation import DecodeOptions, EvalReport, Utterance, evaluate
+from lora_experts.model import attach_expert, remove_experts
+from lora_experts.sparse import sparse_applied
+from lora_experts.task_vectors import apply_task_vector
+from registry.expert_file import Expert
+
+MATRIX_ADAPTER = "matrix"
+
+
+@contextmanager
+def expert_applied(model: torch.nn.Module, expert: Expert):
+    """Apply ``expert`` to ``model`` inside the ``with`` block; on leaving it (also on an error) the model's
+    parameters are bit-exactly what they were.
+
+    Args:
+        model: a ``WhisperForConditionalGeneration`` with no expert attached (detaching removes every adapter).
+        expert: a ``lora`` expert (attached with peft), a ``task_vector`` expert (dense deltas, added in place) or
+            a ``sparse`` expert (its masked entries changed in place).
+    """
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("the model already carries an expert; the matrix applies experts one at a time to the "
+                         "plain base (remove the attached expert first)")
+    if expert.kind == "lora":
+        attach_expert(model, expert.tensors, expert.manifest["hyperparameters"], MATRIX_ADAPTER)
+        try:
+            yield
+        finally:
+            remove_experts(model)
+    elif expert.kind == "task_vector":
+        params = dict(model.named_parameters())
+        # Copies of what the expert touches; unknown names are left for apply_task_vector to report.
+        saved = {name: params[name].detach().clone() for name in expert.tensors if name in params}
+        try:
+            apply_task_vector(model, expert.tensors)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+    elif expert.kind == "sparse":
+        with sparse_applied(model, expert):
+            yield
+    else:
+        raise ValueError(f"a {expert.kind} expert (languages {', '.join(expert.languages)}) cannot be applied to "
+                         "Whisper's weights; the matrix takes lora, task_vector and sparse experts")
+
+
+@dataclass
+class LanguageMatrix:
+    """Per-language results of the base and of each expert on one set of utterances.
+
+    Attributes:
+        labels: row names, ``base`` first, then each expert as given.
+        languages: column names, the utterances' language codes, sorted.
+        reports: one :class:`~inference.evaluation.EvalReport` per row.
+        own: per row, the languages that row's expert was made for (empty for the base).
+    """
+
+    labels: list[str]
+    languages: list[str]
+    reports: list[EvalReport]
+    own: list[list[str]] = field(default_factory=list)
+
+    def cells(self, metric: str = "wer") -> list[list[float]]:
+        """(rows, languages) of ``metric`` (``wer``, ``cer``, ``wer_raw``, ``cer_raw``) in percent."""
+        return [[100 * getattr(r.languages[lang], metric) for lang in self.languages] for r in self.reports]
+
+    def as_dict(self) -> dict:
+        wer, cer = self.cells("wer"), self.cells("cer")
+        return {"metric": "normalized WER and CER, percent", "rows": self.labels, "languages": self.languages,
+                "wer": wer, "cer": cer, "mean_wer": [_mean(row) for row in wer], "own_languages": self.own,
+                "n": [self.reports[0].languages[lang].n for lang in self.languages]}
+
+    def markdown(self) -> str:
+        """Rows x languages of normalized WER %, with the unweighted mean; an expert's own languages in bold."""
+        head = "| WER % | " + " | ".join(self.languages) + " | mean |"
+        rows = [head, "|" + "---|" * (len(self.languages) + 2)]
+        for label, own, values in zip(self.labels, self.own, self.cells("wer")):
+            shown = [f"**{v:.1f}**" if lang in own else f"{v:.1f}" for lang, v in zip(self.languages, values)]
+            rows.append(f"| {label} | " + " | ".join(shown) + f" | {_mean(values):.1f} |")
+        return "\n".join(rows)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def language_matrix(model, processor, utterances: Sequence[Utterance], experts: Sequence[tuple[str, Expert]],
+                    opts: DecodeOptions = DecodeOptions(), progress: bool = True) -> LanguageMatrix:
+    """Evaluate ``utterances`` under the base, then under each expert applied alone (see the module doc).
+
+    Args:
+        model, processor: the loaded base, with no expert attached; it is left as it was.
+        utterances: the test set, any number of languages.
+        experts: (row label, expert) pairs, in row order.
+        opts: decoding options, the same for every row.
+    """
+    labels, reports, own = ["base"], [evaluate(model, processor, utterances, opts, progress=progress)], [[]]
+    for label, expert in experts:
+        with expert_applied(model, expert):
+            reports.append(evaluate(model, processor, utterances, opts, progress=progress))
+        labels.append(label)
+        own.append(list(expert.languages))
+    return LanguageMatrix(labels, sorted(reports[0].languages), reports, own)
+
+
+def plot_matrix(matrix: LanguageMatrix, path: str, title: str = "") -> str:
+    """PNG heatmap of the WER matrix (rows: base and experts, columns: languages), values written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = matrix.cells("wer")
+    top = max((v for row in values for v in row if not math.isnan(v)), default=0.0)
+    fig, ax = plt.subplots(figsize=(1.2 * len(matrix.languages) + 2.5, 0.5 * len(matrix.labels) + 1.5))
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(matrix.languages)), matrix.languages)
+    ax.set_yticks(range(len(matrix.labels)), matrix.labels)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            bold = "bold" if matrix.languages[j] in matrix.own[i] else "normal"
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontweight=bold,
+                    color="white" if v > 0.5 * top else "black")
+    fig.colorbar(image, ax=ax, label="WER %")
+    ax.set_xlabel("test language")
+    ax.set_title(title or "WER % by language under each expert")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

