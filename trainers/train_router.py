@@ -22,8 +22,8 @@ base (the router's input) and under the step's routing (what the decoder attends
 Each epoch ends with validation: routing accuracy (top slot == the utterance's own slot) and the WER of greedy
 decoding with hard top-1 routing, in the top slot's language. The router with the lowest validation WER (ties:
 higher accuracy) is kept; the oracle WER (every utterance with its own expert and language) is reported
-beside it. A plain loop, not Lightning: one ~30k-parameter module, a few hundred steps, no checkpoints or
-distribution to manage.
+beside it. :class:`RouterModule` is the LightningModule (the router is its only child, so Lightning's
+train/eval switching never touches the frozen Whisper); :func:`train_router` wires data, model and trainer.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import lightning as L
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from transformers import get_scheduler
 from transformers.modeling_outputs import BaseModelOutput
 
 from inference.bank import expert_bank
@@ -110,7 +111,6 @@ def train_router(cfg: RouterTrainConfig, base=None) -> tuple[LearnedRouter, dict
     from inference.packs import load_pack
     from registry.bases import load_base
     from trainers.data import ExpertDataModule
-    from trainers.lora_module import lr_lambda
 
     t0 = time.time()
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -153,62 +153,16 @@ def train_router(cfg: RouterTrainConfig, base=None) -> tuple[LearnedRouter, dict
 
     torch.manual_seed(cfg.seed)
     router = LearnedRouter(slots, bank.names, model.config.d_model, cfg.hidden, cfg.dropout, bank.base).to(device)
-    ids = router.slot_ids(bank)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = max(1, cfg.epochs * len(train.loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, 0, "cosine"))
-
-    def encode(batch) -> torch.Tensor:
-        """The encoder output under the routing in force, from what the batch holds."""
-        if "encoder_hidden_states" in batch:
-            return batch["encoder_hidden_states"].to(device, model.dtype)
-        if "encoder_layer_input" in batch:
-            return encode_from(model.model.encoder, batch["encoder_layer_input"].to(device, model.dtype), start)
-        return model.model.encoder(batch["input_features"].to(device, model.dtype)).last_hidden_state
-
-    def base_states(batch) -> torch.Tensor:
-        with bank.route(None), torch.no_grad():
-            return encode(batch)
-
-    memo: dict = {}  # validation transcripts per (batch, slots)
-    oracle = _validate(model, base.processor, bank, router, val, base_states, encode, own, memo, oracle=True)
-    history, best, best_key = [], None, None
-    bar = tqdm(total=total, desc="router", unit="step", disable=not cfg.progress)
-    for epoch in range(cfg.epochs):
-        train.loader.batch_sampler.set_epoch(epoch)
-        router.train()
-        sums = {"ce": 0.0, "aux": 0.0, "n": 0}
-        for batch in train.loader:
-            states = base_states(batch)
-            logits = router(states, _frames(train, batch))
-            target = torch.tensor([own[lang] for lang in batch["language"]], device=device)
-            table = ids.to(device).expand(len(target), -1)
-            ce = torch.zeros((), device=device)
-            if soft:
-                with bank.route(table, weights=logits.softmax(-1)):  # all slots, weighted: gradients reach the router
-                    routed = states if start is None else encode(batch)
-                    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=routed),
-                                decoder_input_ids=batch["decoder_input_ids"].to(device)).logits
-                ce = F.cross_entropy(out.float().transpose(1, 2), batch["labels"].to(device), ignore_index=IGNORE)
-            aux = F.cross_entropy(logits.float(), target)
-            loss = ce + cfg.aux_weight * aux if cfg.aux_weight else ce
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, ce=f"{ce.item():.3f}", aux=f"{aux.item():.3f}")
-            sums["ce"], sums["aux"], sums["n"] = sums["ce"] + ce.item(), sums["aux"] + aux.item(), sums["n"] + 1
-        metrics = _validate(model, base.processor, bank, router, val, base_states, encode, own, memo)
-        history.append({"epoch": epoch, "train_ce": sums["ce"] / sums["n"], "train_aux": sums["aux"] / sums["n"],
-                        **metrics})
-        bar.write(f"epoch {epoch}: validation routing accuracy {100 * metrics['routing_accuracy']:.1f}%, "
-                  f"WER {100 * metrics['wer']:.1f}% (oracle {100 * oracle['wer']:.1f}%)")
-        key = (metrics["wer"], -metrics["routing_accuracy"], metrics["router_ce"])
-        if best_key is None or key < best_key:
-            best_key, best = key, (epoch, copy.deepcopy(router.state_dict()), metrics)
-    bar.close()
-
+    module = RouterModule(model, base.processor, bank, router, cfg, own, start, soft, train, val)
+    module.oracle = _validate(model, base.processor, bank, router, val, module.base_states, module.encode, own,
+                              module.memo, oracle=True)
+    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                        precision="32-true", logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, enable_progress_bar=cfg.progress, enable_model_summary=False,
+                        deterministic=False)
+    router.train()  # the oracle pass left it in eval mode
+    trainer.fit(module, train_dataloaders=train.loader)
+    history, best, oracle, total = module.history, module.best, module.oracle, module.total_steps
     epoch, state, metrics = best
     router.load_state_dict(state)
     router = router.cpu().eval()
@@ -222,6 +176,92 @@ def train_router(cfg: RouterTrainConfig, base=None) -> tuple[LearnedRouter, dict
     report = {"history": history, "best_epoch": epoch, "validation": metrics, "oracle": oracle,
               "seconds": round(time.time() - t0, 1)}
     return router, report
+
+
+class RouterModule(L.LightningModule):
+    """The router's training as a LightningModule: the loss of the module docstring per step, and after each
+    epoch the validation of :func:`_validate` (routing accuracy, WER of hard top-1 routing); the router with
+    the lowest validation WER (ties: higher accuracy, then lower router cross-entropy) is kept in ``best``.
+
+    Args:
+        model: the frozen Whisper carrying ``bank`` (not a child module: it stays frozen and in eval mode).
+        processor: its processor (validation decodes).
+        bank: the experts routed between; router: the :class:`LearnedRouter` that trains.
+        cfg: the run's options; own: language -> its own slot; start: the lowest encoder layer an expert adapts
+            (None: none); soft: whether the decoder's loss can be mixed over the slots; train, val: the splits.
+    """
+
+    def __init__(self, model, processor, bank, router: LearnedRouter, cfg: RouterTrainConfig, own: dict,
+                 start: int | None, soft: bool, train: "_Split", val: "_Split"):
+        super().__init__()
+        self.router = router
+        self._frozen = {"model": model, "processor": processor, "bank": bank, "train": train, "val": val}
+        self.cfg, self.own, self.start, self.soft = cfg, own, start, soft
+        self.ids = router.slot_ids(bank)
+        self.memo: dict = {}  # validation transcripts per (batch, slots)
+        self.history: list[dict] = []
+        self.best: tuple | None = None
+        self._best_key = None
+        self._sums = {"ce": 0.0, "aux": 0.0, "n": 0}
+        self.oracle: dict | None = None
+        self.total_steps = 1
+
+    def encode(self, batch) -> torch.Tensor:
+        """The encoder output under the routing in force, from what the batch holds."""
+        model = self._frozen["model"]
+        device = next(model.parameters()).device
+        if "encoder_hidden_states" in batch:
+            return batch["encoder_hidden_states"].to(device, model.dtype)
+        if "encoder_layer_input" in batch:
+            return encode_from(model.model.encoder, batch["encoder_layer_input"].to(device, model.dtype), self.start)
+        return model.model.encoder(batch["input_features"].to(device, model.dtype)).last_hidden_state
+
+    def base_states(self, batch) -> torch.Tensor:
+        with self._frozen["bank"].route(None), torch.no_grad():
+            return self.encode(batch)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.router.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        model, bank = self._frozen["model"], self._frozen["bank"]
+        states = self.base_states(batch)
+        logits = self.router(states, _frames(self._frozen["train"], batch))
+        target = torch.tensor([self.own[lang] for lang in batch["language"]], device=logits.device)
+        ce = torch.zeros((), device=logits.device)
+        if self.soft:
+            table = self.ids.to(logits.device).expand(len(target), -1)
+            with bank.route(table, weights=logits.softmax(-1)):  # all slots, weighted: gradients reach the router
+                routed = states if self.start is None else self.encode(batch)
+                out = model(encoder_outputs=BaseModelOutput(last_hidden_state=routed),
+                            decoder_input_ids=batch["decoder_input_ids"].to(logits.device)).logits
+            ce = F.cross_entropy(out.float().transpose(1, 2), batch["labels"].to(logits.device), ignore_index=IGNORE)
+        aux = F.cross_entropy(logits.float(), target)
+        self._sums["ce"] += ce.item()
+        self._sums["aux"] += aux.item()
+        self._sums["n"] += 1
+        self.log_dict({"ce": ce.detach(), "aux": aux.detach()}, prog_bar=True, on_step=True, on_epoch=False)
+        return ce + self.cfg.aux_weight * aux if self.cfg.aux_weight else ce
+
+    def on_train_epoch_end(self):
+        f = self._frozen
+        metrics = _validate(f["model"], f["processor"], f["bank"], self.router, f["val"], self.base_states,
+                            self.encode, self.own, self.memo)
+        n = max(1, self._sums["n"])
+        self.history.append({"epoch": self.current_epoch, "train_ce": self._sums["ce"] / n,
+                             "train_aux": self._sums["aux"] / n, **metrics})
+        self._sums = {"ce": 0.0, "aux": 0.0, "n": 0}
+        if self.cfg.progress:
+            self.print(f"epoch {self.current_epoch}: validation routing accuracy "
+                       f"{100 * metrics['routing_accuracy']:.1f}%, WER {100 * metrics['wer']:.1f}% "
+                       f"(oracle {100 * self.oracle['wer']:.1f}%)")
+        key = (metrics["wer"], -metrics["routing_accuracy"], metrics["router_ce"])
+        if self._best_key is None or key < self._best_key:
+            self._best_key, self.best = key, (self.current_epoch, copy.deepcopy(self.router.state_dict()), metrics)
+        self.router.train()
 
 
 @torch.no_grad()
