@@ -88,6 +88,13 @@ class PairedDifference:
     def significant(self) -> bool:
         return not (self.low <= 0.0 <= self.high)
 
+    def as_dict(self, n: int | None = None) -> dict:
+        """``{"a", "b", "difference", "relative", "ci95", "p_value", "significant"}`` (and ``n`` when given), as
+        reports store it and :func:`format_change` reads it."""
+        out = {"a": self.a, "b": self.b, "difference": self.difference, "relative": self.relative,
+               "ci95": [self.low, self.high], "p_value": self.p_value, "significant": self.significant}
+        return out if n is None else {**out, "n": n}
+
 
 def paired_bootstrap(errors_a: np.ndarray, errors_b: np.ndarray, totals: np.ndarray, *,
                      n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> PairedDifference:

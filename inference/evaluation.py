@@ -244,8 +244,7 @@ def paired_comparison(a: EvalReport | dict, b: EvalReport | dict) -> dict[str, d
             continue
         d = paired_bootstrap(np.array([x["word_errors"] for x, _ in pairs]),
                              np.array([y["word_errors"] for _, y in pairs]), np.array([x["words"] for x, _ in pairs]))
-        out[lang] = {"a": d.a, "b": d.b, "difference": d.difference, "relative": d.relative,
-                     "ci95": [d.low, d.high], "p_value": d.p_value, "significant": d.significant, "n": len(pairs)}
+        out[lang] = d.as_dict(n=len(pairs))
     return out
 
 

@@ -153,3 +153,9 @@ def test_package_faces_name_what_exists_and_import_lazily():
 
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         inference.nothing_here  # noqa: B018
+
+
+def test_results_page_is_generated_from_the_benchmarks_tables():
+    out = subprocess.run([sys.executable, "benchmarks/results_page.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr

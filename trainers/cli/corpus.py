@@ -205,8 +205,7 @@ def _from_dir(args) -> int:
 def _fetch(args) -> int:
     from registry.home import home_dir
     from trainers.corpus import fillets
-    from trainers.corpus.importers import corpus_from_dir
-    from trainers.corpus.loading import load_corpus, save_corpus
+    from trainers.corpus.loading import load_corpus
 
     languages = split_list(args.languages) or list(fillets.LANGUAGES)
     if args.source_dir:
@@ -215,21 +214,11 @@ def _fetch(args) -> int:
         cache = Path(args.cache) if args.cache else home_dir() / "downloads" / "fillets"
         print(f"fetching Debian's Fish Fillets NG packages into {cache}")
         game = fillets.fetch_packages(cache, languages)
-    clips, missing = fillets.read_dialogs(game, languages)
-    counts: dict[str, int] = defaultdict(int)
-    for clip in clips:
-        counts[clip.level] += 1
-    splits = fillets.split_levels(dict(counts), args.split or (0.7, 0.1, 0.2))
-    skipped: list[tuple[str, str]] = []
-    with fillets.audiofolder(game, clips, splits) as folder:
-        corpus = corpus_from_dir(folder, skip_bad=True, skipped=skipped, progress=True)
-    save_corpus(corpus, args.out, overwrite=args.overwrite, progress=False, card={
-        "kind": "recorded", "source": "fish-fillets-ng (Debian packages fillets-ng-data, fillets-ng-data-"
-        + ", fillets-ng-data-".join(languages) + "; GPL-2)", "split": "by game level",
-        "levels": {s: sorted(lvl for lvl, v in splits.items() if v == s) for s in ("train", "validation", "test")},
-        "skipped": len(skipped), "unrecorded_lines": missing})
-    print(f"{len(clips)} clips with transcripts; {sum(missing.values())} lines without a recording left out")
-    _report_skipped(skipped)
+    made = fillets.build_corpus(game, languages, args.out, overwrite=args.overwrite,
+                                split=args.split or (0.7, 0.1, 0.2))
+    print(f"{made['clips']} clips with transcripts; {sum(made['unrecorded_lines'].values())} lines without a "
+          "recording left out")
+    _report_skipped(made["skipped"])
     print_summary(load_corpus(args.out), args.out)
     return 0
 

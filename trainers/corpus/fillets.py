@@ -11,8 +11,9 @@ transcripts, one Lua file per game level and language::
 ``fetch_packages`` downloads and unpacks the packages with ``apt-get download`` + ``dpkg-deb -x`` (no root,
 no install); ``read_dialogs`` pairs clips with their lines; ``split_levels`` deals whole game levels to
 train / validation / test, so a test scene and its sentences are never trained on; ``audiofolder`` writes
-an ``audiofolder`` ``metadata.jsonl`` (in a temporary folder), and the import itself is :func:`trainers.corpus.importers.corpus_from_dir`,
-the path a user's own recordings take.
+an ``audiofolder`` ``metadata.jsonl`` (in a temporary folder), and the import itself is
+:func:`trainers.corpus.importers.corpus_from_dir`, the path a user's own recordings take. ``build_corpus``
+does all of it (``corpus fetch fillets`` and the quickstart call it).
 """
 
 from __future__ import annotations
@@ -192,3 +193,32 @@ def fetch_packages(dest: str | os.PathLike, languages: Sequence[str] = LANGUAGES
             for p in todo:
                 (stamps / p).touch()
     return game_root(dest)
+
+
+def build_corpus(game: Path, languages: Sequence[str], out: str | os.PathLike, *, overwrite: bool = False,
+                 split: tuple[float, float, float] = (0.7, 0.1, 0.2), progress: bool = True) -> dict:
+    """Write the corpus of ``languages`` from an unpacked game (``fetch_packages`` or an installed game) to
+    ``out``: whole levels per split, unusable clips skipped and counted, a card saying where it came from.
+
+    Returns:
+        ``{"clips", "unrecorded_lines" (per language), "skipped" [(file, reason)]}``.
+    """
+    from collections import defaultdict
+
+    from trainers.corpus.importers import corpus_from_dir
+    from trainers.corpus.loading import save_corpus
+
+    clips, missing = read_dialogs(game, languages)
+    counts: dict[str, int] = defaultdict(int)
+    for clip in clips:
+        counts[clip.level] += 1
+    splits = split_levels(dict(counts), split)
+    skipped: list[tuple[str, str]] = []
+    with audiofolder(game, clips, splits) as folder:
+        corpus = corpus_from_dir(folder, skip_bad=True, skipped=skipped, progress=progress)
+    save_corpus(corpus, out, overwrite=overwrite, progress=False, card={
+        "kind": "recorded", "source": "fish-fillets-ng (Debian packages fillets-ng-data, fillets-ng-data-"
+        + ", fillets-ng-data-".join(languages) + "; GPL-2)", "split": "by game level",
+        "levels": {s: sorted(lvl for lvl, v in splits.items() if v == s) for s in ("train", "validation", "test")},
+        "skipped": len(skipped), "unrecorded_lines": missing})
+    return {"clips": len(clips), "unrecorded_lines": missing, "skipped": skipped}
