@@ -12,6 +12,10 @@ When an expert leaves the encoder untouched, :class:`EncoderCache` runs the froz
 and keeps its outputs in a float16 memory-mapped file (bounded memory: the OS pages it), so later epochs pay
 only for the decoder. When it adapts only the top encoder layers (``encoder_start`` k > 0), the cache holds
 the input of layer k instead (:func:`encode_until`) and training runs layers k.. only (:func:`encode_from`).
+
+:class:`ExpertDataModule` can train on several corpora mixed by weight (:mod:`trainers.corpus_mix`) and with
+augmentation (:mod:`trainers.augment`): speed and noise copies are featurized and cached like the originals,
+SpecAugment masks each training batch (features or cached activations) after it reaches the device.
 """
 
 from __future__ import annotations
@@ -54,16 +58,26 @@ def make_example(tokenizer, text: str, language: str | None, max_length: int = 4
 
 
 def featurize(dataset, processor, language_of=lambda row: row["language"], multilingual: bool = True,
-              desc: str = "features"):
-    """``datasets.map`` the corpus split into ``input_features`` (float16) + ``decoder_input_ids`` + ``labels``."""
+              desc: str = "features", variant=None):
+    """``datasets.map`` the corpus split into ``input_features`` (float16) + ``decoder_input_ids`` + ``labels``.
+
+    Args:
+        variant: a :class:`trainers.augment.AudioVariant` applied to each waveform first (a speed or noise copy);
+            its ``tag`` is appended to every ``id``. None: the audio as it is.
+    """
     fe, tok = processor.feature_extractor, processor.tokenizer
+    variant = None if variant is None or variant.original else variant
 
     def fn(batch):
         audios = [load_audio(a) for a in batch["audio"]]
+        out = {}
+        if variant is not None:
+            audios = [variant(a, i) for a, i in zip(audios, batch["id"])]
+            out["id"] = [i + variant.tag for i in batch["id"]]
         feats = fe(audios, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float16)
         examples = [make_example(tok, t, lang if multilingual else None)
                     for t, lang in zip(batch["text"], batch["language"])]
-        return {"input_features": list(feats), "decoder_input_ids": [e["decoder_input_ids"] for e in examples],
+        return {**out, "input_features": list(feats), "decoder_input_ids": [e["decoder_input_ids"] for e in examples],
                 "labels": [e["labels"] for e in examples], "seconds": [len(a) / SAMPLE_RATE for a in audios]}
 
     keep = {"id", "text", "language"}
@@ -156,6 +170,21 @@ class EncoderCache:
         return f"enc-{base_fingerprint[:8]}-{h}" + ("" if layer is None else f"-layer{layer}")
 
 
+class ConcatCache:
+    """Several :class:`EncoderCache` files read as one, rows in order (corpora and their augmented copies)."""
+
+    def __init__(self, caches: Sequence[EncoderCache]):
+        self.caches, self.layer = list(caches), caches[0].layer
+        self.starts = np.cumsum([0] + [len(c) for c in self.caches])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.caches[part][index - int(self.starts[part])]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+
 class ExpertDataset(Dataset):
     """Rows of a featurized split, with encoder outputs (or layer inputs) from a cache when one is given."""
 
@@ -178,6 +207,8 @@ class ExpertDataset(Dataset):
         row = self._read[i]
         item = {"index": i, "decoder_input_ids": row["decoder_input_ids"], "labels": row["labels"],
                 "language": row["language"], "text": row["text"]}
+        if "seconds" in row:  # SpecAugment keeps its time masks inside the speech
+            item["seconds"] = row["seconds"]
         if self.cache is not None:
             key = "encoder_hidden_states" if self.cache.layer is None else "encoder_layer_input"
             item[key] = self.cache[i]
@@ -202,6 +233,8 @@ class Collator:
             lab[i, :n] = torch.tensor(it["labels"])
         batch = {"decoder_input_ids": dec, "labels": lab, "index": torch.tensor([it["index"] for it in items]),
                  "language": [it["language"] for it in items], "text": [it["text"] for it in items]}
+        if "seconds" in items[0]:
+            batch["seconds"] = torch.tensor([it["seconds"] for it in items], dtype=torch.float32)
         for key in ("encoder_hidden_states", "encoder_layer_input", "input_features"):
             if key in items[0]:
                 batch[key] = torch.stack([it[key] for it in items])
@@ -225,14 +258,16 @@ class LengthGroupedSampler(Sampler):
         seed: base seed; epoch ``e`` uses ``seed + e``.
         num_replicas: number of ranks sharing the batches (1: not distributed).
         rank: this process's rank, in ``0 .. num_replicas - 1``.
+        mix: which rows each epoch draws when corpora are mixed with weights
+            (:class:`trainers.corpus_mix.CorpusMix`); None: every row once.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, mix=None):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1} (num_replicas {num_replicas})")
         self.lengths, self.batch_size, self.shuffle, self.seed, self.epoch = list(lengths), batch_size, shuffle, seed, 0
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.mix = num_replicas, rank, mix
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -240,7 +275,7 @@ class LengthGroupedSampler(Sampler):
     def batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches of ``epoch`` before dealing (the same list on every rank)."""
         rng = random.Random(self.seed + epoch)
-        order = list(range(len(self.lengths)))
+        order = list(range(len(self.lengths))) if self.mix is None else self.mix.rows(epoch)
         if self.shuffle:
             rng.shuffle(order)  # ties in length are broken randomly
         order.sort(key=lambda i: self.lengths[i])
@@ -260,48 +295,63 @@ class LengthGroupedSampler(Sampler):
 
     def __len__(self) -> int:
         """Batches this rank takes per epoch."""
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+        rows = len(self.lengths) if self.mix is None else len(self.mix)
+        return math.ceil(math.ceil(rows / self.batch_size) / self.num_replicas)
 
 
 class ExpertDataModule(L.LightningDataModule):
-    """Train / validation data of one or more languages from a corpus directory.
+    """Train / validation data of one or more languages from one or more corpus directories.
+
+    Training rows come from every corpus (``data`` first, then ``extra_data``), each with its augmented copies
+    (speed, noise), mixed per epoch by the corpora's weights (:mod:`trainers.corpus_mix`); validation rows come
+    from ``data`` alone, never augmented. SpecAugment masks training batches only (:meth:`on_after_batch_transfer`).
 
     Args:
-        data: corpus directory (``trainers.corpus``).
+        data: the target corpus directory (``trainers.corpus``).
         processor: the base's ``WhisperProcessor``.
         languages: Whisper codes to keep.
         batch_size: rows per batch.
-        max_train: at most this many training utterances per language (None: all), spread evenly over the split.
+        max_train: at most this many training utterances per language and corpus (None: all), spread evenly over
+            the split.
         encoder: the frozen encoder when the expert leaves it (or its lower layers) untouched: enables the cache.
         encoder_layer: None caches encoder outputs; k caches the input of encoder layer k (layers k.. train).
-        cache_dir: where encoder caches live (default: ``<data>/.cache``).
+        cache_dir: where encoder caches live (default: each corpus's ``<corpus>/.cache``).
         base_fingerprint: names the cache.
+        extra_data: further training corpora, ``DIR`` or ``DIR:WEIGHT`` (:class:`~trainers.corpus_mix.CorpusSpec`).
+        data_weight: the mixing weight of ``data``.
+        augment: a :class:`trainers.augment.AugmentConfig` (None: no augmentation).
     """
 
     def __init__(self, data: str, processor, languages: Sequence[str], batch_size: int = 16,
                  max_train: int | None = None, max_validation: int | None = None, encoder=None,
                  encoder_layer: int | None = None, cache_dir: str | None = None, base_fingerprint: str = "base",
                  multilingual: bool = True,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, extra_data: Sequence = (), data_weight: float = 1.0,
+                 augment=None):
         super().__init__()
         self.data, self.processor, self.languages = data, processor, list(languages)
         self.batch_size, self.max_train, self.max_validation = batch_size, max_train, max_validation
         self.encoder, self.encoder_layer, self.cache_dir = encoder, encoder_layer, cache_dir
         self.base_fingerprint, self.multilingual, self.seed, self.progress = base_fingerprint, multilingual, seed, progress
+        self.extra_data, self.data_weight, self.augment = tuple(extra_data), data_weight, augment
         self.datasets: dict[str, ExpertDataset] = {}
         self.summary: dict = {}
+        self.corpora_summary: list[dict] = []  # per training corpus: weight, utterances, copies, rows per epoch
+        self.mix = None  # a CorpusMix when weights differ from 1
 
-    def _select(self, split, limit):
+    def _select(self, split, limit, corpus: str | None = None, strict: bool = True):
         from trainers.corpus.loading import load_corpus
 
-        corpus = load_corpus(self.data)
-        if split not in corpus:
-            raise ValueError(f"{self.data} has no {split!r} split")
-        ds = corpus[split]
+        corpus = corpus or self.data
+        loaded = load_corpus(corpus)
+        if split not in loaded:
+            raise ValueError(f"{corpus} has no {split!r} split")
+        ds = loaded[split]
         have = set(ds["language"])
         missing = [lang for lang in self.languages if lang not in have]
-        if missing:
-            raise ValueError(f"{self.data} [{split}] has no utterances in {', '.join(missing)}; "
+        if missing and (strict or len(missing) == len(self.languages)):
+            # The target must hold every language; a further corpus at least one of them.
+            raise ValueError(f"{corpus} [{split}] has no utterances in {', '.join(missing)}; "
                              f"it has {', '.join(sorted(have))}")
         by_language: dict[str, list[int]] = {}
         for i, lang in enumerate(ds["language"]):
@@ -331,19 +381,67 @@ class ExpertDataModule(L.LightningDataModule):
         if trainer.local_rank == 0:
             trainer.strategy.barrier("expert-data")
 
+    def _featurized(self, corpus: str, selected, split: str, variant=None):
+        """(featurized rows, encoder cache or None) of one corpus split, or of one augmented copy of it."""
+        tag = "" if variant is None else variant.tag
+        rows = featurize(selected, self.processor, multilingual=self.multilingual, desc=f"{split} features{tag}",
+                         variant=variant)
+        cache = None
+        if self.encoder is not None:
+            root = Path(self.cache_dir) if self.cache_dir else Path(corpus) / ".cache"
+            name = EncoderCache.key(self.base_fingerprint, rows["id"], str(Path(corpus).resolve()), self.encoder_layer)
+            cache = EncoderCache(root / f"{name}.npy", self.encoder, rows["input_features"], progress=self.progress,
+                                 layer=self.encoder_layer)
+        return rows, cache
+
+    @staticmethod
+    def _dataset(parts) -> ExpertDataset:
+        if len(parts) == 1:
+            return ExpertDataset(*parts[0])
+        from datasets import concatenate_datasets
+
+        caches = [cache for _, cache in parts]
+        return ExpertDataset(concatenate_datasets([rows for rows, _ in parts]),
+                             None if caches[0] is None else ConcatCache(caches))
+
     def _prepare(self) -> None:
-        for split, limit in (("train", self.max_train), ("validation", self.max_validation)):
-            rows = featurize(self._select(split, limit), self.processor, multilingual=self.multilingual,
-                             desc=f"{split} features")
-            cache = None
-            if self.encoder is not None:
-                root = Path(self.cache_dir) if self.cache_dir else Path(self.data) / ".cache"
-                name = EncoderCache.key(self.base_fingerprint, rows["id"], str(Path(self.data).resolve()),
-                                        self.encoder_layer)
-                cache = EncoderCache(root / f"{name}.npy", self.encoder, rows["input_features"], progress=self.progress,
-                                     layer=self.encoder_layer)
-            self.datasets[split] = ExpertDataset(rows, cache)
-            self.summary[split] = {"utterances": len(rows), "hours": round(sum(rows["seconds"]) / 3600, 4)}
+        from trainers.corpus_mix import CorpusMix, parse_corpora
+
+        # The target's own loading explains a missing directory; a further corpus's spec is checked here.
+        corpora = parse_corpora(self.data, self.extra_data, self.data_weight)
+        corpora[1:] = [c.check() for c in corpora[1:]]
+        variants = self.augment.variants(self.seed) if self.augment is not None else [None]
+        parts, spans, utterances, seconds = [], [], 0, 0.0
+        self.corpora_summary = []
+        for n, corpus in enumerate(corpora):
+            selected = self._select("train", self.max_train, corpus.path, strict=n == 0)
+            start = sum(len(rows) for rows, _ in parts)
+            for variant in variants:
+                parts.append(self._featurized(corpus.path, selected, "train", variant))
+            end = sum(len(rows) for rows, _ in parts)
+            hours = sum(parts[-len(variants)][0]["seconds"]) / 3600  # the originals'
+            spans.append((start, end, corpus.weight))
+            utterances, seconds = utterances + len(selected), seconds + hours * 3600
+            self.corpora_summary.append({"corpus": corpus.path, "weight": corpus.weight, "utterances": len(selected),
+                                         "hours": round(hours, 4), "copies": len(variants), "rows": end - start,
+                                         "per_epoch": CorpusMix.draws(end - start, corpus.weight)})
+        self.datasets["train"] = self._dataset(parts)
+        self.mix = CorpusMix(spans, self.seed) if any(w != 1.0 for _, _, w in spans) else None
+        self.summary["train"] = {"utterances": utterances, "hours": round(seconds / 3600, 4)}
+        rows, cache = self._featurized(self.data, self._select("validation", self.max_validation), "validation")
+        self.datasets["validation"] = ExpertDataset(rows, cache)
+        self.summary["validation"] = {"utterances": len(rows), "hours": round(sum(rows["seconds"]) / 3600, 4)}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """SpecAugment on training batches (on the device, per row seeded by the seed, the epoch and the row);
+        validation and test batches pass unchanged."""
+        trainer = self.trainer
+        if self.augment is not None and self.augment.spec_augment and trainer is not None and trainer.training:
+            from trainers.augment import spec_augment_batch
+
+            batch = spec_augment_batch(batch, self.augment, seed=self.seed, epoch=trainer.current_epoch,
+                                       n_mels=self.processor.feature_extractor.feature_size)
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.datasets[split]
@@ -353,7 +451,7 @@ class ExpertDataModule(L.LightningDataModule):
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = LengthGroupedSampler(ds.lengths, self.batch_size, shuffle=shuffle, seed=self.seed,
-                                       num_replicas=replicas, rank=rank)
+                                       num_replicas=replicas, rank=rank, mix=self.mix if split == "train" else None)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(pad), num_workers=0)
 
     def train_dataloader(self) -> DataLoader:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lora_experts.config import ATTENTION, FFN, LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
+from trainers.augment import AugmentConfig
 from trainers.data import ExpertDataModule
 from trainers.lora_module import LoraExpertModule
 from trainers.train_lora import KeepBestExpert, evaluate_on_test_split, expert_manifest, load_checked_base
@@ -81,15 +82,20 @@ class CorpusDataModule(ExpertDataModule):
         max_validation: at most this many validation utterances per language.
         cache_encoder: cache encoder outputs (or the input of the lowest adapted encoder layer).
         cache_dir: encoder cache location (default: <data>/.cache).
-        seed: seeds the batch order.
+        seed: seeds the batch order and the augmentation.
         progress: progress bars for feature extraction and the encoder cache.
+        extra_data: further training corpora, each DIR or DIR:WEIGHT (validation uses `data` alone).
+        data_weight: the mixing weight of `data` (an epoch draws round(weight x rows) of a corpus).
+        augment: SpecAugment, speed perturbation and noise (the fields of `whisper-experts train`'s options).
     """
 
     def __init__(self, data: str, batch_size: int = 16, max_train: int | None = None,
                  max_validation: int | None = None, cache_encoder: bool = True, cache_dir: str | None = None,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, extra_data: list[str] | None = None, data_weight: float = 1.0,
+                 augment: AugmentConfig | None = None):
         super().__init__(data, None, (), batch_size, max_train, max_validation, cache_dir=cache_dir, seed=seed,
-                         progress=progress)
+                         progress=progress, extra_data=tuple(extra_data or ()), data_weight=data_weight,
+                         augment=augment)
         self.cache_encoder = cache_encoder
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -57,12 +57,40 @@ class TrainConfig:
     init_from: str | None = None  # warm start from this expert (registry spec or file)
     run_dir: str = "runs/expert"  # logs and checkpoints (expert-only) go here
     cache_encoder: bool = True  # cache encoder outputs when the expert leaves the encoder untouched
-    cache_dir: str | None = None  # encoder cache location (default: <data>/.cache)
+    cache_dir: str | None = None  # encoder cache location (default: <corpus>/.cache, each corpus its own)
     strategy: str = "auto"  # Lightning strategy, e.g. "ddp"
     devices: str = "auto"  # Lightning devices
     test: bool = True  # evaluate the best expert (and the base) on the test split
     test_limit: int | None = None  # at most this many test utterances per language
     progress: bool = True  # progress bars
+    # Several corpora (trainers/corpus_mix.py): `data` is the target (validation and test come from it alone)
+    extra_data: tuple[str, ...] = ()  # further training corpora, each DIR or DIR:WEIGHT (weight default 1)
+    data_weight: float = 1.0  # weight of `data`: an epoch draws round(weight x its training rows) from a corpus
+    # Augmentation (trainers/augment.py); training rows only, deterministic given `seed`
+    spec_augment: bool = False  # SpecAugment masks on training batches (on the cached activations when cached)
+    spec_freq_masks: int = 2  # frequency masks per utterance (channel masks on cached activations)
+    spec_freq_width: int = 27  # widest frequency mask in mel bins (the same share of d_model on activations)
+    spec_time_masks: int = 2  # time masks per utterance
+    spec_time_width: int = 100  # widest time mask in 10 ms mel frames (half as many 20 ms encoder frames)
+    spec_time_ratio: float = 0.05  # and at most this fraction of the utterance's frames
+    speed_perturb: tuple[float, ...] = ()  # e.g. (0.9, 1.0, 1.1): a cached copy per factor != 1 (3x cache, steps)
+    noise_snr_db: float | None = None  # a noisy copy at this SNR (dB); made before the cache: a cached copy too
+    noise_kind: str = "pink"  # white | pink: the generated noise (seeded per utterance)
+    noise_dir: str | None = None  # mix excerpts of these noise recordings instead of generated noise
+
+    def augmentation(self):
+        """The run's :class:`trainers.augment.AugmentConfig` (checks the values)."""
+        from trainers.augment import AugmentConfig
+
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in fields(AugmentConfig)})
+
+    def corpora(self, check: bool = True) -> list:
+        """The training corpora (:class:`trainers.corpus_mix.CorpusSpec`), target first; ``check``: the further
+        corpora's directories exist (the target's own loading reports a missing one)."""
+        from trainers.corpus_mix import parse_corpora
+
+        specs = parse_corpora(self.data, self.extra_data, self.data_weight)
+        return specs[:1] + [s.check() for s in specs[1:]] if check else specs
 
     def lora(self) -> LoraExpertConfig:
         return LoraExpertConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
@@ -137,7 +165,9 @@ def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfi
 
 def expert_data(cfg: TrainConfig, base, touches_encoder: bool, encoder_start: int):
     """The set-up training data of a run, caching what the expert cannot change: the encoder output (an expert
-    that leaves the encoder alone) or the input of the lowest adapted encoder layer (one on the top layers)."""
+    that leaves the encoder alone) or the input of the lowest adapted encoder layer (one on the top layers).
+    Speed and noise copies are cached like the originals; SpecAugment masks whatever is cached (or the log-mel
+    features), on the fly."""
     from trainers.data import ExpertDataModule
 
     cache = cfg.cache_encoder and (not touches_encoder or encoder_start > 0)
@@ -145,7 +175,8 @@ def expert_data(cfg: TrainConfig, base, touches_encoder: bool, encoder_start: in
                             cfg.max_validation, encoder=base.model.model.encoder if cache else None,
                             encoder_layer=encoder_start if touches_encoder else None,
                             cache_dir=cfg.cache_dir, base_fingerprint=base.fingerprint,
-                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress)
+                            multilingual=base.multilingual, seed=cfg.seed, progress=cfg.progress,
+                            extra_data=cfg.extra_data, data_weight=cfg.data_weight, augment=cfg.augmentation())
     data.setup("fit")
     return data
 
@@ -193,6 +224,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
     lora = cfg.lora()
+    cfg.augmentation(), cfg.corpora()  # bad options and missing corpora fail before the base loads
     base, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
 
     model = base.model
@@ -248,7 +280,7 @@ def expert_manifest(base, languages: Sequence[str], lora: LoraExpertConfig, keep
         languages: Whisper codes the expert serves.
         lora: the expert's shape.
         keep: the callback that kept the best expert (validation WER, epochs run, best epoch).
-        data: the ``ExpertDataModule`` it was trained on (corpus, split sizes, batch size, seed).
+        data: the ``ExpertDataModule`` it was trained on (corpora, split sizes, batch size, seed, augmentation).
         lr, schedule: optimizer settings recorded as hyperparameters.
         test: ``evaluate_on_test_split``'s result, or None when the test split was not evaluated.
         parents: lineage entries (a warm start's expert).
@@ -257,10 +289,17 @@ def expert_manifest(base, languages: Sequence[str], lora: LoraExpertConfig, keep
     for lang, row in (test or {}).get("expert", {}).items():
         metrics[lang]["test"] = {k: row[k] for k in ("wer", "cer", "n")}
         metrics[lang]["base_test"] = {k: test["base"][lang][k] for k in ("wer", "cer", "n")}
+    from trainers.augment import AugmentConfig
+
+    augment = getattr(data, "augment", None) or AugmentConfig()
     hyper = {**lora.hyperparameters(), "lr": lr, "schedule": schedule, "epochs_run": keep.history[-1]["epoch"] + 1,
-             "best_epoch": keep.best_epoch, "batch_size": data.batch_size, "seed": data.seed}
+             "best_epoch": keep.best_epoch, "batch_size": data.batch_size, "seed": data.seed,
+             "augmentation": augment.hyperparameters()}
     summary = {"corpus": str(data.data), **{f"{k}_{m}": v for k, d in data.summary.items() for m, v in d.items()}}
     summary.update(utterances=data.summary["train"]["utterances"], hours=data.summary["train"]["hours"])
+    if getattr(data, "corpora_summary", None):
+        # Every training corpus: its weight, utterances, copies (originals + speed/noise) and rows per epoch.
+        summary["corpora"] = data.corpora_summary
     return new_manifest("lora", languages, base, hyper, data=summary, metrics=metrics,
                         lineage={"parents": list(parents)})
 

@@ -33,9 +33,22 @@ examples:
   whisper-experts train --data data/uk --language uk --name uk-enc3 --side both --encoder-start 3 --dropout 0 \
       --precision bf16-mixed
   whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
+  whisper-experts train --data data/cs-real --data data/cs-espeak:0.5 --language cs --name cs-mix \
+      --spec-augment --speed-perturb 0.9,1.0,1.1
   whisper-experts train --data data/uk --language uk --name uk-sparse --kind sparse --sparsity 0.99
   whisper-experts train --data data/uk --language uk --name uk-ft --kind task_vector --lr 3e-5
   (the same from a LightningCLI config: `whisper-experts lightning --help`)
+
+several corpora: --data A --data B:0.5 trains on both. A weight (default 1) is a repeat factor per epoch: each
+epoch draws round(WEIGHT x the corpus's training utterances), every utterance floor(WEIGHT) or ceil(WEIGHT) times
+(0.5: a different random half each epoch; 2: each twice). Validation, test and early stopping use the FIRST corpus
+(the target) alone; a further corpus must hold at least one of the --language codes.
+
+augmentation: --spec-augment masks each training batch on the fly (never validation or test): log-mel time and
+frequency masks, or, when the encoder side is cached, time and channel masks on the cached activations.
+--speed-perturb 0.9,1.0,1.1 and --noise-snr-db 20 change the audio, so they happen before the features and the
+cache: each is an extra copy of the training set, featurized and cached once (speed 0.9/1.0/1.1 triples the
+cache, the one-time encoder pass and the steps per epoch; noise adds one more copy). All are seeded by --seed.
 
 --kind sparse trains a sparse sub-network expert in two phases: a LoRA expert as above (phase 1), whose delta's
 largest entries (the top 1 - sparsity fraction) become the mask; then, from the base again, only those entries of
@@ -70,14 +83,23 @@ def _config_from_args(args):
             raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
                              "see `whisper-experts train --help`")
         values.update(loaded)
-    for key in ("data", "base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
+    for key in ("base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
                 "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
                 "precision", "seed", "max_train", "max_validation", "patience", "init_from", "run_dir",
                 "strategy", "devices", "test_limit", "cache_dir", "name", "out", "kind", "sparsity", "mask_scope",
-                "mask_score", "sparse_lr", "mask_from"):
+                "mask_score", "sparse_lr", "mask_from", "spec_freq_masks", "spec_freq_width", "spec_time_masks",
+                "spec_time_width", "spec_time_ratio", "noise_snr_db", "noise_kind", "noise_dir"):
         v = getattr(args, key, None)
         if v is not None:
             values[key] = v
+    if args.data:
+        values["data"] = args.data if len(args.data) > 1 else args.data[0]
+        if len(args.data) > 1:  # several --data replace a config's extra_data too
+            values.pop("extra_data", None)
+    if args.spec_augment:
+        values["spec_augment"] = True
+    if args.speed_perturb:
+        values["speed_perturb"] = _floats(args.speed_perturb, "--speed-perturb")
     if args.language:
         values["language"] = args.language
     if args.targets:
@@ -93,6 +115,22 @@ def _config_from_args(args):
     values.pop("tags", None)
     if not values.get("data"):
         raise ValueError("no --data corpus given")
+    from trainers.corpus_mix import CorpusSpec, split_data_args
+
+    # --data A --data B:0.5 (or a config's `data: [A, B:0.5]`): the first is the target, the rest train too
+    values["data"], weight, extra = split_data_args(values["data"])
+    if weight != 1.0:
+        values["data_weight"] = weight
+    listed = values.get("extra_data") or ()
+    extra = tuple(str(s) for s in ([listed] if isinstance(listed, str) else listed)) + extra
+    for spec in extra:
+        CorpusSpec.parse(spec)  # every weight checked before any work
+    if extra:
+        values["extra_data"] = extra
+    if isinstance(values.get("speed_perturb"), (str, int, float)):  # a config's `speed_perturb: 0.9,1.0,1.1`
+        values["speed_perturb"] = _floats(str(values["speed_perturb"]), "speed_perturb")
+    if "speed_perturb" in values:
+        values["speed_perturb"] = tuple(float(f) for f in values["speed_perturb"] or ())
     if not languages:
         raise ValueError("no --language given (e.g. --language uk, or --language uk,ru for one expert serving both)")
     if not name:
@@ -106,6 +144,13 @@ def _config_from_args(args):
         raise ValueError(f"{', '.join(sparse_only)} only apply to sparse experts; add --kind sparse")
     config = {"sparse": SparseTrainConfig, "task_vector": FullTrainConfig}.get(kind, TrainConfig)
     return config(languages=tuple(languages), **values), name, out
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in split_list(text) or ())
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
 
 
 def print_test_table(test: dict) -> None:
@@ -165,7 +210,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("what")
     g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
     g.add_argument("--base", help="base model (default whisper-base)")
-    g.add_argument("--data", help="corpus directory")
+    g.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
+                   help="corpus directory; repeat to train on several corpora (see 'several corpora' below). The "
+                        "first is the target: validation and test use it alone")
     g.add_argument("--language", help="language code(s) the expert serves, comma-separated")
     g.add_argument("--name", help="expert name in the registry, e.g. uk-espeak")
     g.add_argument("--out", help="also write the expert file here")
@@ -217,4 +264,24 @@ def register(subparsers) -> None:
     g.add_argument("--cache-dir", dest="cache_dir", help="encoder-output cache directory (default <data>/.cache)")
     g.add_argument("--run-dir", dest="run_dir", help="logs and checkpoints (default runs/<name>)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("augmentation (training rows only; all off by default; see 'augmentation' below)")
+    g.add_argument("--spec-augment", dest="spec_augment", action="store_true",
+                   help="SpecAugment time and frequency masks on each training batch (on the cached activations "
+                        "when the encoder side is cached)")
+    g.add_argument("--spec-freq-masks", dest="spec_freq_masks", type=int, help="frequency masks per utterance "
+                                                                               "(default 2)")
+    g.add_argument("--spec-freq-width", dest="spec_freq_width", type=int,
+                   help="widest frequency mask in mel bins (default 27)")
+    g.add_argument("--spec-time-masks", dest="spec_time_masks", type=int, help="time masks per utterance (default 2)")
+    g.add_argument("--spec-time-width", dest="spec_time_width", type=int,
+                   help="widest time mask in 10 ms frames (default 100)")
+    g.add_argument("--spec-time-ratio", dest="spec_time_ratio", type=float,
+                   help="and at most this fraction of the utterance (default 0.05)")
+    g.add_argument("--speed-perturb", dest="speed_perturb", metavar="FACTORS",
+                   help="speed factors, e.g. 0.9,1.0,1.1: a resampled copy of the training set per factor other "
+                        "than 1, featurized and cached once (3x the cache and the steps per epoch)")
+    g.add_argument("--noise-snr-db", dest="noise_snr_db", type=float,
+                   help="add a noisy copy of the training set at this SNR in dB (a featurized, cached copy)")
+    g.add_argument("--noise-kind", dest="noise_kind", choices=["white", "pink"], help="generated noise (default pink)")
+    g.add_argument("--noise-dir", dest="noise_dir", help="mix in excerpts of these noise recordings instead")
     p.set_defaults(func=_run)
