@@ -108,6 +108,8 @@ def _real(args) -> int:
 def _run(args) -> int:
     if args.expert_epochs is None:
         args.expert_epochs = 4 if args.synthetic else 3
+    if args.languages is None:
+        args.languages = "en,de,es,uk" if args.synthetic else "cs,nl"
     return _synthetic(args) if args.synthetic else _real(args)
 
 
@@ -178,6 +180,7 @@ def _synthetic(args) -> int:
 def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     """Step 5: a low-resource target expert, fused with the step-4 expert as its support language."""
     from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from inference.kinds import expert_kind
     from inference.language_matrix import expert_applied
     from registry.bases import load_base
     from registry.store import Registry
@@ -222,7 +225,8 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     print(f"| {target} test ({len(test)} utterances) | WER % | CER % |\n|---|---|---|")
     for label, r in rows:
         print(f"| {label} | {100 * r.wer:.1f} | {100 * r.cer:.1f} |")
-    return target, fused_ref if fused.kind == "lora" else small_ref  # a pack routes LoRA experts
+    # The pack takes the fused expert when a bank can route its kind (a dense fusion result it cannot).
+    return target, fused_ref if expert_kind(fused.kind).supports("route") else small_ref
 
 
 def _pack_step(args, out: Path, packed: dict[str, str], steps: int, utterances: list | None = None) -> None:
@@ -282,8 +286,8 @@ def register(subparsers) -> None:
     p.add_argument("--validation-clips", type=int, default=40, help="real Czech validation clips (default 40)")
     p.add_argument("--test-clips", type=int, default=100,
                    help="held-out real Czech clips, spread over the test levels (default 100)")
-    p.add_argument("--languages", default="en,de,es,uk", help="--synthetic: languages to synthesize (default "
-                   "en,de,es,uk; real speech: the candidates of the last step's language ID besides cs, nl)")
+    p.add_argument("--languages", help="--synthetic: languages to synthesize (default en,de,es,uk); real speech: "
+                   "the candidates of the last step's language ID (default cs,nl)")
     p.add_argument("--per-language", type=int, default=40,
                    help="--synthetic: utterances per language over all splits (default 40)")
     p.add_argument("--expert-language", default="uk",
