@@ -5,12 +5,13 @@ A teacher is named by a *spec*:
 
 ``openai/whisper-large-v2``        any Whisper ``registry.bases.load_base`` can load (hub id, imported name, dir)
 ``whisper-base+uk-teacher``        a base plus an expert applied to it (a registry spec such as ``uk-teacher@2``,
-                                   or an expert file): ``lora`` experts are attached, ``task_vector`` experts
-                                   added to the weights, ``clsr`` experts routed by their language
+                                   or an expert file), as its kind's entry in ``lora_experts.kinds`` applies it:
+                                   ``lora`` experts attached, ``task_vector`` and ``sparse`` experts added to the
+                                   weights, ``clsr`` experts routed by their language; ``mask`` experts refused
 
 Several specs make a :class:`TeacherSet` (the LoRA-language-experts recipe: one LoRA expert per language
-teaches that language). A spec without ``+`` in a set is an expert on the default base; LoRA experts on the
-same base share one model as adapters, and each batch is scored by its language's teacher.
+teaches that language). A spec without ``+`` in a set is an expert on the default base; experts of a switchable
+kind (LoRA) on the same base share one model as adapters, and each batch is scored by its language's teacher.
 
 Every teacher must share the student's tokenizer (same vocabulary, same features): the KD losses compare
 distributions over token ids. :func:`check_same_tokenizer` refuses any other teacher, naming both.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -96,15 +97,17 @@ class Teacher:
         model: a ``WhisperForConditionalGeneration`` in eval mode, frozen.
         base: the ``registry.bases.Base`` it was loaded from (its ``model`` is ``model``).
         experts: identity of each applied expert: ``{"spec", "sha256", "kind", "languages"}``.
-        adapters: language -> LoRA adapter name, when several LoRA experts share this model (one active at a time).
-        clsr_language: the language a ``clsr`` expert was attached under (routed on every call).
+        adapters: language -> what makes its expert the active one, for experts of a switchable kind (LoRA
+            adapters: several share this model, one active at a time).
+        routes: what puts the other applied experts back in force before every call (a CLSR expert's language
+            routing; a no-op for experts added to the weights).
     """
 
     model: torch.nn.Module
     base: object
     experts: list[dict] = field(default_factory=list)
-    adapters: dict[str, str] = field(default_factory=dict)
-    clsr_language: str | None = None
+    adapters: dict[str, Callable[[], None]] = field(default_factory=dict)
+    routes: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def languages(self) -> list[str] | None:
@@ -129,13 +132,9 @@ class Teacher:
 
     def _route(self, language: str | None) -> None:
         if self.adapters:
-            from lora_experts.model import set_active_expert
-
-            set_active_expert(self.model, self.adapters.get(language) or next(iter(self.adapters.values())))
-        if self.clsr_language is not None:
-            from distill.clsr import set_language
-
-            set_language(self.model, self.clsr_language)
+            (self.adapters.get(language) or next(iter(self.adapters.values())))()
+        for activate in self.routes:
+            activate()
 
     @torch.no_grad()
     def logits(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor,
@@ -253,31 +252,28 @@ class TeacherSet:
         return out
 
 
-def _apply(teacher: Teacher, expert: Expert, spec: str, sha: str, adapter_index: int) -> None:
-    """Apply one expert to a teacher model (see the module docstring); refuses one made for another base."""
+def _kind(expert: Expert):
+    """The expert's entry in the table of kinds (``lora_experts.kinds``; this package registers ``clsr``)."""
+    from distill.clsr.kind import CLSR  # noqa: F401  (registers the clsr entry)
+    from lora_experts.kinds import expert_kind
+
+    return expert_kind(expert.kind)
+
+
+def _apply(teacher: Teacher, expert: Expert, spec: str, sha: str) -> None:
+    """Apply one expert to a teacher model as its kind does (see the module docstring); refuses one made for
+    another base, and kinds that cannot be applied."""
     from registry.expert_file import check_compatible
 
+    kind = _kind(expert)
+    kind.require("apply", f"teacher expert {spec}")
     check_compatible(expert.manifest, teacher.base, what=f"teacher expert {spec}")
-    model = teacher.model
-    if expert.kind == "lora":
-        from lora_experts.model import attach_expert
-
-        name = f"teacher{adapter_index}"
-        attach_expert(model, expert.tensors, expert.manifest.get("hyperparameters", {}), name)
+    applied = kind.apply(teacher.model, expert, name=f"teacher{len(teacher.experts)}", restorable=False)
+    if kind.switchable:
         for lang in expert.languages:
-            teacher.adapters[lang] = name
-    elif expert.kind == "task_vector":
-        from lora_experts.task_vectors import apply_task_vector, task_vector
-
-        apply_task_vector(model, task_vector(expert))
-    elif expert.kind == "clsr":
-        from distill.clsr import attach_clsr_expert, convert_to_clsr, recorded_layout
-
-        convert_to_clsr(model, **recorded_layout(expert.manifest.get("hyperparameters", {})))
-        teacher.clsr_language = attach_clsr_expert(model, expert, teacher.base, where=f"teacher expert {spec}")
+            teacher.adapters[lang] = applied.activate
     else:
-        raise ValueError(f"teacher expert {spec} is a {expert.kind!r} expert; a teacher applies lora, task_vector "
-                         "or clsr experts")
+        teacher.routes.append(applied.activate)
     teacher.experts.append({"spec": spec, "sha256": sha, "kind": expert.kind, "languages": expert.languages})
 
 
@@ -304,12 +300,13 @@ def load_teachers(specs: str | Sequence[str], student_base, *, default_base: str
         raise ValueError("no teacher given")
     fallback = None if single else (default_base or student_base.name)
     teachers: list[Teacher] = []
-    lora_teacher: dict[str, Teacher] = {}  # base spec -> the teacher whose model holds that base's LoRA experts
+    shared: dict[str, Teacher] = {}  # base spec -> the teacher whose model holds that base's switchable experts
     loaded = []
     for spec in specs:
         base_spec, expert_spec = parse_spec(spec, fallback)
         expert, sha = resolve_expert(expert_spec, registry) if expert_spec else (None, None)
-        teacher = lora_teacher.get(base_spec) if expert is not None and expert.kind == "lora" else None
+        switchable = expert is not None and _kind(expert).switchable  # LoRA adapters share one model
+        teacher = shared.get(base_spec) if switchable else None
         if teacher is None:
             base = load_base(base_spec, device=device, dtype=dtype)
             check_same_tokenizer(base, student_base)
@@ -317,11 +314,11 @@ def load_teachers(specs: str | Sequence[str], student_base, *, default_base: str
             teacher = Teacher(base.model, base)
             teachers.append(teacher)
             loaded.append(spec)
-            if expert is not None and expert.kind == "lora":
-                lora_teacher[base_spec] = teacher
+            if switchable:
+                shared[base_spec] = teacher
         else:
             loaded[teachers.index(teacher)] += f",{spec}"
         if expert is not None:
-            _apply(teacher, expert, expert_spec, sha, len(teacher.adapters))
+            _apply(teacher, expert, expert_spec, sha)
             teacher.model.requires_grad_(False).eval()
     return TeacherSet(teachers, loaded, one_for_all=single)

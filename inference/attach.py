@@ -14,38 +14,44 @@ kind       how it joins the model's :class:`~inference.bank.ExpertBank`  how the
 
 All kinds share expert ids and one routing; a mixed batch (and ``generate`` with beams) runs in one forward pass.
 CLSR experts and LoRA / sparse experts on fc1/fc2 cannot share a model (those layers become CLSR pairs): refused.
+
+Which kinds a bank routes, and how, is each kind's entry in the table of kinds (:mod:`inference.kinds`):
+``routing="batched"`` kinds give the bank's batched layers their ``bank_tensors``; a ``routing="layers"`` kind
+is attached by its handler in :data:`LAYER_ROUTERS`. Other kinds are refused with their entry's reason.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from inference.bank import ExpertBank, expert_bank
-from lora_experts.sparse import sparse_deltas
+from inference.clsr_bank import add_clsr_experts, check_ffn_free
+from inference.kinds import expert_kind, routable
 from registry.expert_file import Expert
 
-ROUTABLE = ("lora", "sparse", "clsr")  # kinds an expert bank routes
+# kind -> attaches experts of a kind whose own layers route (routing="layers"):
+# handler(bank, {name: expert}, base, force=..., info=...) -> expert ids
+LAYER_ROUTERS: dict[str, Callable[..., list[int]]] = {"clsr": add_clsr_experts}
 
 
-def check_routable(name: str, kind: str, where: str) -> None:
-    """Refuse a kind the bank cannot route, saying what to do with it instead."""
-    if kind in ROUTABLE:
+def check_routable(name: str, kind: str, where: str, leave_out: str = "with names=...") -> None:
+    """Refuse a kind the bank cannot route, saying why and what to do with it instead.
+
+    Args:
+        leave_out: how the caller leaves an expert out, for the message.
+    """
+    entry = expert_kind(kind)
+    if entry.routing == "batched" or (entry.routing == "layers" and kind in LAYER_ROUTERS):
         return
-    hint = {"task_vector": " Add it to the weights with lora_experts.task_vectors.apply_task_vector, or fuse it into "
-                           "a LoRA expert first.",
-            "mask": " A mask alone changes no weights; train a sparse expert on it (whisper-experts train --kind "
-                    "sparse)."}
+    why = entry.reason("route") or f"this runtime has no handler for {kind} experts' own layers"
     raise ValueError(f"{where}: expert {name} is a {kind!r} expert; an expert bank routes "
-                     f"{', '.join(ROUTABLE)} experts (leave it out with names=...).{hint.get(kind, '')}")
+                     f"{', '.join(routable())} experts (leave it out {leave_out}): {why}")
 
 
 def adapted_modules(expert: Expert) -> list[str]:
-    """The module paths a LoRA or sparse expert adapts, from its tensor names alone."""
-    if expert.kind == "lora":
-        return sorted({k.rsplit(".", 1)[0] for k in expert.tensors if k.endswith(".lora_A")})
-    if expert.kind == "sparse":  # <module>.weight.values / .indices / .bitmap
-        return sorted({k.rsplit(".", 2)[0] for k in expert.tensors if k.endswith(".values")})
-    return []
+    """The module paths a routable expert changes, from its tensor names alone (its kind's ``modules``)."""
+    modules = expert_kind(expert.kind).modules
+    return modules(expert) if modules is not None else []
 
 
 def attach_experts(model, experts: Mapping[str, Expert], base, *, force: bool = False,
@@ -63,34 +69,33 @@ def attach_experts(model, experts: Mapping[str, Expert], base, *, force: bool = 
     Returns:
         The model's bank. On error nothing of ``experts`` stays attached.
     """
-    from inference.clsr_bank import add_clsr_experts, check_ffn_free, clsr_modules
-
     for name, expert in experts.items():
         check_routable(name, expert.kind, where)
+    # How each is attached: "batched" (the bank's batched layers), or the kind whose layers-handler adds it.
+    how = {n: e.kind if expert_kind(e.kind).routing == "layers" else "batched" for n, e in experts.items()}
     existing = expert_bank(model, create=False)
-    clsr = {n: clsr_modules(e) for n, e in experts.items() if e.kind == "clsr"}
+    # Kinds whose own layers replace modules (CLSR's fc1/fc2 pairs), against kinds that adapt modules in place.
+    replacing = {n: adapted_modules(e) for n, e in experts.items() if how[n] != "batched"}
+    adapting = {n: adapted_modules(e) for n, e in experts.items() if how[n] == "batched"}
     if existing is not None:
-        clsr.update({e.name: list(e.modules) for e in existing.experts if e.kind == "clsr"})
-    others = {n: adapted_modules(e) for n, e in experts.items() if e.kind in ("lora", "sparse")}
-    if existing is not None:
-        others.update({e.name: list(e.modules) for e in existing.experts if e.kind in ("lora", "sparse")})
-    check_ffn_free(clsr, others, f"{where}: ")
+        for e in existing.experts:
+            (replacing if e.kind in existing.routed else adapting)[e.name] = list(e.modules)
+    check_ffn_free(replacing, adapting, f"{where}: ")
     bank = existing or expert_bank(model)
     before = set(bank.names)
     names = list(experts)
     try:
         start = 0
-        while start < len(names):  # consecutive runs of CLSR / other experts keep the given order as expert ids
-            is_clsr = experts[names[start]].kind == "clsr"
+        while start < len(names):  # consecutive runs attached one way keep the given order as expert ids
             end = start
-            while end < len(names) and (experts[names[end]].kind == "clsr") == is_clsr:
+            while end < len(names) and how[names[end]] == how[names[start]]:
                 end += 1
             run = {n: experts[n] for n in names[start:end]}
-            if is_clsr:
-                add_clsr_experts(bank, run, base, force=force, info=info)
+            if how[names[start]] == "batched":
+                bank.add_many({n: (expert_kind(e.kind).bank_tensors(e), e.manifest.get("hyperparameters", {}),
+                                   e.languages) for n, e in run.items()}, info)
             else:
-                bank.add_many({n: (sparse_deltas(e) if e.kind == "sparse" else e.tensors,
-                                   e.manifest.get("hyperparameters", {}), e.languages) for n, e in run.items()}, info)
+                LAYER_ROUTERS[how[names[start]]](bank, run, base, force=force, info=info)
             start = end
     except BaseException:
         for name in [n for n in reversed(bank.names) if n not in before]:

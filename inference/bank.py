@@ -229,7 +229,7 @@ class ExpertBank:
     def _attach(self, new: list[BankedExpert], tensors_of: Mapping[str, dict]) -> list[int]:
         """Append ``new`` as expert slots of every batched layer (wrapping the layers they adapt first)."""
         layers = self.layers()
-        for module in sorted({m for e in new if e.kind in ("lora", "sparse") for m in e.modules}):
+        for module in sorted({m for e in new if e.kind not in self.routed for m in e.modules}):  # batched kinds
             if module not in layers:
                 layers[module] = self._wrap(module)
         count = len(self.experts)

@@ -118,8 +118,9 @@ def add_clsr_experts(bank: ExpertBank, experts: Mapping[str, Expert], base, *, f
     """
     model = bank.model
     clsr = {name: clsr_modules(e) for name, e in experts.items()}
-    clsr.update({e.name: list(e.modules) for e in bank.experts if e.kind == "clsr"})
-    check_ffn_free(clsr, {e.name: list(e.modules) for e in bank.experts if e.kind in ("lora", "sparse")})
+    clsr.update({e.name: list(e.modules) for e in bank.experts if e.kind == ClsrExperts.kind})
+    # Experts in the bank's batched layers (every kind no handler routes) adapt modules in place.
+    check_ffn_free(clsr, {e.name: list(e.modules) for e in bank.experts if e.kind not in bank.routed})
     layouts = {name: recorded_layout(e.manifest.get("hyperparameters", {})) for name, e in experts.items()}
     if len({tuple(layout.items()) for layout in layouts.values()}) > 1:
         described = "; ".join(f"{name}: {layout}" for name, layout in layouts.items())

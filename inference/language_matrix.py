@@ -3,9 +3,11 @@
 Rows are the base alone and each expert (single-language experts and merged ones alike), columns the
 languages, cells normalized WER. Along a row: what an expert does to the languages it was not trained for
 (interference); down a column: which expert serves that language best. All rows decode on one loaded base:
-a ``lora`` expert is attached and then detached (peft's wrappers replaced by the original layers), a
-``task_vector`` expert is added to the weights it touches, which are then restored from a copy, a ``sparse``
-expert's masked entries are changed in place and their originals written back; either way the base is
+each expert is applied and taken out again as its kind's entry in the table of kinds says
+(:mod:`inference.kinds`): a ``lora`` expert attached and detached (peft's wrappers replaced by the original
+layers), a ``task_vector`` expert added to the weights it touches, which are then restored from a copy, a
+``sparse`` expert's masked entries changed in place and their originals written back, the model converted to
+CLSR for a ``clsr`` expert (its language path routed for every utterance) and back; either way the base is
 bit-exactly as before (:func:`expert_applied`).
 """
 
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from distill.clsr.model import is_clsr
+from inference.bank import expert_bank
 from inference.evaluation import DecodeOptions, EvalReport, Utterance, evaluate
-from lora_experts.model import attach_expert, remove_experts
-from lora_experts.sparse import sparse_applied
-from lora_experts.task_vectors import apply_task_vector
+from inference.kinds import expert_kind
 from registry.expert_file import Expert
 
 MATRIX_ADAPTER = "matrix"
@@ -33,37 +35,26 @@ def expert_applied(model: torch.nn.Module, expert: Expert):
     """Apply ``expert`` to ``model`` inside the ``with`` block; on leaving it (also on an error) the model's
     parameters are bit-exactly what they were.
 
+    How is the expert kind's ``apply`` (:mod:`inference.kinds`): a ``lora`` expert is attached with peft, a
+    ``task_vector`` expert's dense deltas are added in place (restored from a copy), a ``sparse`` expert's masked
+    entries changed in place (originals written back), the model converted to CLSR for a ``clsr`` expert (and
+    back); a kind that cannot be applied is refused with its reason.
+
     Args:
-        model: a ``WhisperForConditionalGeneration`` with no expert attached (detaching removes every adapter).
-        expert: a ``lora`` expert (attached with peft), a ``task_vector`` expert (dense deltas, added in place) or
-            a ``sparse`` expert (its masked entries changed in place).
+        model: a ``WhisperForConditionalGeneration`` with no expert attached.
+        expert: the expert, checked against the model's base by the caller.
     """
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    kind = expert_kind(expert.kind)
+    kind.require("apply", f"expert ({', '.join(expert.languages)})")
+    carries = any(isinstance(m, BaseTunerLayer) for m in model.modules()) or is_clsr(model)
+    if carries or expert_bank(model, create=False) is not None:
         raise ValueError("the model already carries an expert; the matrix applies experts one at a time to the "
                          "plain base (remove the attached expert first)")
-    if expert.kind == "lora":
-        attach_expert(model, expert.tensors, expert.manifest["hyperparameters"], MATRIX_ADAPTER)
-        try:
-            yield
-        finally:
-            remove_experts(model)
-    elif expert.kind == "task_vector":
-        params = dict(model.named_parameters())
-        # Copies of what the expert touches; unknown names are left for apply_task_vector to report.
-        saved = {name: params[name].detach().clone() for name in expert.tensors if name in params}
-        try:
-            apply_task_vector(model, expert.tensors)
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
-    elif expert.kind == "sparse":
-        with sparse_applied(model, expert):
-            yield
-    else:
-        raise ValueError(f"a {expert.kind} expert (languages {', '.join(expert.languages)}) cannot be applied to "
-                         "Whisper's weights; the matrix takes lora, task_vector and sparse experts")
+    applied = kind.apply(model, expert, name=MATRIX_ADAPTER)
+    try:
+        yield
+    finally:
+        applied.undo()
 
 
 @dataclass

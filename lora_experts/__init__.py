@@ -2,9 +2,10 @@
 
 ``config``/``model``: the LoRA expert kind (attach one or several to a Whisper, switch, remove); ``sparse``,
 ``sparse_masks``, ``sparse_layer``: the sparse expert kind (masks and values, choosing masks, training only the
-masked entries); ``task_vectors`` and ``merge``/``merge_methods``: fusion as pure tensor functions (exact
+masked entries); ``deltas``, ``task_vectors`` and ``merge``/``merge_methods``: fusion as pure tensor functions (exact
 linear, SVD truncation, TIES, DARE, LoRS, magnitude pruning, task arithmetic) in one name -> function table;
-``export``/``peft_format``: PEFT, merged Hugging Face and CTranslate2 exports. Imports only ``registry``.
+``export``/``peft_format``: PEFT, merged Hugging Face and CTranslate2 exports; ``kinds``: the table of expert kinds
+(what each kind can do, and why not), which higher packages add their kinds to. Imports only ``registry``.
 """
 
 from registry.faces import exports_of, lazy_attribute
@@ -16,6 +17,7 @@ _EXPORTS = exports_of({
     "lora_experts.task_vectors": "LowRank task_vector apply_task_vector expert_from_task_vector",
     "lora_experts.sparse": "SparseDelta sparse_expert apply_sparse remove_sparse",
     "lora_experts.export": "export_hf export_ct2_expert merged_model",
+    "lora_experts.kinds": "ExpertKind expert_kind register_kind",
 })
 __all__ = sorted(_EXPORTS)
 

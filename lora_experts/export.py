@@ -2,8 +2,9 @@
 or as a CTranslate2 (faster-whisper) model.
 
 ``lora``, ``task_vector`` and ``sparse`` experts are weight deltas: added to the base's weights they give an
-ordinary Whisper that any runtime loads. A ``clsr`` expert is not: it adds gated language paths beside every
-feed-forward layer, which plain Whisper has no place for, so it is refused (serve it from a pack).
+ordinary Whisper that any runtime loads. Which kinds merge is the table of kinds (:mod:`lora_experts.kinds`:
+the kinds with a task vector); the others are refused with their entry's reason (a ``clsr`` expert adds gated
+language paths beside every feed-forward layer, which plain Whisper has no place for: serve it from a pack).
 """
 
 from __future__ import annotations
@@ -19,21 +20,16 @@ from registry.atomic import atomic_write_text, staged_directory
 from registry.bases import Base, load_base
 from registry.ct2_export import ExportError, export_ct2
 from registry.expert_file import Expert, check_compatible
+from lora_experts.kinds import expert_kind
 from lora_experts.task_vectors import apply_task_vector, task_vector
 
-MERGEABLE = ("lora", "task_vector", "sparse")
 EXPERT_RECORD = "expert.json"  # the merged expert's manifest, kept beside the weights for provenance
 
 
 def check_mergeable(expert: Expert, name: str) -> None:
-    """Refuse an expert whose kind has no weight-delta form, saying what to do instead."""
-    if expert.kind in MERGEABLE:
-        return
-    why = {"clsr": "a CLSR expert adds a gated language path beside each feed-forward layer, which a plain "
-                   "Whisper has no place for; serve it from a pack (whisper-experts pack create, then transcribe)",
-           "mask": "a mask changes no weights; train a sparse expert on it (whisper-experts train --kind sparse)"}
-    raise ExportError(f"{name} is a {expert.kind!r} expert and cannot be merged into Whisper's weights: "
-                      f"{why.get(expert.kind, 'only ' + ', '.join(MERGEABLE) + ' experts can')}")
+    """Refuse an expert whose kind has no weight-delta form (its entry in :mod:`lora_experts.kinds`), saying why
+    and what to do instead."""
+    expert_kind(expert.kind).require("merge", name, ExportError)
 
 
 def merged_model(expert: Expert, name: str = "expert", *, base: Base | None = None, force: bool = False) -> Base:

@@ -13,113 +13,44 @@ A module an expert does not touch is simply absent (a zero delta). Stored as an 
 entries are all low-rank becomes a ``lora`` expert (``<module>.lora_A`` / ``.lora_B``, loadable with
 ``lora_experts.model.attach_expert``); otherwise a ``task_vector`` expert whose tensors are the dense deltas,
 named by the parameter they add to (:func:`expert_from_task_vector`, :func:`apply_task_vector`).
+
+Which experts have a task vector, and how it is read from their tensors, is their kind's entry in
+:mod:`lora_experts.kinds` (:func:`task_vector` asks it). The delta types, the LoRA delta and
+:func:`apply_task_vector` live in :mod:`lora_experts.deltas` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
-from lora_experts.model import lora_modules
-from lora_experts.sparse import sparse_task_vector
+from lora_experts.deltas import (Delta, LowRank, TaskVector, apply_task_vector, dense, dense_task_vector,
+                                 lora_scale, lora_task_vector)
+from lora_experts.kinds import expert_kind
 from registry.expert_file import Expert, new_manifest
 
-
-@dataclass(frozen=True)
-class LowRank:
-    """An exact low-rank delta ``scale * B @ A``.
-
-    Attributes:
-        A: (rank, in_features).
-        B: (out_features, rank).
-        scale: LoRA's ``alpha / rank`` (1.0 for factors that already carry it).
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.B.shape[0], self.A.shape[1]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.A.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.A.device
-
-    def dim(self) -> int:
-        return 2
-
-    def dense(self) -> torch.Tensor:
-        """``scale * B @ A`` as an (out, in) tensor in the factors' dtype (computed in float32)."""
-        b, a = self.B.float(), self.A.float()
-        out = (b * self.scale if self.scale != 1.0 else b) @ a
-        return out.to(self.A.dtype)
-
-    def to(self, *args, **kwargs) -> LowRank:
-        return LowRank(self.A.to(*args, **kwargs), self.B.to(*args, **kwargs), self.scale)
-
-
-Delta = torch.Tensor | LowRank
-TaskVector = dict[str, Delta]
-
-
-def dense(delta: Delta) -> torch.Tensor:
-    """A delta as a dense tensor."""
-    return delta.dense() if isinstance(delta, LowRank) else delta
-
-
-def dense_task_vector(task_vector: Mapping[str, Delta]) -> dict[str, torch.Tensor]:
-    """Every entry of ``task_vector`` as a dense tensor."""
-    return {k: dense(v) for k, v in task_vector.items()}
+__all__ = ["Delta", "LowRank", "TaskVector", "apply_task_vector", "dense", "dense_task_vector",
+           "expert_from_task_vector", "lora_from_task_vector", "lora_scale", "lora_task_vector", "lora_tensors",
+           "relative_error", "task_vector", "truncate", "weights_task_vector"]
 
 
 # ------------------------------------------------------------------------------------ from experts and models
-def lora_scale(hyperparameters: Mapping, module: str, rank: int) -> float:
-    """The LoRA scaling ``alpha / rank`` of ``module``, read exactly as ``attach_expert`` (peft) applies it.
+def task_vector(expert: Expert, *, as_dense: bool = False) -> TaskVector:
+    """The task vector of a stored expert, as its kind's entry in :mod:`lora_experts.kinds` reads it (``lora``:
+    ``scale * B @ A`` per module, :class:`LowRank` unless ``as_dense``; ``task_vector``: its tensors, in their
+    stored dtype; ``sparse``: dense deltas, zeros off its mask).
 
-    Args:
-        hyperparameters: a LoRA manifest's ``alpha`` (default: ``rank``, then 8) and optional ``alpha_pattern``
-            (peft semantics: a key matches a module path that ends in it, as a regex).
-        module: the module path, e.g. ``model.decoder.layers.0.fc1``.
-        rank: that module's LoRA rank (rows of its ``lora_A``).
+    Raises:
+        ValueError: the expert's kind has no task vector (``clsr``, ``mask``), saying why and what to do instead.
     """
-    alpha = float(hyperparameters.get("alpha", hyperparameters.get("rank", 8)))
-    for pattern, value in (hyperparameters.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = float(value)
-            break
-    return alpha / rank
-
-
-def lora_task_vector(tensors: Mapping[str, torch.Tensor], hyperparameters: Mapping, *,
-                     as_dense: bool = False) -> TaskVector:
-    """The task vector of a LoRA expert: ``<module>.weight`` -> ``(alpha / rank) * B @ A``.
-
-    Args:
-        tensors: ``<module>.lora_A`` (rank, in) / ``.lora_B`` (out, rank) matrices (any ranks per module).
-        hyperparameters: the expert manifest's ``hyperparameters`` (``alpha``, optional ``alpha_pattern``).
-        as_dense: materialise each delta instead of keeping :class:`LowRank` factors.
-    """
-    out = {}
-    for module, rank in sorted(lora_modules(dict(tensors)).items()):
-        delta = LowRank(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"],
-                        lora_scale(hyperparameters, module, rank))
-        out[f"{module}.weight"] = delta.dense() if as_dense else delta
-    return out
+    kind = expert_kind(expert.kind)
+    if kind.task_vector is None:
+        raise ValueError(f"a {expert.kind} expert (languages {', '.join(expert.languages)}) has no task vector: "
+                         f"{kind.reason('task_vector')}")
+    return kind.task_vector(expert, as_dense=as_dense)
 
 
 def _parameters(source) -> dict[str, torch.Tensor]:
@@ -154,36 +85,6 @@ def weights_task_vector(finetuned, base, *, skip_unchanged: bool = True) -> dict
                 continue
             out[name] = delta
     return out
-
-
-def task_vector(expert: Expert, *, as_dense: bool = False) -> TaskVector:
-    """The task vector of a stored ``lora``, ``task_vector`` or ``sparse`` expert (tensors keep their stored dtype;
-    a sparse expert's deltas are dense, zeros off its mask)."""
-    if expert.kind == "lora":
-        return lora_task_vector(expert.tensors, expert.manifest.get("hyperparameters", {}), as_dense=as_dense)
-    if expert.kind == "task_vector":
-        return dict(expert.tensors)
-    if expert.kind == "sparse":
-        return sparse_task_vector(expert)
-    raise ValueError(f"a {expert.kind} expert (languages {expert.languages}) has no task vector; only lora, "
-                     "task_vector and sparse experts can be fused")
-
-
-def apply_task_vector(model: torch.nn.Module, task_vector: Mapping[str, Delta], scale: float = 1.0) -> None:
-    """Add ``scale * delta`` to ``model``'s parameters in place (``scale=-1`` takes it out again, up to rounding).
-
-    Args:
-        task_vector: parameter name -> delta; every name must be a parameter of ``model`` with that shape.
-    """
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, delta in task_vector.items():
-            if name not in params or params[name].shape != delta.shape:
-                found = tuple(params[name].shape) if name in params else "no such parameter"
-                raise ValueError(f"task vector entry {name} of shape {tuple(delta.shape)} does not fit this model "
-                                 f"({found}); it was made for another Whisper size")
-            p = params[name]
-            p.add_((dense(delta).to(p.device, torch.float32) * scale).to(p.dtype))
 
 
 # ------------------------------------------------------------------------------------ back to low rank

@@ -26,7 +26,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -200,7 +200,8 @@ def pack_bytes(experts: Mapping[str, Expert], provenance: Mapping[str, dict] | N
 
 def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None, base: str | None = None,
                 languages: Iterable[str] = (), kind: str | None = "lora", latest: bool = False,
-                reasons: dict[str, str] | None = None) -> PackInfo:
+                reasons: dict[str, str] | None = None,
+                check: Callable[[str, Expert], None] | None = None) -> PackInfo:
     """Write a pack from registry experts and/or experts in memory; returns its table of contents.
 
     Args:
@@ -215,6 +216,8 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
         kind: the kind the language query selects (default ``lora``; ``sparse``, ``clsr``; None: any kind).
         latest: with ``languages``: the latest version instead.
         reasons: when given, filled with language -> why its expert was taken.
+        check: called with each expert's name and expert before anything is written; raises to refuse one (the
+            command line refuses kinds an expert bank cannot route, as the table of kinds says).
     """
     registry = registry or Registry()
     languages = list(languages)
@@ -238,6 +241,9 @@ def create_pack(out: Path | str, experts=(), *, registry: Registry | None = None
         provenance[rec.name] = {"ref": rec.ref, "sha256": rec.sha256}
     if not chosen:
         raise ValueError("nothing to pack: name experts (--experts) or languages with a base (--languages, --base)")
+    if check is not None:
+        for name, expert in chosen.items():
+            check(name, expert)
     if base:
         for name, expert in chosen.items():
             b = expert.manifest["base"]

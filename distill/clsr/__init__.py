@@ -5,21 +5,24 @@
 * :mod:`~distill.clsr.routing`: the routing state the layers share, and the gate recorder.
 * :mod:`~distill.clsr.model`: :func:`convert_to_clsr` / :func:`convert_from_clsr`, languages, routing controls.
 * :mod:`~distill.clsr.expert`: one language as a ``clsr`` expert file, with base fingerprint checks.
+* :mod:`~distill.clsr.kind`: the ``clsr`` entry of the table of expert kinds (``lora_experts.kinds``), registered
+  when this package is imported.
 """
 
 from distill.clsr.config import ClsrConfig, noise_scale_at, recorded_layout
 from distill.clsr.expert import (attach_clsr_expert, clsr_expert_tensors, language_config, load_clsr_expert,
                                  make_clsr_expert, parameters_active_per_token, parameters_per_language,
                                  save_clsr_expert)
+from distill.clsr.kind import CLSR
 from distill.clsr.model import (add_language, clsr_languages, clsr_layers, clsr_routing, collect_gates,
                                 convert_from_clsr, convert_to_clsr, is_clsr, language_parameters, remove_language,
                                 set_language, set_noise_scale)
 from distill.clsr.routing import GateRecorder
 
 __all__ = [
-    "ClsrConfig", "GateRecorder", "add_language", "attach_clsr_expert", "clsr_expert_tensors", "clsr_languages",
-    "clsr_layers", "clsr_routing", "collect_gates", "convert_from_clsr", "convert_to_clsr", "is_clsr",
-    "language_config", "language_parameters", "load_clsr_expert", "make_clsr_expert", "noise_scale_at",
+    "CLSR", "ClsrConfig", "GateRecorder", "add_language", "attach_clsr_expert", "clsr_expert_tensors",
+    "clsr_languages", "clsr_layers", "clsr_routing", "collect_gates", "convert_from_clsr", "convert_to_clsr",
+    "is_clsr", "language_config", "language_parameters", "load_clsr_expert", "make_clsr_expert", "noise_scale_at",
     "parameters_active_per_token", "parameters_per_language", "recorded_layout", "remove_language",
     "save_clsr_expert", "set_language", "set_noise_scale",
 ]

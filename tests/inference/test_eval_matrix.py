@@ -1,8 +1,9 @@
 """The language x expert WER matrix of ``eval --experts``: the base restored bit-exactly after each expert, rows
-equal to single-expert evals, the report, the plot and the errors."""
+equal to single-expert evals, the report, the plot and the errors; a CLSR expert evaluated alone and as a row."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -69,6 +70,18 @@ def _logits(model) -> torch.Tensor:
         return model(input_features=feats, decoder_input_ids=torch.tensor([[50258, 50259, 50359, 50363]])).logits
 
 
+@pytest.fixture(scope="module")
+def clsr_expert(base):
+    """A low-rank CLSR expert for uk (paths and gates moved off their init), and the CLSR model it came from."""
+    from distill.clsr import add_language, convert_to_clsr, make_clsr_expert
+    from tests.distill.clsr_helpers import randomize_language
+
+    model = convert_to_clsr(copy.deepcopy(base.model))
+    add_language(model, "uk", kind="lowrank", rank=4, alpha=8.0)
+    randomize_language(model, "uk", seed=5, scale=0.5)
+    return make_clsr_expert(model, "uk", base), model
+
+
 @pytest.mark.parametrize("name", ["uk-a", "multi2"])
 def test_an_applied_expert_changes_the_model_and_leaves_it_bit_exact(base, experts, name):
     before, plain = _state(base.model), _logits(base.model)
@@ -78,6 +91,22 @@ def test_an_applied_expert_changes_the_model_and_leaves_it_bit_exact(base, exper
     with pytest.raises(RuntimeError, match="boom"), expert_applied(base.model, experts[name]):
         raise RuntimeError("boom")  # restored on an error too
     _assert_plain_and_equal(base.model, before)
+
+
+def test_a_clsr_expert_takes_every_utterance_through_its_path_and_leaves_the_base_bit_exact(base, clsr_expert):
+    from distill.clsr import is_clsr, set_language
+
+    expert, trained = clsr_expert
+    set_language(trained.eval(), "uk")
+    before, plain = _state(base.model), _logits(base.model)
+    grads = {n: p.requires_grad for n, p in base.model.named_parameters()}
+    with expert_applied(base.model, expert):
+        assert is_clsr(base.model)
+        torch.testing.assert_close(_logits(base.model), _logits(trained), rtol=0, atol=0)
+        assert not torch.allclose(_logits(base.model), plain, atol=1e-4)
+    assert not is_clsr(base.model)
+    _assert_plain_and_equal(base.model, before)
+    assert {n: p.requires_grad for n, p in base.model.named_parameters()} == grads
 
 
 def test_a_model_carrying_an_expert_or_a_misfit_expert_is_refused(base, experts):
@@ -146,6 +175,30 @@ def test_eval_experts_command_prints_writes_and_plots_the_matrix(base, experts, 
     alone = json.loads(single.read_text())
     assert [100 * alone["languages"][lang]["wer"] for lang in ("de", "uk")] == pytest.approx(matrix["wer"][3])
     assert alone["utterances"] == report["experts"][2]["utterances"]
+
+
+def test_eval_takes_a_clsr_expert_alone_and_as_a_matrix_row(base, experts, clsr_expert, corpus, tiny_whisper_dir,
+                                                           tmp_path, capsys):
+    from registry.store import Registry
+
+    reg = tmp_path / "registry"
+    Registry(str(reg)).add(clsr_expert[0], "uk-clsr")
+    Registry(str(reg)).add(experts["uk-a"], "uk-a")
+    common = ["eval", "--base", str(tiny_whisper_dir), "--data", str(corpus), "--registry", str(reg),
+              "--max-new-tokens", "4", "--batch-size", "4"]
+    single, out = tmp_path / "single.json", tmp_path / "matrix.json"
+    assert main([*common, "--expert", "uk-clsr@latest", "--out", str(single)]) == 0
+    assert "expert: uk-clsr@1 (uk)" in capsys.readouterr().out
+    alone = json.loads(single.read_text())
+    assert alone["meta"]["expert"]["kind"] == "clsr" and alone["meta"]["expert"]["ref"] == "uk-clsr@1"
+    assert main([*common, "--experts", "uk-a,uk-clsr@latest", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["matrix"]["rows"] == ["base", "uk-a", "uk-clsr@latest"]
+    assert report["experts"][1]["expert"]["kind"] == "clsr"
+    # The matrix row is the single-expert eval, and the expert changed what was decoded.
+    assert alone["utterances"] == report["experts"][1]["utterances"] != report["utterances"]
+    assert [100 * alone["languages"][lang]["wer"] for lang in ("de", "uk")] == pytest.approx(
+        report["matrix"]["wer"][2])
 
 
 def test_eval_experts_errors_are_named_before_decoding(tiny_whisper_dir, corpus, tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import distill.clsr  # noqa: F401  (registers the clsr kind, whose refusal names its reason)
 from lora_experts.config import LoraExpertConfig
 from lora_experts.export import export_ct2_expert, export_hf
 from lora_experts.model import attach_expert

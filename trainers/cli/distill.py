@@ -33,8 +33,8 @@ language's teacher, e.g. --teachers uk-espeak,ru-espeak (LoRA experts on the bas
 languages, which are the student's unless --languages says otherwise).
 
 Teachers: --teacher BASE (any Whisper the base loader reads: openai/whisper-large-v2, an imported name, a
-directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector or clsr). A teacher must
-share the student's tokenizer. With --teacher-cache DIR the teacher scores every training utterance once and
+directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector, sparse or clsr). A
+teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training utterance once and
 its top-k log-probabilities are kept in DIR (keyed by utterance and teacher; later runs reuse them); the
 report gives the probability mass the top-k keeps. Without it the teacher runs at every step.
 

@@ -22,10 +22,12 @@ examples:
   whisper-experts eval --base whisper-base --data data/multi4 --experts de-espeak,nl-espeak,multi4 \\
       --out matrix.json --plot matrix.png
 
-With --experts A,B,C (registry specs or expert files, merged experts included) the split is decoded under the
-base alone and under each expert in turn, all on one loaded base (each expert is removed, or its weight
-deltas restored exactly, before the next), and a language x expert matrix of normalized WER is printed (an
-expert's own languages in bold), written under "matrix" in --out, and drawn with --plot FILE.
+An expert of any kind that can be applied to one model works: lora, task_vector, sparse, and clsr (the
+model becomes a CLSR Whisper and every utterance takes the expert's language path). With --experts A,B,C
+(registry specs or expert files, merged experts included) the split is decoded under the base alone and under
+each expert in turn, all on one loaded base (each expert is taken out again, the base restored bit-exactly,
+before the next), and a language x expert matrix of normalized WER is printed (an expert's own languages in
+bold), written under "matrix" in --out, and drawn with --plot FILE.
 """
 
 
@@ -57,6 +59,7 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
     Returns:
         (the :class:`~registry.expert_file.Expert`, its identity for the report).
     """
+    from inference.kinds import expert_kind
     from registry.expert_file import check_compatible, load_expert
 
     if Path(spec).is_file():
@@ -68,27 +71,19 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
         record = store.resolve(spec)
         expert, identity = store.get(spec), {"ref": record.ref, "sha256": record.sha256}
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
-    if expert.kind not in ("lora", "task_vector", "sparse"):
-        raise ValueError(f"expert {spec} is a {expert.kind} expert; eval applies lora, task_vector and sparse experts")
+    expert_kind(expert.kind).require("apply", f"expert {spec}")
     return expert, {**identity, "kind": expert.kind, "languages": expert.languages,
                     "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
 
 
 def attach_for_eval(base, spec: str, force: bool = False, registry: str | None = None) -> dict:
-    """Attach the expert named ``spec`` (file or registry spec) to ``base.model``; returns its identity."""
-    from lora_experts.model import attach_expert
+    """Apply the expert named ``spec`` (file or registry spec) to ``base.model`` for good, as its kind does
+    (``inference.kinds``: LoRA attached, dense and sparse deltas added, CLSR routed for every utterance);
+    returns its identity."""
+    from inference.kinds import expert_kind
 
     expert, identity = load_for_eval(base, spec, force, registry)
-    if expert.kind == "lora":
-        attach_expert(base.model, expert.tensors, expert.manifest["hyperparameters"])
-    elif expert.kind == "sparse":  # its masked entries changed in place
-        from lora_experts.sparse import apply_sparse
-
-        apply_sparse(base.model, expert)
-    else:  # a dense fusion result: added to the weights
-        from lora_experts.task_vectors import apply_task_vector
-
-        apply_task_vector(base.model, expert.tensors)
+    expert_kind(expert.kind).apply(base.model, expert, restorable=False)
     return identity
 
 

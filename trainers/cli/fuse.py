@@ -9,7 +9,8 @@ from pathlib import Path
 from trainers.cli.common import split_list
 
 DESCRIPTION = """\
-Fuse stored experts into one, by weighted arithmetic on their weight deltas (task vectors).
+Fuse stored experts into one, by weighted arithmetic on their weight deltas (task vectors): lora,
+task_vector and sparse experts (a clsr expert has no task vector and is refused, saying why).
 
 For a target language (--target, --dev): the target's own expert comes first in --experts, support experts
 of related languages after it. The fusion weights are searched on the target's validation WER: --search grid
@@ -60,6 +61,7 @@ def _run(args) -> int:
             opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
             print(f"{name:16s} {opts}")
         return 0
+    from inference.kinds import expert_kind
     from registry.bases import load_base
     from registry.expert_file import check_compatible
     from registry.store import Registry
@@ -78,6 +80,8 @@ def _run(args) -> int:
 
     validate_name(args.name)  # before minutes of searching
     registry = Registry(args.registry)
+    for n in names:  # fusion is arithmetic on task vectors: refuse kinds without one before reading any tensor
+        expert_kind(registry.resolve(n).kind).require("task_vector", f"expert {n}")
     experts = [registry.get(n) for n in names]
     base = load_base(args.base or experts[0].manifest["base"]["name"])
     for n, e in zip(names, experts):

@@ -12,8 +12,9 @@ DESCRIPTION = """\
 A pack is N experts for one base in one .safetensors file (tensors namespaced per expert, a manifest listing
 each expert's registry version, kind, languages and manifest, and the base's fingerprints). Loading a pack
 attaches every expert to one Whisper in one call (inference.packs.load_pack), so that each utterance of a batch
-is routed to its own expert. Packs hold lora, sparse and clsr experts (CLSR experts cannot share a pack with
-LoRA or sparse experts that adapt fc1/fc2).
+is routed to its own expert. Packs hold the kinds an expert bank routes: lora, sparse and clsr experts (CLSR
+experts cannot share a pack with LoRA or sparse experts that adapt fc1/fc2); other kinds are refused, saying
+why and what to do instead.
 
 examples:
   whisper-experts pack create --base whisper-base --languages uk,pt,nl --out packs/eu3.safetensors
@@ -37,6 +38,7 @@ def _print_contents(info) -> None:
 
 
 def _create(args) -> int:
+    from inference.attach import check_routable
     from registry.packs import create_pack
 
     experts, languages = split_list(args.experts) or [], split_list(args.languages) or []
@@ -44,7 +46,9 @@ def _create(args) -> int:
         raise ValueError("name the experts to pack: --experts NAME[,NAME...] or --base BASE --languages CODES")
     reasons: dict[str, str] = {}
     info = create_pack(args.out, experts, registry=open_registry(args), base=args.base, languages=languages,
-                       kind=None if args.kind == "any" else args.kind, latest=args.latest, reasons=reasons)
+                       kind=None if args.kind == "any" else args.kind, latest=args.latest, reasons=reasons,
+                       check=lambda name, expert: check_routable(name, expert.kind, "pack create",
+                                                                 "of --experts, or choose --kind"))
     for language, why in reasons.items():
         print(f"{language}: {why}")
     print(f"wrote {info.path}")

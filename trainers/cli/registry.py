@@ -232,11 +232,15 @@ def _export(args) -> int:
                           f"the permissions of {target.parent}") from e
         print(f"wrote {target}")
         return 0
-    if args.format in ("hf", "ct2"):
-        from lora_experts.export import check_mergeable, export_ct2_expert, export_hf
+    from inference.kinds import expert_kind
 
+    kind = expert_kind(rec.kind)  # which formats a kind exports to, or why not: before anything is read
+    if args.format in ("hf", "ct2"):
+        from lora_experts.export import export_ct2_expert, export_hf
+        from registry.ct2_export import ExportError
+
+        kind.require("merge", rec.ref, ExportError)
         expert = reg.get(rec.ref)
-        check_mergeable(expert, rec.ref)  # before the base is loaded
         if args.format == "hf":
             export_hf(expert, out, rec.ref, force=args.force)
             print(f"wrote {out}: {expert.manifest['base'].get('name')} with {rec.ref} merged in (load it with "
@@ -246,15 +250,12 @@ def _export(args) -> int:
             print(f"wrote {out}: {expert.manifest['base'].get('name')} with {rec.ref} merged in, CTranslate2 "
                   f"{args.quantization} (load it with faster_whisper.WhisperModel('{out}'))")
         return 0
-    if rec.kind != "lora":
-        raise ValueError(f"{rec.ref} is a {rec.kind!r} expert; only LoRA experts have a PEFT form "
-                         "(use --format safetensors)")
-    from lora_experts.peft_format import write_peft_adapter
+    kind.require("peft", rec.ref)
     from registry.bases import base_reference
 
     expert = reg.get(rec.ref)
-    written = write_peft_adapter(expert.tensors, expert.manifest.get("hyperparameters", {}), out,
-                                 base_model_name_or_path=base_reference(expert.manifest["base"].get("name") or ""))
+    reference = base_reference(expert.manifest["base"].get("name") or "")
+    written = kind.peft(expert, out, base_model_name_or_path=reference)
     print(f"wrote PEFT adapter {written} (load it with PeftModel.from_pretrained)")
     return 0
 
