@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -33,8 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from registry.atomic import write_replacing_stale
-from registry.expert_file import (MANIFEST_KEY, Expert, ExpertFormatError, is_int, package_version,
-                                  validate_manifest)
+from registry.expert_file import MANIFEST_KEY, Expert, ExpertFormatError, is_int, package_version, validate_manifest
 from registry.records import ExpertNotFoundError, ExpertRecord, stored_test_wer, validate_name
 from registry.store import Registry
 
@@ -358,8 +359,12 @@ def read_tensors(path: Path, info: PackInfo, names: list[str], verify: bool) -> 
     except Exception as e:
         raise _open_error(path, e) from e
     if verify:
+        # sha256 releases the GIL on large buffers: the experts' digests are computed side by side
+        workers = max(1, min(len(names), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            digests = dict(zip(names, pool.map(lambda n: tensor_digest(out[n]), names)))
         for name in names:
-            want, found = info.entry(name).digest, tensor_digest(out[name])
+            want, found = info.entry(name).digest, digests[name]
             if found != want:
                 raise PackFormatError(f"{path}: tensors of expert {name} are corrupt (digest {found[:16]}, expected "
                                       f"{want[:16]}); create the pack again with `whisper-experts pack create`")
