@@ -72,17 +72,10 @@ def parse_spec(spec: str, default_base: str | None = None) -> tuple[str, str | N
 
 def resolve_expert(spec: str, registry=None) -> tuple[Expert, str]:
     """An expert and the sha256 of its file, from an expert file path or a registry spec (``name@version``)."""
-    from registry.expert_file import expert_from_bytes
+    from registry.store import open_expert
 
-    path = Path(spec).expanduser()
-    if path.is_file():
-        data = path.read_bytes()
-        return expert_from_bytes(data, str(path)), hashlib.sha256(data).hexdigest()
-    from registry.store import Registry
-
-    reg = Registry(registry)
-    record = reg.resolve(spec)
-    return expert_from_bytes(reg.read_bytes(record), record.ref), record.sha256
+    expert, identity = open_expert(spec, registry)
+    return expert, identity["sha256"]
 
 
 def _digest(*parts: str) -> str:

@@ -91,25 +91,56 @@ def log_mel(processor, audios: Sequence[np.ndarray], model) -> torch.Tensor:
     return feats.to(param.device, param.dtype)
 
 
-@torch.inference_mode()
+@torch.no_grad()
+def language_posterior(model, features: torch.Tensor | None = None, candidates: Iterable[str] | None = None, *,
+                       encoder_hidden_states: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+    """Whisper's language distribution at the first decoder step (after the start-of-transcript token).
+
+    Args:
+        model: a multilingual ``WhisperForConditionalGeneration`` (its generation config has ``lang_to_id``).
+        features: log-mel features (batch, n_mels, frames) on the model's device.
+        candidates: restrict (and renormalise) the distribution to these codes (None: every language).
+        encoder_hidden_states: (batch, frames, d_model) encoder outputs already computed, instead of
+            ``features``: only the decoder's first step runs (the caller can then reuse them for ``generate``).
+
+    Returns:
+        (codes, probabilities (batch, len(codes)), float32, rows summing to 1).
+    """
+    gc = model.generation_config
+    lang_to_id = dict(getattr(gc, "lang_to_id", None) or {})
+    if not lang_to_id:
+        raise ValueError("this Whisper has no language tokens (an English-only model); route with a fixed language")
+    if candidates is not None:
+        wanted = set(candidates)
+        unknown = wanted - {t[2:-2] for t in lang_to_id}
+        if unknown:
+            raise ValueError(f"unknown language(s) {', '.join(sorted(unknown))} for language ID")
+        lang_to_id = {t: i for t, i in lang_to_id.items() if t[2:-2] in wanted}
+    if encoder_hidden_states is not None:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder_hidden_states)}
+        batch, device = encoder_hidden_states.shape[0], encoder_hidden_states.device
+    elif features is not None:
+        inputs = {"input_features": features}
+        batch, device = features.shape[0], features.device
+    else:
+        raise ValueError("language ID needs log-mel features or encoder hidden states")
+    start = torch.full((batch, 1), gc.decoder_start_token_id, device=device)
+    logits = model(decoder_input_ids=start, **inputs).logits[:, -1].float()
+    ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
+    return [t[2:-2] for t in lang_to_id], logits[:, ids].softmax(-1)
+
+
 def detect_languages(model, features: torch.Tensor, allowed: Iterable[str] | None = None) -> list[tuple[str, float]]:
-    """Whisper's language ID from the first decoder step: (code, probability) per sample.
+    """Whisper's language ID from the first decoder step: the most likely (code, probability) per sample.
 
     Args:
         features: log-mel features, shape (batch, n_mels, 3000).
         allowed: restrict the choice to these codes (None: every language the model knows).
     """
-    gc = model.generation_config
-    lang_to_id = dict(gc.lang_to_id)
-    if allowed is not None:
-        allowed = set(allowed)
-        lang_to_id = {t: i for t, i in lang_to_id.items() if t[2:-2] in allowed}
-    sot = torch.full((features.shape[0], 1), gc.decoder_start_token_id, device=features.device)
-    logits = model(input_features=features, decoder_input_ids=sot).logits[:, -1].float()
-    ids = torch.tensor(list(lang_to_id.values()), device=logits.device)
-    probs = logits[:, ids].softmax(-1)
+    codes, probs = language_posterior(model, features, allowed)
     best = probs.argmax(-1)
-    codes = [t[2:-2] for t in lang_to_id]
     return [(codes[b], float(probs[i, b])) for i, b in enumerate(best.tolist())]
 
 

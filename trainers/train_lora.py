@@ -121,13 +121,9 @@ class KeepBestExpert(L.Callback):
 
 def _resolve_expert(spec: str) -> Expert:
     """An expert from a file path or a registry spec (``name``, ``name@3``, ``name@latest``)."""
-    from registry.expert_file import load_expert
+    from registry.store import open_expert
 
-    if Path(spec).is_file():
-        return load_expert(spec)
-    from registry.store import Registry
-
-    return Registry().get(spec)
+    return open_expert(spec)[0]
 
 
 def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfig, init_from: str | None = None):

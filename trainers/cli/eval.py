@@ -60,16 +60,10 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
         (the :class:`~registry.expert_file.Expert`, its identity for the report).
     """
     from inference.kinds import expert_kind
-    from registry.expert_file import check_compatible, load_expert
+    from registry.expert_file import check_compatible
+    from registry.store import open_expert
 
-    if Path(spec).is_file():
-        expert, identity = load_expert(spec), {"file": str(spec)}
-    else:
-        from registry.store import Registry
-
-        store = Registry(registry)
-        record = store.resolve(spec)
-        expert, identity = store.get(spec), {"ref": record.ref, "sha256": record.sha256}
+    expert, identity = open_expert(spec, registry)
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
     expert_kind(expert.kind).require("apply", f"expert {spec}")
     return expert, {**identity, "kind": expert.kind, "languages": expert.languages,
