@@ -9,111 +9,71 @@ that :class:`~lightning.pytorch.cli.LightningCLI` can read it from YAML:
   prepares the teacher source on the training rows;
 - :class:`StoreBestClsrExperts` (``expert:``) keeps each language's best epoch and, when fitting ends, tests
   and stores one ``clsr`` expert per language in the registry (rank 0 only);
-- ``checkpoint:`` and ``early_stopping:`` watch ``val_wer``. Under DDP set ``trainer.strategy:
+- ``checkpoint:`` and ``early_stopping:`` watch ``val_wer``.
+
+The options are the fields of :class:`~trainers.configs.DistillConfig` (the flags of ``whisper-experts distill``),
+placed as :func:`trainers.lightning_cli.lightning_keys` says; ``model:`` holds the rest, every CLSR field included. Under DDP set ``trainer.strategy:
   ddp_find_unused_parameters_true`` (ranks train different languages' paths in one step).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 from lightning.pytorch.utilities import rank_zero_info
 
-from distill.clsr import ClsrConfig
 from lora_experts.config import LoraExpertConfig
 from trainers.clsr_experts import KeepBestLanguages, clsr_experts, expert_names
 from trainers.clsr_module import ClsrExpertModule
+from trainers.configs import DistillConfig
 from trainers.language_batches import DistillDataModule
-from trainers.train_distill import default_lr, encoder_cache_plan, load_teacher_source, loss_config
-from trainers.lightning_cli import ExpertLightningCLI
+from trainers.lightning_cli import ExpertLightningCLI, section_fields
+from trainers.options import config_values, give_signature
+from trainers.train_distill import encoder_cache_plan, load_teacher_source
 from trainers.train_lora import load_checked_base
 
 
 class ClsrExpertTask(ClsrExpertModule):
     """CLSR language paths and gates on a frozen base Whisper, built from config values.
 
-    Args:
-        languages: Whisper codes, one path and gate each.
-        base: student base: an imported or bundled name, a local directory, or a hub id.
-        path: full (a copy of the FFN per language, as DistilWhisper) or lowrank (a rank-r delta on it).
-        side: FFN blocks that get CLSR paths: both (every encoder and decoder FFN, the paper), decoder (the encoder
-            stays untouched and training caches its output, with a cached teacher or none) or encoder.
-        encoder_start: with side both/encoder, only encoder layers >= this get CLSR paths (the input of this
-            layer is cached).
-        rank: lowrank rank.
-        alpha: lowrank alpha (the delta is scaled by alpha / rank).
-        gate_hidden: hidden size of each gate.
-        teacher: one teacher for every language: BASE or BASE+EXPERT (e.g. openai/whisper-large-v2).
-        teachers: one teacher per language: EXPERT or BASE+EXPERT each (their experts name the languages).
-        teacher_base: base of `teachers` experts given without one (default: the student's base).
-        teacher_cache: directory of a top-k teacher cache (filled once); unset: the teacher runs every step.
-        top_k: teacher log-probabilities kept per position in the cache.
-        registry: registry directory for teacher expert specs.
-        kd: KD loss, js (Jensen-Shannon, DistilWhisper's) or kl.
-        temperature: KD temperature.
-        ce_weight: weight of CE (default 0.25 with a teacher, 1 without).
-        gate_weight: weight of the gate budget loss (default 0.25 with a teacher, 1 without).
-        kd_weight: weight of KD (default 0.5 with a teacher).
-        label_smoothing: CE label smoothing.
-        gate_budget: target fraction of tokens on the language paths.
-        max_noise: gate noise scale reached at the end of training.
-        lr: peak learning rate (default 1e-4 for full paths, 1e-3 for lowrank).
-        gate_lr: the gates' peak learning rate (default: lr).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps.
-        schedule: decay after warm-up.
-        val_max_new_tokens: bound for validation decoding.
+    Its options are the fields of :class:`~trainers.configs.DistillConfig` that no other section holds (``kind`` is
+    clsr), every field of :class:`~distill.clsr.ClsrConfig` among them (``path`` is its ``kind``).
     """
 
-    def __init__(self, languages: list[str], base: str = "whisper-base", path: Literal["full", "lowrank"] = "full",
-                 side: Literal["both", "decoder", "encoder"] = "both", encoder_start: int = 0, rank: int = 16,
-                 alpha: float = 32.0, gate_hidden: int = 64, teacher: str | None = None,
-                 teachers: list[str] | None = None, teacher_base: str | None = None, teacher_cache: str | None = None,
-                 top_k: int = 32, registry: str | None = None, kd: Literal["js", "kl"] = "js", temperature: float = 1.0,
-                 ce_weight: float | None = None, gate_weight: float | None = None, kd_weight: float | None = None,
-                 label_smoothing: float = 0.1, gate_budget: float = 0.5, max_noise: float = 5.0,
-                 lr: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 schedule: Literal["linear", "cosine", "constant"] = "linear", val_max_new_tokens: int = 128,
-                 gate_lr: float | None = None):
-        loaded, _, _ = load_checked_base(base, languages, LoraExpertConfig())
-        source = load_teacher_source(loaded, teacher=teacher, teachers=teachers or (), teacher_base=teacher_base,
-                                     registry=registry, cache=teacher_cache, top_k=top_k)
-        loss = loss_config(source is not None, ce_weight=ce_weight, gate_weight=gate_weight, kd_weight=kd_weight,
-                           label_smoothing=label_smoothing, gate_budget=gate_budget, kd=kd, temperature=temperature)
+    def __init__(self, **options):
+        cfg = DistillConfig(data="", kind="clsr", **config_values(DistillConfig, options))  # the corpus is data:'s
+        loaded, _, _ = load_checked_base(cfg.base, cfg.languages, LoraExpertConfig())
+        source = load_teacher_source(loaded, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
+                                     registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k)
+        # As the recipe: no languages given are the teachers' (their experts name them)
+        languages = list(cfg.languages) or (source.teachers.languages if source is not None else [])
         if source is not None:
             source.teachers.check_covers(languages)
-        lr = default_lr("clsr", path) if lr is None else lr
-        super().__init__(loaded.model, loaded.processor, languages,
-                         ClsrConfig(kind=path, rank=rank, alpha=alpha, gate_hidden=gate_hidden, side=side,
-                                    encoder_start=encoder_start), loss, source, lr=lr,
-                         weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, max_noise=max_noise,
-                         val_max_new_tokens=val_max_new_tokens, gate_lr=gate_lr)
+        # The parent by name, not super(): see trainers.options.give_signature.
+        ClsrExpertModule.__init__(self, loaded.model, loaded.processor, languages, cfg.clsr(), cfg.loss(),
+                                  source, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
+                                  warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_noise=cfg.max_noise,
+                                  val_max_new_tokens=cfg.val_max_new_tokens, gate_lr=cfg.gate_lr)
+        # LightningCLI records the config's values as the hyperparameters, where lr may be null (the default)
+        self.hparams["lr"] = cfg.learning_rate()
         self.base = loaded
+
+
+give_signature(ClsrExpertTask, DistillConfig, section_fields(DistillConfig, "model", fixed=["kind"]))
 
 
 class ClsrCorpusDataModule(DistillDataModule):
     """One-language training batches from a corpus directory, for the :class:`ClsrExpertTask` being trained.
 
-    The processor, the languages and the teacher source come from the model when the Trainer sets this up.
-
-    Args:
-        data: corpus directory (from `whisper-experts corpus synth` / `corpus from-dir`).
-        batch_size: utterances per batch.
-        max_train: at most this many training utterances per language.
-        max_validation: at most this many validation utterances per language.
-        cache_encoder: cache the encoder output (or the input of the lowest CLSR encoder layer) when the student's
-            layout leaves it alone and the teacher is cached (or absent).
-        cache_dir: encoder cache location (default: <data>/.cache).
-        seed: seeds the batch order.
-        progress: progress bars for feature extraction and the teacher cache.
+    Its options are the ``data.*`` fields of :class:`~trainers.configs.DistillConfig`. The processor, the languages
+    and the teacher source come from the model when the Trainer sets this up.
     """
 
-    def __init__(self, data: str, batch_size: int = 16, max_train: int | None = None,
-                 max_validation: int | None = None, cache_encoder: bool = True, cache_dir: str | None = None,
-                 seed: int = 0, progress: bool = True):
-        super().__init__(data, None, (), batch_size, max_train=max_train, max_validation=max_validation,
-                         cache_dir=cache_dir, seed=seed, progress=progress)
-        self.cache_encoder = cache_encoder
+    def __init__(self, **options):
+        cfg = DistillConfig(**config_values(DistillConfig, options))
+        # The parent by name, not super(): see trainers.options.give_signature.
+        DistillDataModule.__init__(self, cfg.data, None, (), cfg.batch_size, max_train=cfg.max_train,
+                                   max_validation=cfg.max_validation, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                                   progress=cfg.progress)
+        self.cache_encoder = cfg.cache_encoder
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
@@ -129,6 +89,9 @@ class ClsrCorpusDataModule(DistillDataModule):
         super().setup(stage)
 
 
+give_signature(ClsrCorpusDataModule, DistillConfig, section_fields(DistillConfig, "data"))
+
+
 class StoreBestClsrExperts(KeepBestLanguages):
     """Keeps each language's best epoch; when fitting ends, tests them and stores one ``clsr`` expert per language.
 
@@ -140,8 +103,8 @@ class StoreBestClsrExperts(KeepBestLanguages):
         tags: registry tags for the stored versions.
     """
 
-    def __init__(self, name: str | None = None, registry: str | None = None, test: bool = True,
-                 test_limit: int | None = None, tags: list[str] | None = None):
+    def __init__(self, name: str | None = None, registry: str | None = None, test: bool = DistillConfig.test,
+                 test_limit: int | None = DistillConfig.test_limit, tags: list[str] | None = None):
         super().__init__()
         self.name, self.registry, self.test, self.test_limit, self.tags = name, registry, test, test_limit, tags or []
         self.records: list = []
@@ -180,6 +143,7 @@ class DistillLightningCLI(ExpertLightningCLI):
         run: run the subcommand (False: only parse and instantiate).
     """
 
+    config_class = DistillConfig
     task_class = ClsrExpertTask
     data_class = ClsrCorpusDataModule
     expert_class = StoreBestClsrExperts

@@ -10,93 +10,102 @@ values, so :class:`~lightning.pytorch.cli.LightningCLI` can read it from a YAML 
   evaluates it on the test split and stores it in the registry with the recipe's manifest (rank 0 only);
 - ``checkpoint:`` and ``early_stopping:`` watch ``val_wer`` as the recipe's do.
 
+Every option of the recipe is a field of :class:`~trainers.configs.TrainConfig`, the same fields as the flags of
+``whisper-experts train``: :func:`lightning_keys` says where a field lives (``epochs`` is ``trainer.max_epochs``,
+``batch_size`` is ``data.batch_size``, ...); every other field is a ``model:`` option. The signatures of
+``LoraExpertTask`` and ``CorpusDataModule`` are generated from those fields (:func:`trainers.options.give_signature`).
+
 Run it as ``whisper-experts lightning fit --config examples/lightning_lora_uk.yaml``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lora_experts.config import ATTENTION, FFN, LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
 from trainers.augment import AugmentConfig
+from trainers.configs import TrainConfig
 from trainers.data import ExpertDataModule
 from trainers.lora_module import LoraExpertModule
+from trainers.options import check_config_keys, config_files, config_values, give_signature
 from trainers.train_lora import KeepBestExpert, evaluate_on_test_split, expert_manifest, load_checked_base
+
+
+def lightning_keys(config: type) -> dict[str, tuple[str, ...]]:
+    """Where each field of a recipe's config lives in a LightningCLI config, when not under ``model:``.
+
+    Lightning's own objects hold the loop (``trainer:``), early stopping (``early_stopping:``) and the seed; the
+    data module (``data:``) the corpus and its batches; the ``expert:`` callback the test split. Every other field is
+    a ``model:`` option, so a field new to the config appears there without more code.
+    """
+    keys = {"epochs": ("trainer.max_epochs",), "max_steps": ("trainer.max_steps",),
+            "accumulate": ("trainer.accumulate_grad_batches",), "precision": ("trainer.precision",),
+            "strategy": ("trainer.strategy",), "devices": ("trainer.devices",),
+            "run_dir": ("trainer.default_root_dir",), "patience": ("early_stopping.patience",),
+            "seed": ("seed_everything", "data.seed"), "test": ("expert.test",), "test_limit": ("expert.test_limit",),
+            **{name: (f"data.{name}",) for name in ("data", "batch_size", "max_train", "max_validation",
+                                                     "cache_encoder", "cache_dir", "progress", "extra_data",
+                                                     "data_weight")},
+            **{f.name: (f"data.augment.{f.name}",) for f in fields(AugmentConfig)}}
+    names = {f.name for f in fields(config)}
+    return {name: where for name, where in keys.items() if name in names}
+
+
+def section_fields(config: type, section: str, fixed: Sequence[str] = ()) -> list[str]:
+    """The fields of ``config`` that are options of ``section`` (``model`` or ``data``), in the config's order;
+    ``fixed``: fields the LightningCLI recipe sets itself (the distillation CLI's ``kind``)."""
+    keys = lightning_keys(config)
+    if section == "model":
+        return [f.name for f in fields(config) if f.name not in keys and f.name not in fixed]
+    return [f.name for f in fields(config) if f"{section}.{f.name}" in keys.get(f.name, ())]
 
 
 class LoraExpertTask(LoraExpertModule):
     """A LoRA language expert on a frozen base Whisper, built from config values.
 
-    Args:
-        languages: Whisper codes the expert serves (batches may mix them).
-        base: base model: an imported or bundled name, a local directory, or a hub id.
-        rank: LoRA rank.
-        alpha: LoRA alpha (the update is scaled by alpha / rank).
-        dropout: LoRA dropout.
-        target_modules: linear layers to adapt: q_proj, k_proj, v_proj, out_proj, fc1, fc2.
-        side: decoder, encoder or both (a decoder-only expert trains on cached encoder outputs).
-        cross_attention: adapt the decoder's cross-attention q/out too.
-        cross_attention_kv: also cross-attention k/v (about 2x slower steps).
-        encoder_start: with side encoder/both, adapt encoder layers from this index up only.
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps.
-        schedule: decay after warm-up.
-        label_smoothing: cross-entropy label smoothing.
-        init_from: warm start from this LoRA expert (registry spec or file).
-        val_max_new_tokens: bound for validation decoding.
+    Its options are the fields of :class:`~trainers.configs.TrainConfig` that no other section holds
+    (:func:`lightning_keys`).
     """
 
-    def __init__(self, languages: list[str], base: str = "whisper-base", rank: int = 16, alpha: float = 32.0,
-                 dropout: float = 0.05, target_modules: list[str] = list(ATTENTION + FFN),
-                 side: Literal["decoder", "encoder", "both"] = "decoder", cross_attention: bool = True,
-                 cross_attention_kv: bool = False, encoder_start: int = 0, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 10, schedule: Literal["linear", "cosine", "constant"] = "linear",
-                 label_smoothing: float = 0.0, init_from: str | None = None, val_max_new_tokens: int = 128):
-        lora = LoraExpertConfig(rank=rank, alpha=alpha, dropout=dropout, target_modules=tuple(target_modules),
-                                side=side, cross_attention=cross_attention, cross_attention_kv=cross_attention_kv,
-                                encoder_start=encoder_start)
-        loaded, init, parents = load_checked_base(base, languages, lora, init_from)
-        super().__init__(loaded.model, loaded.processor, lora, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, schedule=schedule, label_smoothing=label_smoothing,
-                         init_from=init, val_max_new_tokens=val_max_new_tokens)
-        self.base, self.languages, self.parents = loaded, tuple(languages), parents
+    def __init__(self, **options):
+        cfg = TrainConfig(data="", **config_values(TrainConfig, options))  # the corpus is the data module's
+        lora = cfg.lora()
+        loaded, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
+        # The parent by name, not super(): see trainers.options.give_signature.
+        LoraExpertModule.__init__(self, loaded.model, loaded.processor, lora, lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                  label_smoothing=cfg.label_smoothing, init_from=init,
+                                  val_max_new_tokens=cfg.val_max_new_tokens)
+        self.base, self.languages, self.parents = loaded, tuple(cfg.languages), parents
+
+
+give_signature(LoraExpertTask, TrainConfig, section_fields(TrainConfig, "model"))
 
 
 class CorpusDataModule(ExpertDataModule):
     """Train / validation batches from a corpus directory, for the :class:`LoraExpertTask` being trained.
 
-    The processor, the languages and (when it can be cached) the frozen encoder come from the model when the
-    Trainer sets this up.
-
-    Args:
-        data: corpus directory (from `whisper-experts corpus synth` / `corpus from-dir`).
-        batch_size: utterances per batch.
-        max_train: at most this many training utterances per language.
-        max_validation: at most this many validation utterances per language.
-        cache_encoder: cache encoder outputs (or the input of the lowest adapted encoder layer).
-        cache_dir: encoder cache location (default: <data>/.cache).
-        seed: seeds the batch order and the augmentation.
-        progress: progress bars for feature extraction and the encoder cache.
-        extra_data: further training corpora, each DIR or DIR:WEIGHT (validation uses `data` alone).
-        data_weight: the mixing weight of `data` (an epoch draws round(weight x rows) of a corpus).
-        augment: SpecAugment, speed perturbation and noise (the fields of `whisper-experts train`'s options).
+    Its options are the ``data.*`` fields of :class:`~trainers.configs.TrainConfig` (:func:`lightning_keys`), and
+    ``augment`` (the ``data.augment.*`` fields). The processor, the languages and (when it can be cached) the
+    frozen encoder come from the model when the Trainer sets this up.
     """
 
-    def __init__(self, data: str, batch_size: int = 16, max_train: int | None = None,
-                 max_validation: int | None = None, cache_encoder: bool = True, cache_dir: str | None = None,
-                 seed: int = 0, progress: bool = True, extra_data: list[str] | None = None, data_weight: float = 1.0,
-                 augment: AugmentConfig | None = None):
-        super().__init__(data, None, (), batch_size, max_train, max_validation, cache_dir=cache_dir, seed=seed,
-                         progress=progress, extra_data=tuple(extra_data or ()), data_weight=data_weight,
-                         augment=augment)
-        self.cache_encoder = cache_encoder
+    def __init__(self, augment: AugmentConfig | None = None, **options):
+        cfg = TrainConfig(languages=(), **config_values(TrainConfig, options))
+        # The parent by name, not super(): see trainers.options.give_signature.
+        ExpertDataModule.__init__(self, cfg.data, None, (), cfg.batch_size, cfg.max_train, cfg.max_validation,
+                                  cache_dir=cfg.cache_dir, seed=cfg.seed, progress=cfg.progress,
+                                  extra_data=cfg.extra_data, data_weight=cfg.data_weight, augment=augment)
+        self.cache_encoder = cfg.cache_encoder
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
@@ -112,6 +121,11 @@ class CorpusDataModule(ExpertDataModule):
                 self.encoder = task.model.model.encoder.to(self.trainer.strategy.root_device)
                 self.encoder_layer = lora.encoder_start if lora.touches_encoder else None
         super().setup(stage)
+
+
+give_signature(CorpusDataModule, TrainConfig, section_fields(TrainConfig, "data"), extra=[
+    ("augment", AugmentConfig | None, None, "SpecAugment, speed perturbation and noise (the augmentation fields of "
+                                            "`whisper-experts train`)")])
 
 
 class StoreBestExpert(KeepBestExpert):
@@ -130,7 +144,8 @@ class StoreBestExpert(KeepBestExpert):
     """
 
     def __init__(self, name: str | None = None, registry: str | None = None, out: str | None = None,
-                 test: bool = True, test_limit: int | None = None, tags: list[str] | None = None):
+                 test: bool = TrainConfig.test, test_limit: int | None = TrainConfig.test_limit,
+                 tags: list[str] | None = None):
         super().__init__()
         self.name, self.registry, self.out = name, registry, out
         self.test, self.test_limit, self.tags = test, test_limit, list(tags or [])
@@ -189,6 +204,7 @@ class ExpertLightningCLI(LightningCLI):
         run: run the subcommand (False: only parse and instantiate).
     """
 
+    config_class = TrainConfig  # the recipe's options: model: and data: hold its fields (lightning_keys)
     task_class = LoraExpertTask  # the LightningModule read from ``model:``
     data_class = CorpusDataModule  # the LightningDataModule read from ``data:``
     expert_class = StoreBestExpert  # the callback read from ``expert:``, storing what fit trained
@@ -197,19 +213,45 @@ class ExpertLightningCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
-            self.task_class, self.data_class, args=args, run=run, seed_everything_default=0,
+            self.task_class, self.data_class, args=args, run=run,
+            seed_everything_default=self.config_class.seed,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": self.prog, "description": self.description},
             trainer_defaults={
+                **self.recipe_defaults("trainer"),
                 # The machine decides: bf16-mixed where CUDA is, full precision on CPU.
-                "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-                "max_epochs": 10,
+                "precision": self.config_class.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
                 "use_distributed_sampler": False,  # the data module's batch sampler shards batches itself
                 "num_sanity_val_steps": 0,
                 "log_every_n_steps": 1,
                 "enable_model_summary": False,
             },
         )
+
+    @classmethod
+    def recipe_defaults(cls, section: str) -> dict:
+        """The config's defaults of the fields that ``section`` (``trainer``, ``early_stopping``) holds, by their
+        names there. ``run_dir`` is left out: Lightning's ``default_root_dir`` stays the working directory."""
+        from dataclasses import fields
+
+        defaults = {f.name: f.default for f in fields(cls.config_class)}
+        return {key.split(".", 1)[1]: defaults[name] for name, keys in lightning_keys(cls.config_class).items()
+                for key in keys if key.startswith(section + ".") and name != "run_dir"
+                and defaults[name] is not None}
+
+    def parse_arguments(self, parser, args) -> None:
+        # An unknown key in a --config file is an error naming the file, the key and the nearest valid key
+        # (jsonargparse names only the key).
+        args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else args
+        if isinstance(args, list):
+            subcommand = next((a for a in args if not a.startswith("-")), None)
+            subparsers = getattr(parser, "_subcommands_action", None)
+            target = subparsers._name_parser_map.get(subcommand) if subparsers and subcommand else parser
+            for path in config_files(args[args.index(subcommand) + 1:] if subcommand in args else args):
+                loaded = yaml.safe_load(Path(path).read_text())
+                if isinstance(loaded, dict) and target is not None:
+                    check_config_keys(target, loaded, path)
+        super().parse_arguments(parser, args)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -224,7 +266,8 @@ class ExpertLightningCLI(LightningCLI):
                              "checkpoint.filename": "best-{epoch}-{val_wer:.4f}"})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"early_stopping.monitor": "val_wer", "early_stopping.mode": "min",
-                             "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
+                             "early_stopping.check_on_train_epoch_end": False,
+                             **{f"early_stopping.{k}": v for k, v in self.recipe_defaults("early_stopping").items()}})
 
     def before_instantiate_classes(self) -> None:
         # Fail before the base is loaded and the corpus featurized when fit cannot end by storing its expert.

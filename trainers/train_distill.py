@@ -15,124 +15,19 @@ teacher, a CLSR student trains with CE + gate budget only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import torch
 
-from distill.clsr import ClsrConfig
-from distill.losses import DistillationLossConfig
 from registry.expert_file import Expert
+from trainers.configs import DistillConfig, DistillKind, default_lr, loss_config  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-KINDS = ("clsr", "lora")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Everything a distillation run needs. Frozen: vary with ``dataclasses.replace``."""
-
-    data: str  # corpus directory
-    languages: tuple[str, ...] = ()  # student languages (default with --teachers: the teachers' languages)
-    base: str = "whisper-base"  # student base: name, directory or hub id
-    kind: str = "clsr"  # clsr (a path + gate per language) | lora (one LoRA for all the languages)
-    teacher: str | None = None  # one teacher for every language: BASE or BASE+EXPERT
-    teachers: tuple[str, ...] = ()  # one teacher per language: EXPERT or BASE+EXPERT each (experts name languages)
-    teacher_base: str | None = None  # base of --teachers experts given without one (default: the student's base)
-    teacher_cache: str | None = None  # cache directory: top-k teacher log-probabilities computed once (else online)
-    top_k: int = 32  # log-probabilities kept per position in the cache
-    registry: str | None = None  # registry directory for teacher expert specs
-    path: str = "full"  # clsr: full copy of the FFN per language | lowrank delta
-    # Which blocks the student adapts: both | decoder | encoder (default: clsr both, the paper; lora decoder). A
-    # student that leaves the encoder alone trains on cached encoder outputs (with a cached teacher or none).
-    side: str | None = None
-    encoder_start: int = 0  # side both/encoder: only encoder layers >= this (the input of this layer is cached)
-    rank: int = 16  # clsr lowrank rank, or the LoRA student's rank
-    alpha: float = 32.0  # low-rank / LoRA alpha
-    gate_budget: float = 0.5  # clsr: target fraction b of tokens on the language paths
-    max_noise: float = 5.0  # clsr: gate noise scale reached at the end of training
-    path_dropout: float = 0.3  # clsr: dropout on the language path's output in training (DistilWhisper's 0.3)
-    shared_only_prob: float = 0.2  # clsr: per layer call in training, run only the shared path with this probability
-    kd: str = "js"  # KD loss: js | kl
-    temperature: float = 1.0  # KD temperature
-    ce_weight: float | None = None  # loss weights; default 0.25 / 0.25 / 0.5 with a teacher, 1 / 1 / 0 without
-    gate_weight: float | None = None
-    kd_weight: float | None = None
-    label_smoothing: float = 0.1
-    lr: float | None = None  # default 1e-4 (clsr full), 1e-3 (clsr lowrank, lora)
-    gate_lr: float | None = None  # clsr: the gates' learning rate (default: lr)
-    schedule: str = "linear"
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    epochs: int = 10
-    max_steps: int = -1
-    batch_size: int = 16
-    accumulate: int = 1
-    precision: str | None = None  # default bf16-mixed on CUDA, 32-true on CPU
-    seed: int = 0
-    max_train: int | None = None  # at most this many training utterances per language
-    max_validation: int | None = None
-    patience: int = 3  # early stopping on val_wer (all languages)
-    run_dir: str = "runs/distill"
-    cache_dir: str | None = None  # encoder cache location (default <data>/.cache; not with an online teacher)
-    strategy: str = "auto"
-    devices: str = "auto"
-    test: bool = True
-    test_limit: int | None = None
-    val_max_new_tokens: int = 128  # bound for validation decoding
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.teacher and self.teachers:
-            raise ValueError("give one --teacher for every language or --teachers (one per language), not both")
-        self.clsr() if self.kind == "clsr" else self.lora()  # refuse a bad side / encoder_start now
-        if self.kind == "lora" and not (self.teacher or self.teachers):
-            raise ValueError("a LoRA student is distilled from teachers: give --teachers (or --teacher); to train a "
-                             "LoRA expert on labels alone use `whisper-experts train`")
-
-    @property
-    def has_teacher(self) -> bool:
-        return bool(self.teacher or self.teachers)
-
-    def clsr(self) -> ClsrConfig:
-        return ClsrConfig(kind=self.path, rank=self.rank, alpha=self.alpha, side=self.side or "both",
-                          encoder_start=self.encoder_start, path_dropout=self.path_dropout,
-                          shared_only_prob=self.shared_only_prob)
-
-    def lora(self):
-        from lora_experts.config import LoraExpertConfig
-
-        return LoraExpertConfig(rank=self.rank, alpha=self.alpha, side=self.side or "decoder",
-                                encoder_start=self.encoder_start)
-
-    def loss(self) -> DistillationLossConfig:
-        return loss_config(self.has_teacher, ce_weight=self.ce_weight, gate_weight=self.gate_weight,
-                           kd_weight=self.kd_weight, label_smoothing=self.label_smoothing,
-                           gate_budget=self.gate_budget, kd=self.kd, temperature=self.temperature)
-
-    def learning_rate(self) -> float:
-        return default_lr(self.kind, self.path) if self.lr is None else self.lr
-
-
-def default_lr(kind: str, path: str) -> float:
-    """1e-4 for full CLSR paths (copies of pretrained FFNs, as DistilWhisper), 1e-3 for low-rank paths and LoRA."""
-    return 1e-4 if kind == "clsr" and path == "full" else 1e-3
-
-
-def loss_config(has_teacher: bool, *, ce_weight: float | None = None, gate_weight: float | None = None,
-                kd_weight: float | None = None, **fields) -> DistillationLossConfig:
-    """The loss weights of a run: DistilWhisper's (0.25 CE, 0.25 gate, 0.5 KD) with a teacher, CE + gate (1, 1)
-    without; weights given here override them; ``fields`` are other :class:`DistillationLossConfig` fields."""
-    default = DistillationLossConfig() if has_teacher else DistillationLossConfig.without_teacher()
-    weights = {k: v for k, v in (("ce_weight", ce_weight), ("gate_weight", gate_weight), ("kd_weight", kd_weight))
-               if v is not None}
-    return dataclasses.replace(default, **fields, **weights)
+KINDS = get_args(DistillKind)
 
 
 def encoder_cache_plan(student, source) -> tuple[bool, int | None]:
@@ -231,6 +126,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     if source is not None:
         source.teachers.check_covers(languages)
     cache, layer = encoder_cache_plan(cfg.clsr() if cfg.kind == "clsr" else lora, source)
+    cache = cache and cfg.cache_encoder
     data_options = dict(max_train=cfg.max_train, max_validation=cfg.max_validation, seed=cfg.seed,
                         progress=cfg.progress, multilingual=base.multilingual, teacher=source,
                         encoder=base.model.model.encoder if cache else None, encoder_layer=layer,

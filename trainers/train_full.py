@@ -11,28 +11,15 @@ early stopping, CSV logs, test split beside the base, the full manifest.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 
 from lora_experts.task_vectors import expert_from_task_vector
 from registry.expert_file import Expert
-from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, expert_trainer,
+from trainers.configs import FullTrainConfig
+from trainers.train_lora import (KeepBestExpert, expert_data, expert_manifest, expert_trainer,
                                  load_checked_base)
-
-
-@dataclass(frozen=True)
-class FullTrainConfig(TrainConfig):
-    """A fine-tune run; ``rank``, ``alpha``, ``dropout`` and ``init_from`` do not apply. ``lr`` defaults far below
-    LoRA's, as full fine-tunes need."""
-
-    lr: float = 3e-5
-    biases: bool = True  # train the biases of the fine-tuned linear layers too
-
-    def __post_init__(self):
-        if self.init_from:
-            raise ValueError("a fine-tune starts from the base; --init-from applies to LoRA experts")
 
 
 def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
@@ -53,7 +40,7 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
     base, _, _ = load_checked_base(cfg.base, cfg.languages, region)
     module = FullFinetuneModule(base.model, base.processor, region, biases=cfg.biases, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                label_smoothing=cfg.label_smoothing)
+                                label_smoothing=cfg.label_smoothing, val_max_new_tokens=cfg.val_max_new_tokens)
     data = expert_data(cfg, base, region.touches_encoder, region.encoder_start)
     prepared = time.time()
 

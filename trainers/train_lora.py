@@ -11,92 +11,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import lightning as L
 import torch
 
-from lora_experts.config import ATTENTION, FFN, LoraExpertConfig
+from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
 from registry.expert_file import Expert, check_compatible, new_manifest
+from trainers.configs import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a LoRA expert training run needs. Frozen: vary with ``dataclasses.replace``."""
-
-    data: str  # corpus directory (from `corpus synth` / `corpus from-dir`)
-    languages: tuple[str, ...]  # Whisper codes the expert serves (batches may mix them)
-    base: str = "whisper-base"  # base model: name, directory or hub id
-    rank: int = 16  # LoRA rank
-    alpha: float = 32.0  # LoRA alpha (update scaled by alpha / rank)
-    dropout: float = 0.05  # LoRA dropout
-    target_modules: tuple[str, ...] = ATTENTION + FFN  # q_proj,k_proj,v_proj,out_proj,fc1,fc2
-    side: str = "decoder"  # decoder | encoder | both (decoder-only trains on cached encoder outputs)
-    cross_attention: bool = True  # adapt the decoder's cross-attention q/out too
-    cross_attention_kv: bool = False  # also cross-attention k/v (about 2x slower steps)
-    encoder_start: int = 0  # side encoder/both: adapt encoder layers >= this only (lower ones cached)
-    lr: float = 1e-3  # peak learning rate
-    schedule: str = "linear"  # linear | cosine | constant decay after warm-up
-    warmup_steps: int = 10  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    epochs: int = 10  # maximum epochs
-    max_steps: int = -1  # stop after this many optimizer steps (-1: epochs decide)
-    batch_size: int = 16  # utterances per batch
-    accumulate: int = 1  # gradient accumulation steps
-    precision: str | None = None  # Lightning precision; default bf16-mixed on CUDA, 32-true on CPU
-    seed: int = 0  # seeds data order, dropout and LoRA init
-    max_train: int | None = None  # at most this many training utterances per language
-    max_validation: int | None = None  # at most this many validation utterances per language
-    patience: int = 3  # early stopping: epochs without a better validation WER
-    init_from: str | None = None  # warm start from this expert (registry spec or file)
-    run_dir: str = "runs/expert"  # logs and checkpoints (expert-only) go here
-    cache_encoder: bool = True  # cache encoder outputs when the expert leaves the encoder untouched
-    cache_dir: str | None = None  # encoder cache location (default: <corpus>/.cache, each corpus its own)
-    strategy: str = "auto"  # Lightning strategy, e.g. "ddp"
-    devices: str = "auto"  # Lightning devices
-    test: bool = True  # evaluate the best expert (and the base) on the test split
-    test_limit: int | None = None  # at most this many test utterances per language
-    progress: bool = True  # progress bars
-    # Several corpora (trainers/corpus_mix.py): `data` is the target (validation and test come from it alone)
-    extra_data: tuple[str, ...] = ()  # further training corpora, each DIR or DIR:WEIGHT (weight default 1)
-    data_weight: float = 1.0  # weight of `data`: an epoch draws round(weight x its training rows) from a corpus
-    # Augmentation (trainers/augment.py); training rows only, deterministic given `seed`
-    spec_augment: bool = False  # SpecAugment masks on training batches (on the cached activations when cached)
-    spec_freq_masks: int = 2  # frequency masks per utterance (channel masks on cached activations)
-    spec_freq_width: int = 27  # widest frequency mask in mel bins (the same share of d_model on activations)
-    spec_time_masks: int = 2  # time masks per utterance
-    spec_time_width: int = 100  # widest time mask in 10 ms mel frames (half as many 20 ms encoder frames)
-    spec_time_ratio: float = 0.05  # and at most this fraction of the utterance's frames
-    speed_perturb: tuple[float, ...] = ()  # e.g. (0.9, 1.0, 1.1): a cached copy per factor != 1 (3x cache, steps)
-    noise_snr_db: float | None = None  # a noisy copy at this SNR (dB); made before the cache: a cached copy too
-    noise_kind: str = "pink"  # white | pink: the generated noise (seeded per utterance)
-    noise_dir: str | None = None  # mix excerpts of these noise recordings instead of generated noise
-
-    def augmentation(self):
-        """The run's :class:`trainers.augment.AugmentConfig` (checks the values)."""
-        from trainers.augment import AugmentConfig
-
-        return AugmentConfig(**{f.name: getattr(self, f.name) for f in fields(AugmentConfig)})
-
-    def corpora(self, check: bool = True) -> list:
-        """The training corpora (:class:`trainers.corpus_mix.CorpusSpec`), target first; ``check``: the further
-        corpora's directories exist (the target's own loading reports a missing one)."""
-        from trainers.corpus_mix import parse_corpora
-
-        specs = parse_corpora(self.data, self.extra_data, self.data_weight)
-        return specs[:1] + [s.check() for s in specs[1:]] if check else specs
-
-    def lora(self) -> LoraExpertConfig:
-        return LoraExpertConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                                target_modules=tuple(self.target_modules), side=self.side,
-                                cross_attention=self.cross_attention, cross_attention_kv=self.cross_attention_kv,
-                                encoder_start=self.encoder_start)
 
 
 class KeepBestExpert(L.Callback):
@@ -226,7 +153,8 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     model = base.model
     module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,
                               warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                              label_smoothing=cfg.label_smoothing, init_from=init)
+                              label_smoothing=cfg.label_smoothing, init_from=init,
+                              val_max_new_tokens=cfg.val_max_new_tokens)
     data = expert_data(cfg, base, lora.touches_encoder, lora.encoder_start)
     prepared = time.time()
 

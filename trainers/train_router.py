@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -41,33 +41,10 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from inference.bank import expert_bank
 from inference.router import LearnedRouter, audio_frames, router_slots
+from trainers.configs import RouterTrainConfig
 from trainers.data import IGNORE, encode_from
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RouterTrainConfig:
-    """Everything a router training run needs. Frozen: vary with ``dataclasses.replace``."""
-
-    data: str  # corpus directory holding every language of ``languages`` (train and validation splits)
-    languages: tuple[str, ...]  # Whisper codes of the mix; a code no expert serves gets a base-model slot
-    pack: tuple[str, ...] = ()  # pack file(s) of the experts; empty: the experts already on the given base
-    base: str | None = None  # base model (default: the pack's base)
-    hidden: int = 64  # router hidden width (0: a linear gate)
-    dropout: float = 0.1  # router dropout
-    lr: float = 3e-3  # AdamW peak learning rate (cosine decay to 0)
-    weight_decay: float = 0.01  # AdamW weight decay
-    aux_weight: float = 1.0  # weight of the router-vs-own-slot cross-entropy (0: decoder loss only; see above)
-    epochs: int = 6  # epochs (validation after each)
-    batch_size: int = 16  # utterances per step
-    max_train: int | None = None  # at most this many training utterances per language
-    max_validation: int | None = None  # at most this many validation utterances per language
-    seed: int = 0  # router init and data order
-    cache_dir: str | None = None  # encoder-output cache (default: <data>/.cache)
-    device: str | None = None  # default: CUDA when available
-    force: bool = False  # attach experts trained on other weights of the same architecture and tokenizer
-    progress: bool = True  # progress bar
 
 
 def _base_spec(cfg: RouterTrainConfig) -> str:

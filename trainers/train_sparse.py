@@ -13,50 +13,23 @@ metrics and, as lineage, the phase-1 expert.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import lightning as L
 import torch
 
 from lora_experts.sparse import SparseDelta, sparse_expert, sparse_size
 from lora_experts.sparse_layer import remove_trainable_sparse
-from lora_experts.sparse_masks import SCOPES, magnitude_scores, top_k_masks
+from lora_experts.sparse_masks import magnitude_scores, top_k_masks
 from lora_experts.task_vectors import task_vector
 from registry.expert_file import Expert, check_compatible, save_expert
-from trainers.train_lora import (KeepBestExpert, TrainConfig, expert_data, expert_manifest, expert_trainer,
+from trainers.configs import MaskScore, SparseTrainConfig
+from trainers.train_lora import (KeepBestExpert, expert_data, expert_manifest, expert_trainer,
                                  load_checked_base, train_lora_expert)
 
-MASK_SCORES = ("magnitude", "gradient")
-
-
-@dataclass(frozen=True)
-class SparseTrainConfig(TrainConfig):
-    """A sparse expert run: the LoRA options shape phase 1; ``lr`` is phase 1's, ``sparse_lr`` phase 2's;
-    ``epochs``, ``max_steps`` and ``patience`` bound each phase."""
-
-    sparsity: float = 0.99  # fraction of the phase-1 matrices' entries left at the base value (density 1 - this)
-    mask_scope: str = "global"  # global: one ranking over every matrix | per_matrix: each keeps 1 - sparsity
-    mask_score: str = "magnitude"  # magnitude: |dW| | gradient: sum over batches of |grad * dW| at W0 + dW
-    score_batches: int = 4  # mask_score gradient: training batches to accumulate over
-    sparse_lr: float = 1e-4  # phase 2 peak learning rate (AdamW on the masked weight entries)
-    mask_from: str | None = None  # take dW from this expert (registry spec or file) instead of training phase 1
-
-    def __post_init__(self):
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1) (0.99 keeps 1% of the entries), got {self.sparsity}")
-        if self.mask_scope not in SCOPES:
-            raise ValueError(f"mask_scope must be one of {', '.join(SCOPES)}, got {self.mask_scope!r}")
-        if self.mask_score not in MASK_SCORES:
-            raise ValueError(f"mask_score must be one of {', '.join(MASK_SCORES)}, got {self.mask_score!r}")
-
-    def phase1(self) -> TrainConfig:
-        """Phase 1's LoRA run (logs under ``<run_dir>/phase1``; no test split: only its delta is used)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{**values, "run_dir": str(Path(self.run_dir) / "phase1"), "test": False})
+MASK_SCORES = get_args(MaskScore)
 
 
 def _phase1(cfg: SparseTrainConfig, given: Expert | None, name: str | None) -> tuple[Expert, dict, dict]:
@@ -110,7 +83,7 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
     region = mask_region(delta)
     module = SparseExpertModule(model, base.processor, lr=cfg.sparse_lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                label_smoothing=cfg.label_smoothing)
+                                label_smoothing=cfg.label_smoothing, val_max_new_tokens=cfg.val_max_new_tokens)
     data = expert_data(cfg, base, region.touches_encoder, region.encoder_start)
     if cfg.mask_score == "gradient":
         if torch.cuda.is_available():

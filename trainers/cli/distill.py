@@ -7,8 +7,6 @@ import json
 import warnings
 from pathlib import Path
 
-from trainers.cli.common import split_list
-
 DESCRIPTION = """\
 Distil language experts from a teacher Whisper.
 
@@ -38,6 +36,9 @@ teacher must share the student's tokenizer. With --teacher-cache DIR the teacher
 its top-k log-probabilities are kept in DIR (keyed by utterance and teacher; later runs reuse them); the
 report gives the probability mass the top-k keeps. Without it the teacher runs at every step.
 
+Options can also come from a YAML file (--config): its keys are the flags' names with underscores; flags given
+override it. The same options drive `distill lightning` (model.gate_dropout, data.batch_size, ...).
+
 examples:
   whisper-experts distill --base whisper-base --teacher whisper-base+uk-teacher --data data/eu3 \\
       --languages uk,pt,nl --kind clsr
@@ -64,28 +65,33 @@ examples:
   whisper-experts distill lightning fit --config examples/lightning_distill_clsr.yaml --print_config
 """
 
-# DistillConfig fields the command fills itself (lists, or flags named otherwise); every other field is copied
-# from the argparse value of the same name when it is given.
-DERIVED = ("languages", "teachers", "progress", "test")
+def options():
+    """The command's flags and ``--config`` keys: the fields of :class:`trainers.configs.DistillConfig`."""
+    from trainers.configs import DistillConfig
+    from trainers.options import Flag, RecipeOptions
+
+    return RecipeOptions("whisper-experts distill", DistillConfig,
+                         flags={"progress": Flag(("--quiet",), const=False, help="no progress bars"),
+                                "run_dir": Flag(default="runs/<name>")},
+                         keys={"name": str, "tags": tuple[str, ...]})
+
+
+def _read(args):
+    """(the run's config, the options that are not its fields: name, tags), from ``--config`` and the flags."""
+    from trainers.configs import DistillConfig
+
+    values = options().values(args)
+    given = {"name": args.name, "tags": tuple(args.tag) if args.tag else None}
+    values.update({k: v for k, v in given.items() if v is not None})
+    extras = {k: values.pop(k, None) for k in ("name", "tags")}
+    if not values.get("data"):
+        raise ValueError("no --data corpus given")
+    values.setdefault("run_dir", str(Path("runs") / (extras["name"] or f"distill-{values.get('kind', 'clsr')}")))
+    return DistillConfig(**values), extras
 
 
 def _config_from_args(args):
-    from dataclasses import fields
-
-    from trainers.train_distill import DistillConfig
-
-    values = {f.name: getattr(args, f.name) for f in fields(DistillConfig)
-              if f.name not in DERIVED and getattr(args, f.name, None) is not None}
-    if not values.get("data"):
-        raise ValueError("no --data corpus given")
-    values["languages"] = tuple(split_list(args.languages) or ())
-    values["teachers"] = tuple(split_list(args.teachers) or ())
-    if args.quiet:
-        values["progress"] = False
-    if args.no_test:
-        values["test"] = False
-    values.setdefault("run_dir", str(Path("runs") / (args.name or f"distill-{values.get('kind', 'clsr')}")))
-    return DistillConfig(**values)
+    return _read(args)[0]
 
 
 def _print_test(test: dict) -> None:
@@ -105,27 +111,28 @@ def _run(args) -> int:
     from trainers.clsr_experts import expert_names
     from trainers.train_distill import train_distilled
 
-    cfg = _config_from_args(args)
+    cfg, extras = _read(args)
+    name, tags = extras["name"], extras["tags"] or ()
     # A bad name is refused before training, not after.
     if cfg.kind == "clsr" and cfg.languages:
-        expert_names(args.name, cfg.languages, cfg.has_teacher)
-    elif args.name:
-        validate_name(args.name)
+        expert_names(name, cfg.languages, cfg.has_teacher)
+    elif name:
+        validate_name(name)
     experts, report = train_distilled(cfg)
     if report.get("rank", 0) != 0:
         return 0  # --strategy ddp: rank 0 stores and reports
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    registry = Registry(args.registry)
+    registry = Registry(cfg.registry)
     if cfg.kind == "clsr":
-        names = expert_names(args.name, [e.languages[0] for e in experts], cfg.has_teacher)
+        names = expert_names(name, [e.languages[0] for e in experts], cfg.has_teacher)
     else:
-        names = {experts[0].languages[0]: args.name or f"{'-'.join(experts[0].languages)}-distilled"}
+        names = {experts[0].languages[0]: name or f"{'-'.join(experts[0].languages)}-distilled"}
     for expert in experts:
-        name = names[expert.languages[0]]
-        save_expert(expert, run_dir / f"{name}.safetensors")
-        print(f"stored {registry.add(expert, name).ref} in the registry")
+        stored = names[expert.languages[0]]
+        save_expert(expert, run_dir / f"{stored}.safetensors")
+        print(f"stored {registry.add(expert, stored, tags=tags).ref} in the registry")
     teacher = report.get("teacher") or {}
     if "mass_kept" in teacher:
         m = teacher["mass_kept"]
@@ -167,68 +174,19 @@ def register(subparsers) -> None:
                     help="a LightningCLI subcommand and its options (--config FILE, --model.path lowrank, "
                          "--print_config)")
     lp.set_defaults(mode="lightning", lightning_parser=lp)
+    opts = options()
     g = p.add_argument_group("what")
-    g.add_argument("--data", help="corpus directory")
-    g.add_argument("--languages", help="student languages, comma-separated (default with --teachers: theirs)")
-    g.add_argument("--base", help="student base model (default whisper-base)")
-    g.add_argument("--kind", choices=["clsr", "lora"], help="student: clsr gated experts (default) or one LoRA")
+    g.add_argument("--config", help=opts.config_help({"--tag": "tags"}))
+    opts.add(g, "data", "languages", "base", "kind")
     g.add_argument("--name", help="registry name (clsr: NAME-<lang> when several languages)")
-    g.add_argument("--registry",
-                   help="registry directory for teacher experts and the results (default <home>/registry)")
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", help="one teacher for all languages: BASE or BASE+EXPERT, e.g. whisper-base+uk-teacher")
-    g.add_argument("--teachers", help="one teacher per language: EXPERT or BASE+EXPERT, comma-separated")
-    g.add_argument("--teacher-base", dest="teacher_base", help="base of --teachers experts (default: --base)")
-    g.add_argument("--teacher-cache", dest="teacher_cache", help="cache the teacher's top-k log-probabilities here")
-    g.add_argument("--top-k", dest="top_k", type=int, help="log-probabilities kept per position (default 32)")
-    g.add_argument("--kd", choices=["js", "kl"], help="KD loss (default js)")
-    g.add_argument("--temperature", type=float, help="KD temperature (default 1)")
-    g.add_argument("--ce-weight", dest="ce_weight", type=float, help="default 0.25 with a teacher, 1 without")
-    g.add_argument("--gate-weight", dest="gate_weight", type=float, help="default 0.25 with a teacher, 1 without")
-    g.add_argument("--kd-weight", dest="kd_weight", type=float, help="default 0.5")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="(default 0.1)")
-    g = p.add_argument_group("student")
-    g.add_argument("--path", choices=["full", "lowrank"], help="clsr language path (default full)")
-    g.add_argument("--side", choices=["both", "decoder", "encoder"],
-                   help="FFN blocks the student adapts (default clsr: both, as the paper; lora: decoder). decoder "
-                        "leaves the encoder alone, so training caches encoder outputs once (with a cached teacher or "
-                        "none) instead of running the encoder at every step: far faster on CPU")
-    g.add_argument("--encoder-start", dest="encoder_start", type=int,
-                   help="with --side both/encoder: adapt encoder layers >= K only; the input of layer K is cached "
-                        "(default 0)")
-    g.add_argument("--rank", type=int, help="clsr lowrank / LoRA rank (default 16)")
-    g.add_argument("--alpha", type=float, help="lowrank / LoRA alpha (default 32)")
-    g.add_argument("--gate-budget", dest="gate_budget", type=float, help="target fraction of open gates (0.5)")
-    g.add_argument("--max-noise", dest="max_noise", type=float, help="final gate noise scale (default 5)")
-    g.add_argument("--path-dropout", dest="path_dropout", type=float,
-                   help="dropout on a language path's output in training (default 0.3, DistilWhisper's)")
-    g.add_argument("--shared-only-prob", dest="shared_only_prob", type=float,
-                   help="per layer call in training, run only the shared path with this probability (default 0.2)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 full paths, 1e-3 lowrank/LoRA)")
-    g.add_argument("--gate-lr", dest="gate_lr", type=float,
-                   help="clsr: the gates' peak learning rate (default: --lr). On short runs a gate trained at a "
-                        "full path's 1e-4 stays near G = 0 and its hard decision is noise; try 1e-3")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up")
-    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="warm-up steps (default 10)")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--epochs", type=int, help="maximum epochs (default 10)")
-    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N optimizer steps")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="utterances per batch (default 16)")
-    g.add_argument("--accumulate", type=int, help="gradient accumulation steps (default 1)")
-    g.add_argument("--precision", help="Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)")
-    g.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (default auto)")
-    g.add_argument("--devices", help="Lightning devices (default auto)")
-    g = p.add_argument_group("data")
-    g.add_argument("--max-train", dest="max_train", type=int, help="at most N training utterances per language")
-    g.add_argument("--max-validation", dest="max_validation", type=int, help="at most N validation utterances")
-    g.add_argument("--test-limit", dest="test_limit", type=int, help="at most N test utterances per language")
-    g.add_argument("--no-test", dest="no_test", action="store_true", help="skip the test-split evaluation")
-    g.add_argument("--val-max-new-tokens", dest="val_max_new_tokens", type=int, help="validation decoding bound")
-    g.add_argument("--cache-dir", dest="cache_dir",
-                   help="encoder cache directory for a student that leaves the encoder (or its lower layers) alone "
-                        "(default <data>/.cache)")
-    g.add_argument("--run-dir", dest="run_dir", help="logs, checkpoints, report (default runs/<name>)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--tag", action="append", help="registry tag to point at the stored version(s) (repeatable)")
+    opts.add(g, "registry")
+    opts.add(p.add_argument_group("teacher"), "teacher", "teachers", "teacher_base", "teacher_cache", "top_k", "kd",
+             "temperature", "ce_weight", "gate_weight", "kd_weight", "label_smoothing")
+    opts.add(p.add_argument_group("student"), "path", "side", "encoder_start", "rank", "alpha", "gate_hidden",
+             "gate_dropout", "gate_budget", "max_noise", "path_dropout", "shared_only_prob")
+    opts.add(p.add_argument_group("optimization"), "lr", "gate_lr", "schedule", "warmup_steps", "weight_decay",
+             "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed", "strategy", "devices")
+    opts.add(p.add_argument_group("data"), "max_train", "max_validation", "test", "test_limit", "val_max_new_tokens",
+             "cache_encoder", "cache_dir", "run_dir", "progress")
+    opts.add_rest(p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trainers.cli.common import print_table, split_list
+from trainers.cli.common import print_table
 
 DESCRIPTION = """\
 A learned router picks each utterance's expert from the base model's encoder output: a small gate (mean of the
@@ -41,6 +41,9 @@ expert) beside it in its manifest (whisper-experts router inspect FILE).
 it teaches which expert transcribes best given the language, not which language to decode in, which the router
 also decides; 0 trains on the decoder's loss alone (it left German with the experts in a small whisper-base run).
 
+Options can also come from a YAML file (--config): its keys are the flags' names with underscores (pack: a list);
+flags given override it.
+
 examples:
   whisper-experts router train --pack packs/eu3.safetensors --data data/eu4 --languages uk,pt,nl,de \\
       --out packs/eu3-router.safetensors
@@ -49,22 +52,41 @@ examples:
 """
 
 
-def _train(args) -> int:
-    from trainers.train_router import RouterTrainConfig, train_router
+def options():
+    """``router train``'s flags and ``--config`` keys: the fields of :class:`trainers.configs.RouterTrainConfig`."""
+    from trainers.configs import RouterTrainConfig
+    from trainers.options import Flag, RecipeOptions
 
-    languages = split_list(args.languages)
-    if not languages:
-        raise ValueError("no --languages given: the codes of the language mix (e.g. --languages uk,pt,nl,de)")
-    cfg = RouterTrainConfig(data=args.data, languages=tuple(languages), pack=tuple(args.pack), base=args.base,
-                            hidden=args.hidden, dropout=args.dropout, lr=args.lr, weight_decay=args.weight_decay,
-                            aux_weight=args.aux_weight, epochs=args.epochs, batch_size=args.batch_size,
-                            max_train=args.max_train, max_validation=args.max_validation, seed=args.seed,
-                            cache_dir=args.cache_dir, device=args.device, force=args.force,
-                            progress=not args.quiet)
+    return RecipeOptions("whisper-experts router train", RouterTrainConfig,
+                         flags={"pack": Flag(metavar="FILE", repeat=True),
+                                "progress": Flag(("--quiet",), const=False, help="no progress bars")},
+                         keys={"out": str})
+
+
+def _read(args):
+    """(the run's config, the router file to write), from ``--config`` and the flags (which override it)."""
+    from trainers.configs import RouterTrainConfig
+
+    values = options().values(args)
+    out = args.out or values.pop("out", None)
+    values.pop("out", None)
+    for name, example in (("pack", "--pack packs/eu3.safetensors"), ("data", "--data data/eu4"),
+                          ("languages", "--languages uk,pt,nl,de: the codes of the language mix")):
+        if not values.get(name):
+            raise ValueError(f"no --{name} given (e.g. {example})")
+    if not out:
+        raise ValueError("no --out given: the router file to write (e.g. --out packs/eu3-router.safetensors)")
+    return RouterTrainConfig(**values), out
+
+
+def _train(args) -> int:
+    from trainers.train_router import train_router
+
+    cfg, out = _read(args)
     router, report = train_router(cfg)
-    router.save(args.out)
+    router.save(out)
     val, oracle = report["validation"], report["oracle"]
-    print(f"wrote {args.out}  (best epoch {report['best_epoch']}: validation routing accuracy "
+    print(f"wrote {out}  (best epoch {report['best_epoch']}: validation routing accuracy "
           f"{100 * val['routing_accuracy']:.1f}%, WER {100 * val['wer']:.1f}%, oracle routing WER "
           f"{100 * oracle['wer']:.1f}%)")
     rows = [{"language": lang, "n": row["n"], "routing accuracy %": f"{100 * row['routing_accuracy']:.0f}",
@@ -103,32 +125,17 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="router_command", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a router on a language mix, experts frozen", description=TRAIN,
                        formatter_class=formatter)
+    opts = options()
     g = t.add_argument_group("what")
-    g.add_argument("--pack", action="append", required=True, metavar="FILE",
-                   help="expert pack (.safetensors) whose experts the router chooses between; repeat for several")
-    g.add_argument("--data", required=True, help="corpus directory with train and validation splits")
-    g.add_argument("--languages", required=True,
-                   help="comma-separated codes of the mix; one without an expert gets a base-model slot")
-    g.add_argument("--out", required=True, help="the router file to write (.safetensors)")
-    g.add_argument("--base", help="base model (default: the pack's base)")
-    g.add_argument("--force", action="store_true",
-                   help="attach experts trained on other weights of the same architecture and tokenizer")
-    g = t.add_argument_group("router and optimisation")
-    g.add_argument("--hidden", type=int, default=64, help="hidden width of the gate (default 64; 0: linear)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the hidden layer (default 0.1)")
-    g.add_argument("--epochs", type=int, default=6, help="epochs, validated after each (default 6)")
-    g.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate, cosine decay (default 3e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    g.add_argument("--aux-weight", type=float, default=1.0,
-                   help="weight of the router-vs-own-expert cross-entropy (default 1; 0: decoder loss only)")
-    g.add_argument("--batch-size", type=int, default=16, help="utterances per step (default 16)")
-    g.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    g = t.add_argument_group("data and machine")
-    g.add_argument("--max-train", type=int, help="at most N training utterances per language")
-    g.add_argument("--max-validation", type=int, help="at most N validation utterances per language")
-    g.add_argument("--cache-dir", help="encoder-output cache directory (default <data>/.cache)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--config", help=opts.config_help())
+    opts.add(g, "pack", "data", "languages")
+    g.add_argument("--out", help="the router file to write (.safetensors)")
+    opts.add(g, "base", "force")
+    opts.add(t.add_argument_group("router and optimisation"), "hidden", "dropout", "epochs", "lr", "weight_decay",
+             "aux_weight", "batch_size", "seed")
+    opts.add(t.add_argument_group("data and machine"), "max_train", "max_validation", "cache_dir", "device",
+             "progress")
+    opts.add_rest(t)
     t.set_defaults(func=_train)
 
     i = sub.add_parser("inspect", help="print a router file's experts, slots and metrics", formatter_class=formatter,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from pathlib import Path
-
-from trainers.cli.common import split_list
 
 DESCRIPTION = """\
 Train a LoRA language expert on a frozen base Whisper with Lightning: validation WER every epoch, the
@@ -18,7 +17,8 @@ written to the registry under --name (and to --out if given). On CUDA it trains 
 `--strategy ddp --devices N` trains on N processes (GPUs, or CPU processes with gloo), each on its own share
 of the batches, validation WER over the whole validation set, and rank 0 alone tests and stores the expert.
 
-Options can also come from a YAML file (--config); command-line flags override it.
+Options can also come from a YAML file (--config): its keys are the flags' names with underscores, as
+listed under --config; command-line flags override it. An unknown key is an error.
 
 A language the base mishears needs the encoder too: --side both --encoder-start 3 adapts encoder layers 3.. (the
 lower ones are frozen and their output cached once). On whisper-base and synthesized speech this took Ukrainian
@@ -62,95 +62,71 @@ rate near 1e-5..1e-4 (default 3e-5); --rank/--alpha/--dropout do not apply.
 """
 
 
-def _config_from_args(args):
-    from trainers.train_full import FullTrainConfig
-    from trainers.train_lora import TrainConfig
-    from trainers.train_sparse import SparseTrainConfig
+KINDS = ("lora", "sparse", "task_vector")
 
-    values = {}
-    if args.config:
-        import yaml
 
-        from trainers.cli.common import resolve_config
+def options():
+    """The command's flags and ``--config`` keys: the fields of the recipes' configs (LoRA, sparse, fine-tune)."""
+    from trainers.configs import FullTrainConfig, SparseTrainConfig, TrainConfig
+    from trainers.options import Flag, RecipeOptions
 
-        loaded = yaml.safe_load(Path(resolve_config(args.config)).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of option: value")
-        known = {f.name for f in dataclasses.fields(SparseTrainConfig)} | {"name", "language", "out", "tags",
-                                                                             "kind"}
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; "
-                             "see `whisper-experts train --help`")
-        values.update(loaded)
-    for key in ("base", "rank", "alpha", "dropout", "side", "encoder_start", "lr", "schedule", "warmup_steps",
-                "weight_decay", "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate",
-                "precision", "seed", "max_train", "max_validation", "patience", "init_from", "run_dir",
-                "strategy", "devices", "test_limit", "cache_dir", "name", "out", "kind", "sparsity", "mask_scope",
-                "mask_score", "sparse_lr", "mask_from", "spec_freq_masks", "spec_freq_width", "spec_time_masks",
-                "spec_time_width", "spec_time_ratio", "noise_snr_db", "noise_kind", "noise_dir"):
-        v = getattr(args, key, None)
-        if v is not None:
-            values[key] = v
-    if args.data:
-        values["data"] = args.data if len(args.data) > 1 else args.data[0]
-        if len(args.data) > 1:  # several --data replace a config's extra_data too
-            values.pop("extra_data", None)
-    if args.spec_augment:
-        values["spec_augment"] = True
-    if args.speed_perturb:
-        values["speed_perturb"] = _floats(args.speed_perturb, "--speed-perturb")
-    if args.language:
-        values["language"] = args.language
-    if args.targets:
-        values["target_modules"] = tuple(split_list(args.targets))
-    if args.no_cross_attention:
-        values["cross_attention"] = False
-    if args.cross_attention_kv:
-        values["cross_attention_kv"] = True
-    if args.quiet:
-        values["progress"] = False
-    languages = values.pop("languages", None) or split_list(values.pop("language", None))
-    name, out = values.pop("name", None), values.pop("out", None)
-    values.pop("tags", None)
-    if not values.get("data"):
-        raise ValueError("no --data corpus given")
+    return RecipeOptions(
+        "whisper-experts train", TrainConfig,
+        {"--kind sparse": SparseTrainConfig, "--kind task_vector": FullTrainConfig},
+        flags={"languages": Flag(("--language",)), "target_modules": Flag(("--targets",)),
+               "progress": Flag(("--quiet",), const=False, help="no progress bars"),
+               "run_dir": Flag(default="runs/<name>"), "speed_perturb": Flag(metavar="FACTORS")},
+        custom={"data": "--data", "extra_data": "--data DIR[:WEIGHT]", "data_weight": "--data DIR:WEIGHT"},
+        keys={"data": tuple[str, ...], "name": str, "out": str, "registry": str, "tags": tuple[str, ...],
+              "kind": typing.Literal[KINDS]},
+        aliases={"language": "languages"})
+
+
+def _read(args):
+    """(the run's config, the options that are not its fields: name, out, registry, tags), from ``--config`` and
+    the flags (which override it)."""
+    from trainers.configs import FullTrainConfig, SparseTrainConfig, TrainConfig
     from trainers.corpus_mix import CorpusSpec, split_data_args
 
+    values = options().values(args)
+    given = {"name": args.name, "out": args.out, "registry": args.registry, "kind": args.kind,
+             "tags": tuple(args.tag) if args.tag else None}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if args.data:
+        values["data"] = tuple(args.data)
+        if len(args.data) > 1:  # several --data replace a config's extra_data too
+            values.pop("extra_data", None)
+    extras = {k: values.pop(k, None) for k in ("name", "out", "registry", "tags")}
+    kind = values.pop("kind", None) or "lora"
+    if not values.get("data"):
+        raise ValueError("no --data corpus given")
     # --data A --data B:0.5 (or a config's `data: [A, B:0.5]`): the first is the target, the rest train too
     values["data"], weight, extra = split_data_args(values["data"])
     if weight != 1.0:
         values["data_weight"] = weight
-    listed = values.get("extra_data") or ()
-    extra = tuple(str(s) for s in ([listed] if isinstance(listed, str) else listed)) + extra
+    extra = tuple(values.get("extra_data") or ()) + extra
     for spec in extra:
         CorpusSpec.parse(spec)  # every weight checked before any work
     if extra:
         values["extra_data"] = extra
-    if isinstance(values.get("speed_perturb"), (str, int, float)):  # a config's `speed_perturb: 0.9,1.0,1.1`
-        values["speed_perturb"] = _floats(str(values["speed_perturb"]), "speed_perturb")
-    if "speed_perturb" in values:
-        values["speed_perturb"] = tuple(float(f) for f in values["speed_perturb"] or ())
-    if not languages:
+    if not values.get("languages"):
         raise ValueError("no --language given (e.g. --language uk, or --language uk,ru for one expert serving both)")
-    if not name:
+    if not extras["name"]:
         raise ValueError("no --name given for the expert (e.g. --name uk-espeak)")
-    values.setdefault("run_dir", str(Path("runs") / name))
-    if "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
-    kind = values.pop("kind", None) or "lora"
-    sparse_only = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if kind != "sparse" and sparse_only:
-        raise ValueError(f"{', '.join(sparse_only)} only apply to sparse experts; add --kind sparse")
+    values.setdefault("run_dir", str(Path("runs") / extras["name"]))
     config = {"sparse": SparseTrainConfig, "task_vector": FullTrainConfig}.get(kind, TrainConfig)
-    return config(languages=tuple(languages), **values), name, out
+    foreign = [k for k in values if k not in {f.name for f in dataclasses.fields(config)}]
+    if foreign:
+        owner = next(k for k, cls in (("sparse", SparseTrainConfig), ("task_vector", FullTrainConfig))
+                     if foreign[0] in {f.name for f in dataclasses.fields(cls)})
+        raise ValueError(f"{', '.join(foreign)} only apply to {owner} experts; add --kind {owner}")
+    return config(**values), extras
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in split_list(text) or ())
-    except ValueError:
-        raise ValueError(f"{flag} {text}: expected comma-separated numbers, e.g. 0.9,1.0,1.1") from None
+def _config_from_args(args):
+    """(the run's config, the expert's name, --out)."""
+    cfg, extras = _read(args)
+    return cfg, extras["name"], extras["out"]
 
 
 def print_test_table(test: dict) -> None:
@@ -172,7 +148,8 @@ def _run(args) -> int:
     from trainers.train_lora import train_lora_expert
     from trainers.train_sparse import SparseTrainConfig, train_sparse_expert
 
-    cfg, name, out = _config_from_args(args)
+    cfg, extras = _read(args)
+    name, out = extras["name"], extras["out"]
     train = train_sparse_expert if isinstance(cfg, SparseTrainConfig) else \
         train_full_expert if isinstance(cfg, FullTrainConfig) else train_lora_expert
     expert, report = train(cfg)
@@ -188,7 +165,7 @@ def _run(args) -> int:
     except ImportError:  # registry store not available in this build
         Registry = None
     if Registry is not None:
-        record = Registry(args.registry).add(expert, name)
+        record = Registry(extras["registry"]).add(expert, name, tags=extras["tags"] or ())
         print(f"stored {record.ref} in the registry")
     if "test" in report:
         print_test_table(report["test"])
@@ -207,81 +184,33 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a LoRA (or sparse, or fine-tune) language expert",
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    opts = options()
     g = p.add_argument_group("what")
-    g.add_argument("--config", help="YAML file of options (keys as below, with underscores)")
-    g.add_argument("--base", help="base model (default whisper-base)")
+    g.add_argument("--config", help=opts.config_help({"--tag": "tags", "--data": "data (a list for several)"}))
+    opts.add(g, "base")
     g.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
                    help="corpus directory; repeat to train on several corpora (see 'several corpora' below). The "
                         "first is the target: validation and test use it alone")
-    g.add_argument("--language", help="language code(s) the expert serves, comma-separated")
+    opts.add(g, "languages")
     g.add_argument("--name", help="expert name in the registry, e.g. uk-espeak")
+    g.add_argument("--tag", action="append", help="registry tag to point at the stored version (repeatable)")
     g.add_argument("--out", help="also write the expert file here")
     g.add_argument("--registry", help="registry directory (default <home>/registry)")
-    g.add_argument("--init-from", dest="init_from", help="warm start from this expert (registry spec or file)")
-    g.add_argument("--kind", choices=["lora", "sparse", "task_vector"],
+    opts.add(g, "init_from")
+    g.add_argument("--kind", choices=list(KINDS),
                    help="expert kind (default lora; sparse, task_vector (a fine-tune): see above)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, help="LoRA rank (default 16)")
-    g.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
-    g.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
-    g.add_argument("--targets", help="linear layers: q_proj,k_proj,v_proj,out_proj,fc1,fc2 (default all)")
-    g.add_argument("--side", choices=["decoder", "encoder", "both"], help="where to adapt (default decoder)")
-    g.add_argument("--encoder-start", dest="encoder_start", type=int,
-                   help="with --side both/encoder: adapt encoder layers from this index up only; the frozen "
-                        "layers below are cached, so steps cost only the top layers (default 0: all)")
-    g.add_argument("--no-cross-attention", action="store_true", help="leave the decoder's cross-attention alone")
-    g.add_argument("--cross-attention-kv", action="store_true",
-                   help="also adapt cross-attention k/v (acts on all encoder frames: ~2x slower steps)")
-    g = p.add_argument_group("sparse (--kind sparse)")
-    g.add_argument("--sparsity", type=float, help="fraction of the phase-1 matrices' entries left unchanged "
-                                                   "(default 0.99: 1%% trained)")
-    g.add_argument("--mask-scope", dest="mask_scope", choices=["global", "per_matrix"],
-                   help="rank entries over all matrices together (default) or in each matrix alone")
-    g.add_argument("--mask-score", dest="mask_score", choices=["magnitude", "gradient"],
-                   help="mask by |delta| (default) or by |grad * delta| over a few training batches")
-    g.add_argument("--sparse-lr", dest="sparse_lr", type=float, help="phase-2 learning rate (default 1e-4)")
-    g.add_argument("--mask-from", dest="mask_from",
-                   help="take the mask from this expert's delta (registry spec or file) instead of phase 1")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], help="decay after warm-up (default linear)")
-    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="warm-up steps (default 10)")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="(default 0)")
-    g.add_argument("--epochs", type=int, help="maximum epochs (default 10)")
-    g.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N optimizer steps")
-    g.add_argument("--batch-size", dest="batch_size", type=int, help="utterances per batch (default 16)")
-    g.add_argument("--accumulate", type=int, help="gradient accumulation steps (default 1)")
-    g.add_argument("--precision", help="Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)")
-    g.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 3)")
-    g.add_argument("--seed", type=int, help="seed (default 0)")
-    g.add_argument("--strategy", help="Lightning strategy, e.g. ddp (one process per device; default auto)")
-    g.add_argument("--devices", help="Lightning devices, e.g. 2 (GPUs, or CPU processes without one; default auto)")
-    g = p.add_argument_group("data")
-    g.add_argument("--max-train", dest="max_train", type=int, help="at most N training utterances per language")
-    g.add_argument("--max-validation", dest="max_validation", type=int, help="at most N validation utterances")
-    g.add_argument("--test-limit", dest="test_limit", type=int, help="at most N test utterances per language")
-    g.add_argument("--cache-dir", dest="cache_dir", help="encoder-output cache directory (default <data>/.cache)")
-    g.add_argument("--run-dir", dest="run_dir", help="logs and checkpoints (default runs/<name>)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("augmentation (training rows only; all off by default; see 'augmentation' below)")
-    g.add_argument("--spec-augment", dest="spec_augment", action="store_true",
-                   help="SpecAugment time and frequency masks on each training batch (on the cached activations "
-                        "when the encoder side is cached)")
-    g.add_argument("--spec-freq-masks", dest="spec_freq_masks", type=int, help="frequency masks per utterance "
-                                                                               "(default 2)")
-    g.add_argument("--spec-freq-width", dest="spec_freq_width", type=int,
-                   help="widest frequency mask in mel bins (default 27)")
-    g.add_argument("--spec-time-masks", dest="spec_time_masks", type=int, help="time masks per utterance (default 2)")
-    g.add_argument("--spec-time-width", dest="spec_time_width", type=int,
-                   help="widest time mask in 10 ms frames (default 100)")
-    g.add_argument("--spec-time-ratio", dest="spec_time_ratio", type=float,
-                   help="and at most this fraction of the utterance (default 0.05)")
-    g.add_argument("--speed-perturb", dest="speed_perturb", metavar="FACTORS",
-                   help="speed factors, e.g. 0.9,1.0,1.1: a resampled copy of the training set per factor other "
-                        "than 1, featurized and cached once (3x the cache and the steps per epoch)")
-    g.add_argument("--noise-snr-db", dest="noise_snr_db", type=float,
-                   help="add a noisy copy of the training set at this SNR in dB (a featurized, cached copy)")
-    g.add_argument("--noise-kind", dest="noise_kind", choices=["white", "pink"], help="generated noise (default pink)")
-    g.add_argument("--noise-dir", dest="noise_dir", help="mix in excerpts of these noise recordings instead")
+    opts.add(p.add_argument_group("LoRA"), "rank", "alpha", "dropout", "target_modules", "side", "encoder_start",
+             "cross_attention", "cross_attention_kv")
+    opts.add(p.add_argument_group("sparse (--kind sparse)"), "sparsity", "mask_scope", "mask_score", "score_batches",
+             "sparse_lr", "mask_from")
+    opts.add(p.add_argument_group("fine-tune (--kind task_vector)"), "biases")
+    opts.add(p.add_argument_group("optimization"), "lr", "schedule", "warmup_steps", "weight_decay",
+             "label_smoothing", "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed",
+             "strategy", "devices")
+    opts.add(p.add_argument_group("data"), "max_train", "max_validation", "test", "test_limit", "val_max_new_tokens",
+             "cache_encoder", "cache_dir", "run_dir", "progress")
+    opts.add(p.add_argument_group("augmentation (training rows only; all off by default; see 'augmentation' below)"),
+             "spec_augment", "spec_freq_masks", "spec_freq_width", "spec_time_masks", "spec_time_width",
+             "spec_time_ratio", "speed_perturb", "noise_snr_db", "noise_kind", "noise_dir")
+    opts.add_rest(p)
     p.set_defaults(func=_run)
