@@ -1,4 +1,4 @@
-"""The project's home directory: imported bases, and (later) the expert registry.
+"""The project's home directory: imported bases (`bases/`), the expert registry (`registry/`) and downloads.
 
 Resolution order: an explicit path, then ``WHISPER_EXPERTS_HOME``, then ``$XDG_CACHE_HOME/whisper-experts``
 (``~/.cache/whisper-experts`` by default).
