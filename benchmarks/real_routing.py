@@ -234,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="only rewrite the table from the stored JSON")
     args = p.parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     from real_speech import machine
 
     command = "python benchmarks/real_routing.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])

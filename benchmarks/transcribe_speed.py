@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     from real_speech import machine
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/transcribe_speed.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only")
     if args.table_only:
