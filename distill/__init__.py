@@ -6,7 +6,7 @@ language, a learned per-token gate), converting a Whisper to CLSR and back, CLSR
 a base plus experts) online or as cached top-k log-probabilities. Imports ``lora_experts`` and ``registry``.
 """
 
-from registry.faces import exports_of, lazy_attribute
+from registry.faces import exports_of, lazy_face
 
 _EXPORTS = exports_of({
     "distill.clsr": "ClsrConfig convert_to_clsr convert_from_clsr make_clsr_expert attach_clsr_expert",
@@ -14,11 +14,4 @@ _EXPORTS = exports_of({
     "distill.teachers": "Teacher TeacherSet load_teachers",
 })
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    return lazy_attribute(__name__, _EXPORTS, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

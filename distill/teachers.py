@@ -72,7 +72,7 @@ def parse_spec(spec: str, default_base: str | None = None) -> tuple[str, str | N
 
 def resolve_expert(spec: str, registry=None) -> tuple[Expert, str]:
     """An expert and the sha256 of its file, from an expert file path or a registry spec (``name@version``)."""
-    from registry.store import open_expert
+    from registry.lookup import open_expert
 
     expert, identity = open_expert(spec, registry)
     return expert, identity["sha256"]

@@ -9,7 +9,7 @@ intervals, language x expert tables; ``transcribe``, ``window_routing``, ``trans
 transcription; ``serve``: the HTTP server. Imports ``distill``, ``lora_experts`` and ``registry``.
 """
 
-from registry.faces import exports_of, lazy_attribute
+from registry.faces import exports_of, lazy_face
 
 _EXPORTS = exports_of({
     "inference.transcribe": "ExpertWhisper TranscribeOptions Transcript Segment",
@@ -25,11 +25,4 @@ _EXPORTS = exports_of({
     "inference.audio": "load_audio AudioError",
 })
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    return lazy_attribute(__name__, _EXPORTS, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

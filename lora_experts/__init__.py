@@ -8,7 +8,7 @@ linear, SVD truncation, TIES, DARE, LoRS, magnitude pruning, task arithmetic) in
 (what each kind can do, and why not), which higher packages add their kinds to. Imports only ``registry``.
 """
 
-from registry.faces import exports_of, lazy_attribute
+from registry.faces import exports_of, lazy_face
 
 _EXPORTS = exports_of({
     "lora_experts.config": "LoraExpertConfig",
@@ -20,11 +20,4 @@ _EXPORTS = exports_of({
     "lora_experts.kinds": "ExpertKind expert_kind register_kind",
 })
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    return lazy_attribute(__name__, _EXPORTS, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -6,7 +6,7 @@ a JSON manifest), the pack and router file formats; the content-addressed store 
 journal and fsspec mirrors; exports to CTranslate2. Nothing in here trains, decodes or imports peft.
 """
 
-from registry.faces import exports_of, lazy_attribute
+from registry.faces import exports_of, lazy_face
 
 _EXPORTS = exports_of({
     "registry.bases": "Base BaseNotFoundError load_base import_base list_bases base_reference",
@@ -17,11 +17,4 @@ _EXPORTS = exports_of({
     "registry.packs": "PackFormatError PackInfo create_pack inspect_pack read_pack select_experts",
 })
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    return lazy_attribute(__name__, _EXPORTS, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -25,3 +25,15 @@ def lazy_attribute(package: str, exports: Mapping[str, str], name: str):
 def exports_of(modules: Mapping[str, str]) -> dict[str, str]:
     """``{"module": "name name ...", ...}`` -> ``{name: module}``."""
     return {name: module for module, names in modules.items() for name in names.split()}
+
+
+def lazy_face(package: str, exports: Mapping[str, str]):
+    """The ``__getattr__`` and ``__dir__`` of a package whose public names are ``exports`` (name -> module)."""
+
+    def __getattr__(name: str):
+        return lazy_attribute(package, exports, name)
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__

@@ -7,7 +7,7 @@ recordings, Fish Fillets), fusion weight search (``fusion``), and ``whisper-expe
 May import every other package; none imports it.
 """
 
-from registry.faces import exports_of, lazy_attribute
+from registry.faces import exports_of, lazy_face
 
 _EXPORTS = exports_of({
     "trainers.configs": "TrainConfig SparseTrainConfig FullTrainConfig DistillConfig RouterTrainConfig",
@@ -18,11 +18,4 @@ _EXPORTS = exports_of({
     "trainers.corpus.loading": "load_corpus",
 })
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    return lazy_attribute(__name__, _EXPORTS, name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)

@@ -48,7 +48,7 @@ class KeepBestExpert(L.Callback):
 
 def _resolve_expert(spec: str) -> Expert:
     """An expert from a file path or a registry spec (``name``, ``name@3``, ``name@latest``)."""
-    from registry.store import open_expert
+    from registry.lookup import open_expert
 
     return open_expert(spec)[0]
 

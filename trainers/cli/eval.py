@@ -61,7 +61,7 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
     """
     from inference.kinds import expert_kind
     from registry.expert_file import check_compatible
-    from registry.store import open_expert
+    from registry.lookup import open_expert
 
     expert, identity = open_expert(spec, registry)
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
