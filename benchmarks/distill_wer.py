@@ -104,12 +104,13 @@ def cached(path: Path, train):
 
 
 def lora_config(lang: str, args, run_dir: Path, max_train):
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig
 
     return TrainConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, rank=args.rank,
                        alpha=2.0 * args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        max_train=max_train, patience=args.patience, seed=args.train_seed, test=False,
-                       progress=False, run_dir=str(run_dir))
+                       progress=False, run_dir=str(run_dir), **DECODER_RECIPE)
 
 
 def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:

@@ -42,6 +42,7 @@ def corpus_for(lang: str, seed: int) -> str:
 def trained(lang: str, utterances: int, data: str, epochs: int, out_dir: Path):
     """A decoder-only rank-16 expert on the first ``utterances`` training utterances (cached on disk)."""
     from registry.expert_file import load_expert, save_expert
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     path = out_dir / f"{lang}-{utterances}.safetensors"
@@ -50,7 +51,7 @@ def trained(lang: str, utterances: int, data: str, epochs: int, out_dir: Path):
     t0 = time.time()
     cfg = TrainConfig(data=data, languages=(lang,), base="whisper-base", rank=16, alpha=32.0, epochs=epochs,
                       lr=1e-3, batch_size=16, max_train=utterances, patience=3, test=False,
-                      run_dir=str(out_dir / f"run-{lang}-{utterances}"))
+                      run_dir=str(out_dir / f"run-{lang}-{utterances}"), **DECODER_RECIPE)
     expert, _ = train_lora_expert(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_expert(expert, path)

@@ -41,6 +41,7 @@ SEARCHED = ("runs/{lang}-expert/expert.safetensors", "runs/fusion/{lang}-400.saf
 def expert_for(lang: str, args):
     """(language expert, where it came from): an existing expert file, else a decoder-only one trained here."""
     from registry.expert_file import load_expert, save_expert
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     for pattern in SEARCHED:
@@ -52,7 +53,7 @@ def expert_for(lang: str, args):
     path = Path(SEARCHED[-1].format(lang=lang))
     cfg = TrainConfig(data=corpus_for(lang, args.seed), languages=(lang,), base=args.base, rank=16, alpha=32.0,
                       epochs=8, lr=1e-3, batch_size=16, patience=3, test=False,
-                      run_dir=str(path.parent / f"run-{lang}"))
+                      run_dir=str(path.parent / f"run-{lang}"), **DECODER_RECIPE)
     expert, _ = train_lora_expert(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_expert(expert, path)

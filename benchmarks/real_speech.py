@@ -30,10 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainers.configs import DECODER_RECIPE  # noqa: E402  (after the path insert)
+
 RESULTS = Path(__file__).parent / "results"
 # Recipes compared; "enc3" adapts encoder layers 3.. as well (their input cached once), in bf16 autocast.
 VARIANTS = {
-    "decoder": {"side": "decoder"},
+    "decoder": DECODER_RECIPE,  # the default before these measurements
     "enc3": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed"},
     "enc3-fp32": {"side": "both", "encoder_start": 3, "dropout": 0.0},
 }

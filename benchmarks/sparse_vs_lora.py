@@ -50,6 +50,7 @@ def corpus_for(lang: str, data: str | None, seed: int) -> str:
 def lora_expert(lang: str, data: str, args, work: Path):
     """(LoRA expert, training seconds or None when reused) for ``lang``."""
     from registry.expert_file import load_expert, save_expert
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     if args.lora_from:
@@ -62,7 +63,7 @@ def lora_expert(lang: str, data: str, args, work: Path):
                       seed=language_seed(lang),
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                       max_train=args.max_train, patience=args.patience, test=False, progress=False,
-                      run_dir=str(work / f"run-{lang}-lora"))
+                      run_dir=str(work / f"run-{lang}-lora"), **DECODER_RECIPE)
     expert, _ = train_lora_expert(cfg)
     seconds = time.time() - t0
     save_expert(expert, path)

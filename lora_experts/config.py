@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 FFN = ("fc1", "fc2")
@@ -23,6 +23,8 @@ class LoraExpertConfig:
     cross_attention_kv: bool = False
     # With side "encoder" or "both": adapt only encoder layers with index >= encoder_start. The frozen layers
     # below compute the same thing every epoch, so training caches their output and runs only the top.
+    # Negative counts from the top, as a Python index does (-3: the top three layers; 0 when the encoder has fewer):
+    # :meth:`for_encoder` turns it into a layer index once the base is known, and only that index is ever stored.
     encoder_start: int = 0
 
     def __post_init__(self) -> None:
@@ -30,8 +32,6 @@ class LoraExpertConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.side not in ("decoder", "encoder", "both"):
             raise ValueError(f"side must be decoder, encoder or both, got {self.side!r}")
-        if self.encoder_start < 0:
-            raise ValueError(f"encoder_start must be >= 0, got {self.encoder_start}")
         unknown = set(self.target_modules) - set(ATTENTION + FFN)
         if unknown or not self.target_modules:
             raise ValueError(f"unknown target module(s) {sorted(unknown)}; choose from {', '.join(ATTENTION + FFN)}")
@@ -41,8 +41,23 @@ class LoraExpertConfig:
     def touches_encoder(self) -> bool:
         return self.side in ("encoder", "both")
 
+    def for_encoder(self, layers: int) -> "LoraExpertConfig":
+        """This config on an encoder of ``layers`` layers: a negative ``encoder_start`` becomes the index of the
+        lowest adapted layer (``layers + encoder_start``, at least 0); a start at or past the top is refused. An
+        expert that leaves the encoder alone records 0."""
+        if not self.touches_encoder:
+            return replace(self, encoder_start=0) if self.encoder_start else self
+        if self.encoder_start < 0:
+            return replace(self, encoder_start=max(0, layers + self.encoder_start))
+        if self.encoder_start >= layers:
+            raise ValueError(f"encoder_start {self.encoder_start}: the encoder has layers 0..{layers - 1}; pick a "
+                             f"start below {layers}, a negative start (-3: the top three layers), or side decoder")
+        return self
+
     def target_regex(self) -> str:
         """A regex peft full-matches against module paths of ``WhisperForConditionalGeneration``."""
+        if self.encoder_start < 0:
+            raise ValueError(f"encoder_start {self.encoder_start} counts from the top: resolve it with for_encoder()")
         attn = [m for m in self.target_modules if m in ATTENTION]
         ffn = [m for m in self.target_modules if m in FFN]
         parts = []

@@ -40,7 +40,7 @@ class ClsrExpertTask(ClsrExpertModule):
 
     def __init__(self, **options):
         cfg = DistillConfig(data="", kind="clsr", **config_values(DistillConfig, options))  # the corpus is data:'s
-        loaded, _, _ = load_checked_base(cfg.base, cfg.languages, LoraExpertConfig())
+        loaded, _, _, _ = load_checked_base(cfg.base, cfg.languages, LoraExpertConfig())
         source = load_teacher_source(loaded, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
                                      registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k)
         # As the recipe: no languages given are the teachers' (their experts name them)

@@ -25,7 +25,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -33,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
 from trainers.augment import AugmentConfig
-from trainers.configs import TrainConfig
+from trainers.configs import TrainConfig, default_precision
 from trainers.data import ExpertDataModule
 from trainers.lora_module import LoraExpertModule
 from trainers.options import check_config_keys, config_files, config_values, give_signature
@@ -79,7 +78,7 @@ class LoraExpertTask(LoraExpertModule):
     def __init__(self, **options):
         cfg = TrainConfig(data="", **config_values(TrainConfig, options))  # the corpus is the data module's
         lora = cfg.lora()
-        loaded, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
+        loaded, lora, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
         # The parent by name, not super(): see trainers.options.give_signature.
         LoraExpertModule.__init__(self, loaded.model, loaded.processor, lora, lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
@@ -219,8 +218,8 @@ class ExpertLightningCLI(LightningCLI):
             parser_kwargs={"prog": self.prog, "description": self.description},
             trainer_defaults={
                 **self.recipe_defaults("trainer"),
-                # The machine decides: bf16-mixed where CUDA is, full precision on CPU.
-                "precision": self.config_class.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
+                # The machine decides: bf16-mixed where it computes bf16 natively, else full precision.
+                "precision": self.config_class.precision or default_precision(),
                 "use_distributed_sampler": False,  # the data module's batch sampler shards batches itself
                 "num_sanity_val_steps": 0,
                 "log_every_n_steps": 1,

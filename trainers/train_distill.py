@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import get_args
 
 import lightning as L
-import torch
 
 from registry.expert_file import Expert
-from trainers.configs import DistillConfig, DistillKind, default_lr, loss_config  # noqa: F401  (re-exported)
+from trainers.configs import DistillConfig, DistillKind, default_lr, default_precision, loss_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 KINDS = get_args(DistillKind)
@@ -96,7 +95,7 @@ def make_trainer(cfg: DistillConfig, callbacks: list) -> L.Trainer:
         strategy = "ddp_find_unused_parameters_true"  # ranks train different languages' paths in one step
     return L.Trainer(
         max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        precision=cfg.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"), callbacks=callbacks,
+        precision=cfg.precision or default_precision(), callbacks=callbacks,
         logger=loggers, strategy=strategy, devices=cfg.devices, enable_progress_bar=cfg.progress, log_every_n_steps=1,
         num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False, default_root_dir=run_dir)
 
@@ -115,7 +114,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
     lora = cfg.lora()
-    base, _, _ = load_checked_base(cfg.base, (), lora)
+    base, lora, _, _ = load_checked_base(cfg.base, (), lora)
     source = load_teacher_source(base, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
                                  registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k,
                                  batch_size=cfg.batch_size, progress=cfg.progress)

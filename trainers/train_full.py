@@ -37,7 +37,7 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
     region = cfg.lora()
-    base, _, _ = load_checked_base(cfg.base, cfg.languages, region)
+    base, region, _, _ = load_checked_base(cfg.base, cfg.languages, region)
     module = FullFinetuneModule(base.model, base.processor, region, biases=cfg.biases, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                                 label_smoothing=cfg.label_smoothing, val_max_new_tokens=cfg.val_max_new_tokens)

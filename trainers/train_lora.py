@@ -21,7 +21,7 @@ import torch
 from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
 from registry.expert_file import Expert, check_compatible, new_manifest
-from trainers.configs import TrainConfig
+from trainers.configs import TrainConfig, default_precision
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,13 @@ def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfi
     Args:
         spec: base name, directory or hub id (``registry.bases.load_base``).
         languages: the expert's Whisper codes; each must be one of the base's languages.
-        lora: the expert's shape; its ``encoder_start`` must name an encoder layer of the base.
+        lora: the expert's shape; its ``encoder_start`` must name an encoder layer of the base, or count from
+            the top (negative).
         init_from: a LoRA expert to warm-start from (registry spec or file), made for this base.
 
     Returns:
-        (the ``Base``, (tensors, hyperparameters) of the warm start or None, lineage parents).
+        (the ``Base``, ``lora`` with its ``encoder_start`` resolved on this base (``LoraExpertConfig.for_encoder``),
+        (tensors, hyperparameters) of the warm start or None, lineage parents).
     """
     from registry.bases import load_base
 
@@ -74,7 +76,8 @@ def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfi
     layers = base.model.config.encoder_layers
     if lora.touches_encoder and lora.encoder_start >= layers:
         raise ValueError(f"--encoder-start {lora.encoder_start}: {base.name}'s encoder has layers 0..{layers - 1}; "
-                         f"pick a start below {layers}, or --side decoder")
+                         f"pick a start below {layers}, a negative one (-3: the top three layers), or --side decoder")
+    lora = lora.for_encoder(layers)
     init, parents = None, []
     if init_from:
         start = _resolve_expert(init_from)
@@ -83,7 +86,7 @@ def load_checked_base(spec: str, languages: Sequence[str], lora: LoraExpertConfi
             raise ValueError(f"--init-from {init_from} is a {start.kind} expert; a LoRA expert is needed")
         init = (start.tensors, start.manifest["hyperparameters"])
         parents.append({"expert": init_from, "languages": start.languages, "role": "warm start"})
-    return base, init, parents
+    return base, lora, init, parents
 
 
 def expert_data(cfg: TrainConfig, base, touches_encoder: bool, encoder_start: int):
@@ -124,7 +127,7 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
         options["enable_checkpointing"] = False
     return L.Trainer(
         max_epochs=cfg.epochs, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate,
-        precision=cfg.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"), callbacks=callbacks,
+        precision=cfg.precision or default_precision(), callbacks=callbacks,
         logger=loggers, strategy=cfg.strategy, devices=cfg.devices, enable_progress_bar=cfg.progress,
         log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False,
         default_root_dir=run_dir, **options)
@@ -148,7 +151,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     t0 = time.time()
     lora = cfg.lora()
     cfg.augmentation(), cfg.corpora()  # bad options and missing corpora fail before the base loads
-    base, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
+    base, lora, init, parents = load_checked_base(cfg.base, cfg.languages, lora, cfg.init_from)
 
     model = base.model
     module = LoraExpertModule(model, base.processor, lora, lr=cfg.lr, weight_decay=cfg.weight_decay,

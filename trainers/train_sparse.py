@@ -76,7 +76,7 @@ def train_sparse_expert(cfg: SparseTrainConfig, phase1: Expert | None = None,
     source, parent, phase1_report = _phase1(cfg, phase1, phase1_name)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t1 = time.time()
-    base, _, _ = load_checked_base(cfg.base, cfg.languages, cfg.lora())
+    base, _, _, _ = load_checked_base(cfg.base, cfg.languages, cfg.lora())
     check_compatible(source.manifest, base, what=f"phase-1 expert {parent['expert']}")
     delta = task_vector(source)
     model = base.model

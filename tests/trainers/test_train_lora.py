@@ -25,11 +25,13 @@ def test_expert_has_a_complete_manifest(trained, tiny_whisper_dir):
     m = expert.manifest
     assert m["kind"] == "lora" and m["languages"] == ["uk"]
     assert m["base"]["fingerprint"] and m["base"]["tokenizer_fingerprint"]
-    assert m["hyperparameters"]["rank"] == 4 and m["hyperparameters"]["side"] == "decoder"
+    # The default recipe: decoder + the top three encoder layers (all of the tiny base's two), LoRA dropout 0
+    hp = m["hyperparameters"]
+    assert hp["rank"] == 4 and (hp["side"], hp["encoder_start"], hp["dropout"]) == ("both", 0, 0.0)
     assert m["data"]["utterances"] > 0 and m["data"]["hours"] > 0
     assert set(m["metrics"]["uk"]) == {"validation", "test", "base_test"}
     assert len(report["history"]) == 3 and all("val_wer" in h for h in report["history"])
-    assert all(k.startswith("model.decoder.") for k in expert.tensors)
+    assert {k.split(".")[1] for k in expert.tensors} == {"encoder", "decoder"}
 
 
 def test_checkpoints_hold_the_expert_only_and_loss_goes_down(trained):
@@ -179,6 +181,33 @@ def test_top_encoder_expert_trains_on_cached_layer_inputs(uk_corpus, tiny_whispe
     module._loss(a).backward()  # gradients reach the adapted encoder layer through the cached inputs
     grads = [p.grad for n, p in base.model.named_parameters() if "encoder.layers.1." in n and p.requires_grad]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_negative_encoder_start_counts_from_the_top():
+    """-3 is the top three layers on any Whisper size (layers 3-5 of whisper-base, 29-31 of large-v2), every layer
+    of a smaller encoder; an expert that leaves the encoder alone records 0; an unresolved start builds no regex."""
+    from lora_experts.config import LoraExpertConfig
+
+    top3 = LoraExpertConfig(side="both", encoder_start=-3, dropout=0.0)
+    assert [top3.for_encoder(n).encoder_start for n in (2, 4, 6, 32)] == [0, 1, 3, 29]
+    assert LoraExpertConfig(side="decoder", encoder_start=-3).for_encoder(6).encoder_start == 0
+    assert LoraExpertConfig(side="both", encoder_start=3).for_encoder(6).encoder_start == 3
+    with pytest.raises(ValueError, match="encoder_start 6: the encoder has layers 0..5"):
+        LoraExpertConfig(side="both", encoder_start=6).for_encoder(6)
+    with pytest.raises(ValueError, match="counts from the top"):
+        top3.target_regex()
+    assert TrainConfig(data="d", languages=("cs",)).lora() == top3  # the default recipe
+
+
+def test_default_precision_follows_the_machine(monkeypatch):
+    from trainers.configs import default_precision
+
+    native = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert default_precision() == ("bf16-mixed" if native else "32-true")
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert default_precision() == "32-true"
 
 
 def test_encoder_start_beyond_the_encoder_is_refused(uk_corpus, tiny_whisper_dir, tmp_path):

@@ -150,6 +150,7 @@ def _synthetic(args) -> int:
           f"{args.expert_epochs} epochs); base and expert are then scored on the same held-out test utterances")
     from registry.expert_file import save_expert
     from registry.store import Registry
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     # The expert gets its own, larger corpus of the language: a few dozen utterances teach it nothing.
@@ -159,8 +160,10 @@ def _synthetic(args) -> int:
         synthesize_corpus(SynthConfig(languages=(lang,), per_language=n + 35, train_fraction=n / (n + 35),
                                       validation_fraction=15 / (n + 35), test_fraction=20 / (n + 35),
                                       seed=args.seed + 1), expert_dir)
+    # The cheap decoder-only recipe keeps the synthetic walk-through within minutes (synthetic gains do not carry
+    # to real voices anyway: docs/results.md).
     cfg = TrainConfig(data=str(expert_dir), languages=(lang,), base=args.base, epochs=args.expert_epochs,
-                      batch_size=8, run_dir=str(out / "runs" / f"{lang}-quickstart"), seed=args.seed)
+                      batch_size=8, run_dir=str(out / "runs" / f"{lang}-quickstart"), seed=args.seed, **DECODER_RECIPE)
     expert, report = train_lora_expert(cfg)
     save_expert(expert, out / f"{lang}-quickstart.safetensors")
     record = Registry().add(expert, f"{lang}-quickstart")
@@ -187,6 +190,7 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     from trainers.corpus.loading import load_corpus
     from trainers.corpus.synth import SynthConfig, synthesize_corpus
     from trainers.fusion import fuse_for_target, plot_search
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
     target, n = args.fusion_target, args.fusion_utterances
@@ -198,7 +202,8 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
                                       validation_fraction=15 / (n + 35), test_fraction=20 / (n + 35),
                                       seed=args.seed + 2), data)
     cfg = TrainConfig(data=str(data), languages=(target,), base=args.base, epochs=args.expert_epochs + 2,
-                      batch_size=8, run_dir=str(out / "runs" / f"{target}-small"), seed=args.seed, test=False)
+                      batch_size=8, run_dir=str(out / "runs" / f"{target}-small"), seed=args.seed, test=False,
+                      **DECODER_RECIPE)
     small, _ = train_lora_expert(cfg)
     registry = Registry()
     small_ref = registry.add(small, f"{target}-small").ref
