@@ -133,7 +133,8 @@ def run(args) -> dict:
 
         mix = mixed_corpus(Path(args.data), real_langs, others_dir, other_langs, runs / "mix", args.router_max_train)
         cfg = RouterTrainConfig(data=str(mix), languages=tuple(real_langs + other_langs), epochs=args.router_epochs,
-                                max_validation=args.router_max_validation, progress=True)
+                                max_train=args.router_max_train, max_validation=args.router_max_validation,
+                                progress=True)
         start = time.perf_counter()
         trained, report = train_router(cfg, base=base)
         router = runs / "router.safetensors"
