@@ -5,6 +5,13 @@
     python benchmarks/real_speech.py --languages cs --variant decoder      # the old decoder-only default
     python benchmarks/real_speech.py --languages cs --adopt runs/cs-enc3/expert.safetensors   # score a trained one
     python benchmarks/real_speech.py --table-only                          # only rewrite the tables
+    python benchmarks/real_speech.py --languages nl --train 300 --variant specaug            # augmentation
+    python benchmarks/real_speech.py --languages cs --train 100 --extra-data data/cs-espeak --tag +espeak
+    python benchmarks/real_speech.py --languages cs --train-data data/cs-espeak --train all --tag espeak-only
+
+Synthetic or other corpora: ``--extra-data DIR[:WEIGHT]`` adds training corpora to the real clips (validation
+stays real), ``--train-data DIR`` trains on another corpus alone (validated on it) and tests on the real clips;
+``--tag`` names such rows.
 
 The corpus is made once with ``whisper-experts corpus fetch fillets`` (whole game levels per split: no test
 scene, speaker line or sentence is trained on). whisper-base decodes each test split once, greedy, language
@@ -38,9 +45,14 @@ VARIANTS = {
     "decoder": DECODER_RECIPE,  # the default before these measurements
     "enc3": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed"},
     "enc3-fp32": {"side": "both", "encoder_start": 3, "dropout": 0.0},
+    "specaug": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed", "spec_augment": True},
+    "speed": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed",
+              "speed_perturb": (0.9, 1.0, 1.1)},
 }
 DESCRIBED = {"decoder": "decoder only, float32", "enc3": "decoder + encoder layers 3.., bf16 autocast",
-             "enc3-fp32": "decoder + encoder layers 3.., float32"}
+             "enc3-fp32": "decoder + encoder layers 3.., float32",
+             "specaug": "encoder 3.. + decoder, bf16, SpecAugment",
+             "speed": "encoder 3.. + decoder, bf16, speed 0.9/1/1.1"}
 
 
 def machine() -> str:
@@ -103,9 +115,9 @@ def train(data: str, language: str, variant: str, n: int | None, run_dir: Path, 
     from registry.expert_file import save_expert
     from trainers.train_lora import TrainConfig, train_lora_expert
 
-    cfg = TrainConfig(data=data, languages=(language,), base=args.base, rank=16, alpha=32.0, epochs=args.epochs,
-                      patience=args.patience, lr=args.lr, batch_size=16, max_train=n, run_dir=str(run_dir),
-                      test=False, **VARIANTS[variant])
+    cfg = TrainConfig(data=args.train_data or data, languages=(language,), base=args.base, rank=16, alpha=32.0,
+                      epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=16, max_train=n,
+                      run_dir=str(run_dir), test=False, extra_data=tuple(args.extra_data or ()), **VARIANTS[variant])
     t0 = time.time()
     expert, report = train_lora_expert(cfg)
     save_expert(expert, run_dir / "expert.safetensors")
@@ -123,7 +135,9 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
     base = base_report(data, language, runs, args.base)
     ours = expert_report(expert_path, data, language)
     manifest = read_manifest(expert_path)
-    return {"language": language, "variant": variant, "recipe": DESCRIBED.get(variant, variant),
+    recipe = DESCRIBED.get(variant, variant) + (f" ({args.tag})" if args.tag else "")
+    return {"language": language, "variant": variant, "recipe": recipe, "tag": args.tag,
+            "train_data": args.train_data, "extra_data": args.extra_data,
             "train_clips": manifest.get("data", {}).get("utterances"), "train_hours": manifest.get("data", {}).get("hours"),
             "requested": n or "all", "base": base["languages"][language], "expert": ours["languages"][language],
             "paired": paired_comparison(base, ours)[language], "expert_file": str(expert_path), **info,
@@ -136,7 +150,7 @@ def table(results: dict) -> str:
     lines = ["| language | recipe | train clips (h) | test n | base WER % [95% CI] | expert WER % [95% CI] | "
              "change [paired 95% CI] | base CER % | expert CER % | train min |", "|" + "---|" * 10]
     for key in sorted(results, key=lambda k: (results[k]["language"], results[k]["variant"],
-                                              results[k]["train_clips"] or 0)):
+                                              results[k].get("tag") or "", results[k]["train_clips"] or 0)):
         r = results[key]
         b, e, change = r["base"], r["expert"], format_change(r["paired"])
         clips = f"{r['train_clips']}" + (f" ({r['train_hours']:.2f})" if r.get("train_hours") else "")
@@ -174,7 +188,13 @@ def main(argv=None) -> int:
     p.add_argument("--adopt", metavar="EXPERT", help="score this already trained expert file as the run of "
                    "--languages (one), --variant and --train instead of training")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables from the stored results")
+    p.add_argument("--train-data", help="train (and validate) on this corpus instead, test on --data's clips")
+    p.add_argument("--extra-data", action="append", metavar="DIR[:WEIGHT]",
+                   help="a further training corpus (repeatable); validation and test stay --data's")
+    p.add_argument("--tag", default="", help="names this row's data (with --train-data / --extra-data)")
     args = p.parse_args(argv)
+    if (args.train_data or args.extra_data) and not args.tag:
+        p.error("--train-data / --extra-data rows need a --tag naming them")
 
     from transformers.utils import logging as hf_logging
 
@@ -193,7 +213,9 @@ def main(argv=None) -> int:
         for language in [x.strip() for x in args.languages.split(",") if x.strip()]:
             for size in args.train.split(","):
                 n = None if size.strip() == "all" else int(size)
-                run_dir = runs / f"{language}-{args.variant}-{size.strip()}"
+                tag = "".join(c if c.isalnum() or c in "-_" else "-" for c in args.tag)
+                run_dir = runs / f"{language}-{args.variant}-{size.strip()}" if not tag else \
+                    runs / f"{language}-{args.variant}-{size.strip()}-{tag}"
                 if args.adopt:
                     expert_path = Path(args.adopt)
                     info = {"minutes": None}
@@ -208,7 +230,7 @@ def main(argv=None) -> int:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         info = train(args.data, language, args.variant, n, run_dir, args)
                 info = {k: v for k, v in info.items() if k != "history"}
-                results[f"{language} | {args.variant} | {size.strip()}"] = row(
+                results[f"{language} | {args.variant} | {size.strip()}" + (f" | {args.tag}" if args.tag else "")] = row(
                     language, args.variant, n, expert_path, args.data, runs, args, info)
                 results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     md = baseline_table(Path(args.runs)) + "\n" + table(results)

@@ -80,18 +80,46 @@ def read_clips(directory: Path) -> list[tuple[str, bytes, float]]:
     return out
 
 
-def build_packs(base, languages: list[str], count: int, rank: int, workdir: Path) -> tuple[Path, Path, str]:
-    """(pack of ``count`` experts, pack of one, where the experts came from)."""
+def real_clips(corpus: str, per_language: int) -> list[tuple[str, bytes, float]]:
+    """(language, FLAC bytes, seconds): ``per_language`` clips of each language of a real corpus's test split
+    (``whisper-experts corpus fetch fillets``), spread evenly over it, the languages interleaved."""
+    import soundfile as sf
+
+    from inference.evaluation import utterances_from_dataset
+    from trainers.corpus.loading import load_corpus
+
+    test = load_corpus(corpus)["test"]
+    per = {}
+    for lang in sorted(set(test["language"])):
+        utts = utterances_from_dataset(test, [lang])
+        step = max(1, len(utts) // per_language)
+        per[lang] = utts[::step][:per_language]
+    clips = []
+    for row in zip(*per.values()):
+        for u in row:
+            buf = io.BytesIO()
+            sf.write(buf, u.audio, 16000, format="FLAC")
+            clips.append((u.language, buf.getvalue(), u.seconds))
+    return clips
+
+
+def build_packs(base, languages: list[str], count: int, rank: int, workdir: Path,
+                files: dict[str, str] | None = None) -> tuple[Path, Path, str]:
+    """(pack of ``count`` experts, pack of one, where the experts came from). ``files``: language -> expert file,
+    put in first (else the registry's experts of the clips' languages)."""
     import torch
 
-    from registry.expert_file import Expert, new_manifest
+    from registry.expert_file import Expert, load_expert, new_manifest
     from registry.packs import create_pack
     from registry.store import Registry
 
     experts, stored = {}, 0
+    for lang, path in (files or {}).items():
+        experts[f"{lang}-real"] = load_expert(path)
+        stored += 1
     try:  # trained experts first, one per language of the clips
         registry = Registry()
-        for lang in languages:
+        for lang in [x for x in languages if x not in (files or {})]:
             found = registry.find(language=lang, base=base.name, kind="lora")
             if found:
                 experts[f"{found[0].name}"] = registry.get(found[0].ref)
@@ -118,7 +146,7 @@ def build_packs(base, languages: list[str], count: int, rank: int, workdir: Path
     create_pack(many, experts)
     first = next(iter(experts))
     create_pack(one, {first: experts[first]})
-    source = (f"{stored} registry expert(s), {len(experts) - stored} freshly initialised LoRA expert(s) with random "
+    source = (f"{stored} trained expert(s), {len(experts) - stored} freshly initialised LoRA expert(s) with random "
               "nonzero B (throughput only: they transcribe nothing useful)")
     return many, one, source
 
@@ -238,6 +266,11 @@ def main(argv=None) -> int:
     p.add_argument("--clips", help="a directory of real clips named LANG-*.EXT, instead of espeak-ng speech")
     p.add_argument("--device", help="the servers' device (default: CUDA when available)")
     p.add_argument("--out", help="results directory (default benchmarks/results; --quick: /tmp/serve_load_quick)")
+    p.add_argument("--real", metavar="CORPUS", help="send real clips: the test split of this corpus (e.g. the "
+                   "Fish Fillets one of whisper-experts corpus fetch fillets)")
+    p.add_argument("--real-per-language", type=int, default=8, help="clips per language with --real (default 8)")
+    p.add_argument("--expert", action="append", metavar="LANG=FILE",
+                   help="a trained expert for LANG's clips, packed first (repeatable; default: the registry's)")
     args = p.parse_args(argv)
     clients = [1, 4] if args.quick else [int(c) for c in args.clients.split(",")]
     per_client = 1 if args.quick else args.per_client
@@ -249,9 +282,13 @@ def main(argv=None) -> int:
     base = load_base("whisper-base", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clips = read_clips(Path(args.clips)) if args.clips else synthesize_clips(list(SENTENCES), tmp)
+        if args.real:
+            clips = real_clips(args.real, 1 if args.quick else args.real_per_language)
+        else:
+            clips = read_clips(Path(args.clips)) if args.clips else synthesize_clips(list(SENTENCES), tmp)
         clips = clips[:2] if args.quick else clips
-        many, one, source = build_packs(base, sorted({c[0] for c in clips}), args.experts, args.rank, tmp)
+        files = dict(spec.split("=", 1) for spec in args.expert or ())
+        many, one, source = build_packs(base, sorted({c[0] for c in clips}), args.experts, args.rank, tmp, files)
         del base  # the servers load their own
         configs = [("batched", many, 16, clients), ("unbatched", many, 1, clients),
                    ("1 expert", one, 16, [max(clients)])]
