@@ -7,6 +7,7 @@ serves requests now is untouched while the next one loads. Requests are pinned t
 when they are admitted: after a reload, requests in flight finish on the old generation (the batcher never mixes
 generations in one ``generate`` call) and new ones go to the new; the old one is freed with its last request.
 A load that fails (a missing or corrupt pack, a router for other experts) leaves the current generation serving.
+Packs and routers named by fsspec URLs are downloaded afresh by every load (:mod:`inference.serve.sources`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from inference.bank import expert_bank
 from inference.packs import load_pack
 from inference.serve.batcher import Batcher
 from inference.serve.metrics import Metrics
+from inference.serve.sources import is_url, local_copy
 from inference.transcribe import ExpertWhisper, TranscribeOptions
 from registry.bases import Base
+from registry.expert_file import ExpertFormatError, ExpertMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     """How the server runs (``whisper-experts serve`` flags)."""
 
-    packs: tuple[str, ...] = ()  # pack files attached at start (and re-read on reload)
-    router: str | None = None  # learned router file: routes model "auto" instead of language ID
+    packs: tuple[str, ...] = ()  # pack files or fsspec URLs attached at start (re-read / downloaded on reload)
+    router: str | None = None  # learned router file or URL: routes model "auto" instead of language ID
     max_batch: int = 16  # most 30 s windows per generate call (1: no batching across requests)
     max_wait_ms: float = 20.0  # how long the oldest queued window waits for batch-mates
     max_queue: int = 64  # requests admitted at once (decoding audio, queued or decoding); more get 503
@@ -96,30 +99,48 @@ class PackLoader:
     Args:
         base: the loaded base.
         config: packs, router, threshold, ``force``...
-        max_batch: windows per ``generate`` call (the options' batch size).
+        downloaded: URL -> local copy already downloaded, used by the first load instead of downloading
+            again (:func:`inference.serve.factory.build_app` reads the first pack's base from its copy).
     """
 
-    def __init__(self, base: Base, config: ServeConfig):
+    def __init__(self, base: Base, config: ServeConfig, downloaded: dict[str, Path] | None = None):
         if expert_bank(base.model, create=False) is not None:
             raise ValueError("the base given to the server already carries experts; pass a base without any "
                              "(the server attaches packs to copies of it)")
         self.base, self.config = base, config
         self._generations = itertools.count(1)
+        self._downloaded = dict(downloaded or {})
 
     def load(self, packs) -> Served:
-        """A new generation with ``packs`` (paths) attached; raises if a pack or the router does not load."""
+        """A new generation with ``packs`` (paths or URLs) attached; raises if a pack or the router does not
+        load. URLs are downloaded again (see :mod:`inference.serve.sources`); ``packs`` are served under the
+        names given, so a reload downloads them again too."""
         start = time.perf_counter()
         packs = tuple(str(p) for p in packs)
         for p in packs:
-            if not Path(p).is_file():
+            if not is_url(p) and not Path(p).is_file():
                 raise FileNotFoundError(f"pack {p} does not exist")
+        downloaded, self._downloaded = self._downloaded, {}  # a copy made before the first load serves it once
+        files = [downloaded.get(p) or local_copy(p) for p in packs]
+        router = self.config.router
+        if router is not None and is_url(router):
+            router = str(local_copy(router))
         base = dataclasses.replace(self.base, model=shared_copy(self.base.model))
-        for p in packs:
-            load_pack(base, Path(p), force=self.config.force)
+        for p, f in zip(packs, files):
+            if not is_url(p):
+                load_pack(base, f, force=self.config.force)
+                continue
+            try:
+                bank = load_pack(base, f, force=self.config.force)
+            except (ExpertFormatError, ExpertMismatchError) as e:  # a damaged download, a pack for another base
+                raise type(e)(f"{p} (downloaded to {f}): {e}") from e
+            for expert in bank.experts:  # /v1/models names the URL the expert came from, not the local copy
+                if expert.info.get("pack") == str(f):
+                    expert.info.update(pack=p, downloaded_to=str(f))
         whisper = ExpertWhisper(base)
         options = whisper.resolve_options(
             "auto", TranscribeOptions(batch_size=self.config.max_batch, threshold=self.config.threshold,
-                                      router=self.config.router, progress=False, silence_db=self.config.silence_db,
+                                      router=router, progress=False, silence_db=self.config.silence_db,
                                       max_new_tokens=self.config.max_new_tokens))
         return Served(whisper, packs, options, next(self._generations), time.perf_counter() - start)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-API_KEY_ENV = "WHISPER_EXPERTS_API_KEY"
+API_KEY_ENV = "WHISPER_EXPERTS_API_KEY"  # what inference.serve.factory.build_app reads (named here for --help)
 
 DESCRIPTION = f"""\
 Serve OpenAI's audio transcription API (POST /v1/audio/transcriptions, /v1/audio/translations) with a base
@@ -24,15 +23,17 @@ Windows of concurrent requests are batched together (up to --max-batch windows, 
 for batch-mates) and decoded in one generate call, each window by its own expert; a request's text does not
 depend on what it is batched with. The model runs on one thread; CUDA is used when present.
 
-Packs change without a restart: `kill -HUP PID` re-reads them from disk, and POST /admin/packs with
-{{"action": "reload" | "load" | "unload" | "replace", "pack": PATH | "packs": [...]}} loads others; requests
-in flight finish on the packs they started with. GET /v1/models lists the base and the experts, GET /health
-the packs and queue, GET /metrics Prometheus metrics. With --api-key (or ${API_KEY_ENV}) /v1 and /admin
-need "Authorization: Bearer KEY". SIGINT/SIGTERM stop taking requests and finish those in flight.
+Packs change without a restart: `kill -HUP PID` re-reads them from disk (packs given as URLs are downloaded
+again), and POST /admin/packs with {{"action": "reload" | "load" | "unload" | "replace", "pack": PATH | URL |
+"packs": [...]}} loads others; requests in flight finish on the packs they started with. GET /v1/models lists
+the base and the experts, GET /health the packs and queue, GET /metrics Prometheus metrics. With --api-key (or
+${API_KEY_ENV}) /v1 and /admin need "Authorization: Bearer KEY". SIGINT/SIGTERM stop taking requests and
+finish those in flight. Several replicas behind a load balancer, Ray Serve, KServe: docs/serving.md.
 
 examples:
   whisper-experts serve --pack packs/eu3.safetensors
   whisper-experts serve --pack packs/eu3.safetensors --router packs/eu3-router.safetensors --port 9000
+  whisper-experts serve --pack s3://my-bucket/packs/eu3.safetensors --host 0.0.0.0   # needs s3fs
   curl http://127.0.0.1:8000/v1/audio/transcriptions -F file=@talk.m4a -F model=auto -F response_format=verbose_json
   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); \\
 print(c.audio.transcriptions.create(model='uk', file=open('talk.wav', 'rb')).text)"
@@ -42,34 +43,23 @@ print(c.audio.transcriptions.create(model='uk', file=open('talk.wav', 'rb')).tex
 def _run(args) -> int:
     try:
         import uvicorn
-
-        from inference.serve.app import create_app
     except ImportError as e:
         raise RuntimeError(f"the server needs FastAPI and uvicorn ({e}); install them with "
                            "pip install 'whisper-experts[serve]'") from e
-    from inference.serve.state import PackLoader, ServeConfig, ServerState
-    from registry.bases import load_base
-    from registry.packs import base_of_packs
+    from inference.serve.factory import build_app
 
-    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if args.max_upload_mb <= 0 or args.timeout <= 0 or args.max_wait_ms < 0:
-        raise ValueError("--max-upload-mb and --timeout must be positive, --max-wait-ms not negative")
-    packs = tuple(args.pack or ())
-    config = ServeConfig(packs=packs, router=args.router, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_queue=args.max_queue, max_upload_mb=args.max_upload_mb, timeout=args.timeout,
-                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, threshold=args.threshold,
-                         force=args.force)
-    base = load_base(base_of_packs(args.base, list(packs)), device=args.device)
-    state = ServerState(PackLoader(base, config), config)
+    app = build_app(args.pack or (), base=args.base, device=args.device, router=args.router,
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    max_upload_mb=args.max_upload_mb, timeout=args.timeout, api_key=args.api_key,
+                    threshold=args.threshold, force=args.force)
+    state = app.state.server
     served = state.current
-    print(f"serving {base.name} with {', '.join(served.whisper.bank.names) or 'no experts'} on "
+    print(f"serving {served.whisper.base.name} with {', '.join(served.whisper.bank.names) or 'no experts'} on "
           f"http://{args.host}:{args.port}/v1 (packs loaded in {served.load_seconds:.2f} s"
-          f"{'; API key required' if config.api_key else ''})", file=sys.stderr)
+          f"{'; API key required' if state.config.api_key else ''})", file=sys.stderr)
     # uvicorn handles SIGINT/SIGTERM: stop accepting, wait for requests in flight, then the app's lifespan
     # drains the batcher. SIGHUP (pack reload) is installed by the app.
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0
 
@@ -78,7 +68,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible transcription server on packs of experts",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pack", action="append", metavar="FILE",
-                   help="expert pack (.safetensors); repeat to serve several; none: the base model alone")
+                   help="expert pack (.safetensors), or its fsspec URL (s3://, https://, file://; downloaded again "
+                        "on every reload); repeat to serve several; none: the base model alone")
     p.add_argument("--base", help="base model: name, directory or hub id (default: the pack's base, else "
                                   "whisper-base)")
     p.add_argument("--router", metavar="FILE",
