@@ -13,6 +13,7 @@ WER. Two guards are applied, and reported:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -22,6 +23,18 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from inference.audio import SAMPLE_RATE
+
+
+class _DropLengthClash(logging.Filter):
+    """Drops transformers' "Both `max_new_tokens` and `max_length` seem to have been set" warning: Whisper's
+    generation config carries ``max_length`` 448 and every decode here passes ``max_new_tokens`` on purpose (the
+    duration bound), so it fired once per batch and buried progress bars."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_new_tokens` will take precedence" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_DropLengthClash())
 
 
 def _loop_unit(tokens: Sequence[int], repeats: int, max_unit: int) -> int:

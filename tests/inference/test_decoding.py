@@ -39,3 +39,18 @@ def test_guard_maps_beams_to_samples():
     guard(ids[:, :1], torch.zeros(4, 10))
     guard(torch.cat([ids[:, :1], torch.tensor([[2, 3] * 4] * 3 + [[1, 2, 3, 4, 5, 6, 7, 8]])], 1), torch.zeros(4, 10))
     assert guard.fired == {0, 1}  # rows 0-1 are sample 0's beams, row 2 is sample 1's first beam
+
+
+def test_the_max_length_clash_warning_is_dropped_and_others_kept(caplog):
+    """Every decode passes max_new_tokens (the duration bound) while Whisper's generation config sets max_length:
+    transformers' warning about the pair fired once per batch; it is dropped, other warnings are not."""
+    import logging
+
+    import inference.decoding  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("transformers.generation.utils")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("Both `max_new_tokens` (=44) and `max_length`(=448) seem to have been set. `max_new_tokens` "
+                    "will take precedence. Please refer to the documentation for more information.")
+        log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
