@@ -120,13 +120,19 @@ def atomic_write_tagged(path: Path | str, data: bytes, *, fsync: bool = True) ->
         fsync: flush the file before the rename. Batch writers pass False and make the whole batch durable at
             once (``os.sync``) before anything refers to the files.
     """
+    return atomic_write_stream(path, lambda f: f.write(data), fsync=fsync)
+
+
+def atomic_write_stream(path: Path | str, write, *, fsync: bool = True) -> Path:
+    """:func:`atomic_write_tagged` whose content ``write(file)`` writes (e.g. a copy streamed from elsewhere,
+    never held in memory whole); nothing appears at ``path`` unless ``write`` returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.w{os.getpid()}-{_host()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())

@@ -13,15 +13,13 @@ generation keeps serving. Plain paths are used where they are.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from registry.atomic import clean_stale_temps, current_umask, fsync_dir
+from registry.atomic import atomic_write_stream, clean_stale_temps, fsync_dir
 from registry.home import ensure_writable, home_dir
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -63,24 +61,13 @@ def download(url: str, home: str | os.PathLike | None = None) -> Path:
     except (RuntimeError, ValueError) as e:
         raise PackSourceError(f"cannot download {url}: {e}") from e
     ensure_writable(target.parent, "downloaded packs")
-    clean_stale_temps(target)  # temporaries that killed downloads of this URL left behind (an hour old)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    clean_stale_temps(target)  # temporaries that killed downloads of this URL left behind
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # as a plain open() would make it, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as out:
-            with fs.open(path, "rb") as src:
-                shutil.copyfileobj(src, out, CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)  # replaces a symlink planted at the target, never writes through it
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, Exception):
-            raise PackSourceError(f"cannot download {url}: {type(e).__name__}: {e}; check that it exists and "
-                                  "can be read from here (credentials for s3:// or gs://), or give a local path"
-                                  ) from e
-        raise
+        with fs.open(path, "rb") as src:
+            atomic_write_stream(target, lambda out: shutil.copyfileobj(src, out, CHUNK))
+    except Exception as e:
+        raise PackSourceError(f"cannot download {url}: {type(e).__name__}: {e}; check that it exists and "
+                              "can be read from here (credentials for s3:// or gs://), or give a local path") from e
     fsync_dir(target.parent)
     return target
 

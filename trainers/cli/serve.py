@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-API_KEY_ENV = "WHISPER_EXPERTS_API_KEY"  # what inference.serve.factory.build_app reads (named here for --help)
+from inference.serve.factory import API_KEY_ENV  # a light module: --help stays free of model code
 
 DESCRIPTION = f"""\
 Serve OpenAI's audio transcription API (POST /v1/audio/transcriptions, /v1/audio/translations) with a base
