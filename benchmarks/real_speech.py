@@ -41,13 +41,13 @@ from trainers.configs import DECODER_RECIPE  # noqa: E402  (after the path inser
 
 RESULTS = Path(__file__).parent / "results"
 # Recipes compared; "enc3" adapts encoder layers 3.. as well (their input cached once), in bf16 autocast.
+ENC3 = {"side": "both", "encoder_start": 3, "dropout": 0.0}
 VARIANTS = {
     "decoder": DECODER_RECIPE,  # the default before these measurements
-    "enc3": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed"},
-    "enc3-fp32": {"side": "both", "encoder_start": 3, "dropout": 0.0},
-    "specaug": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed", "spec_augment": True},
-    "speed": {"side": "both", "encoder_start": 3, "dropout": 0.0, "precision": "bf16-mixed",
-              "speed_perturb": (0.9, 1.0, 1.1)},
+    "enc3": {**ENC3, "precision": "bf16-mixed"},
+    "enc3-fp32": ENC3,
+    "specaug": {**ENC3, "precision": "bf16-mixed", "spec_augment": True},
+    "speed": {**ENC3, "precision": "bf16-mixed", "speed_perturb": (0.9, 1.0, 1.1)},
 }
 DESCRIBED = {"decoder": "decoder only, float32", "enc3": "decoder + encoder layers 3.., bf16 autocast",
              "enc3-fp32": "decoder + encoder layers 3.., float32",
