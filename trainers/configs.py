@@ -67,7 +67,7 @@ class TrainConfig:
     # AVX512-BF16; else 32-true)
     precision: str | None = None
     seed: int = 0  # seeds data order, dropout, LoRA init and augmentation
-    max_train: int | None = None  # at most this many training utterances per language
+    max_train: int | None = None  # at most this many training utterances per language of the first --data
     max_validation: int | None = None  # at most this many validation utterances per language
     patience: int = 3  # early stopping: epochs without a better validation WER
     init_from: str | None = None  # warm start from this expert (registry spec or file)

@@ -311,8 +311,8 @@ class ExpertDataModule(L.LightningDataModule):
         processor: the base's ``WhisperProcessor``.
         languages: Whisper codes to keep.
         batch_size: rows per batch.
-        max_train: at most this many training utterances per language and corpus (None: all), spread evenly over
-            the split.
+        max_train: at most this many training utterances per language of ``data`` (None: all), spread evenly over
+            the split; the ``extra_data`` corpora are used whole (a few real clips plus a whole synthetic corpus).
         encoder: the frozen encoder when the expert leaves it (or its lower layers) untouched: enables the cache.
         encoder_layer: None caches encoder outputs; k caches the input of encoder layer k (layers k.. train).
         cache_dir: where encoder caches live (default: each corpus's ``<corpus>/.cache``).
@@ -332,7 +332,8 @@ class ExpertDataModule(L.LightningDataModule):
         self.data, self.processor, self.languages = data, processor, list(languages)
         self.batch_size, self.max_train, self.max_validation = batch_size, max_train, max_validation
         self.encoder, self.encoder_layer, self.cache_dir = encoder, encoder_layer, cache_dir
-        self.base_fingerprint, self.multilingual, self.seed, self.progress = base_fingerprint, multilingual, seed, progress
+        self.base_fingerprint, self.multilingual = base_fingerprint, multilingual
+        self.seed, self.progress = seed, progress
         self.extra_data, self.data_weight, self.augment = tuple(extra_data), data_weight, augment
         self.datasets: dict[str, ExpertDataset] = {}
         self.summary: dict = {}
@@ -414,7 +415,7 @@ class ExpertDataModule(L.LightningDataModule):
         parts, spans, utterances, seconds = [], [], 0, 0.0
         self.corpora_summary = []
         for n, corpus in enumerate(corpora):
-            selected = self._select("train", self.max_train, corpus.path, strict=n == 0)
+            selected = self._select("train", self.max_train if n == 0 else None, corpus.path, strict=n == 0)
             start = sum(len(rows) for rows, _ in parts)
             for variant in variants:
                 parts.append(self._featurized(corpus.path, selected, "train", variant))

@@ -116,6 +116,17 @@ def test_data_module_mixes_corpora_and_validates_on_the_first(uk_corpus, uk_pt_c
     assert dm.summary["train"]["utterances"] == n_a + n_b
 
 
+def test_max_train_caps_the_target_corpus_only(uk_corpus, uk_pt_corpus, tiny_whisper):
+    """A few real clips plus a whole synthetic corpus: --max-train counts the first --data's clips alone."""
+    from trainers.data import ExpertDataModule
+
+    dm = ExpertDataModule(str(uk_corpus), tiny_whisper[1], ["uk"], 4, max_train=3, progress=False,
+                          extra_data=(str(uk_pt_corpus),))
+    dm.setup()
+    assert [(c["corpus"], c["utterances"]) for c in dm.corpora_summary] == [(str(uk_corpus), 3), (str(uk_pt_corpus), 5)]
+    assert len(dm.datasets["train"]) == 8 and dm.summary["train"]["utterances"] == 8
+
+
 def test_a_further_corpus_needs_one_of_the_languages(uk_corpus, uk_pt_corpus, tiny_whisper):
     from trainers.data import ExpertDataModule
 
