@@ -133,7 +133,7 @@ def is_hf_dir(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- import / list
 
 def import_base(source: str | os.PathLike | None = None, name: str | None = None, *, home=None,
-                overwrite: bool = False, progress=print) -> Path:
+                overwrite: bool = False, progress=print, record_extra: dict | None = None) -> Path:
     """Import a base into ``<home>/bases/<name>``: convert CTranslate2 dirs, copy Hugging Face dirs.
 
     Args:
@@ -141,6 +141,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
         name: registered name (default: the bundled name, or the source directory's name).
         overwrite: replace an existing base of that name.
         progress: callable for status lines (``None`` for silence).
+        record_extra: further fields for the base's record (``base.json``), e.g. how it was made.
 
     Returns:
         The registered directory.
@@ -195,6 +196,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
             "parameters": sum(p.numel() for p in model.parameters()),
             "d_model": model.config.d_model,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(record_extra or {}),
         }
         atomic_write_text(staging / BASE_RECORD, json.dumps(record, indent=2))
     say(f"imported {name} -> {target} in {time.time() - t0:.1f}s (fingerprint {record['fingerprint']})")

@@ -18,6 +18,7 @@ examples:
   whisper-experts base import ~/models/faster-whisper-small --name whisper-small
   whisper-experts base list
   whisper-experts base info whisper-base
+  whisper-experts base shrink whisper-base --decoder-layers 2 --name whisper-base-dec2   # a distillation student
 """
 
 
@@ -25,6 +26,13 @@ def _import(args) -> int:
     from registry.bases import import_base
 
     import_base(args.source, args.name, overwrite=args.overwrite)
+    return 0
+
+
+def _shrink(args) -> int:
+    from registry.shrink import shrink_base
+
+    shrink_base(args.source, args.name, args.decoder_layers, overwrite=args.overwrite)
     return 0
 
 
@@ -103,6 +111,23 @@ def register(subparsers) -> None:
     imp.add_argument("--name", help="name to register (default: bundled name or directory name)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing base of that name")
     imp.set_defaults(func=_import)
+    sh = sub.add_parser("shrink", help="cut a smaller student Whisper from a base (fewer decoder layers)",
+                        description="Cut a student from a base as distil-whisper does: the whole encoder and a few "
+                                    "decoder layers, each initialised from one of the base's, registered as a base "
+                                    "of its own. Teach it with `whisper-experts distill --base NAME --teacher "
+                                    "SOURCE+EXPERT` (CLSR or LoRA experts on the student).\n\nexamples:\n"
+                                    "  whisper-experts base shrink whisper-base --decoder-layers 2 --name "
+                                    "whisper-base-dec2\n"
+                                    "  whisper-experts base shrink openai/whisper-large-v2 --decoder-layers 2 --name "
+                                    "large-v2-dec2",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sh.add_argument("source", help="registered name, bundled name, directory or hub id")
+    sh.add_argument("--name", required=True, help="name to register the student under")
+    sh.add_argument("--decoder-layers", default="2", metavar="N|I,J,...",
+                    help="how many decoder layers to keep, spread from the first to the last (default 2: the first "
+                         "and the last), or which ones (0,3,5)")
+    sh.add_argument("--overwrite", action="store_true", help="replace an existing base of that name")
+    sh.set_defaults(func=_shrink)
     ls = sub.add_parser("list", help="show imported and installable bases",
                         description="Show imported bases and bundled ones available to import.\n\nexample:\n"
                                     "  whisper-experts base list",
