@@ -20,8 +20,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def pick_layers(total: int, keep: int | str | list[int]) -> list[int]:
     """The decoder layers a student keeps, in order.
@@ -32,9 +30,8 @@ def pick_layers(total: int, keep: int | str | list[int]) -> list[int]:
             0, 5), or explicit indices (a list, or a comma-separated string such as ``"0,3,5"``).
     """
     if isinstance(keep, str):
-        parts = [p.strip() for p in keep.split(",") if p.strip()]
-        try:
-            keep = int(parts[0]) if len(parts) == 1 and "," not in keep else [int(p) for p in parts]
+        try:  # "2" is a count; "0,5" (or "4,") names layers
+            keep = [int(p) for p in keep.split(",") if p.strip()] if "," in keep else int(keep)
         except ValueError:
             raise ValueError(f"--decoder-layers takes a count (2) or layer indices (0,5), got {keep!r}") from None
     if isinstance(keep, int):
@@ -107,6 +104,5 @@ def shrink_base(source: str | os.PathLike, name: str, decoder_layers: int | str 
         out = Path(tmp) / name
         student.save_pretrained(out)
         base.processor.save_pretrained(out)
-        with torch.no_grad():
-            return import_base(out, name, home=home, overwrite=overwrite, progress=progress,
-                               record_extra={"shrunk_from": lineage})
+        return import_base(out, name, home=home, overwrite=overwrite, progress=progress,
+                           record_extra={"shrunk_from": lineage})
