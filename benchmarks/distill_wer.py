@@ -104,13 +104,21 @@ def cached(path: Path, train):
 
 
 def lora_config(lang: str, args, run_dir: Path, max_train):
+    """The LoRA run: ``--lora-recipe decoder`` (the decoder-only recipe this table began with) or ``default``
+    (``train``'s default: decoder + the top three encoder layers, bf16 where native)."""
     from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig
 
+    recipe = DECODER_RECIPE if args.lora_recipe == "decoder" else {}
     return TrainConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, rank=args.rank,
                        alpha=2.0 * args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                        max_train=max_train, patience=args.patience, seed=args.train_seed, test=False,
-                       progress=False, run_dir=str(run_dir), **DECODER_RECIPE)
+                       progress=False, run_dir=str(run_dir), **recipe)
+
+
+def lora_knobs(args) -> dict:
+    """Cache-key knobs of the LoRA recipe (none for the decoder recipe: its experts keep their old names)."""
+    return {} if args.lora_recipe == "decoder" else {"recipe": args.lora_recipe}
 
 
 def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:
@@ -121,7 +129,7 @@ def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:
     if given.is_file():
         return given, None
     cfg = lora_config(lang, args, work / f"run-{lang}-teacher", None)  # all training utterances
-    path = work / f"{lang}-teacher-{tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank)}.safetensors"
+    path = work / f"{lang}-teacher-{tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank, **lora_knobs(args))}.safetensors"
     _, seconds = cached(path, lambda: train_lora_expert(cfg)[0])
     return path, seconds
 
@@ -131,7 +139,7 @@ def lora_student(lang: str, args, work: Path):
 
     cfg = lora_config(lang, args, work / f"run-{lang}-lora", args.max_train)
     name = tag(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.lr, r=args.rank,
-               s=args.train_seed)
+               s=args.train_seed, **lora_knobs(args))
     return cached(work / f"{lang}-lora-{name}.safetensors", lambda: train_lora_expert(cfg)[0])
 
 
@@ -189,8 +197,12 @@ class Evaluator:
         from inference.evaluation import DecodeOptions, evaluate
 
         report = evaluate(self.base.model, self.base.processor, self._utts(lang),
-                          DecodeOptions(batch_size=self.args.batch_size), progress=False)
-        return {k: report.as_dict()["languages"][lang][k] for k in ("wer", "cer", "n")}
+                          DecodeOptions(batch_size=self.args.batch_size), progress=False).as_dict()
+        out = {k: report["languages"][lang][k] for k in ("wer", "cer", "n", "wer_ci95")}
+        # per-utterance counts, for paired comparisons between rows (inference.evaluation.paired_comparison)
+        out["utterances"] = [{k: u[k] for k in ("id", "language", "word_errors", "words")}
+                             for u in report["utterances"]]
+        return out
 
     def with_expert(self, expert, lang: str) -> dict:
         from inference.language_matrix import expert_applied
@@ -256,7 +268,8 @@ def run(args, results: dict, work: Path, save) -> None:
     if not done("lora"):
         trained = {lang: lora_student(lang, args, work) for lang in langs}
         per_expert = {lang: {u: ev.with_expert(e, u) for u in untouched} for lang, (e, _) in trained.items()}
-        rows["lora"] = {"label": f"LoRA r{args.rank} decoder, one per language",
+        where = "decoder" if args.lora_recipe == "decoder" else "train's default recipe (enc -3.. + dec)"
+        rows["lora"] = {"label": f"LoRA r{args.rank} {where}, one per language",
                         "test": {l: ev.with_expert(trained[l][0], l) for l in langs},
                         "untouched": {u: _mean([per_expert[l][u] for l in langs]) for u in untouched},
                         "untouched_per_expert": per_expert,
@@ -298,12 +311,22 @@ def table(results: dict) -> str:
     setup, rows = results["setup"], results["rows"]
     langs, untouched = split(setup["languages"]), split(setup["untouched"])
     base = rows.get("base", {})
-    head = (["model"] + [f"{l} WER % (CER %)" for l in langs] + [f"{u} WER % (untouched)" for u in untouched]
+    head = (["model"] + [f"{l} WER % [95% CI] (CER %)" for l in langs] + [f"{l} vs LoRA [paired 95% CI]" for l in langs]
+            + [f"{u} WER % (untouched)" for u in untouched]
             + ["max WER loss on untouched", "params stored / language", "params active / token", "train min"])
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
+    from inference.confidence import format_change, format_ci
+    from inference.evaluation import paired_comparison
+
     def rate(r):
-        return f"{100 * r['wer']:.1f} ({100 * r['cer']:.1f})" if r else "–"
+        return f"{format_ci(r['wer'], r.get('wer_ci95'))} ({100 * r['cer']:.1f})" if r else "–"
+
+    def versus(a, b):
+        """B against A on the same utterances: relative change and the paired interval (points)."""
+        if not (a and b and a.get("utterances") and b.get("utterances")):
+            return "–"
+        return format_change(next(iter(paired_comparison(a, b).values()), None)) or "–"
 
     def count(n):
         return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
@@ -316,11 +339,18 @@ def table(results: dict) -> str:
                 if u in r["untouched"] and u in base.get("untouched", {})]
         stored = sorted(set(r["stored"].values()))
         cells = ([r["label"]] + [rate(r["test"].get(l)) for l in langs]
+                 + [versus(rows.get("lora", {}).get("test", {}).get(l), r["test"].get(l)) if key != "lora" else "–"
+                    for l in langs]
                  + [f"{100 * r['untouched'][u]['wer']:.1f}" if u in r["untouched"] else "–" for u in untouched]
                  + [f"{max(loss):+.1f}" if loss else "–", " / ".join(count(n) for n in stored) or "0",
                     count(r["active"]), "reused" if r["minutes"] is None and key == "teacher" else
                     ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
         md.append("| " + " | ".join(cells) + " |")
+    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-kd")):
+        plain = key[: -len("-kd")]
+        if plain in rows:
+            gains = ", ".join(f"{l} {versus(rows[plain]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
+            md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
@@ -354,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--test-limit", type=int, default=None, help="test utterances per language (default all)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")
     p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--lora-recipe", default="decoder", choices=["decoder", "default"],
+                   help="the LoRA rows' and trained teachers' recipe: decoder only (default; this table's first "
+                        "runs), or train's default (decoder + top three encoder layers, bf16 where native)")
+    p.add_argument("--name", default="distill_wer", help="results file stem: <out>/<name>.{json,md}")
     p.add_argument("--work", default="runs/distill-wer", help="experts, caches and training logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -366,11 +400,12 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    results_path = out / "distill_wer.json"
+    results_path = out / f"{args.name}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if args.languages:
         setup = {"languages": args.languages, "untouched": args.untouched, "base": args.base, "data": args.data,
-                 "max_train": args.max_train, "epochs": args.epochs, "test_limit": args.test_limit}
+                 "max_train": args.max_train, "epochs": args.epochs, "test_limit": args.test_limit,
+                 **({"lora_recipe": args.lora_recipe} if args.lora_recipe != "decoder" else {})}
         if {k: v for k, v in results.get("setup", {}).items() if k != "commands"} != setup:
             if results:
                 print(f"{results_path}: another setup; starting a new table")
@@ -387,7 +422,7 @@ def main(argv=None) -> int:
         print(f"no results in {results_path} yet")
         return 1
     md = table(results)
-    (out / "distill_wer.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
     return 0
 
