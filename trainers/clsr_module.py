@@ -75,6 +75,7 @@ class ClsrExpertModule(L.LightningModule):
         self.languages = list(dict.fromkeys(languages))
         if not self.languages:
             raise ValueError("a CLSR student needs at least one language")
+        clsr = clsr.for_encoder(model.config.encoder_layers)  # a negative encoder_start counts from the top
         convert_to_clsr(model, self.languages, clsr)
         if loss is None:
             loss = DistillationLossConfig() if teacher is not None else DistillationLossConfig.without_teacher()

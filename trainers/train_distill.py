@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -115,6 +116,8 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     t0 = time.time()
     lora = cfg.lora()
     base, lora, _, _ = load_checked_base(cfg.base, (), lora)
+    if cfg.kind == "clsr":  # a negative --encoder-start counts from the top of this base's encoder
+        cfg = replace(cfg, encoder_start=cfg.clsr().for_encoder(base.model.config.encoder_layers).encoder_start)
     source = load_teacher_source(base, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
                                  registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k,
                                  batch_size=cfg.batch_size, progress=cfg.progress)

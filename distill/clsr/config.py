@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 PATH_KINDS = ("full", "lowrank")
 SIDES = ("both", "decoder", "encoder")
@@ -29,6 +29,8 @@ class ClsrConfig:
     side: str = "both"
     # With side "both" or "encoder": only encoder layers with index >= encoder_start get CLSR blocks (the frozen
     # layers below compute the same thing every epoch, so training caches the input of layer encoder_start).
+    # Negative counts from the top, as a LoRA expert's does (-3: the top three layers); a model resolves it
+    # (``for_encoder``) and experts record the resolved index.
     encoder_start: int = 0
 
     def __post_init__(self) -> None:
@@ -38,14 +40,24 @@ class ClsrConfig:
             raise ValueError(f"CLSR low-rank rank must be >= 1, got {self.rank}")
         if self.side not in SIDES:
             raise ValueError(f"CLSR side must be one of {', '.join(SIDES)}, got {self.side!r}")
-        if self.encoder_start < 0:
-            raise ValueError(f"CLSR encoder_start must be >= 0, got {self.encoder_start}")
         if self.gate_hidden < 1:
             raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
         for name in ("gate_dropout", "path_dropout", "shared_only_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"CLSR {name} must lie in [0, 1), got {value}")
+
+    def for_encoder(self, layers: int) -> "ClsrConfig":
+        """This config on an encoder of ``layers`` layers: a negative ``encoder_start`` becomes the index of the
+        lowest converted layer (``layers + encoder_start``, at least 0); a start at or past the top is refused."""
+        if not self.touches_encoder:
+            return self
+        if self.encoder_start < 0:
+            return replace(self, encoder_start=max(0, layers + self.encoder_start))
+        if self.encoder_start >= layers:
+            raise ValueError(f"CLSR encoder_start {self.encoder_start}: the encoder has layers 0..{layers - 1}; pick a "
+                             f"start below {layers}, a negative start (-3: the top three layers), or side='decoder'")
+        return self
 
     @property
     def lowrank_scale(self) -> float:

@@ -200,6 +200,7 @@ def parameters_active_per_token(whisper_config, config: ClsrConfig = ClsrConfig(
 
 def _covered(whisper_config, config: ClsrConfig) -> list[tuple[int, int]]:
     """``(number of CLSR layers, ffn_dim)`` of the encoder and the decoder under the config's layout."""
-    encoder = max(0, whisper_config.encoder_layers - config.encoder_start) if config.touches_encoder else 0
+    config = config.for_encoder(whisper_config.encoder_layers)  # a negative start counts from the top
+    encoder = whisper_config.encoder_layers - config.encoder_start if config.touches_encoder else 0
     decoder = whisper_config.decoder_layers if config.side in ("decoder", "both") else 0
     return [(encoder, whisper_config.encoder_ffn_dim), (decoder, whisper_config.decoder_ffn_dim)]

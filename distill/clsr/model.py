@@ -102,15 +102,12 @@ def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), confi
     """
     if is_clsr(model):
         raise ValueError("the model is already a CLSR Whisper; add languages with add_language")
-    config = replace(config or ClsrConfig(), **options)
-    routing = ClsrRouting(config, base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     every = list(_whisper_layers(model))
     if not every:
         raise ValueError(f"{type(model).__name__} has no Whisper encoder/decoder layers to convert")
     encoder_layers = sum(isinstance(layer, WhisperEncoderLayer) for _, layer in every)
-    if config.touches_encoder and config.encoder_start >= encoder_layers:
-        raise ValueError(f"CLSR encoder_start {config.encoder_start}: the encoder has layers 0..{encoder_layers - 1}; "
-                         "pick a start below that, or side='decoder'")
+    config = replace(config or ClsrConfig(), **options).for_encoder(encoder_layers)
+    routing = ClsrRouting(config, base_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     layers = [(name, layer) for name, layer in every if config.covers(*_stack_and_index(name, layer))]
     model.requires_grad_(False)
     for name, layer in layers:

@@ -80,6 +80,17 @@ def test_bad_layouts_are_refused(base):
     assert clsr_languages(model) == ["uk"]
 
 
+def test_a_negative_encoder_start_counts_from_the_top_and_is_recorded_resolved(base, tmp_path):
+    model = _trained(base, side="both", encoder_start=-1)  # the tiny encoder has layers 0..1
+    assert [name for name, _, _ in clsr_layers(model)] == CONVERTED["encoder-from-1"]
+    hp = read_manifest(save_clsr_expert(model, "uk", tmp_path / "uk.safetensors", base))["hyperparameters"]
+    assert (hp["side"], hp["encoder_start"]) == ("both", 1)
+    top = ClsrConfig(side="both", encoder_start=-5)  # more than the encoder has: all of it
+    assert top.for_encoder(2).encoder_start == 0
+    assert parameters_active_per_token(base.model.config, ClsrConfig(side="both", encoder_start=-1)) == \
+        parameters_active_per_token(base.model.config, ClsrConfig(side="both", encoder_start=1))
+
+
 @pytest.mark.parametrize("layout", ["decoder", "encoder-from-1"])
 def test_expert_round_trip_records_the_layout(base, tmp_path, layout):
     model = _trained(base, **LAYOUTS[layout])

@@ -13,7 +13,8 @@ from tests.distill.clsr_helpers import randomize_language
 
 DETERMINISTIC = {"path_dropout": 0.0, "gate_dropout": 0.0, "shared_only_prob": 0.0}
 LAYOUTS = {"decoder": ({"side": "decoder"}, "encoder_hidden_states"),
-           "encoder-from-1": ({"side": "both", "encoder_start": 1}, "encoder_layer_input")}
+           "encoder-from-1": ({"side": "both", "encoder_start": 1}, "encoder_layer_input"),
+           "encoder-top-1": ({"side": "both", "encoder_start": -1}, "encoder_layer_input")}  # = from 1 on tiny
 
 
 def _student(tiny_whisper_dir, layout):
@@ -42,7 +43,7 @@ def test_loss_on_cached_encoder_states_equals_the_loss_through_the_live_encoder(
     options, key = LAYOUTS[layout]
     base, module = _student(tiny_whisper_dir, options)
     cache, layer = encoder_cache_plan(module.clsr_config, None)
-    assert cache and layer == options.get("encoder_start")
+    assert cache and layer == (None if layout == "decoder" else 1)
     cached = DistillDataModule(str(uk_pt_corpus), base.processor, ["uk", "pt"], 4, encoder=base.model.model.encoder,
                                encoder_layer=layer, cache_dir=str(tmp_path), base_fingerprint=base.fingerprint,
                                progress=False)

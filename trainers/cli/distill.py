@@ -23,7 +23,8 @@ Where the CLSR blocks go: --side both (default, the paper) gates every encoder a
 gates the decoder's only and leaves the encoder as it is, so (with a cached teacher, or none) training computes
 every utterance's encoder output once and reuses it every epoch instead of running the encoder forward and
 backward on 30 s windows at every step: on CPU that is the difference between minutes and hours. --encoder-start
-K (with --side both/encoder) gates only encoder layers >= K and caches the input of layer K. The layout is
+K (with --side both/encoder) gates only encoder layers >= K and caches the input of layer K (-3: the top three
+layers, as train's LoRA recipe adapts). The layout is
 recorded in each expert; an expert loads only into a CLSR model of the same layout.
 
 --kind lora (LoRA language experts): one LoRA student for all the languages, each batch taught by its
