@@ -129,7 +129,8 @@ def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:
     if given.is_file():
         return given, None
     cfg = lora_config(lang, args, work / f"run-{lang}-teacher", None)  # all training utterances
-    path = work / f"{lang}-teacher-{tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank, **lora_knobs(args))}.safetensors"
+    name = tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank, **lora_knobs(args))
+    path = work / f"{lang}-teacher-{name}.safetensors"
     _, seconds = cached(path, lambda: train_lora_expert(cfg)[0])
     return path, seconds
 
@@ -311,7 +312,7 @@ def table(results: dict) -> str:
     setup, rows = results["setup"], results["rows"]
     langs, untouched = split(setup["languages"]), split(setup["untouched"])
     base = rows.get("base", {})
-    head = (["model"] + [f"{l} WER % [95% CI] (CER %)" for l in langs] + [f"{l} vs LoRA [paired 95% CI]" for l in langs]
+    head = (["model"] + [f"{x} WER % [95% CI] (CER %)" for x in langs] + [f"{x} vs LoRA [paired 95% CI]" for x in langs]
             + [f"{u} WER % (untouched)" for u in untouched]
             + ["max WER loss on untouched", "params stored / language", "params active / token", "train min"])
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
