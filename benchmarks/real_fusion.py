@@ -164,8 +164,9 @@ def table(results: dict) -> str:
     dev = results["dev_wer"]
     n = own["n"]
     md.append(f"\nTest: {n} real {results['target']} clips of held-out game levels, {results['base']}, greedy, "
-              f"language forced, bounded by audio duration. Weights searched on {results['dev_n']} real validation clips: "
-              f"validation WER {100 * dev['target_only']:.1f} (target alone) -> {100 * dev['fused']:.1f} (fused); "
+              f"language forced, bounded by audio duration. Weights searched on {results['dev_n']} real validation "
+              f"clips: validation WER {100 * dev['target_only']:.1f} (target alone) -> "
+              f"{100 * dev['fused']:.1f} (fused); "
               f"search {rows['fused']['search_minutes']:.1f} min. Command: `{results['command']}`\n")
     return "\n".join(md)
 
