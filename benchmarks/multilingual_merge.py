@@ -19,8 +19,21 @@ averages by itself) and the methods' default options:
 Each language's test set (the first ``--test-limit`` utterances, held-out sentences and voices) is decoded under
 the base, under every single expert and under every merged expert: a language x expert WER matrix
 (``inference.language_matrix``, as ``whisper-experts eval --experts`` prints) whose mean column is the number to
-compare. Writes ``<out>/multilingual_merge.{json,md,png}``; the goal is LoRS >= 5% relative better than
+compare. Writes ``<out>/<name>.{json,md,png}``; the goal is LoRS >= 5% relative better than
 linear averaging on the mean WER, reported as it comes out.
+
+Real speech and tuned merges (issue 16, item 4)::
+
+    python benchmarks/multilingual_merge.py --languages cs,nl,sk,pl --tune --name real_merge --test-limit 100 \
+        --experts cs=runs/real/cs-all.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors,\
+    sk=runs/real-fusion/sk-espeak.safetensors,pl=runs/real-fusion/pl-espeak.safetensors \
+        --corpora cs=data/fillets,nl=data/fillets,sk=data/sk-espeak,pl=data/pl-espeak
+
+``--experts LANG=FILE`` takes given expert files, ``--corpora LANG=DIR`` each language's corpus (validation
+and test splits). ``--tune`` searches each method's options (and for the averaging methods a scale of the
+``1/N`` weights) on the mean validation WER over the first ``--dev-limit`` validation utterances per language
+(grids in ``TUNING``), then tests each method at its best setting; the table then also gives the pooled WER
+change of each merge against linear with its paired-bootstrap 95% interval on the same test utterances.
 """
 
 from __future__ import annotations
@@ -34,24 +47,51 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METHOD_WEIGHTS = {"ties": "ones", "dare_ties": "ones"}  # sign-elected disjoint means average by themselves
+# --tune: per method, the grid of (weight scale, options) tried on validation. The scale multiplies the default
+# weights (1/N; 1 for TIES); linear at scale 1 is the plain average every other trial is compared with.
+TUNING = {
+    "linear": [(scale, {}) for scale in (1.0, 1.5, 2.0)],
+    "ties": [(1.0, {"density": d}) for d in (0.1, 0.2, 0.5, 0.8)],
+    "dare_linear": [(scale, {"drop_rate": r}) for scale in (1.0, 2.0) for r in (0.3, 0.5, 0.7)],
+    "lors": [(scale, {"rank_ratio": q, "density": d}) for scale in (1.0, 2.0) for q in (0.25, 0.5, 1.0)
+             for d in (0.3, 0.6)],
+}
 SEARCHED = ("runs/{lang}-expert/expert.safetensors", "runs/fusion/{lang}-400.safetensors",
             "runs/multilingual-merge/{lang}-400.safetensors")
 
 
+def pairs(text: str | None, what: str) -> dict[str, str]:
+    """``"cs=A,nl=B"`` -> ``{"cs": "A", "nl": "B"}``."""
+    out = {}
+    for item in (x.strip() for x in (text or "").split(",") if x.strip()):
+        if "=" not in item:
+            raise SystemExit(f"{what}: {item!r} is not LANG=PATH")
+        lang, path = item.split("=", 1)
+        out[lang.strip()] = path.strip()
+    return out
+
+
+def corpus_of(lang: str, args) -> str:
+    from benchmarks.fusion_low_resource import corpus_for
+
+    return pairs(args.corpora, "--corpora").get(lang) or corpus_for(lang, args.seed)
+
+
 def expert_for(lang: str, args):
-    """(language expert, where it came from): an existing expert file, else a decoder-only one trained here."""
+    """(language expert, where it came from): a given or existing expert file, else a decoder-only one trained here."""
     from registry.expert_file import load_expert, save_expert
     from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
+    given = pairs(args.experts, "--experts").get(lang)
+    if given:
+        return load_expert(given), given
     for pattern in SEARCHED:
         path = Path(pattern.format(lang=lang))
         if path.is_file():
             return load_expert(path), str(path)
-    from benchmarks.fusion_low_resource import corpus_for
-
     path = Path(SEARCHED[-1].format(lang=lang))
-    cfg = TrainConfig(data=corpus_for(lang, args.seed), languages=(lang,), base=args.base, rank=16, alpha=32.0,
+    cfg = TrainConfig(data=corpus_of(lang, args), languages=(lang,), base=args.base, rank=16, alpha=32.0,
                       epochs=8, lr=1e-3, batch_size=16, patience=3, test=False,
                       run_dir=str(path.parent / f"run-{lang}"), **DECODER_RECIPE)
     expert, _ = train_lora_expert(cfg)
@@ -60,34 +100,88 @@ def expert_for(lang: str, args):
     return expert, str(path)
 
 
-def merged_experts(experts, names, methods, seed: int):
-    """(row label, fused expert, merge info) per method."""
+def merged_experts(experts, names, methods, seed: int, settings: dict | None = None):
+    """(row label, fused expert, merge info) per method; ``settings``: method -> (weight scale, options)."""
     from lora_experts.merge import fuse_experts
 
     out = []
     n = len(experts)
     for method in methods:
-        weights = [1.0] * n if METHOD_WEIGHTS.get(method) == "ones" else [1.0 / n] * n
+        scale, options = (settings or {}).get(method, (1.0, {}))
+        weights = [scale * (1.0 if METHOD_WEIGHTS.get(method) == "ones" else 1.0 / n)] * n
         t0 = time.time()
-        fused, result = fuse_experts(experts, weights, method, names=names, seed=seed)
+        fused, result = fuse_experts(experts, weights, method, names=names, seed=seed, **options)
         info = {"method": method, "weights": weights, "options": result.options, "kind": fused.kind,
                 "relative_error": result.relative_error, "merge_seconds": round(time.time() - t0, 2)}
         out.append((f"merged: {method}", fused, info))
     return out
 
 
+def tune(base, experts, names, methods, dev, seed: int) -> tuple[dict, list[dict]]:
+    """Each method's best (weight scale, options) by mean validation WER over the languages, and every trial."""
+    from inference.evaluation import DecodeOptions, evaluate
+    from inference.language_matrix import expert_applied
+
+    best, trials = {}, []
+    for method in methods:
+        for scale, options in TUNING.get(method, [(1.0, {})]):
+            (_, fused, info), = merged_experts(experts, names, [method], seed, {method: (scale, options)})
+            with expert_applied(base.model, fused):
+                report = evaluate(base.model, base.processor, dev, DecodeOptions(batch_size=16), progress=False)
+            mean = sum(r.wer for r in report.languages.values()) / len(report.languages)
+            trials.append({"method": method, "scale": scale, "options": options, "dev_mean_wer": 100 * mean,
+                           "relative_error": info["relative_error"]})
+            print(f"tune {method} scale {scale:g} {options}: dev mean WER {100 * mean:.1f}", flush=True)
+            if method not in best or mean < best[method][2]:
+                best[method] = (scale, options, mean)
+    return {m: (s, o) for m, (s, o, _) in best.items()}, trials
+
+
+def pooled_changes(matrix) -> dict[str, dict]:
+    """Per merged row: its pooled test WER against linear's on the same utterances (paired bootstrap)."""
+    import numpy as np
+
+    from inference.confidence import paired_bootstrap
+
+    rows = dict(zip(matrix.labels, (r.as_dict()["utterances"] for r in matrix.reports)))
+    if "merged: linear" not in rows:
+        return {}
+    ref = {(u["language"], u["id"]): u for u in rows["merged: linear"]}
+    out = {}
+    for label, utts in rows.items():
+        if not label.startswith("merged") or label == "merged: linear":
+            continue
+        pairs_ = [(ref[(u["language"], u["id"])], u) for u in utts if (u["language"], u["id"]) in ref]
+        d = paired_bootstrap(np.array([a["word_errors"] for a, _ in pairs_]),
+                             np.array([b["word_errors"] for _, b in pairs_]), np.array([a["words"] for a, _ in pairs_]))
+        out[label] = d.as_dict(n=len(pairs_))
+    return out
+
+
 def table(results: dict) -> str:
     """Markdown: rows (base, single experts, merged experts) x languages of test WER %, mean, and vs linear."""
+    from inference.confidence import format_change
+
     langs, rows = results["languages"], results["rows"]
     linear = next((r["mean_wer"] for r in rows if r["label"] == "merged: linear"), None)
     lines = ["| expert | " + " | ".join(langs) + " | mean WER % | vs linear |", "|" + "---|" * (len(langs) + 3)]
     for r in rows:
         cells = [f"**{w:.1f}**" if lang in r["own"] else f"{w:.1f}" for lang, w in zip(langs, r["wer"])]
         rel = f"{100 * (r['mean_wer'] / linear - 1):+.1f}%" if linear and r["label"].startswith("merged") else ""
+        if r["label"] in results.get("pooled_vs_linear", {}):
+            rel += f" (pooled {format_change(results['pooled_vs_linear'][r['label']])})"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['mean_wer']:.1f} | {rel} |")
     n = ", ".join(f"{lang} {k}" for lang, k in zip(langs, results["n"]))
-    return "\n".join(lines) + (f"\n\nNormalized test WER %, test utterances per language: {n}. Bold: the expert's "
+    text = "\n".join(lines) + (f"\n\nNormalized test WER %, test utterances per language: {n}. Bold: the expert's "
                                "own language(s).\n")
+    if results.get("tuned"):
+        text += ("\nEach merge at its best setting on validation (mean WER over the languages, first "
+                 f"{results['dev_limit']} validation utterances each): "
+                 + "; ".join(f"{m}: weights x{s:g}" + (f", {o}" if o else "") for m, (s, o) in results["tuned"].items())
+                 + f" ({len(results['trials'])} trials).\n")
+    if results.get("command"):
+        text += f"\nCommand: `{results['command']}`\n"
+    return text
 
 
 def main(argv=None) -> int:
@@ -97,23 +191,27 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--test-limit", type=int, default=30, help="test utterances per language (default 30)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")
+    p.add_argument("--experts", help="given expert files, LANG=FILE,... (others: found or trained as above)")
+    p.add_argument("--corpora", help="corpora, LANG=DIR,... (default data/<lang>-expert, synthesized if missing)")
+    p.add_argument("--tune", action="store_true", help="search each method's options on validation (TUNING)")
+    p.add_argument("--dev-limit", type=int, default=30, help="--tune: validation utterances per language")
+    p.add_argument("--name", default="multilingual_merge", help="results file stem (default multilingual_merge)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "multilingual_merge.json"
+    json_path = out / f"{args.name}.json"
     langs = [x.strip() for x in args.languages.split(",") if x.strip()]
     if not langs:
         results = json.loads(json_path.read_text())
-        (out / "multilingual_merge.md").write_text(table(results))
+        (out / f"{args.name}.md").write_text(table(results))
         print(table(results))
         return 0
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from benchmarks.fusion_low_resource import corpus_for
     from inference.evaluation import DecodeOptions, utterances_from_dataset
     from inference.language_matrix import language_matrix, plot_matrix
     from registry.bases import load_base
@@ -125,12 +223,15 @@ def main(argv=None) -> int:
         experts.append(expert)
         sources[lang] = source
     names = [f"{lang}-expert" for lang in langs]
-    merged = merged_experts(experts, names, [m.strip() for m in args.methods.split(",") if m.strip()], args.seed)
-    utterances = []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    utterances, dev = [], []
     for lang in langs:
-        corpus = load_corpus(corpus_for(lang, args.seed))
+        corpus = load_corpus(corpus_of(lang, args))
         utterances += utterances_from_dataset(corpus["test"], [lang], limit=args.test_limit)
+        dev += utterances_from_dataset(corpus["validation"], [lang], limit=args.dev_limit)
     base = load_base(args.base, device="cpu")
+    settings, trials = tune(base, experts, names, methods, dev, args.seed) if args.tune else (None, [])
+    merged = merged_experts(experts, names, methods, args.seed, settings)
     rows = [(f"single: {lang}", e) for lang, e in zip(langs, experts)] + [(label, e) for label, e, _ in merged]
     t0 = time.time()
     matrix = language_matrix(base.model, base.processor, utterances, rows, DecodeOptions(batch_size=16))
@@ -139,10 +240,15 @@ def main(argv=None) -> int:
                "merges": [info for _, _, info in merged], "decode_seconds": round(time.time() - t0),
                "rows": [{"label": label, "own": own, "wer": wer, "cer": cer, "mean_wer": mean}
                         for label, own, wer, cer, mean in zip(data["rows"], data["own_languages"], data["wer"],
-                                                              data["cer"], data["mean_wer"])]}
+                                                              data["cer"], data["mean_wer"])],
+               "pooled_vs_linear": pooled_changes(matrix),
+               "command": " ".join(["python benchmarks/multilingual_merge.py",
+                                    *(sys.argv[1:] if argv is None else argv)])}
+    if args.tune:
+        results.update(tuned=settings, trials=trials, dev_limit=args.dev_limit)
     json_path.write_text(json.dumps(results, indent=2))
-    (out / "multilingual_merge.md").write_text(table(results))
-    plot_matrix(matrix, str(out / "multilingual_merge.png"), title=f"test WER %: {', '.join(langs)} merged")
+    (out / f"{args.name}.md").write_text(table(results))
+    plot_matrix(matrix, str(out / f"{args.name}.png"), title=f"test WER %: {', '.join(langs)} merged")
     print(table(results))
     return 0
 
