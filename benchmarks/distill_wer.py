@@ -195,15 +195,13 @@ class Evaluator:
 
     def rates(self, lang: str) -> dict:
         """The model as it is now (base, or with an expert applied / a CLSR language set) on ``lang``."""
-        from inference.evaluation import DecodeOptions, evaluate
+        from inference.evaluation import DecodeOptions, evaluate, paired_counts
 
         report = evaluate(self.base.model, self.base.processor, self._utts(lang),
                           DecodeOptions(batch_size=self.args.batch_size), progress=False).as_dict()
-        out = {k: report["languages"][lang][k] for k in ("wer", "cer", "n", "wer_ci95")}
-        # per-utterance counts, for paired comparisons between rows (inference.evaluation.paired_comparison)
-        out["utterances"] = [{k: u[k] for k in ("id", "language", "word_errors", "words")}
-                             for u in report["utterances"]]
-        return out
+        # with the per-utterance counts, for paired comparisons between rows
+        return {**{k: report["languages"][lang][k] for k in ("wer", "cer", "n", "wer_ci95")},
+                "utterances": paired_counts(report)}
 
     def with_expert(self, expert, lang: str) -> dict:
         from inference.language_matrix import expert_applied

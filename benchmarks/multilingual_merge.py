@@ -138,24 +138,20 @@ def tune(base, experts, names, methods, dev, seed: int) -> tuple[dict, list[dict
 
 
 def pooled_changes(matrix) -> dict[str, dict]:
-    """Per merged row: its pooled test WER against linear's on the same utterances (paired bootstrap)."""
-    import numpy as np
+    """Per merged row: its pooled test WER against linear's on the same utterances (paired bootstrap over every
+    language's utterances together)."""
+    from inference.evaluation import paired_comparison, paired_counts
 
-    from inference.confidence import paired_bootstrap
+    def pooled(report):  # one "language" holding them all, ids kept apart per language
+        return {"utterances": [{**u, "language": "all", "id": f"{u['language']}/{u['id']}"}
+                               for u in paired_counts(report)]}
 
-    rows = dict(zip(matrix.labels, (r.as_dict()["utterances"] for r in matrix.reports)))
+    rows = dict(zip(matrix.labels, matrix.reports))
     if "merged: linear" not in rows:
         return {}
-    ref = {(u["language"], u["id"]): u for u in rows["merged: linear"]}
-    out = {}
-    for label, utts in rows.items():
-        if not label.startswith("merged") or label == "merged: linear":
-            continue
-        pairs_ = [(ref[(u["language"], u["id"])], u) for u in utts if (u["language"], u["id"]) in ref]
-        d = paired_bootstrap(np.array([a["word_errors"] for a, _ in pairs_]),
-                             np.array([b["word_errors"] for _, b in pairs_]), np.array([a["words"] for a, _ in pairs_]))
-        out[label] = d.as_dict(n=len(pairs_))
-    return out
+    linear = pooled(rows["merged: linear"])
+    return {label: paired_comparison(linear, pooled(report))["all"] for label, report in rows.items()
+            if label.startswith("merged") and label != "merged: linear"}
 
 
 def table(results: dict) -> str:

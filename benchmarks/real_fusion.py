@@ -86,7 +86,7 @@ def scored(base, expert, utterances) -> dict:
     """Test WER/CER (with intervals) and the per-utterance counts of the base with ``expert`` (None: alone)."""
     import contextlib
 
-    from inference.evaluation import DecodeOptions, evaluate
+    from inference.evaluation import DecodeOptions, evaluate, paired_counts
     from inference.language_matrix import expert_applied
 
     with expert_applied(base.model, expert) if expert is not None else contextlib.nullcontext():
@@ -94,7 +94,7 @@ def scored(base, expert, utterances) -> dict:
     d = report.as_dict()
     row = next(iter(d["languages"].values()))
     return {**{k: row[k] for k in ("wer", "cer", "n", "wer_ci95")},
-            "utterances": [{k: u[k] for k in ("id", "language", "word_errors", "words")} for u in d["utterances"]]}
+            "utterances": paired_counts(d)}
 
 
 def run(args, results: dict, save) -> None:

@@ -248,6 +248,13 @@ def paired_comparison(a: EvalReport | dict, b: EvalReport | dict) -> dict[str, d
     return out
 
 
+def paired_counts(report: EvalReport | dict) -> list[dict]:
+    """The per-utterance fields :func:`paired_comparison` reads (id, language, word errors, words): what a
+    benchmark keeps of a report to compare it with another later, without the texts."""
+    rows = (report.as_dict() if isinstance(report, EvalReport) else report)["utterances"]
+    return [{k: u[k] for k in ("id", "language", "word_errors", "words")} for u in rows]
+
+
 def utterances_from_dataset(dataset, languages: Iterable[str] | None = None, limit: int | None = None) -> list[Utterance]:
     """Turn a corpus split (columns ``audio``, ``text``, ``language``, ``id``) into :class:`Utterance` s.
 

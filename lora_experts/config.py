@@ -8,6 +8,18 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 FFN = ("fc1", "fc2")
 
 
+def resolve_encoder_start(start: int, layers: int, what: str = "encoder_start") -> int:
+    """The lowest encoder layer an adapter covers on an encoder of ``layers`` layers: a negative ``start`` counts
+    from the top (``layers + start``, at least 0; -3: the top three layers); a start at or past the top is refused.
+    Shared by LoRA experts and CLSR layouts."""
+    if start < 0:
+        return max(0, layers + start)
+    if start >= layers:
+        raise ValueError(f"{what} {start}: the encoder has layers 0..{layers - 1}; pick a start below {layers}, a "
+                         "negative start (-3: the top three layers), or side decoder")
+    return start
+
+
 @dataclass(frozen=True)
 class LoraExpertConfig:
     """A LoRA expert's shape. Frozen: derive variants with ``dataclasses.replace``."""
@@ -47,12 +59,8 @@ class LoraExpertConfig:
         expert that leaves the encoder alone records 0."""
         if not self.touches_encoder:
             return replace(self, encoder_start=0) if self.encoder_start else self
-        if self.encoder_start < 0:
-            return replace(self, encoder_start=max(0, layers + self.encoder_start))
-        if self.encoder_start >= layers:
-            raise ValueError(f"encoder_start {self.encoder_start}: the encoder has layers 0..{layers - 1}; pick a "
-                             f"start below {layers}, a negative start (-3: the top three layers), or side decoder")
-        return self
+        start = resolve_encoder_start(self.encoder_start, layers)
+        return self if start == self.encoder_start else replace(self, encoder_start=start)
 
     def target_regex(self) -> str:
         """A regex peft full-matches against module paths of ``WhisperForConditionalGeneration``."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from lora_experts.config import resolve_encoder_start
+
 PATH_KINDS = ("full", "lowrank")
 SIDES = ("both", "decoder", "encoder")
 
@@ -52,12 +54,8 @@ class ClsrConfig:
         lowest converted layer (``layers + encoder_start``, at least 0); a start at or past the top is refused."""
         if not self.touches_encoder:
             return self
-        if self.encoder_start < 0:
-            return replace(self, encoder_start=max(0, layers + self.encoder_start))
-        if self.encoder_start >= layers:
-            raise ValueError(f"CLSR encoder_start {self.encoder_start}: the encoder has layers 0..{layers - 1}; pick a "
-                             f"start below {layers}, a negative start (-3: the top three layers), or side='decoder'")
-        return self
+        start = resolve_encoder_start(self.encoder_start, layers, what="CLSR encoder_start")
+        return self if start == self.encoder_start else replace(self, encoder_start=start)
 
     @property
     def lowrank_scale(self) -> float:
