@@ -314,7 +314,10 @@ class Index:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                if not self._has_tables() and journal.has_entries(self.root):
+                # The journal first: another process appends to it only after its schema has committed, so
+                # entries seen now mean tables exist now, unless the index was lost. (Tables first would race:
+                # none yet, then another process creates them and journals an add, and ours looks lost.)
+                if journal.has_entries(self.root) and not self._has_tables():
                     raise self.lost()  # a fresh index would hand out the lost one's version numbers again
                 with closing(self.connect()) as con:
                     # Switching to WAL needs a moment of exclusive access; when several processes create the
@@ -378,23 +381,17 @@ class Index:
     @contextmanager
     def reading(self):
         """A connection for reads (None when there is no registry yet); never creates or changes anything."""
-        try:
-            os.stat(self.path)
-        except FileNotFoundError:
-            if journal.has_entries(self.root):
-                raise self.lost() from None
-            yield None
-            return
-        except OSError as e:
-            raise RegistryIndexError(f"cannot read the registry at {self.root} ({e.strerror or e}); check that "
-                                     "this user may read it, or choose another with --registry DIR") from e
-        con, mode, why, has_tables = open_reader(self.path, self.timeout, self.read_mode)
-        if not has_tables:  # created but never written (or emptied): lost if the journal names experts
-            con.close()
-            if journal.has_entries(self.root):
+        opened = self._open_reader()
+        if opened is None and journal.has_entries(self.root):
+            # Look again: another process may have created the index and journaled an add since our first
+            # look. Its journal lines follow its schema's commit, so what we just read is covered by now.
+            opened = self._open_reader()
+            if opened is None:
                 raise self.lost()
+        if opened is None:
             yield None
             return
+        con, mode, why = opened
         if mode != self.read_mode:
             how = " and without locks (immutable: its lock files cannot be created)" if mode == "immutable" else ""
             log.warning("opened the registry index %s read-only%s, as it could not be opened for writing (%s); "
@@ -405,6 +402,21 @@ class Index:
                 yield con
         except sqlite3.Error as e:
             raise index_error(e, self.path, writing=False) from e
+
+    def _open_reader(self):
+        """``(connection, mode, why)`` on an index with tables, or None when it is absent or has none."""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RegistryIndexError(f"cannot read the registry at {self.root} ({e.strerror or e}); check that "
+                                     "this user may read it, or choose another with --registry DIR") from e
+        con, mode, why, has_tables = open_reader(self.path, self.timeout, self.read_mode)
+        if not has_tables:  # created but never written (or emptied)
+            con.close()
+            return None
+        return con, mode, why
 
     def query(self, sql: str, params=()) -> list[sqlite3.Row]:
         """Rows of a read; an absent registry reads as empty."""

@@ -278,6 +278,44 @@ def test_four_processes_adding_at_once_lose_nothing(reg):
     assert reg.verify() == []
 
 
+def test_a_registry_created_by_another_process_during_the_check_is_not_taken_for_a_lost_one(reg, monkeypatch):
+    """The race CI once hit: while one process checks for an existing index, another creates the schema and
+    journals an add. The journal is read first, so what it records always has its tables already."""
+    from registry.index_db import Index
+
+    real, raced = Index._has_tables, []
+
+    def other_process_wins(self):
+        found = real(self)
+        if not found and not raced:
+            raced.append(True)
+            Registry(self.root).add(make_expert(7), "other")  # "meanwhile", as another process
+        return found
+
+    monkeypatch.setattr(Index, "_has_tables", other_process_wins)
+    rec = reg.add(make_expert(8), "mine")
+    assert rec.ref == "mine@1" and {r.ref for r in reg.records()} <= {"mine@1", "other@1"}
+    assert reg.verify() == []
+
+
+def test_a_reader_that_looks_while_another_process_creates_the_registry_sees_it(tmp_path, monkeypatch):
+    """Reads race the same way: no index at the first look, then another process creates it and journals an
+    add. The journal's entries send the reader back for a second look, which finds the index."""
+    from registry.index_db import Index
+
+    real, raced = Index._open_reader, []
+
+    def first_look_before_the_other_process(self):
+        if not raced:
+            raced.append(True)
+            Registry(self.root).add(make_expert(7), "other")  # lands just after our (empty) first look
+            return None
+        return real(self)
+
+    monkeypatch.setattr(Index, "_open_reader", first_look_before_the_other_process)
+    assert [r.ref for r in Registry(tmp_path / "registry").records()] == ["other@1"]
+
+
 # ---------------------------------------------------------------------------------------------- remove/gc
 def test_remove_one_version_and_all(reg):
     r1 = reg.add(make_expert(1), "uk", tags=["best"])
