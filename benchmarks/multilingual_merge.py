@@ -34,6 +34,20 @@ and test splits). ``--tune`` searches each method's options (and for the averagi
 ``1/N`` weights) on the mean validation WER over the first ``--dev-limit`` validation utterances per language
 (grids in ``TUNING``), then tests each method at its best setting; the table then also gives the pooled WER
 change of each merge against linear with its paired-bootstrap 95% interval on the same test utterances.
+
+Multi-expert KD against merging and routing (issue 16, item 5)::
+
+    python benchmarks/multilingual_merge.py --languages cs,nl --tune --student --name real_student --test-limit 100 \
+        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors \
+        --corpora cs=data/fillets,nl=data/fillets
+
+``--student`` trains one LoRA student (``distill --kind lora``: train's default layout, decoder + encoder layers
+3.., rank 16) on the languages' training splits together, each batch scored by its language's expert as
+teacher (top-32 log-probabilities cached once), for ``--student-epochs`` epochs at most (best validation WER
+kept); cached under ``--runs``. ``--student-file FILE`` takes one already trained. Every table also has the row
+``routed: own expert``: each language served by its own expert, as routing by the known language does (built
+from the single-expert rows, no extra decoding). Student and routed rows get the same pooled change against
+linear as the merges.
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ TUNING = {
     "lors": [(scale, {"rank_ratio": q, "density": d}) for scale in (1.0, 2.0) for q in (0.25, 0.5, 1.0)
              for d in (0.3, 0.6)],
 }
+COMPARED = ("merged", "student", "routed")  # rows compared with linear
 SEARCHED = ("runs/{lang}-expert/expert.safetensors", "runs/fusion/{lang}-400.safetensors",
             "runs/multilingual-merge/{lang}-400.safetensors")
 
@@ -98,6 +113,36 @@ def expert_for(lang: str, args):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_expert(expert, path)
     return expert, str(path)
+
+
+def student_for(langs, sources: dict, args):
+    """(the multi-expert KD student, where it came from): ``--student-file``, or trained here from the language
+    experts as teachers on the languages' one corpus (cached by its configuration)."""
+    import hashlib
+
+    from registry.expert_file import load_expert, save_expert
+    from trainers.train_distill import DistillConfig, train_distilled
+
+    if args.student_file:
+        return load_expert(args.student_file), args.student_file
+    corpora = {corpus_of(lang, args) for lang in langs}
+    if len(corpora) != 1:
+        raise SystemExit(f"--student trains on one corpus holding every language; they are in {sorted(corpora)} "
+                         "(give --corpora with one directory for all, or --student-file)")
+    runs = Path(args.runs)
+    cfg = DistillConfig(data=corpora.pop(), languages=tuple(langs), base=args.base, kind="lora",
+                        teachers=tuple(sources[lang] for lang in langs), teacher_cache=str(runs / "teacher-cache"),
+                        side="both", encoder_start=-3, rank=16, alpha=32.0, epochs=args.student_epochs,
+                        max_train=args.student_max_train, patience=2, test=False, progress=True,
+                        run_dir=str(runs / "run-student"))
+    teachers = [hashlib.sha256(Path(sources[lang]).read_bytes()).hexdigest() for lang in langs]
+    key = json.dumps({"cfg": repr(cfg), "teachers": teachers})
+    path = runs / f"student-{'-'.join(langs)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.safetensors"
+    if not path.is_file():
+        experts, _ = train_distilled(cfg)
+        runs.mkdir(parents=True, exist_ok=True)
+        save_expert(experts[0], path)
+    return load_expert(path), str(path)
 
 
 def merged_experts(experts, names, methods, seed: int, settings: dict | None = None):
@@ -151,7 +196,7 @@ def pooled_changes(matrix) -> dict[str, dict]:
         return {}
     linear = pooled(rows["merged: linear"])
     return {label: paired_comparison(linear, pooled(report))["all"] for label, report in rows.items()
-            if label.startswith("merged") and label != "merged: linear"}
+            if label.startswith(COMPARED) and label != "merged: linear"}
 
 
 def table(results: dict) -> str:
@@ -163,7 +208,7 @@ def table(results: dict) -> str:
     lines = ["| expert | " + " | ".join(langs) + " | mean WER % | vs linear |", "|" + "---|" * (len(langs) + 3)]
     for r in rows:
         cells = [f"**{w:.1f}**" if lang in r["own"] else f"{w:.1f}" for lang, w in zip(langs, r["wer"])]
-        rel = f"{100 * (r['mean_wer'] / linear - 1):+.1f}%" if linear and r["label"].startswith("merged") else ""
+        rel = f"{100 * (r['mean_wer'] / linear - 1):+.1f}%" if linear and r["label"].startswith(COMPARED) else ""
         if r["label"] in results.get("pooled_vs_linear", {}):
             rel += f" (pooled {format_change(results['pooled_vs_linear'][r['label']])})"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['mean_wer']:.1f} | {rel} |")
@@ -175,6 +220,8 @@ def table(results: dict) -> str:
                  f"{results['dev_limit']} validation utterances each): "
                  + "; ".join(f"{m}: weights x{s:g}" + (f", {o}" if o else "") for m, (s, o) in results["tuned"].items())
                  + f" ({len(results['trials'])} trials).\n")
+    if results.get("student"):
+        text += f"\nStudent: one LoRA taught by the language experts ({results['student']}).\n"
     if results.get("command"):
         text += f"\nCommand: `{results['command']}`\n"
     return text
@@ -191,6 +238,11 @@ def main(argv=None) -> int:
     p.add_argument("--corpora", help="corpora, LANG=DIR,... (default data/<lang>-expert, synthesized if missing)")
     p.add_argument("--tune", action="store_true", help="search each method's options on validation (TUNING)")
     p.add_argument("--dev-limit", type=int, default=30, help="--tune: validation utterances per language")
+    p.add_argument("--student", action="store_true", help="add a LoRA student taught by the experts (multi-expert KD)")
+    p.add_argument("--student-file", help="a student already trained (implies --student)")
+    p.add_argument("--student-epochs", type=int, default=2, help="--student: epochs at most (default 2)")
+    p.add_argument("--student-max-train", type=int, default=None, help="--student: training clips per language")
+    p.add_argument("--runs", default="runs/multilingual-merge", help="trained experts, students and their logs")
     p.add_argument("--name", default="multilingual_merge", help="results file stem (default multilingual_merge)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -229,8 +281,12 @@ def main(argv=None) -> int:
     settings, trials = tune(base, experts, names, methods, dev, args.seed) if args.tune else (None, [])
     merged = merged_experts(experts, names, methods, args.seed, settings)
     rows = [(f"single: {lang}", e) for lang, e in zip(langs, experts)] + [(label, e) for label, e, _ in merged]
+    student_source = None
+    if args.student or args.student_file:
+        student, student_source = student_for(langs, sources, args)
+        rows.append(("student: multi-expert KD", student))
     t0 = time.time()
-    matrix = language_matrix(base.model, base.processor, utterances, rows, DecodeOptions(batch_size=16))
+    matrix = language_matrix(base.model, base.processor, utterances, rows, DecodeOptions(batch_size=16)).routed()
     data = matrix.as_dict()
     results = {"languages": data["languages"], "n": data["n"], "experts": sources,
                "merges": [info for _, _, info in merged], "decode_seconds": round(time.time() - t0),
@@ -242,6 +298,8 @@ def main(argv=None) -> int:
                                     *(sys.argv[1:] if argv is None else argv)])}
     if args.tune:
         results.update(tuned=settings, trials=trials, dev_limit=args.dev_limit)
+    if student_source:
+        results["student"] = student_source
     json_path.write_text(json.dumps(results, indent=2))
     (out / f"{args.name}.md").write_text(table(results))
     plot_matrix(matrix, str(out / f"{args.name}.png"), title=f"test WER %: {', '.join(langs)} merged")

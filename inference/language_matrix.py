@@ -83,6 +83,27 @@ class LanguageMatrix:
                 "wer": wer, "cer": cer, "mean_wer": [_mean(row) for row in wer], "own_languages": self.own,
                 "n": [self.reports[0].languages[lang].n for lang in self.languages]}
 
+    def routed(self, label: str = "routed: own expert") -> "LanguageMatrix":
+        """This matrix plus a row that serves each language with the single-language expert made for it, as
+        routing by the known language does; built from the rows already decoded (no decoding).
+
+        Raises:
+            ValueError: when a language has no expert row made for it alone, or more than one.
+        """
+        report_of = {}
+        for lang in self.languages:
+            owners = [r for r, own in zip(self.reports, self.own) if own == [lang]]
+            if len(owners) != 1:
+                raise ValueError(f"routing by language needs exactly one single-language expert row for {lang!r}, "
+                                 f"found {len(owners)}")
+            report_of[lang] = owners[0]
+        report = EvalReport({lang: report_of[lang].languages[lang] for lang in self.languages},
+                            [u for lang in self.languages for u in report_of[lang].hypotheses
+                             if u.get("language") == lang], report_of[self.languages[0]].guard,
+                            {"routed": {lang: self.labels[self.reports.index(r)] for lang, r in report_of.items()}})
+        return LanguageMatrix([*self.labels, label], list(self.languages), [*self.reports, report],
+                              [*self.own, list(self.languages)])
+
     def markdown(self) -> str:
         """Rows x languages of normalized WER %, with the unweighted mean; an expert's own languages in bold."""
         head = "| WER % | " + " | ".join(self.languages) + " | mean |"

@@ -143,6 +143,27 @@ def test_matrix_decodes_every_row_and_restores_the_base_bit_exactly(base, expert
     assert table.startswith("| WER % | de | uk | mean |") and table.count("**") == 2 * 4
 
 
+def test_a_routed_row_serves_each_language_with_its_own_expert(base, experts, corpus):
+    from trainers.corpus.loading import load_corpus
+
+    utterances = utterances_from_dataset(load_corpus(str(corpus))["test"])
+    matrix = language_matrix(base.model, base.processor, utterances, list(experts.items()), OPTS, progress=False)
+    routed = matrix.routed()
+    assert routed.labels == [*matrix.labels, "routed: own expert"] and routed.own[-1] == ["de", "uk"]
+    report, rows = routed.reports[-1], dict(zip(matrix.labels, matrix.reports))
+    assert report.languages["uk"] is rows["uk-a"].languages["uk"]
+    assert report.languages["de"] is rows["de-b"].languages["de"]
+    served = {(u["language"], u["id"]): u["hypothesis"] for u in report.hypotheses}
+    assert len(served) == len(utterances)
+    assert all(served[(u["language"], u["id"])] == u["hypothesis"] for name in ("uk-a", "de-b")
+               for u in rows[name].hypotheses if u["language"] in experts[name].languages)
+    assert report.meta["routed"] == {"de": "de-b", "uk": "uk-a"}
+    without_de = language_matrix(base.model, base.processor, utterances, [("uk-a", experts["uk-a"])], OPTS,
+                                 progress=False)
+    with pytest.raises(ValueError, match="single-language expert row for 'de', found 0"):
+        without_de.routed()
+
+
 def test_eval_experts_command_prints_writes_and_plots_the_matrix(base, experts, corpus, tiny_whisper_dir, tmp_path,
                                                                  capsys):
     from registry.store import Registry
