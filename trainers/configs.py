@@ -24,7 +24,7 @@ Side = Literal["decoder", "encoder", "both"]
 Schedule = Literal["linear", "cosine", "constant"]
 MaskScope = Literal["global", "per_matrix"]  # lora_experts.sparse_masks.SCOPES
 MaskScore = Literal["magnitude", "gradient"]
-DistillKind = Literal["clsr", "lora"]
+DistillKind = Literal["clsr", "lora", "full"]
 ClsrPath = Literal["full", "lowrank"]  # distill.clsr.config.PATH_KINDS
 
 
@@ -175,7 +175,9 @@ class DistillConfig:
     data: str  # corpus directory
     languages: tuple[str, ...] = ()  # student languages, comma-separated (default with teachers: theirs)
     base: str = "whisper-base"  # student base: an imported or bundled name, a directory or a hub id
-    kind: DistillKind = "clsr"  # student: clsr (a path and gate per language) or lora (one LoRA for all)
+    # student: clsr (a path and gate per language), lora (one LoRA for all) or full (the region's weights themselves,
+    # stored as a task_vector: a student cut with `base shrink` relearns its shared weights)
+    kind: DistillKind = "clsr"
     teacher: str | None = None  # one teacher for every language: BASE or BASE+EXPERT, e.g. whisper-base+uk-teacher
     teachers: tuple[str, ...] = ()  # one teacher per language: EXPERT or BASE+EXPERT each (experts name languages)
     teacher_base: str | None = None  # base of teachers given as EXPERT alone (default: the student's base)
@@ -237,9 +239,11 @@ class DistillConfig:
         if self.teacher and self.teachers:
             raise ValueError("give one --teacher for every language or --teachers (one per language), not both")
         self.clsr() if self.kind == "clsr" else self.lora()  # refuse a bad side / encoder_start now
-        if self.kind == "lora" and not (self.teacher or self.teachers):
-            raise ValueError("a LoRA student is distilled from teachers: give --teachers (or --teacher); to train a "
-                             "LoRA expert on labels alone use `whisper-experts train`")
+        if self.kind in ("lora", "full") and not (self.teacher or self.teachers):
+            what = "a LoRA" if self.kind == "lora" else "a full"
+            alone = "a LoRA expert" if self.kind == "lora" else "a fine-tune (--kind task_vector)"
+            raise ValueError(f"{what} student is distilled from teachers: give --teachers (or --teacher); to train "
+                             f"{alone} on labels alone use `whisper-experts train`")
 
     @property
     def has_teacher(self) -> bool:
@@ -294,8 +298,9 @@ def default_precision() -> str:
 
 
 def default_lr(kind: str, path: str) -> float:
-    """1e-4 for full CLSR paths (copies of pretrained FFNs, as DistilWhisper), 1e-3 for low-rank paths and LoRA."""
-    return 1e-4 if kind == "clsr" and path == "full" else 1e-3
+    """1e-4 for full CLSR paths (copies of pretrained FFNs, as DistilWhisper) and full students (distil-whisper's
+    decoder learning rate), 1e-3 for low-rank paths and LoRA."""
+    return 1e-4 if kind == "full" or (kind == "clsr" and path == "full") else 1e-3
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """Recipe: distillation into language experts, with Lightning.
 
-Two students:
+Three students:
 
 * ``kind="clsr"`` (DistilWhisper): the base converted to CLSR with a path and gate per language, trained on
   one-language batches with CE + gate budget (+ KD from a teacher); one ``clsr`` expert per language, each from
   its own best validation epoch (:mod:`trainers.clsr_experts`).
 * ``kind="lora"`` (the LoRA-language-experts recipe): one LoRA expert serving all the languages, taught by
   the teachers, typically one LoRA language expert per language (``--teachers uk-espeak,ru-espeak``).
+* ``kind="full"`` (distil-whisper's student): the region's weights themselves (the decoder by default) trained
+  against the teachers, stored as a ``task_vector`` expert of the student base: how a student cut from a larger
+  Whisper (``whisper-experts base shrink``) relearns its shared weights before language experts go on it.
 
 The teacher is a spec (:mod:`distill.teachers`): any Whisper the base loader can load, or a base plus an expert;
 it is read online (a teacher forward per step) or from a top-k cache filled once (``teacher_cache``). Without a
@@ -146,13 +149,14 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
                                  **data_options)
         keep = KeepBestLanguages(languages)
     else:
-        from trainers.lora_student import LoraStudentModule
+        from trainers.lora_student import FullStudentModule, LoraStudentModule
         from trainers.train_lora import KeepBestExpert
 
-        module = LoraStudentModule(base.model, base.processor, lora, teacher=source, loss=cfg.loss(),
-                                   lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
-                                   warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                   val_max_new_tokens=cfg.val_max_new_tokens)
+        student = LoraStudentModule if cfg.kind == "lora" else FullStudentModule
+        module = student(base.model, base.processor, lora, teacher=source, loss=cfg.loss(),
+                         lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
+                         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                         val_max_new_tokens=cfg.val_max_new_tokens)
         data = DistillDataModule(cfg.data, base.processor, languages, cfg.batch_size, language_batches=False,
                                  **data_options)
         keep = KeepBestExpert()
@@ -174,7 +178,8 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
                                         batch_size=cfg.batch_size, progress=cfg.progress)
         report["best"] = keep.best
     else:
-        expert, results = _lora_expert(module, base, keep, data, languages, cfg, test)
+        make = _lora_expert if cfg.kind == "lora" else _full_expert
+        expert, results = make(module, base, keep, data, languages, cfg, test)
         experts = [expert]
         report["best"] = {"epoch": keep.best_epoch, "wer": keep.best_wer}
     if results is not None:
@@ -187,6 +192,38 @@ def _check_languages(base, languages) -> None:
     unknown = [lang for lang in languages if base.multilingual and lang not in base.languages]
     if unknown:
         raise ValueError(f"unknown language(s) {', '.join(unknown)} for {base.name}; see `whisper-experts base info`")
+
+
+def _full_expert(module, base, keep, data, languages, cfg: DistillConfig, test: bool) -> tuple[Expert, dict | None]:
+    """The distilled full student as a ``task_vector`` expert (trained - student base, the region only): the
+    fine-tune recipe's manifest plus the KD options and the teachers' lineage."""
+    from lora_experts.task_vectors import expert_from_task_vector
+    from trainers.clsr_experts import teacher_lineage
+    from trainers.train_lora import expert_manifest
+    from trainers.train_sparse import evaluate_expert_on_test_split
+
+    if keep.tensors is None:
+        raise RuntimeError("training produced no validated student (no validation epoch ran); raise --epochs")
+    module.model.cpu().eval()
+    module.restore_base()
+    loss = module.loss_config
+    hyper = {**module.config.hyperparameters(), "mode": "distilled", "biases": True, "lr": cfg.learning_rate(),
+             "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1, "best_epoch": keep.best_epoch,
+             "batch_size": cfg.batch_size, "seed": cfg.seed, "kd": loss.kd, "kd_weight": loss.kd_weight,
+             "ce_weight": loss.ce_weight, "temperature": loss.temperature, "label_smoothing": loss.label_smoothing}
+    for unused in ("rank", "alpha", "dropout"):
+        hyper.pop(unused, None)
+    expert = expert_from_task_vector(keep.tensors, languages=languages, base=base, hyperparameters=hyper,
+                                     lineage=teacher_lineage(module.teacher))
+    results = None
+    if test:
+        results = evaluate_expert_on_test_split(base, expert, cfg.data, languages, limit=cfg.test_limit,
+                                                batch_size=cfg.batch_size, progress=cfg.progress)
+    described = expert_manifest(base, languages, module.config, keep, data, lr=cfg.learning_rate(),
+                                schedule=cfg.schedule, test=results)
+    expert.manifest.update(data=described["data"], metrics=described["metrics"])
+    expert.manifest["data"]["languages"] = data.summary.get("languages", {})
+    return expert, results
 
 
 def _lora_expert(module, base, keep, data, languages, cfg: DistillConfig, test: bool) -> tuple[Expert, dict | None]:

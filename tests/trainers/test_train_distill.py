@@ -107,6 +107,53 @@ def test_lora_student_learns_from_one_teacher_per_language(uk_pt_corpus, tiny_wh
     assert all(k.startswith("model.decoder.") for k in student.tensors)
 
 
+def test_a_full_student_cut_from_the_base_relearns_its_decoder_from_the_teachers(uk_pt_corpus, tiny_whisper_dir,
+                                                                                  tmp_path):
+    """distil-whisper's regime: a student with fewer decoder layers, its decoder weights trained against the full
+    base plus a teacher expert per language; the result is a task vector of the student, not of the teacher."""
+    from inference.language_matrix import expert_applied
+    from registry.bases import load_base
+    from registry.store import Registry
+    from tests.tiny import random_lora_expert
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    registry = Registry(tmp_path / "registry")
+    for lang, seed in (("uk", 1), ("pt", 2)):
+        registry.add(random_lora_expert(base.model, base, lang, seed), f"{lang}-teacher")
+    assert main(["base", "shrink", str(tiny_whisper_dir), "--decoder-layers", "1", "--name", "tiny-dec1-kd"]) == 0
+    code = main(["distill", "--base", "tiny-dec1-kd", "--teacher-base", str(tiny_whisper_dir),
+                 "--teachers", "uk-teacher,pt-teacher", "--teacher-cache", str(tmp_path / "cache"), "--kind", "full",
+                 "--data", str(uk_pt_corpus), "--max-steps", "2", "--max-train", "2", "--name", "cut-student",
+                 "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"), "--no-test",
+                 *TINY_RUN])
+    assert code == 0
+    expert = registry.get("cut-student")
+    m = expert.manifest
+    student = load_base("tiny-dec1-kd", device="cpu")
+    assert m["kind"] == "task_vector" and m["languages"] == ["uk", "pt"]
+    assert m["base"]["fingerprint"] == student.fingerprint != base.fingerprint
+    assert [p["expert"] for p in m["lineage"]["parents"]] == ["uk-teacher", "pt-teacher"]
+    assert m["hyperparameters"]["mode"] == "distilled" and m["hyperparameters"]["kd"] == "js"
+    assert m["hyperparameters"]["lr"] == 0.01  # TINY_RUN's; the default for a full student is 1e-4
+    # the student's whole decoder (one layer) was trained, and nothing else
+    layers = {k.split(".")[3] for k in expert.tensors if k.startswith("model.decoder.layers.")}
+    assert layers == {"0"} and all(k.startswith("model.decoder.") for k in expert.tensors)
+    assert any(t.abs().sum() > 0 for t in expert.tensors.values())
+    fc1 = student.model.model.decoder.layers[0].fc1.weight
+    before = fc1.detach().clone()
+    with expert_applied(student.model, expert):  # applies to the student it was trained from: its weights + delta
+        assert torch.allclose(fc1, before + expert.tensors["model.decoder.layers.0.fc1.weight"])
+    assert torch.equal(fc1, before)
+
+
+def test_a_full_student_needs_teachers():
+    from trainers.configs import DistillConfig, default_lr
+
+    with pytest.raises(ValueError, match="a full student is distilled from teachers.*--kind task_vector"):
+        DistillConfig(data="d", languages=("uk",), kind="full")
+    assert default_lr("full", "full") == default_lr("full", "lowrank") == 1e-4
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_by_the_command(uk_pt_corpus, tiny_whisper_dir, tmp_path, capsys):
     import shutil
 

@@ -1,4 +1,5 @@
-"""``whisper-experts distill``: CLSR gated experts (DistilWhisper) or a LoRA student, taught by teachers."""
+"""``whisper-experts distill``: CLSR gated experts (DistilWhisper), a LoRA student or a full student, taught by
+teachers."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ recorded in each expert; an expert loads only into a CLSR model of the same layo
 language's teacher, e.g. --teachers uk-espeak,ru-espeak (LoRA experts on the base; their manifests name the
 languages, which are the student's unless --languages says otherwise).
 
+--kind full (distil-whisper's student): the student's own weights in the region (--side decoder by default;
+both with --encoder-start K) are trained against the teachers (lr 1e-4), and stored as a task_vector expert
+of the student base. This is how a student cut from a larger Whisper (`whisper-experts base shrink`) relearns
+the shared weights it lost, before language experts are trained on it.
+
 Teachers: --teacher BASE (any Whisper the base loader reads: openai/whisper-large-v2, an imported name, a
 directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector, sparse or clsr). A
 teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training utterance once and
@@ -49,6 +55,9 @@ examples:
   whisper-experts distill --teacher openai/whisper-large-v2 --teacher-cache cache/teacher --data data/uk --languages uk
   whisper-experts distill --teachers uk-espeak,ru-espeak --kind lora --data data/uk-ru --name uk-ru-student
   whisper-experts distill --data data/uk --languages uk --max-steps 200 --registry /srv/experts
+  whisper-experts base shrink whisper-base --decoder-layers 2 --name whisper-base-dec2
+  whisper-experts distill --base whisper-base-dec2 --teacher-base whisper-base --teachers cs-real,nl-real \
+      --teacher-cache cache/teacher --kind full --data data/fillets --name dec2-student
   whisper-experts distill lightning fit --config examples/lightning_distill_clsr.yaml   # LightningCLI
 """
 
