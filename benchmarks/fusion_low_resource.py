@@ -136,7 +136,8 @@ def main(argv=None) -> int:
         rows.append(f"| {target} (+{r['support']}) | {r['train_utterances']['target']} / "
                     f"{r['train_utterances']['support']} | {100 * t['base']['wer']:.1f} | "
                     f"{100 * t['target_only']['wer']:.1f} | {100 * t['support_only']['wer']:.1f} | "
-                    f"{100 * t['fused']['wer']:.1f} | {', '.join(f'{w:g}' for w in r['weights'])} | {100 * rel:+.0f}% |")
+                    f"{100 * t['fused']['wer']:.1f} | {', '.join(f'{w:g}' for w in r['weights'])} | "
+                    f"{100 * rel:+.0f}% |")
     md = "\n".join(rows) + "\n\nTest WER % (normalized), 50 held-out utterances per target.\n"
     (out / "fusion_low_resource.md").write_text(md)
     print(md)

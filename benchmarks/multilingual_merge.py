@@ -1,7 +1,8 @@
 """Many languages in one expert: LoRS vs linear averaging vs TIES vs DARE vs each single expert.
 
     python benchmarks/multilingual_merge.py                           # uk,pt,nl,ru; ~40 min on 2 CPU cores
-    python benchmarks/multilingual_merge.py --languages uk,pt,nl,ru --test-limit 50 --methods linear,ties,dare_linear,lors
+    python benchmarks/multilingual_merge.py --languages uk,pt,nl,ru --test-limit 50 \\
+        --methods linear,ties,dare_linear,lors
     python benchmarks/multilingual_merge.py --languages ''            # only rewrite the table from the JSON
 
 Per language, a rank-16 language expert trained on 400 synthesized utterances of ``data/<lang>-expert`` (the

@@ -138,7 +138,8 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
     recipe = DESCRIBED.get(variant, variant) + (f" ({args.tag})" if args.tag else "")
     return {"language": language, "variant": variant, "recipe": recipe, "tag": args.tag,
             "train_data": args.train_data, "extra_data": args.extra_data,
-            "train_clips": manifest.get("data", {}).get("utterances"), "train_hours": manifest.get("data", {}).get("hours"),
+            "train_clips": manifest.get("data", {}).get("utterances"),
+            "train_hours": manifest.get("data", {}).get("hours"),
             "requested": n or "all", "base": base["languages"][language], "expert": ours["languages"][language],
             "paired": paired_comparison(base, ours)[language], "expert_file": str(expert_path), **info,
             "machine": args.machine}
@@ -169,7 +170,8 @@ def baseline_table(runs: Path) -> str:
              "|---|---|---|---|---|---|"]
     for path in sorted(runs.glob("base-*-test.json")):
         for lang, r in json.loads(path.read_text())["languages"].items():
-            lines.append(f"| {lang} | {r['n']} | {r['audio_seconds'] / 60:.1f} | {format_ci(r['wer'], r.get('wer_ci95'))} "
+            lines.append(f"| {lang} | {r['n']} | {r['audio_seconds'] / 60:.1f} | "
+                         f"{format_ci(r['wer'], r.get('wer_ci95'))} "
                          f"| {format_ci(r['cer'], r.get('cer_ci95'))} | {r.get('guarded', 0)} |")
     return "\n".join(lines) + "\n"
 

@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     results["ratios"] = {"cache_speedup": a / b, "framework_overhead": c / a - 1}
     results["meta"] = {"base": base.name, "batch_size": args.batch_size, "steps": args.steps,
                        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "command": "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": "python benchmarks/train_speed.py "
+                                  + " ".join(argv if argv is not None else sys.argv[1:])}
     md = ("| variant | samples/s | vs (a) |\n|---|---|---|\n"
           f"| (a) Lightning, encoder cache | {a:.2f} | 1.00x |\n"
           f"| (b) Lightning, no cache | {b:.2f} | {b / a:.2f}x |\n"

@@ -5,8 +5,8 @@ Whisper's feature extractor expects 16 kHz mono float32. This module reads audio
 (m4a/AAC, WebM, MP4 and other video containers, WMA...), with PyAV, the FFmpeg bindings faster-whisper decodes
 with (FFmpeg ships inside its wheels). Resampling is libsoxr's (``soxr``). The project needs neither
 torchaudio, librosa nor torchcodec (the decoder behind ``datasets``' ``Audio`` feature, whose wheels need CUDA
-libraries and fail with a CPU-only torch). Dataset audio columns are therefore always cast to ``Audio(decode=False)`` and their
-``{"bytes", "path"}`` values decoded by :func:`load_audio`.
+libraries and fail with a CPU-only torch). Dataset audio columns are therefore always cast to
+``Audio(decode=False)`` and their ``{"bytes", "path"}`` values decoded by :func:`load_audio`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Runaway repetition (a known Whisper failure on odd audio) is bounded twice, and 
 ``max_new_tokens``, derived by default from the audio duration of each batch (``guard="duration"``: 8 tokens
 per second of its longest utterance plus 16, knowledge any real transcription has), or, only on request,
 from the reference lengths (``guard="reference"``: twice the longest reference of the language in tokens,
-plus 8; it peeks at the answers, so figures made with it are not comparable to real use); and by the repetition guard of :mod:`inference.decoding` (a loop ends the hypothesis and is cut to one
+plus 8; it peeks at the answers, so figures made with it are not comparable to real use); and by the
+repetition guard of :mod:`inference.decoding` (a loop ends the hypothesis and is cut to one
 copy), whose firings are counted per language (``guarded``).
 """
 
@@ -112,8 +113,8 @@ class EvalReport:
             head += " LID acc % |"
         rows = [head, "|" + "---|" * (head.count("|") - 1)]
         for lang, r in sorted(self.languages.items()):
-            row = (f"| {lang} | {r.n} | {format_ci(r.wer, r.wer_ci)} | {format_ci(r.cer, r.cer_ci)} | {100 * r.wer_raw:.1f} | "
-                   f"{100 * r.cer_raw:.1f} | {r.rtf:.3f} | {r.guarded} |")
+            row = (f"| {lang} | {r.n} | {format_ci(r.wer, r.wer_ci)} | {format_ci(r.cer, r.cer_ci)} | "
+                   f"{100 * r.wer_raw:.1f} | {100 * r.cer_raw:.1f} | {r.rtf:.3f} | {r.guarded} |")
             if r.detected_accuracy is not None:
                 row += f" {100 * r.detected_accuracy:.1f} |"
             rows.append(row)
@@ -255,7 +256,8 @@ def paired_counts(report: EvalReport | dict) -> list[dict]:
     return [{k: u[k] for k in ("id", "language", "word_errors", "words")} for u in rows]
 
 
-def utterances_from_dataset(dataset, languages: Iterable[str] | None = None, limit: int | None = None) -> list[Utterance]:
+def utterances_from_dataset(dataset, languages: Iterable[str] | None = None,
+                            limit: int | None = None) -> list[Utterance]:
     """Turn a corpus split (columns ``audio``, ``text``, ``language``, ``id``) into :class:`Utterance` s.
 
     Args:
@@ -284,5 +286,6 @@ def utterances_from_dataset(dataset, languages: Iterable[str] | None = None, lim
         missing = sorted(wanted - set(counts))
         if missing:
             have = sorted(set(dataset["language"]))
-            raise ValueError(f"no utterances for language(s) {', '.join(missing)} in this split; it has {', '.join(have)}")
+            raise ValueError(f"no utterances for language(s) {', '.join(missing)} in this split; "
+                             f"it has {', '.join(have)}")
     return out

@@ -365,7 +365,8 @@ class ExpertWhisper:
         gc = model.generation_config
         eos = gc.eos_token_id[0] if isinstance(gc.eos_token_id, (list, tuple)) else gc.eos_token_id
         cap = model.config.max_target_positions - 4
-        limits = [min(opts.max_new_tokens, cap) if opts.max_new_tokens else duration_bound(w.seconds, cap) for w in batch]
+        limits = [min(opts.max_new_tokens, cap) if opts.max_new_tokens else duration_bound(w.seconds, cap)
+                  for w in batch]
         processors = [RowLimit(eos, limits, opts.num_beams)]
         guard = RepetitionGuard(eos, num_beams=opts.num_beams) if opts.repetition_guard else None
         if guard is not None:

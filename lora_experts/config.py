@@ -80,7 +80,8 @@ class LoraExpertConfig:
         decoder = rf"model\.decoder{block}"
         # Encoder layers below encoder_start are excluded by a lookahead on the layer index.
         low = "|".join(str(i) for i in range(self.encoder_start))
-        encoder = rf"model\.encoder\.layers\.(?!({low})\.)\d+\.({'|'.join(parts)})" if low else rf"model\.encoder{block}"
+        encoder = (rf"model\.encoder\.layers\.(?!({low})\.)\d+\.({'|'.join(parts)})" if low
+                   else rf"model\.encoder{block}")
         return {"decoder": decoder, "encoder": encoder, "both": f"{encoder}|{decoder}"}[self.side]
 
     def hyperparameters(self) -> dict:

@@ -37,7 +37,8 @@ def _lora_layers(model: torch.nn.Module):
             yield name, module
 
 
-def add_trainable_expert(model: torch.nn.Module, config: LoraExpertConfig, adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+def add_trainable_expert(model: torch.nn.Module, config: LoraExpertConfig,
+                         adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
     """Freeze ``model`` and inject a fresh LoRA expert (B = 0, so the model's output is unchanged).
 
     Returns:
@@ -108,7 +109,8 @@ def attach_expert(model: torch.nn.Module, tensors: dict[str, torch.Tensor], hype
     alpha = float(hyperparameters.get("alpha", hyperparameters.get("rank", 8)))
     rank_values = sorted(set(ranks.values()))
     peft_config = LoraConfig(
-        r=rank_values[0], lora_alpha=alpha, lora_dropout=float(hyperparameters.get("dropout", 0.0)) if trainable else 0.0,
+        r=rank_values[0], lora_alpha=alpha,
+        lora_dropout=float(hyperparameters.get("dropout", 0.0)) if trainable else 0.0,
         target_modules=sorted(ranks), bias="none",
         # Different ranks per module keep the same alpha: scaling alpha / r_i (as when the expert was made).
         rank_pattern={m: r for m, r in ranks.items() if r != rank_values[0]},

@@ -241,14 +241,16 @@ def resolve_base_dir(spec: str | os.PathLike, home=None, progress=None) -> Path 
             return path
         if is_ct2_dir(path):
             import hashlib
-            stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in sorted(path.iterdir()) if p.is_file())
+            stamp = "|".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}"
+                             for p in sorted(path.iterdir()) if p.is_file())
             key = hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:12]
             cached = bases_dir(home) / "_converted" / f"{path.name}-{key}"
             if not is_hf_dir(cached):
                 ensure_writable(cached.parent, "converted models")
                 convert_ct2_directory(path, cached)
             return cached
-        raise BaseNotFoundError(f"{path} is a directory but holds no Whisper model (no config.json + weights, no model.bin)")
+        raise BaseNotFoundError(f"{path} is a directory but holds no Whisper model "
+                                "(no config.json + weights, no model.bin)")
     if "/" in spec_str and not spec_str.startswith((".", "/", "~")):
         return None  # a hub id
     raise BaseNotFoundError(
@@ -307,7 +309,8 @@ def load_base(spec: str | os.PathLike = "whisper-base", *, home=None, dtype: tor
         info = json.loads((directory / BASE_RECORD).read_text())
     # The recorded fingerprint names the stored weights, whatever dtype they are loaded in.
     fingerprint = info.get("fingerprint") or weight_fingerprint(model)
-    tok_fp = info.get("tokenizer_fingerprint") or tokenizer_fingerprint(processor.tokenizer, processor.feature_extractor)
+    tok_fp = (info.get("tokenizer_fingerprint")
+              or tokenizer_fingerprint(processor.tokenizer, processor.feature_extractor))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return Base(str(spec), model, processor, fingerprint, tok_fp, directory, info)

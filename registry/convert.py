@@ -119,7 +119,8 @@ def whisper_state_dict(model: CT2Model) -> tuple[dict[str, torch.Tensor], dict]:
                     v[f"{ct}/attention/linear_2/bias"])
             _layer_norm(s, f"{hf}.encoder_attn_layer_norm", v, f"{ct}/attention/layer_norm")
     except KeyError as e:
-        raise CT2FormatError(f"CTranslate2 Whisper model lacks variable {e}; the file is incomplete or not Whisper") from e
+        raise CT2FormatError(f"CTranslate2 Whisper model lacks variable {e}; "
+                             "the file is incomplete or not Whisper") from e
     return {k: t.contiguous() for k, t in s.items()}, dims
 
 
@@ -220,7 +221,8 @@ def convert_ct2_directory(
         for d in dirs:
             if (d / name).is_file():
                 return d / name
-        raise CT2FormatError(f"{name} not found in {', '.join(map(str, dirs))}: not a complete faster-whisper model dir")
+        raise CT2FormatError(f"{name} not found in {', '.join(map(str, dirs))}: "
+                             "not a complete faster-whisper model dir")
 
     parts = model_parts(source, extra_dirs)
     tokenizer_json, config_json = find("tokenizer.json"), find("config.json")

@@ -49,6 +49,7 @@ def tokenizer_fingerprint(tokenizer, feature_extractor=None, length: int = 16) -
     vocab = {_RENAMED_TOKENS.get(tok, tok): i for tok, i in tokenizer.get_vocab().items()}
     h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
     if feature_extractor is not None:
-        fe = {k: getattr(feature_extractor, k, None) for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length")}
+        fe = {k: getattr(feature_extractor, k, None)
+              for k in ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length")}
         h.update(json.dumps(fe, sort_keys=True).encode())
     return h.hexdigest()[:length]

@@ -46,6 +46,7 @@ def ensure_writable(directory: Path, what: str, hint: str | None = None) -> Path
     except OSError as e:
         raise PermissionError(
             f"cannot write {what} to {directory} ({e.strerror or e}); "
-            f"{hint or f'choose another location (set {ENV_VAR} or pass --home)'} or fix its permissions / free disk space"
+            f"{hint or f'choose another location (set {ENV_VAR} or pass --home)'} "
+            "or fix its permissions / free disk space"
         ) from e
     return directory

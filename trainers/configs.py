@@ -188,7 +188,8 @@ class DistillConfig:
     # FFN blocks the student adapts (default clsr: both, as the paper; lora: decoder). A student that leaves the
     # encoder alone trains on encoder outputs cached once (with a cached teacher or none): far faster on CPU.
     side: Side | None = None
-    encoder_start: int = 0  # side both/encoder: adapt encoder layers >= this only (its input is cached; negative: from the top)
+    # side both/encoder: adapt encoder layers >= this only (its input is cached; negative: from the top)
+    encoder_start: int = 0
     rank: int = 16  # clsr lowrank rank, or the LoRA student's rank
     alpha: float = 32.0  # low-rank / LoRA alpha
     gate_hidden: int = 64  # clsr: hidden size of each gate's ReLU layer

@@ -12,7 +12,8 @@ that :class:`~lightning.pytorch.cli.LightningCLI` can read it from YAML:
 - ``checkpoint:`` and ``early_stopping:`` watch ``val_wer``.
 
 The options are the fields of :class:`~trainers.configs.DistillConfig` (the flags of ``whisper-experts distill``),
-placed as :func:`trainers.lightning_cli.lightning_keys` says; ``model:`` holds the rest, every CLSR field included. Under DDP set ``trainer.strategy:
+placed as :func:`trainers.lightning_cli.lightning_keys` says; ``model:`` holds the rest, every CLSR field included.
+Under DDP set ``trainer.strategy:
   ddp_find_unused_parameters_true`` (ranks train different languages' paths in one step).
 """
 

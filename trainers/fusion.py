@@ -163,7 +163,8 @@ class FusionApplier:
             self._saved = {}
 
 
-def candidate_weights(search: str, n: int, trials: int, *, bounds: tuple[float, float] = (-1.5, 1.5)) -> list[list[float]]:
+def candidate_weights(search: str, n: int, trials: int, *,
+                      bounds: tuple[float, float] = (-1.5, 1.5)) -> list[list[float]]:
     """The weight vectors a non-adaptive search tries (``grid``), target first; ``bayes`` proposes its own."""
     if search != "grid":
         raise ValueError(f"candidate_weights is for the grid search, not {search!r}")

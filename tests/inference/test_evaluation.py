@@ -32,7 +32,8 @@ def test_empty_normalized_references_are_skipped():
 def _utterances(n=3):
     rng = np.random.default_rng(0)
     return [Utterance(f"u{i}", (0.1 * rng.standard_normal(16000 * (1 + i))).astype(np.float32), "guten tag", "de")
-            for i in range(n)] + [Utterance("v0", (0.1 * rng.standard_normal(8000)).astype(np.float32), "добрий день", "uk")]
+            for i in range(n)] + [Utterance("v0", (0.1 * rng.standard_normal(8000)).astype(np.float32),
+                                            "добрий день", "uk")]
 
 
 def test_evaluate_reports_every_language(tiny_whisper):

@@ -111,7 +111,8 @@ def test_peft_export_loads_in_plain_peft_with_identical_logits(model, tmp_path):
 
 
 def test_expert_for_another_model_size_is_refused(model):
-    tensors = {"model.decoder.layers.7.fc1.lora_A": torch.zeros(2, 64), "model.decoder.layers.7.fc1.lora_B": torch.zeros(128, 2)}
+    tensors = {"model.decoder.layers.7.fc1.lora_A": torch.zeros(2, 64),
+               "model.decoder.layers.7.fc1.lora_B": torch.zeros(128, 2)}
     with pytest.raises(ValueError, match="different Whisper size"):
         attach_expert(model, tensors, {"alpha": 4})
     with pytest.raises(ValueError, match="without their lora_A|missing"):

@@ -29,7 +29,8 @@ def test_import_list_load_by_name(tiny_ct2_dir, home):
     base = load_base("tiny", home=home, device="cpu")
     assert base.multilingual and "uk" in base.languages and len(base.languages) >= 99
     assert base.fingerprint == rows["tiny"]["fingerprint"] == weight_fingerprint(base.model)
-    assert base.tokenizer_fingerprint == tokenizer_fingerprint(base.processor.tokenizer, base.processor.feature_extractor)
+    assert base.tokenizer_fingerprint == tokenizer_fingerprint(base.processor.tokenizer,
+                                                               base.processor.feature_extractor)
     # Importing again is a no-op; --overwrite redoes it.
     assert import_base(tiny_ct2_dir, "tiny", home=home, progress=None) == target
 

@@ -143,7 +143,8 @@ def test_speed_copies_are_cached_and_multiply_the_cache(uk_corpus, tiny_whisper,
     sped = _data(uk_corpus, processor, tmp_path / "sped", encoder=model.model.encoder, speed_perturb=(0.9, 1.0, 1.1))
     n = len(plain.datasets["train"])
     rows = sped.datasets["train"].rows
-    assert len(sped.datasets["train"]) == 3 * n and len(sped.datasets["validation"]) == len(plain.datasets["validation"])
+    assert (len(sped.datasets["train"]) == 3 * n
+            and len(sped.datasets["validation"]) == len(plain.datasets["validation"]))
     ids, seconds = rows["id"], rows["seconds"]
     assert ids[n:2 * n] == [i + "#speed0.9" for i in ids[:n]] and ids[2 * n:] == [i + "#speed1.1" for i in ids[:n]]
     for k, factor in ((1, 0.9), (2, 1.1)):

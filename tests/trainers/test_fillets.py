@@ -69,7 +69,8 @@ def test_split_levels_is_deterministic_and_near_the_shares():
     splits = split_levels(counts)
     assert splits == split_levels(dict(reversed(list(counts.items()))))  # order of input does not matter
     total = sum(counts.values())
-    share = {s: sum(n for lvl, n in counts.items() if splits[lvl] == s) / total for s in ("train", "validation", "test")}
+    share = {s: sum(n for lvl, n in counts.items() if splits[lvl] == s) / total
+             for s in ("train", "validation", "test")}
     assert abs(share["test"] - 0.2) < 0.03 and abs(share["validation"] - 0.1) < 0.03 and share["train"] > 0.64
 
 

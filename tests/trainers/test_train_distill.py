@@ -75,8 +75,8 @@ def test_a_decoder_only_clsr_student_trains_on_cached_encoder_outputs(uk_pt_corp
                  str(tmp_path / "teacher-cache"), "--top-k", "4", "--data", str(uk_pt_corpus), "--languages", "uk,pt",
                  "--side", "decoder", "--path", "lowrank", "--rank", "2", "--name", "dec", "--max-steps", "2",
                  "--max-train", "2", "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"),
-                 "--cache-dir", str(tmp_path / "encoder-cache"), "--gate-lr", "0.05", "--path-dropout", "0", "--no-test",
-                 *TINY_RUN])
+                 "--cache-dir", str(tmp_path / "encoder-cache"), "--gate-lr", "0.05", "--path-dropout", "0",
+                 "--no-test", *TINY_RUN])
     assert code == 0
     assert sorted(p.suffix for p in (tmp_path / "encoder-cache").iterdir()) == [".done", ".done", ".npy", ".npy"]
     expert = Registry(tmp_path / "registry").get("dec-uk")

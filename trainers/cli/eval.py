@@ -182,7 +182,8 @@ def _run(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="WER/CER per language on a corpus split", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="whisper-base", help="base model: name, directory or hub id (default whisper-base)")
+    p.add_argument("--base", default="whisper-base",
+                   help="base model: name, directory or hub id (default whisper-base)")
     p.add_argument("--data", required=True, help="corpus directory (from `corpus synth` / `corpus from-dir`)")
     p.add_argument("--split", default="test", help="split to decode (default test)")
     p.add_argument("--languages", help="comma-separated language codes to keep (default: all)")

@@ -118,7 +118,7 @@ def _run(args) -> int:
     print(f"stored {record.ref} ({expert.kind}, {expert.num_parameters:,} parameters) in the registry")
     if dev is not None:
         target_only = result.trials[0]
-        print(f"\n| fusion | weights | dev WER % | dev CER % |\n|---|---|---|---|")
+        print("\n| fusion | weights | dev WER % | dev CER % |\n|---|---|---|---|")
         print(f"| {names[0]} alone | {','.join(f'{w:g}' for w in target_only.weights)} | "
               f"{100 * target_only.wer:.1f} | {100 * target_only.cer:.1f} |")
         b = result.best

@@ -94,7 +94,8 @@ def _record_dict(rec: ExpertRecord) -> dict:
 # ------------------------------------------------------------------------------------------------- actions
 def _add(args) -> int:
     rec = open_registry(args).add(args.file, args.name, tags=args.tag or ())
-    print(f"{rec.ref}  sha256 {rec.sha256[:12]}  {_fmt_size(rec.size)}" + (f"  tags: {', '.join(rec.tags)}" if rec.tags else ""))
+    print(f"{rec.ref}  sha256 {rec.sha256[:12]}  {_fmt_size(rec.size)}"
+          + (f"  tags: {', '.join(rec.tags)}" if rec.tags else ""))
     return 0
 
 

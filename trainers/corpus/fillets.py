@@ -38,7 +38,8 @@ DATA_PACKAGE = "fillets-ng-data"
 METADATA = "metadata.jsonl"
 # A Lua string literal in double quotes, with backslash escapes.
 _STRING = r'"((?:[^"\\]|\\.)*)"'
-_CALL = re.compile(r"\b(dialogId|dialogStr)\s*\(\s*" + _STRING + r"((?:\s*,\s*(?:" + _STRING[:-1] + r'"|[\w.]+))*)\s*\)')
+_CALL = re.compile(r"\b(dialogId|dialogStr)\s*\(\s*" + _STRING
+                   + r"((?:\s*,\s*(?:" + _STRING[:-1] + r'"|[\w.]+))*)\s*\)')
 _ARG = re.compile(_STRING + r"|([\w.]+)")
 _LUA_ESCAPES = {"n": " ", "t": " ", '"': '"', "'": "'", "\\": "\\"}
 
