@@ -101,8 +101,9 @@ class CachedTeacher:
     kind = "cached"
 
     def __init__(self, teachers: TeacherSet, cache: TeacherCache, batch_size: int = 16, device=None,
-                 progress: bool = True):
+                 progress: bool = True, commit_every: int = 256):
         self.teachers, self.cache, self.batch_size, self.progress = teachers, cache, batch_size, progress
+        self.commit_every = commit_every  # utterances per shard: an interrupted fill keeps what it committed
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.entries: list = []  # row index of the prepared rows -> cache entry
         self.report: dict = {}
@@ -139,29 +140,34 @@ class CachedTeacher:
 
     @torch.no_grad()
     def _fill(self, view, missing, keys, lengths, languages) -> None:
-        """Run the teachers on the ``missing`` rows, by language and length, and store their top-k."""
+        """Run the teachers on the ``missing`` rows, by language and length, and store their top-k: one shard per
+        ``commit_every`` utterances, each joining the index as soon as it is full, so a fill that is interrupted
+        (hours for a large corpus on CPU) resumes from its last shard instead of from nothing."""
         order = sorted(missing, key=lambda i: (languages[i], lengths[i]))
         pad = int(self.teachers.teachers[0].model.config.pad_token_id or 0)
         self.teachers.to(self.device)
         bar = tqdm(total=len(order), desc="teacher cache", unit="utt", disable=not self.progress)
-        with self.cache.writer(sum(lengths[i] for i in missing)) as shard:
-            batch: list[int] = []
-            for n, i in enumerate(order):
-                batch.append(i)
-                last = n + 1 == len(order)
-                if len(batch) < self.batch_size and not last and languages[order[n + 1]] == languages[i]:
-                    continue
-                rows = view[batch]
-                feats = torch.as_tensor(np.asarray(rows["input_features"], dtype=np.float32))
-                # Padding after a sequence does not change its positions' logits (the decoder is causal).
-                ids = _pad(rows["decoder_input_ids"], pad)
-                logits = self.teachers.logits(feats, ids, [languages[j] for j in batch])
-                top = F.log_softmax(logits.float(), dim=-1).topk(self.cache.k, dim=-1)
-                values, indices = top.values.cpu().numpy(), top.indices.to(torch.int32).cpu().numpy()
-                for row, j in enumerate(batch):
-                    shard.add(keys[j], values[row, :lengths[j]], indices[row, :lengths[j]])
-                bar.update(len(batch))
-                batch = []
+        step = max(1, self.commit_every)
+        for start in range(0, len(order), step):
+            part = order[start:start + step]
+            with self.cache.writer(sum(lengths[i] for i in part)) as shard:
+                batch: list[int] = []
+                for n, i in enumerate(part):
+                    batch.append(i)
+                    last = n + 1 == len(part)
+                    if len(batch) < self.batch_size and not last and languages[part[n + 1]] == languages[i]:
+                        continue
+                    rows = view[batch]
+                    feats = torch.as_tensor(np.asarray(rows["input_features"], dtype=np.float32))
+                    # Padding after a sequence does not change its positions' logits (the decoder is causal).
+                    ids = _pad(rows["decoder_input_ids"], pad)
+                    logits = self.teachers.logits(feats, ids, [languages[j] for j in batch])
+                    top = F.log_softmax(logits.float(), dim=-1).topk(self.cache.k, dim=-1)
+                    values, indices = top.values.cpu().numpy(), top.indices.to(torch.int32).cpu().numpy()
+                    for row, j in enumerate(batch):
+                        shard.add(keys[j], values[row, :lengths[j]], indices[row, :lengths[j]])
+                    bar.update(len(batch))
+                    batch = []
         bar.close()
         self.teachers.to("cpu")  # training reads the cache; give the accelerator's memory back to the student
 

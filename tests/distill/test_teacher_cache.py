@@ -105,6 +105,34 @@ def test_cache_is_reused_and_keyed_by_teacher_and_utterance(short_whisper, tmp_p
     assert torch.all(lp[1, 4:] == 0) and torch.all(lp[1, :4] < 0)
 
 
+def test_an_interrupted_fill_keeps_the_shards_it_committed(short_whisper, tmp_path):
+    """A fill commits a shard every ``commit_every`` utterances: stopped in the middle (here: the teacher fails on
+    its second batch), the next run recomputes only what was not committed, and reads the same values."""
+    rows, batch = _rows_and_batch()
+    teachers = _teachers(short_whisper)
+    real, calls = teachers.logits, []
+
+    def fails_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    teachers.logits = fails_on_the_second_batch
+    cut = CachedTeacher(teachers, TeacherCache(tmp_path, k=8), batch_size=1, device="cpu", progress=False,
+                        commit_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        cut.prepare(rows)
+    assert len(TeacherCache(tmp_path, k=8)) == 1 and not list(TeacherCache(tmp_path, k=8).dir.glob(".*.tmp"))
+    resumed = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False)
+    assert (resumed.prepare(rows)["computed"], resumed.report["reused"]) == (2, 1)
+    whole = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path / "whole", k=8), device="cpu",
+                          progress=False)
+    whole.prepare(rows)
+    for a, b in zip(resumed.teacher_for(batch), whole.teacher_for(batch)):
+        assert torch.equal(a, b)
+
+
 def test_cache_refuses_a_shard_overflow_and_leaves_no_partial_shard(tmp_path):
     cache = TeacherCache(tmp_path, k=2)
     with pytest.raises(ValueError, match="shard is full"):
