@@ -129,7 +129,7 @@ def train(data: str, language: str, variant: str, n: int | None, run_dir: Path, 
 
 def row(language: str, variant: str, n: int | None, expert_path: Path, data: str, runs: Path, args,
         info: dict) -> dict:
-    from inference.evaluation import paired_comparison
+    from inference.evaluation import paired_comparison, paired_counts
     from registry.expert_file import read_manifest
 
     base = base_report(data, language, runs, args.base)
@@ -142,7 +142,9 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
             "train_hours": manifest.get("data", {}).get("hours"),
             "requested": n or "all", "base": base["languages"][language], "expert": ours["languages"][language],
             "paired": paired_comparison(base, ours)[language], "expert_file": str(expert_path), **info,
-            "machine": args.machine}
+            "machine": args.machine,
+            # per-utterance counts, so any two rows can be compared pairwise later, without their run directories
+            "utterances": paired_counts(ours)}
 
 
 def table(results: dict) -> str:
