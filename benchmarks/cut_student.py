@@ -25,10 +25,8 @@ Writes ``<out>/<name>.{json,md}``; the trained student under ``--runs``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,8 +46,9 @@ def student_base(args):
 
 
 def distilled(student, teachers: dict[str, str], args):
-    """The student's decoder trained against the teachers (``distill --kind full``), cached by configuration."""
-    from registry.expert_file import load_expert, save_expert
+    """The student's decoder trained against the teachers (``distill --kind full``), cached by configuration;
+    with its training minutes and best epoch (recorded in the expert's manifest)."""
+    from benchmarks.distill_wer import cached, file_digest, tag
     from trainers.configs import DistillConfig
     from trainers.train_distill import train_distilled
 
@@ -60,20 +59,10 @@ def distilled(student, teachers: dict[str, str], args):
                         teacher_cache=str(runs / "teacher-cache"), side="decoder", lr=args.lr, epochs=args.epochs,
                         patience=args.patience, max_train=args.max_train, batch_size=args.batch_size, test=False,
                         progress=True, run_dir=str(runs / f"run-{student.name}"))
-    key = json.dumps({"cfg": repr(cfg), "student": student.fingerprint,
-                      "teachers": [hashlib.sha256(Path(teachers[lang]).read_bytes()).hexdigest() for lang in langs]})
-    path = runs / f"{student.name}-kd-{hashlib.sha256(key.encode()).hexdigest()[:8]}.safetensors"
-    timing = path.with_suffix(".json")
-    if path.is_file() and timing.is_file():
-        return load_expert(path), json.loads(timing.read_text())
-    t0 = time.time()
-    experts, report = train_distilled(cfg)
+    name = tag(cfg=repr(cfg), student=student.fingerprint, teachers=[file_digest(teachers[lang]) for lang in langs])
     runs.mkdir(parents=True, exist_ok=True)
-    save_expert(experts[0], path)
-    info = {"minutes": round((time.time() - t0) / 60, 1), "best_epoch": report["best"]["epoch"],
-            "history": report["history"], "teacher": report.get("teacher")}
-    timing.write_text(json.dumps(info, default=str))
-    return experts[0], info
+    expert, seconds = cached(runs / f"{student.name}-kd-{name}.safetensors", lambda: train_distilled(cfg)[0][0])
+    return expert, {"minutes": round(seconds / 60, 1), "best_epoch": expert.manifest["hyperparameters"]["best_epoch"]}
 
 
 def scored(base, utterances: dict, experts: dict | None = None) -> dict:

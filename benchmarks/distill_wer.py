@@ -88,6 +88,11 @@ def tag(**knobs) -> str:
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes: a cache key part that changes when a teacher file is retrained in place."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def cached(path: Path, train):
     """``(expert, training seconds)`` from ``path`` (+ its ``.json`` timing), or from ``train()`` then stored."""
     from registry.expert_file import load_expert, save_expert

@@ -119,9 +119,8 @@ def expert_for(lang: str, args):
 def student_for(langs, sources: dict, args):
     """(the multi-expert KD student, where it came from): ``--student-file``, or trained here from the language
     experts as teachers on the languages' one corpus (cached by its configuration)."""
-    import hashlib
-
-    from registry.expert_file import load_expert, save_expert
+    from benchmarks.distill_wer import cached, file_digest, tag
+    from registry.expert_file import load_expert
     from trainers.train_distill import DistillConfig, train_distilled
 
     if args.student_file:
@@ -136,14 +135,10 @@ def student_for(langs, sources: dict, args):
                         side="both", encoder_start=-3, rank=16, alpha=32.0, epochs=args.student_epochs,
                         max_train=args.student_max_train, patience=2, test=False, progress=True,
                         run_dir=str(runs / "run-student"))
-    teachers = [hashlib.sha256(Path(sources[lang]).read_bytes()).hexdigest() for lang in langs]
-    key = json.dumps({"cfg": repr(cfg), "teachers": teachers})
-    path = runs / f"student-{'-'.join(langs)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.safetensors"
-    if not path.is_file():
-        experts, _ = train_distilled(cfg)
-        runs.mkdir(parents=True, exist_ok=True)
-        save_expert(experts[0], path)
-    return load_expert(path), str(path)
+    name = tag(cfg=repr(cfg), teachers=[file_digest(sources[lang]) for lang in langs])
+    path = runs / f"student-{'-'.join(langs)}-{name}.safetensors"
+    runs.mkdir(parents=True, exist_ok=True)
+    return cached(path, lambda: train_distilled(cfg)[0][0])[0], str(path)
 
 
 def merged_experts(experts, names, methods, seed: int, settings: dict | None = None):

@@ -28,12 +28,11 @@ class TaughtStudent:
         log_loss_parts(self, out, batch["labels"].shape[0])
         return out.loss
 
-
-def _attach_teacher(module, teacher, loss: DistillationLossConfig) -> None:
-    module._hparams.pop("teacher", None)  # the parent records init arguments; a source is not a hyperparameter
-    module._hparams_initial.pop("teacher", None)
-    module.teacher, module.loss_config = teacher, loss
-    module.loss_fn = DistillationLoss(loss)
+    def _attach_teacher(self, teacher, loss: DistillationLossConfig) -> None:
+        self._hparams.pop("teacher", None)  # the parent records init arguments; a source is not a hyperparameter
+        self._hparams_initial.pop("teacher", None)
+        self.teacher, self.loss_config = teacher, loss
+        self.loss_fn = DistillationLoss(loss)
 
 
 class LoraStudentModule(TaughtStudent, LoraExpertModule):
@@ -49,7 +48,7 @@ class LoraStudentModule(TaughtStudent, LoraExpertModule):
     def __init__(self, model, processor, config, *, teacher, loss: DistillationLossConfig = DistillationLossConfig(),
                  **kwargs):
         super().__init__(model, processor, config, label_smoothing=loss.label_smoothing, **kwargs)
-        _attach_teacher(self, teacher, loss)
+        self._attach_teacher(teacher, loss)
 
 
 class FullStudentModule(TaughtStudent, FullFinetuneModule):
@@ -64,4 +63,4 @@ class FullStudentModule(TaughtStudent, FullFinetuneModule):
     def __init__(self, model, processor, config, *, teacher, loss: DistillationLossConfig = DistillationLossConfig(),
                  **kwargs):
         super().__init__(model, processor, config, label_smoothing=loss.label_smoothing, **kwargs)
-        _attach_teacher(self, teacher, loss)
+        self._attach_teacher(teacher, loss)

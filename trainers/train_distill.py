@@ -196,32 +196,21 @@ def _check_languages(base, languages) -> None:
 
 def _full_expert(module, base, keep, data, languages, cfg: DistillConfig, test: bool) -> tuple[Expert, dict | None]:
     """The distilled full student as a ``task_vector`` expert (trained - student base, the region only): the
-    fine-tune recipe's manifest plus the KD options and the teachers' lineage."""
-    from lora_experts.task_vectors import expert_from_task_vector
+    fine-tune recipe's expert (:func:`trainers.train_full.finetune_expert`) plus the KD options and the teachers'
+    lineage."""
     from trainers.clsr_experts import teacher_lineage
-    from trainers.train_lora import expert_manifest
-    from trainers.train_sparse import evaluate_expert_on_test_split
+    from trainers.train_full import finetune_expert
 
     if keep.tensors is None:
         raise RuntimeError("training produced no validated student (no validation epoch ran); raise --epochs")
-    module.model.cpu().eval()
-    module.restore_base()
     loss = module.loss_config
-    hyper = {**module.config.hyperparameters(), "mode": "distilled", "biases": True, "lr": cfg.learning_rate(),
-             "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1, "best_epoch": keep.best_epoch,
-             "batch_size": cfg.batch_size, "seed": cfg.seed, "kd": loss.kd, "kd_weight": loss.kd_weight,
-             "ce_weight": loss.ce_weight, "temperature": loss.temperature, "label_smoothing": loss.label_smoothing}
-    for unused in ("rank", "alpha", "dropout"):
-        hyper.pop(unused, None)
-    expert = expert_from_task_vector(keep.tensors, languages=languages, base=base, hyperparameters=hyper,
-                                     lineage=teacher_lineage(module.teacher))
-    results = None
-    if test:
-        results = evaluate_expert_on_test_split(base, expert, cfg.data, languages, limit=cfg.test_limit,
-                                                batch_size=cfg.batch_size, progress=cfg.progress)
-    described = expert_manifest(base, languages, module.config, keep, data, lr=cfg.learning_rate(),
-                                schedule=cfg.schedule, test=results)
-    expert.manifest.update(data=described["data"], metrics=described["metrics"])
+    expert, results = finetune_expert(module, base, keep, data, languages, mode="distilled", biases=True,
+                                      lr=cfg.learning_rate(), schedule=cfg.schedule, batch_size=cfg.batch_size,
+                                      seed=cfg.seed, lineage=teacher_lineage(module.teacher),
+                                      test_data=cfg.data if test else None, test_limit=cfg.test_limit,
+                                      progress=cfg.progress, kd=loss.kd, kd_weight=loss.kd_weight,
+                                      ce_weight=loss.ce_weight, temperature=loss.temperature,
+                                      label_smoothing=loss.label_smoothing)
     expert.manifest["data"]["languages"] = data.summary.get("languages", {})
     return expert, results
 

@@ -32,7 +32,6 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
     from lightning.pytorch.loggers import CSVLogger
 
     from trainers.finetune_module import FullFinetuneModule
-    from trainers.train_sparse import evaluate_expert_on_test_split
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
@@ -56,25 +55,46 @@ def train_full_expert(cfg: FullTrainConfig) -> tuple[Expert, dict]:
         raise RuntimeError("the fine-tune produced no validated expert (no validation epoch ran); raise --epochs")
     trained = time.time()
 
-    base.model.cpu().eval()
-    module.restore_base()
-    hyper = {**region.hyperparameters(), "mode": "fine-tune", "biases": cfg.biases, "lr": cfg.lr,
-             "schedule": cfg.schedule, "epochs_run": keep.history[-1]["epoch"] + 1, "best_epoch": keep.best_epoch,
-             "batch_size": cfg.batch_size, "seed": cfg.seed}
-    for unused in ("rank", "alpha", "dropout"):
-        hyper.pop(unused, None)
-    expert = expert_from_task_vector(keep.tensors, languages=cfg.languages, base=base, hyperparameters=hyper,
-                                     lineage={"parents": [], "method": "fine-tune"})
+    expert, test = finetune_expert(module, base, keep, data, cfg.languages, mode="fine-tune", biases=cfg.biases,
+                                   lr=cfg.lr, schedule=cfg.schedule, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   lineage={"parents": [], "method": "fine-tune"},
+                                   test_data=cfg.data if cfg.test and trainer.is_global_zero else None,
+                                   test_limit=cfg.test_limit, progress=cfg.progress)
     report = {"history": keep.history, "best_epoch": keep.best_epoch, "best_val_wer": keep.best_wer,
               "rank": trainer.global_rank, "world_size": trainer.world_size,
               "parameters": sum(t.numel() for t in keep.tensors.values()),
               "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)}}
-    test = None
-    if cfg.test and trainer.is_global_zero:
-        test = report["test"] = evaluate_expert_on_test_split(base, expert, cfg.data, cfg.languages,
-                                                              limit=cfg.test_limit, batch_size=cfg.batch_size,
-                                                              progress=cfg.progress)
+    if test is not None:
+        report["test"] = test
         report["seconds"]["test"] = round(time.time() - trained, 1)
-    described = expert_manifest(base, cfg.languages, region, keep, data, lr=cfg.lr, schedule=cfg.schedule, test=test)
-    expert.manifest.update(data=described["data"], metrics=described["metrics"])
     return expert, report
+
+
+def finetune_expert(module, base, keep, data, languages, *, mode: str, biases: bool, lr: float, schedule: str,
+                    batch_size: int, seed: int, lineage: dict, test_data: str | None = None,
+                    test_limit: int | None = None, progress: bool = True, **extra) -> tuple[Expert, dict | None]:
+    """The ``task_vector`` expert of a trained fine-tune module (its best epoch, kept by ``keep``), with the base
+    put back in the model; tested on ``test_data``'s test split when given. Shared by the fine-tune recipe and
+    the distilled full student (``mode`` and ``extra`` hyperparameters tell them apart).
+
+    Returns:
+        (the expert, its test results or None).
+    """
+    from trainers.train_sparse import evaluate_expert_on_test_split
+
+    base.model.cpu().eval()
+    module.restore_base()
+    hyper = {**module.config.hyperparameters(), "mode": mode, "biases": biases, "lr": lr, "schedule": schedule,
+             "epochs_run": keep.history[-1]["epoch"] + 1, "best_epoch": keep.best_epoch, "batch_size": batch_size,
+             "seed": seed, **extra}
+    for unused in ("rank", "alpha", "dropout"):
+        hyper.pop(unused, None)
+    expert = expert_from_task_vector(keep.tensors, languages=languages, base=base, hyperparameters=hyper,
+                                     lineage=lineage)
+    test = None
+    if test_data is not None:
+        test = evaluate_expert_on_test_split(base, expert, test_data, languages, limit=test_limit,
+                                             batch_size=batch_size, progress=progress)
+    described = expert_manifest(base, languages, module.config, keep, data, lr=lr, schedule=schedule, test=test)
+    expert.manifest.update(data=described["data"], metrics=described["metrics"])
+    return expert, test
