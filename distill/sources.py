@@ -4,8 +4,9 @@ A source is a small strategy object (:class:`TeacherSource`):
 
 * :class:`OnlineTeacher` runs the teachers on every batch (teacher-forced on the labels, eval mode, no grad):
   exact, and costs a teacher forward per step.
-* :class:`CachedTeacher` scores every training utterance once, keeps the top-k log-probabilities per position
-  on disk (:class:`~distill.teacher_cache.TeacherCache`), and reads a batch's rows back as a
+* :class:`CachedTeacher` scores every training utterance once (under bf16 autocast where the machine computes bf16
+  natively), keeps the top-k log-probabilities per position on disk (:class:`~distill.teacher_cache.TeacherCache`),
+  and reads a batch's rows back as a
   :class:`~distill.losses.TopKTeacher`: later epochs and later runs cost a disk read. :meth:`CachedTeacher.prepare`
   reports how much probability mass the top-k keeps (``mass_kept``), i.e. how much the truncation changes.
 
@@ -96,13 +97,24 @@ class CachedTeacher:
         batch_size: teacher batch size of the one-time pass.
         device: where the teachers run for that pass (default: CUDA when available).
         progress: show a progress bar for the pass.
+        precision: ``"bf16"`` scores under bf16 autocast, ``"32"`` in float32; default: bf16 where the machine
+            computes it natively (``trainers.configs.default_precision``), as training does. The log-softmax and
+            top-k are float32 either way. The precision is part of each utterance's cache key, so a cache filled in
+            one precision is never read as the other's.
     """
 
     kind = "cached"
 
     def __init__(self, teachers: TeacherSet, cache: TeacherCache, batch_size: int = 16, device=None,
-                 progress: bool = True, commit_every: int = 256):
+                 progress: bool = True, commit_every: int = 256, precision: str | None = None):
         self.teachers, self.cache, self.batch_size, self.progress = teachers, cache, batch_size, progress
+        if precision is None:
+            from trainers.configs import default_precision
+
+            precision = "bf16" if default_precision().startswith("bf16") else "32"
+        if precision not in ("bf16", "32"):
+            raise ValueError(f"teacher precision {precision!r}: use bf16 or 32")
+        self.precision = precision
         self.commit_every = commit_every  # utterances per shard: an interrupted fill keeps what it committed
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.entries: list = []  # row index of the prepared rows -> cache entry
@@ -126,17 +138,24 @@ class CachedTeacher:
             chunk = view[start:start + 64]
             for feats, ids, lang in zip(chunk["input_features"], chunk["decoder_input_ids"], chunk["language"]):
                 lang = str(lang)
-                keys.append(utterance_key(self.teachers.fingerprint(lang), feats, ids))
+                keys.append(utterance_key(self._fingerprint(lang), feats, ids))
                 lengths.append(len(ids))
                 languages.append(lang)
         missing = [i for i, e in enumerate(self.cache.lookup(keys)) if e is None]
         if missing:
             self._fill(view, missing, keys, lengths, languages)
         self.entries = self.cache.lookup(keys)
-        self.report = {"source": self.kind, "k": self.cache.k, "dtype": self.cache.dtype, "cache": str(self.cache.dir),
+        self.report = {"source": self.kind, "k": self.cache.k, "dtype": self.cache.dtype, "precision": self.precision,
+                       "cache": str(self.cache.dir),
                        "utterances": len(keys), "computed": len(missing), "reused": len(keys) - len(missing),
                        "seconds": round(time.time() - t0, 2), "mass_kept": self._mass_kept(view)}
         return self.report
+
+    def _fingerprint(self, language: str) -> str:
+        """The scoring model's identity: the teacher's, plus the precision when it is not float32 (float32 keys are
+        those of caches filled before the precision was an option)."""
+        fingerprint = self.teachers.fingerprint(language)
+        return fingerprint if self.precision == "32" else f"{fingerprint}|{self.precision}"
 
     @torch.no_grad()
     def _fill(self, view, missing, keys, lengths, languages) -> None:
@@ -161,7 +180,9 @@ class CachedTeacher:
                     feats = torch.as_tensor(np.asarray(rows["input_features"], dtype=np.float32))
                     # Padding after a sequence does not change its positions' logits (the decoder is causal).
                     ids = _pad(rows["decoder_input_ids"], pad)
-                    logits = self.teachers.logits(feats, ids, [languages[j] for j in batch])
+                    with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                                        enabled=self.precision == "bf16"):
+                        logits = self.teachers.logits(feats, ids, [languages[j] for j in batch])
                     top = F.log_softmax(logits.float(), dim=-1).topk(self.cache.k, dim=-1)
                     values, indices = top.values.cpu().numpy(), top.indices.to(torch.int32).cpu().numpy()
                     for row, j in enumerate(batch):
@@ -191,7 +212,7 @@ class CachedTeacher:
         return TopKTeacher(torch.from_numpy(logprobs).to(labels.device), torch.from_numpy(indices).to(labels.device))
 
     def identity(self) -> dict:
-        return {**{k: v for k, v in self.report.items() if k in ("source", "k", "dtype", "mass_kept")},
+        return {**{k: v for k, v in self.report.items() if k in ("source", "k", "dtype", "precision", "mass_kept")},
                 "source": self.kind, **self.teachers.identity()}
 
     def to(self, device) -> CachedTeacher:

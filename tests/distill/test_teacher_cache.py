@@ -53,7 +53,7 @@ def test_cached_equals_online_with_k_equal_vocab(short_whisper, tmp_path, studen
     online = OnlineTeacher(_teachers(short_whisper))
     vocab = short_whisper.config.vocab_size
     cached = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=vocab, dtype="float32"), batch_size=2,
-                           device="cpu", progress=False)
+                           device="cpu", progress=False, precision="32")
     report = cached.prepare(rows)
     assert report["computed"] == 3 and report["mass_kept"]["min"] == pytest.approx(1.0, abs=1e-4)
     loss = DistillationLoss(DistillationLossConfig())
@@ -70,7 +70,8 @@ def test_top_k_truncation_is_measured_and_shrinks_with_k(short_whisper, tmp_path
     full = kd(student_logits, online_logits, batch["labels"])
     errors = []
     for k in (4, 512, 16384):
-        cached = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=k), device="cpu", progress=False)
+        cached = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=k), device="cpu", progress=False,
+                               precision="32")
         report = cached.prepare(rows)
         # The reported mass is the teacher's probability inside its top-k at the target positions.
         want = topk_teacher(online_logits, k).logprobs.exp().sum(-1)[keep]
@@ -120,17 +121,39 @@ def test_an_interrupted_fill_keeps_the_shards_it_committed(short_whisper, tmp_pa
 
     teachers.logits = fails_on_the_second_batch
     cut = CachedTeacher(teachers, TeacherCache(tmp_path, k=8), batch_size=1, device="cpu", progress=False,
-                        commit_every=1)
+                        commit_every=1, precision="32")
     with pytest.raises(KeyboardInterrupt):
         cut.prepare(rows)
     assert len(TeacherCache(tmp_path, k=8)) == 1 and not list(TeacherCache(tmp_path, k=8).dir.glob(".*.tmp"))
-    resumed = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False)
+    resumed = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False,
+                            precision="32")
     assert (resumed.prepare(rows)["computed"], resumed.report["reused"]) == (2, 1)
     whole = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path / "whole", k=8), device="cpu",
-                          progress=False)
+                          progress=False, precision="32")
     whole.prepare(rows)
     for a, b in zip(resumed.teacher_for(batch), whole.teacher_for(batch)):
         assert torch.equal(a, b)
+
+
+def test_a_bf16_fill_is_kept_apart_from_a_float32_one_and_close_to_it(short_whisper, tmp_path):
+    """bf16 autocast scoring (the default where the machine computes bf16 natively) gets its own cache keys, so a
+    cache filled in float32 is never read as bf16 or back; its top-k log-probabilities stay close to float32's."""
+    rows, batch = _rows_and_batch()
+    exact = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False,
+                          precision="32")
+    exact.prepare(rows)
+    half = CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), device="cpu", progress=False,
+                         precision="bf16")
+    report = half.prepare(rows)
+    assert (report["computed"], report["reused"], report["precision"]) == (3, 0, "bf16")
+    assert half.identity()["precision"] == "bf16" and exact.identity()["precision"] == "32"
+    assert len(TeacherCache(tmp_path, k=8)) == 6
+    keep = batch["labels"] != -100
+    (lp32, _), (lp16, _) = exact.teacher_for(batch), half.teacher_for(batch)
+    # The best token's probability, position by position: bf16 keeps it within a few percent.
+    torch.testing.assert_close(lp16[..., 0][keep].exp(), lp32[..., 0][keep].exp(), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="bf16 or 32"):
+        CachedTeacher(_teachers(short_whisper), TeacherCache(tmp_path, k=8), precision="fp16")
 
 
 def test_cache_refuses_a_shard_overflow_and_leaves_no_partial_shard(tmp_path):
