@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,16 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_TEACHER = "runs/real/cs-teacher-all-e2.safetensors"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -63,6 +52,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from benchmarks.real_speech import machine
     from distill.sources import CachedTeacher
     from distill.teacher_cache import TeacherCache
     from distill.teachers import load_teachers
@@ -82,7 +72,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for precision in (["32", "bf16"] if r % 2 == 0 else ["bf16", "32"]):
             source = CachedTeacher(teachers, TeacherCache(str(work / f"{precision}-{r}"), args.top_k),
-                                   batch_size=args.batch_size, device="cpu", progress=False, precision=precision)
+                                   batch_size=args.batch_size, progress=False, precision=precision)
             t0 = time.perf_counter()
             source.prepare(rows)
             seconds[precision].append((time.perf_counter() - t0) / len(rows))
@@ -107,16 +97,15 @@ def main(argv=None) -> int:
         "mass_kept": {pr: float(np.mean(v)) for pr, v in mass.items()}, "positions": positions,
         "meta": {"base": base.name, "teacher": args.teacher, "data": args.data, "language": args.language,
                  "clips": len(rows), "batch_size": args.batch_size, "top_k": args.top_k, "rounds": args.rounds,
-                 "cpu": _cpu_name(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                 "torch": torch.__version__},
+                 "machine": machine(), "threads": torch.get_num_threads()},
         "command": "python benchmarks/teacher_fill_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "teacher_fill_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"Teacher-cache fill, {result['meta']['clips']} {args.language} training clips of {args.data}, teacher "
-          f"`{args.teacher}`, batch {args.batch_size}, top-{args.top_k}; {result['meta']['cpu']}, "
-          f"{result['meta']['threads']} threads, torch {torch.__version__}.",
+          f"`{args.teacher}`, batch {args.batch_size}, top-{args.top_k}; {result['meta']['machine']}, "
+          f"{result['meta']['threads']} threads.",
           "", f"Command: `{result['command'].strip()}`", "",
           "| scoring | s per utterance (median of rounds) | vs float32 | top-k mass kept |",
           "|---|---|---|---|",
