@@ -7,6 +7,7 @@
     python benchmarks/real_speech.py --table-only                          # only rewrite the tables
     python benchmarks/real_speech.py --languages nl --train 300 --variant specaug            # augmentation
     python benchmarks/real_speech.py --languages nl --train 300 --variant noise              # (also: speed)
+    python benchmarks/real_speech.py --languages cs --train 300 --variant enc0               # all encoder layers
     python benchmarks/real_speech.py --languages cs --train 100 --extra-data data/cs-espeak --tag +espeak
     python benchmarks/real_speech.py --languages cs --train-data data/cs-espeak --train all --tag espeak-only
 
@@ -50,12 +51,14 @@ VARIANTS = {
     "specaug": {**ENC3, "precision": "bf16-mixed", "spec_augment": True},
     "speed": {**ENC3, "precision": "bf16-mixed", "speed_perturb": (0.9, 1.0, 1.1)},
     "noise": {**ENC3, "precision": "bf16-mixed", "noise_snr_db": 15.0, "noise_kind": "pink"},
+    "enc0": {"side": "both", "encoder_start": 0, "dropout": 0.0, "precision": "bf16-mixed"},
 }
 DESCRIBED = {"decoder": "decoder only, float32", "enc3": "decoder + encoder layers 3.., bf16 autocast",
              "enc3-fp32": "decoder + encoder layers 3.., float32",
              "specaug": "encoder 3.. + decoder, bf16, SpecAugment",
              "speed": "encoder 3.. + decoder, bf16, speed 0.9/1/1.1",
-             "noise": "encoder 3.. + decoder, bf16, + a pink-noise copy at 15 dB SNR"}
+             "noise": "encoder 3.. + decoder, bf16, + a pink-noise copy at 15 dB SNR",
+             "enc0": "decoder + every encoder layer, bf16 autocast"}
 
 
 def machine() -> str:

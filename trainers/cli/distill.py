@@ -42,8 +42,8 @@ directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vec
 teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training
 utterance once and its top-k log-probabilities are kept in DIR (keyed by utterance, teacher and precision; later
 runs reuse them); the report gives the probability mass the top-k keeps. That pass runs under bf16 autocast where
-the machine computes bf16 natively, as training does (measured on 2 CPU cores: about 1.8x faster than float32, the
-best token unchanged at 99.6% of positions; benchmarks/teacher_fill_speed.py). Without a cache the teacher runs at
+the machine computes bf16 natively, as training does (measured on 2 CPU cores: 2.1x faster than float32, the best
+token unchanged at 99.2% of positions; benchmarks/teacher_fill_speed.py). Without a cache the teacher runs at
 every step.
 
 Options can also come from a YAML file (--config): its keys are the flags' names with underscores; flags given
