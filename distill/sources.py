@@ -4,9 +4,9 @@ A source is a small strategy object (:class:`TeacherSource`):
 
 * :class:`OnlineTeacher` runs the teachers on every batch (teacher-forced on the labels, eval mode, no grad):
   exact, and costs a teacher forward per step.
-* :class:`CachedTeacher` scores every training utterance once (under bf16 autocast where the machine computes bf16
-  natively), keeps the top-k log-probabilities per position on disk (:class:`~distill.teacher_cache.TeacherCache`),
-  and reads a batch's rows back as a
+* :class:`CachedTeacher` scores every training utterance once (in float32, or under bf16 autocast: training runs
+  ask for bf16 where the machine computes it natively), keeps the top-k log-probabilities per position on disk
+  (:class:`~distill.teacher_cache.TeacherCache`), and reads a batch's rows back as a
   :class:`~distill.losses.TopKTeacher`: later epochs and later runs cost a disk read. :meth:`CachedTeacher.prepare`
   reports how much probability mass the top-k keeps (``mass_kept``), i.e. how much the truncation changes.
 
@@ -97,21 +97,17 @@ class CachedTeacher:
         batch_size: teacher batch size of the one-time pass.
         device: where the teachers run for that pass (default: CUDA when available).
         progress: show a progress bar for the pass.
-        precision: ``"bf16"`` scores under bf16 autocast, ``"32"`` in float32; default: bf16 where the machine
-            computes it natively (``trainers.configs.default_precision``), as training does. The log-softmax and
-            top-k are float32 either way. The precision is part of each utterance's cache key, so a cache filled in
-            one precision is never read as the other's.
+        precision: ``"bf16"`` scores under bf16 autocast, ``"32"`` (the default) in float32. Training runs pass
+            bf16 where the machine computes it natively (``trainers.train_distill.load_teacher_source``). The
+            log-softmax and top-k are float32 either way. The precision is part of each utterance's cache key, so
+            a cache filled in one precision is never read as the other's.
     """
 
     kind = "cached"
 
     def __init__(self, teachers: TeacherSet, cache: TeacherCache, batch_size: int = 16, device=None,
-                 progress: bool = True, commit_every: int = 256, precision: str | None = None):
+                 progress: bool = True, commit_every: int = 256, precision: str = "32"):
         self.teachers, self.cache, self.batch_size, self.progress = teachers, cache, batch_size, progress
-        if precision is None:
-            from trainers.configs import default_precision
-
-            precision = "bf16" if default_precision().startswith("bf16") else "32"
         if precision not in ("bf16", "32"):
             raise ValueError(f"teacher precision {precision!r}: use bf16 or 32")
         self.precision = precision

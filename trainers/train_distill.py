@@ -71,8 +71,10 @@ def load_teacher_source(student_base, *, teacher: str | None = None, teachers=()
         return None
     loaded = load_teachers(teacher or list(teachers), student_base, default_base=teacher_base, registry=registry,
                            device="cpu")
-    if cache:
-        return CachedTeacher(loaded, TeacherCache(cache, top_k), batch_size=batch_size, progress=progress)
+    if cache:  # the one-time scoring pass in bf16 where the machine computes it natively, as training does
+        native = default_precision().startswith("bf16")
+        return CachedTeacher(loaded, TeacherCache(cache, top_k), batch_size=batch_size, progress=progress,
+                             precision="bf16" if native else "32")
     return OnlineTeacher(loaded)
 
 

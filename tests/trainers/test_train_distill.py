@@ -33,6 +33,7 @@ def clsr_run(uk_pt_corpus, tiny_whisper_dir, tmp_path_factory):
 
 def test_distill_stores_one_clsr_expert_per_language_with_a_complete_manifest(clsr_run, tiny_whisper_dir):
     from registry.store import Registry
+    from trainers.configs import default_precision
 
     registry = Registry(clsr_run / "registry")
     assert sorted(registry.names()) == ["tiny-clsr-pt", "tiny-clsr-uk"]
@@ -49,6 +50,8 @@ def test_distill_stores_one_clsr_expert_per_language_with_a_complete_manifest(cl
         teacher = lineage["teacher"]["teachers"][0]
         assert teacher["base"]["fingerprint"] == m["base"]["fingerprint"] and teacher["teaches"] == "other languages"
         assert 0 < lineage["teacher"]["mass_kept"]["mean"] <= 1 and lineage["teacher"]["k"] == 8
+        # the one-time teacher pass runs in the precision training would use on this machine, and says so
+        assert lineage["teacher"]["precision"] == ("bf16" if default_precision().startswith("bf16") else "32")
         assert all(k.startswith("model.") and (".expert." in k or ".gate." in k) for k in expert.tensors)
         assert any(v.abs().sum() > 0 for k, v in expert.tensors.items() if k.endswith("lora_B"))  # it trained
     report = json.loads((clsr_run / "run" / "report.json").read_text())
