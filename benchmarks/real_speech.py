@@ -8,6 +8,7 @@
     python benchmarks/real_speech.py --languages nl --train 300 --variant specaug            # augmentation
     python benchmarks/real_speech.py --languages nl --train 300 --variant noise              # (also: speed)
     python benchmarks/real_speech.py --languages cs --train 300 --variant enc0               # all encoder layers
+    python benchmarks/real_speech.py --languages cs --train 300 --variant enc3-r64           # rank 64, not 16
     python benchmarks/real_speech.py --languages cs --train 100 --extra-data data/cs-espeak --tag +espeak
     python benchmarks/real_speech.py --languages cs --train-data data/cs-espeak --train all --tag espeak-only
 
@@ -17,11 +18,11 @@ stays real), ``--train-data DIR`` trains on another corpus alone (validated on i
 
 The corpus is made once with ``whisper-experts corpus fetch fillets`` (whole game levels per split: no test
 scene, speaker line or sentence is trained on). whisper-base decodes each test split once, greedy, language
-forced, bounded by audio duration only; that report is reused by every row. Each expert (rank 16, the
-variant's layers and precision, at most ``--epochs`` epochs, best validation WER kept) is trained on the
-first ``--train`` clips spread evenly over the training split ("all": every clip), then decodes the same test
-clips the same way. Every WER carries its 95% bootstrap interval (utterances resampled), and every expert row
-the paired-bootstrap interval of its difference to the base on the same clips.
+forced, bounded by audio duration only; that report is reused by every row. Each expert (rank 16 unless the
+variant says otherwise, the variant's layers and precision, at most ``--epochs`` epochs, best validation WER
+kept) is trained on the first ``--train`` clips spread evenly over the training split ("all": every clip), then
+decodes the same test clips the same way. Every WER carries its 95% bootstrap interval (utterances resampled),
+and every expert row the paired-bootstrap interval of its difference to the base on the same clips.
 
 Writes ``benchmarks/results/real_speech.{json,md}``; runs live under ``--runs`` (default ``runs/real``).
 Minutes are wall-clock on the machine named in the table (training only; the cache of frozen layers included).
@@ -52,13 +53,15 @@ VARIANTS = {
     "speed": {**ENC3, "precision": "bf16-mixed", "speed_perturb": (0.9, 1.0, 1.1)},
     "noise": {**ENC3, "precision": "bf16-mixed", "noise_snr_db": 15.0, "noise_kind": "pink"},
     "enc0": {"side": "both", "encoder_start": 0, "dropout": 0.0, "precision": "bf16-mixed"},
+    "enc3-r64": {**ENC3, "precision": "bf16-mixed", "rank": 64, "alpha": 128.0},
 }
 DESCRIBED = {"decoder": "decoder only, float32", "enc3": "decoder + encoder layers 3.., bf16 autocast",
              "enc3-fp32": "decoder + encoder layers 3.., float32",
              "specaug": "encoder 3.. + decoder, bf16, SpecAugment",
              "speed": "encoder 3.. + decoder, bf16, speed 0.9/1/1.1",
              "noise": "encoder 3.. + decoder, bf16, + a pink-noise copy at 15 dB SNR",
-             "enc0": "decoder + every encoder layer, bf16 autocast"}
+             "enc0": "decoder + every encoder layer, bf16 autocast",
+             "enc3-r64": "decoder + encoder layers 3.., bf16 autocast, rank 64"}
 
 
 def machine() -> str:
@@ -121,9 +124,10 @@ def train(data: str, language: str, variant: str, n: int | None, run_dir: Path, 
     from registry.expert_file import save_expert
     from trainers.train_lora import TrainConfig, train_lora_expert
 
-    cfg = TrainConfig(data=args.train_data or data, languages=(language,), base=args.base, rank=16, alpha=32.0,
-                      epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=16, max_train=n,
-                      run_dir=str(run_dir), test=False, extra_data=tuple(args.extra_data or ()), **VARIANTS[variant])
+    recipe = {"rank": 16, "alpha": 32.0, **VARIANTS[variant]}  # rank 16 unless the variant says otherwise
+    cfg = TrainConfig(data=args.train_data or data, languages=(language,), base=args.base, epochs=args.epochs,
+                      patience=args.patience, lr=args.lr, batch_size=16, max_train=n, run_dir=str(run_dir),
+                      test=False, extra_data=tuple(args.extra_data or ()), **recipe)
     t0 = time.time()
     expert, report = train_lora_expert(cfg)
     save_expert(expert, run_dir / "expert.safetensors")
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
                 results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     md = baseline_table(Path(args.runs)) + "\n" + table(results)
     header = ("Real recorded speech (Fish Fillets NG voice acting, Debian packages), whisper-base, greedy, language "
-              "forced, decoding bounded by audio duration; rank-16 LoRA experts.\n\n"
+              "forced, decoding bounded by audio duration; rank-16 LoRA experts unless the recipe says otherwise.\n\n"
               "Command: `python benchmarks/real_speech.py --languages cs,nl` (other rows: `--train 100,300`, "
               "`--variant decoder`; see the script's help)\n\n")
     (RESULTS / "real_speech.md").write_text(header + md)
