@@ -5,7 +5,7 @@ A source is a small strategy object (:class:`TeacherSource`):
 * :class:`OnlineTeacher` runs the teachers on every batch (teacher-forced on the labels, eval mode, no grad):
   exact, and costs a teacher forward per step.
 * :class:`CachedTeacher` scores every training utterance once (in float32, or under bf16 autocast: training runs
-  ask for bf16 where the machine computes it natively), keeps the top-k log-probabilities per position on disk
+  score in the precision they train in), keeps the top-k log-probabilities per position on disk
   (:class:`~distill.teacher_cache.TeacherCache`), and reads a batch's rows back as a
   :class:`~distill.losses.TopKTeacher`: later epochs and later runs cost a disk read. :meth:`CachedTeacher.prepare`
   reports how much probability mass the top-k keeps (``mass_kept``), i.e. how much the truncation changes.
@@ -98,7 +98,7 @@ class CachedTeacher:
         device: where the teachers run for that pass (default: CUDA when available).
         progress: show a progress bar for the pass.
         precision: ``"bf16"`` scores under bf16 autocast, ``"32"`` (the default) in float32. Training runs pass
-            bf16 where the machine computes it natively (``trainers.train_distill.load_teacher_source``). The
+            the precision they train in (``trainers.train_distill.load_teacher_source``). The
             log-softmax and top-k are float32 either way. The precision is part of each utterance's cache key, so
             a cache filled in one precision is never read as the other's.
     """

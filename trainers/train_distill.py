@@ -55,13 +55,15 @@ def encoder_cache_plan(student, source) -> tuple[bool, int | None]:
 
 def load_teacher_source(student_base, *, teacher: str | None = None, teachers=(), teacher_base: str | None = None,
                         registry: str | None = None, cache: str | None = None, top_k: int = 32, batch_size: int = 16,
-                        progress: bool = True):
+                        progress: bool = True, precision: str | None = None):
     """The teacher source of a run: None without teachers, a cached source with ``cache``, else online.
 
     Args:
         student_base: the student's ``registry.bases.Base`` (teachers must share its tokenizer).
         teacher / teachers: one spec for every language, or one per language (see :mod:`distill.teachers`).
         cache: directory of the top-k cache; None reads the teachers online.
+        precision: the run's Lightning precision (None: the machine's default); the cache's one-time scoring pass
+            runs under bf16 autocast when it is a bf16 one, in float32 otherwise, as the training steps do.
     """
     from distill.sources import CachedTeacher, OnlineTeacher
     from distill.teacher_cache import TeacherCache
@@ -71,10 +73,10 @@ def load_teacher_source(student_base, *, teacher: str | None = None, teachers=()
         return None
     loaded = load_teachers(teacher or list(teachers), student_base, default_base=teacher_base, registry=registry,
                            device="cpu")
-    if cache:  # the one-time scoring pass in bf16 where the machine computes it natively, as training does
-        native = default_precision().startswith("bf16")
+    if cache:
+        bf16 = (precision or default_precision()).startswith("bf16")
         return CachedTeacher(loaded, TeacherCache(cache, top_k), batch_size=batch_size, progress=progress,
-                             precision="bf16" if native else "32")
+                             precision="bf16" if bf16 else "32")
     return OnlineTeacher(loaded)
 
 
@@ -125,7 +127,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
         cfg = replace(cfg, encoder_start=cfg.clsr().for_encoder(base.model.config.encoder_layers).encoder_start)
     source = load_teacher_source(base, teacher=cfg.teacher, teachers=cfg.teachers, teacher_base=cfg.teacher_base,
                                  registry=cfg.registry, cache=cfg.teacher_cache, top_k=cfg.top_k,
-                                 batch_size=cfg.batch_size, progress=cfg.progress)
+                                 batch_size=cfg.batch_size, progress=cfg.progress, precision=cfg.precision)
     languages = list(cfg.languages) or (source.teachers.languages if source is not None else [])
     if not languages:
         raise ValueError("no --languages given (and no --teachers whose experts name their languages)")

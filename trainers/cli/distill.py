@@ -38,13 +38,13 @@ of the student base. This is how a student cut from a larger Whisper (`whisper-e
 the shared weights it lost, before language experts are trained on it.
 
 Teachers: --teacher BASE (any Whisper the base loader reads: openai/whisper-large-v2, an imported name, a
-directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector, sparse or clsr). A
-teacher must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training
-utterance once and its top-k log-probabilities are kept in DIR (keyed by utterance, teacher and precision; later
-runs reuse them); the report gives the probability mass the top-k keeps. That pass runs under bf16 autocast where
-the machine computes bf16 natively, as training does (measured on 2 CPU cores: 2.1x faster than float32, the best
-token unchanged at 99.2% of positions; benchmarks/teacher_fill_speed.py). Without a cache the teacher runs at
-every step.
+directory) or BASE+EXPERT (a base with a registry expert applied: lora, task_vector, sparse or clsr). A teacher
+must share the student's tokenizer. With --teacher-cache DIR the teacher scores every training utterance once
+and its top-k log-probabilities are kept in DIR (keyed by utterance, teacher and precision; later runs reuse
+them); the report gives the probability mass the top-k keeps. That pass runs in the run's --precision, so under
+bf16 autocast by default where the machine computes bf16 natively (measured on 2 CPU cores: 2.1x faster than
+float32, the best token unchanged at 99.2% of positions; benchmarks/teacher_fill_speed.py). Without a cache the
+teacher runs at every step.
 
 Options can also come from a YAML file (--config): its keys are the flags' names with underscores; flags given
 override it. The same options drive `distill lightning` (model.gate_dropout, data.batch_size, ...).
