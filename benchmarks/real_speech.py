@@ -9,6 +9,7 @@
     python benchmarks/real_speech.py --languages nl --train 300 --variant noise              # (also: speed)
     python benchmarks/real_speech.py --languages cs --train 300 --variant enc0               # all encoder layers
     python benchmarks/real_speech.py --languages cs --train 300 --variant enc3-r64           # rank 64, not 16
+    python benchmarks/real_speech.py --languages cs --train 300 --lr 3e-4                    # another learning rate
     python benchmarks/real_speech.py --languages cs --train 100 --extra-data data/cs-espeak --tag +espeak
     python benchmarks/real_speech.py --languages cs --train-data data/cs-espeak --train all --tag espeak-only
 
@@ -44,6 +45,7 @@ from trainers.configs import DECODER_RECIPE  # noqa: E402  (after the path inser
 
 RESULTS = Path(__file__).parent / "results"
 # Recipes compared; "enc3" adapts encoder layers 3.. as well (their input cached once), in bf16 autocast.
+DEFAULT_LR = 1e-3
 ENC3 = {"side": "both", "encoder_start": 3, "dropout": 0.0}
 VARIANTS = {
     "decoder": DECODER_RECIPE,  # the default before these measurements
@@ -145,8 +147,9 @@ def row(language: str, variant: str, n: int | None, expert_path: Path, data: str
     base = base_report(data, language, runs, args.base)
     ours = expert_report(expert_path, data, language)
     manifest = read_manifest(expert_path)
-    recipe = DESCRIBED.get(variant, variant) + (f" ({args.tag})" if args.tag else "")
-    return {"language": language, "variant": variant, "recipe": recipe, "tag": args.tag,
+    recipe = DESCRIBED.get(variant, variant) + (f", lr {args.lr:g}" if args.lr != DEFAULT_LR else "") \
+        + (f" ({args.tag})" if args.tag else "")
+    return {"language": language, "variant": variant, "recipe": recipe, "tag": args.tag, "lr": args.lr,
             "train_data": args.train_data, "extra_data": args.extra_data,
             "train_clips": manifest.get("data", {}).get("utterances"),
             "train_hours": manifest.get("data", {}).get("hours"),
@@ -163,7 +166,8 @@ def table(results: dict) -> str:
     lines = ["| language | recipe | train clips (h) | test n | base WER % [95% CI] | expert WER % [95% CI] | "
              "change [paired 95% CI] | base CER % | expert CER % | train min |", "|" + "---|" * 10]
     for key in sorted(results, key=lambda k: (results[k]["language"], results[k]["variant"],
-                                              results[k].get("tag") or "", results[k]["train_clips"] or 0)):
+                                              results[k].get("tag") or "", results[k]["train_clips"] or 0,
+                                              -(results[k].get("lr") or DEFAULT_LR))):
         r = results[key]
         b, e, change = r["base"], r["expert"], format_change(r["paired"])
         clips = f"{r['train_clips']}" + (f" ({r['train_hours']:.2f})" if r.get("train_hours") else "")
@@ -195,7 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--train", default="all", help="training clips per language, comma-separated (default all)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help=f"learning rate (default {DEFAULT_LR:g}); another value makes its own row")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--data", default="data/fillets", help="the corpus (made here if missing)")
     p.add_argument("--runs", default="runs/real", help="where experts and reports go")
@@ -227,9 +232,10 @@ def main(argv=None) -> int:
         for language in [x.strip() for x in args.languages.split(",") if x.strip()]:
             for size in args.train.split(","):
                 n = None if size.strip() == "all" else int(size)
-                tag = "".join(c if c.isalnum() or c in "-_" else "-" for c in args.tag)
-                run_dir = runs / f"{language}-{args.variant}-{size.strip()}" if not tag else \
-                    runs / f"{language}-{args.variant}-{size.strip()}-{tag}"
+                # a row is named by language, variant, size, then the learning rate and tag where not default
+                extra = ([f"lr{args.lr:g}"] if args.lr != DEFAULT_LR else []) + ([args.tag] if args.tag else [])
+                tag = "-".join("".join(c if c.isalnum() or c in "-_." else "-" for c in x) for x in extra)
+                run_dir = runs / "-".join([language, args.variant, size.strip()] + ([tag] if tag else []))
                 if args.adopt:
                     expert_path = Path(args.adopt)
                     info = {"minutes": None}
@@ -244,7 +250,7 @@ def main(argv=None) -> int:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         info = train(args.data, language, args.variant, n, run_dir, args)
                 info = {k: v for k, v in info.items() if k != "history"}
-                results[f"{language} | {args.variant} | {size.strip()}" + (f" | {args.tag}" if args.tag else "")] = row(
+                results[" | ".join([language, args.variant, size.strip()] + extra)] = row(
                     language, args.variant, n, expert_path, args.data, runs, args, info)
                 results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     md = baseline_table(Path(args.runs)) + "\n" + table(results)
