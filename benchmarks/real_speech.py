@@ -25,7 +25,8 @@ kept) is trained on the first ``--train`` clips spread evenly over the training 
 decodes the same test clips the same way. Every WER carries its 95% bootstrap interval (utterances resampled),
 and every expert row the paired-bootstrap interval of its difference to the base on the same clips.
 
-Writes ``benchmarks/results/real_speech.{json,md}``; runs live under ``--runs`` (default ``runs/real``).
+Writes ``benchmarks/results/real_speech.{json,md}`` (a rerun's new result replaces its row in the table; the
+earlier one stays in the JSON under ``replaced``); runs live under ``--runs`` (default ``runs/real``).
 Minutes are wall-clock on the machine named in the table (training only; the cache of frozen layers included).
 """
 
@@ -250,8 +251,12 @@ def main(argv=None) -> int:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         info = train(args.data, language, args.variant, n, run_dir, args)
                 info = {k: v for k, v in info.items() if k != "history"}
-                results[" | ".join([language, args.variant, size.strip()] + extra)] = row(
-                    language, args.variant, n, expert_path, args.data, runs, args, info)
+                key = " | ".join([language, args.variant, size.strip()] + extra)
+                new = row(language, args.variant, n, expert_path, args.data, runs, args, info)
+                old = results.get(key)
+                if old and old.get("expert") != new["expert"]:  # a rerun: the earlier result stays on record
+                    new["replaced"] = [{k: v for k, v in old.items() if k != "replaced"}] + old.get("replaced", [])
+                results[key] = new
                 results_path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     md = baseline_table(Path(args.runs)) + "\n" + table(results)
     header = ("Real recorded speech (Fish Fillets NG voice acting, Debian packages), whisper-base, greedy, language "
