@@ -27,13 +27,18 @@ log = logging.getLogger(__name__)
 
 
 class KeepBestExpert(L.Callback):
-    """Keeps a copy of the expert's matrices from the epoch with the lowest validation WER."""
+    """Keeps a copy of the expert's matrices from the epoch with the lowest validation WER (and the run's
+    Lightning precision, which the manifest records)."""
 
     def __init__(self):
         self.best_wer = float("inf")
         self.best_epoch = -1
         self.tensors: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
+        self.precision: str | None = None
+
+    def on_fit_start(self, trainer, module):
+        self.precision = str(trainer.precision)
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking:
@@ -222,6 +227,8 @@ def expert_manifest(base, languages: Sequence[str], lora: LoraExpertConfig, keep
     hyper = {**lora.hyperparameters(), "lr": lr, "schedule": schedule, "epochs_run": keep.history[-1]["epoch"] + 1,
              "best_epoch": keep.best_epoch, "batch_size": data.batch_size, "seed": data.seed,
              "augmentation": augment.hyperparameters()}
+    if keep.precision:  # the weights differ with it (bf16 autocast against float32), so it is part of the recipe
+        hyper["precision"] = keep.precision
     summary = {"corpus": str(data.data), **{f"{k}_{m}": v for k, d in data.summary.items() for m, v in d.items()}}
     summary.update(utterances=data.summary["train"]["utterances"], hours=data.summary["train"]["hours"])
     if getattr(data, "corpora_summary", None):

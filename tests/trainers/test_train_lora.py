@@ -28,6 +28,10 @@ def test_expert_has_a_complete_manifest(trained, tiny_whisper_dir):
     # The default recipe: decoder + the top three encoder layers (all of the tiny base's two), LoRA dropout 0
     hp = m["hyperparameters"]
     assert hp["rank"] == 4 and (hp["side"], hp["encoder_start"], hp["dropout"]) == ("both", 0, 0.0)
+    # The precision the run trained in (the machine's default here), so a float32 and a bf16 expert are told apart
+    from trainers.configs import default_precision
+
+    assert hp["precision"] == default_precision()
     assert m["data"]["utterances"] > 0 and m["data"]["hours"] > 0
     assert set(m["metrics"]["uk"]) == {"validation", "test", "base_test"}
     assert len(report["history"]) == 3 and all("val_wer" in h for h in report["history"])
