@@ -5,6 +5,7 @@
     python benchmarks/real_speech.py --languages cs --variant decoder      # the old decoder-only default
     python benchmarks/real_speech.py --languages cs --adopt runs/cs-enc3/expert.safetensors   # score a trained one
     python benchmarks/real_speech.py --table-only                          # only rewrite the tables
+    python benchmarks/real_speech.py --compare 'cs | enc3 | 300' 'cs | enc0 | 300'   # two rows, paired
     python benchmarks/real_speech.py --languages nl --train 300 --variant specaug            # augmentation
     python benchmarks/real_speech.py --languages nl --train 300 --variant noise              # (also: speed)
     python benchmarks/real_speech.py --languages cs --train 300 --variant enc0               # all encoder layers
@@ -194,6 +195,24 @@ def baseline_table(runs: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(results: dict, a: str, b: str) -> int:
+    """Row B against row A on the same test clips, from the per-utterance counts the rows keep."""
+    from inference.evaluation import paired_comparison
+
+    missing = [k for k in (a, b) if not results.get(k, {}).get("utterances")]
+    if missing:
+        print(f"no per-utterance counts for {missing}; rows with them: "
+              + ", ".join(repr(k) for k, r in results.items() if r.get("utterances")), file=sys.stderr)
+        return 2
+    for lang, d in paired_comparison({"utterances": results[a]["utterances"]},
+                                     {"utterances": results[b]["utterances"]}).items():
+        lo, hi = d["ci95"]
+        print(f"{lang}: {b!r} against {a!r} on {d['n']} clips: WER {100 * d['a']:.1f} -> {100 * d['b']:.1f}, "
+              f"{100 * d['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+              f"{100 * d['relative']:+.0f}% relative, p = {d['p_value']:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--languages", default="cs,nl", help="among cs,nl (default both)")
@@ -209,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--adopt", metavar="EXPERT", help="score this already trained expert file as the run of "
                    "--languages (one), --variant and --train instead of training")
     p.add_argument("--table-only", action="store_true", help="only rewrite the tables from the stored results")
+    p.add_argument("--compare", nargs=2, metavar=("ROW_A", "ROW_B"),
+                   help="print B's WER minus A's on the same test clips, paired bootstrap (rows are the keys of "
+                   "real_speech.json, e.g. 'cs | enc3 | 300' 'cs | enc0 | 300'), and stop")
     p.add_argument("--train-data", help="train (and validate) on this corpus instead, test on --data's clips")
     p.add_argument("--extra-data", action="append", metavar="DIR[:WEIGHT]",
                    help="a further training corpus (repeatable); validation and test stay --data's")
@@ -223,6 +245,8 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_path = RESULTS / "real_speech.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.compare:
+        return compare(results, *args.compare)
     if not args.table_only:
         args.machine = machine()
         if not (Path(args.data) / "dataset_dict.json").is_file():
