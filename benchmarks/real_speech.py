@@ -278,6 +278,8 @@ def main(argv=None) -> int:
                 info = {k: v for k, v in info.items() if k != "history"}
                 key = " | ".join([language, args.variant, size.strip()] + extra)
                 new = row(language, args.variant, n, expert_path, args.data, runs, args, info)
+                # read again: another run may have written its rows since this one started
+                results = json.loads(results_path.read_text()) if results_path.is_file() else {}
                 old = results.get(key)
                 if old and old.get("expert") != new["expert"]:  # a rerun: the earlier result stays on record
                     new["replaced"] = [{k: v for k, v in old.items() if k != "replaced"}] + old.get("replaced", [])
