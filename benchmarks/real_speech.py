@@ -197,6 +197,7 @@ def baseline_table(runs: Path) -> str:
 
 def compare(results: dict, a: str, b: str) -> int:
     """Row B against row A on the same test clips, from the per-utterance counts the rows keep."""
+    from inference.confidence import format_change
     from inference.evaluation import paired_comparison
 
     missing = [k for k in (a, b) if not results.get(k, {}).get("utterances")]
@@ -206,10 +207,8 @@ def compare(results: dict, a: str, b: str) -> int:
         return 2
     for lang, d in paired_comparison({"utterances": results[a]["utterances"]},
                                      {"utterances": results[b]["utterances"]}).items():
-        lo, hi = d["ci95"]
         print(f"{lang}: {b!r} against {a!r} on {d['n']} clips: WER {100 * d['a']:.1f} -> {100 * d['b']:.1f}, "
-              f"{100 * d['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}], "
-              f"{100 * d['relative']:+.0f}% relative, p = {d['p_value']:.2f}")
+              f"{format_change(d)}, p = {d['p_value']:.2f}")
     return 0
 
 
