@@ -163,6 +163,9 @@ def variant(args) -> tuple[str, str, dict]:
 
 
 def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
+    """A CLSR student; in float32 beside the decoder LoRA recipe (as the synthetic tables were measured), else at
+    the machine's default precision."""
+    from trainers.configs import DECODER_RECIPE
     from trainers.train_distill import DistillConfig, train_distilled
 
     kd = teacher is not None
@@ -171,6 +174,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, path_dropout=args.path_dropout, epochs=args.epochs,
+                        precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
                         batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
                         run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant(args)[0]}"))
@@ -390,8 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--lora-recipe", default="decoder", choices=["decoder", "default"],
-                   help="the LoRA rows' and trained teachers' recipe: decoder only (default; this table's first "
-                        "runs), or train's default (decoder + top three encoder layers, bf16 where native)")
+                   help="the LoRA rows' and trained teachers' recipe: decoder only in float32 (default; this table's "
+                        "first runs; the CLSR rows then train in float32 too), or train's default (decoder + top "
+                        "three encoder layers, bf16 where native)")
     p.add_argument("--name", default="distill_wer", help="results file stem: <out>/<name>.{json,md}")
     p.add_argument("--work", default="runs/distill-wer", help="experts, caches and training logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
