@@ -5,6 +5,7 @@
     python benchmarks/distill_wer.py --side both             # the paper's layout (encoder too: ~8x slower on CPU)
     python benchmarks/distill_wer.py --gate-lr 1e-3          # CLSR rows whose gates train at 1e-3
     python benchmarks/distill_wer.py --path lowrank --path-dropout 0   # CLSR rows without language-path dropout
+    python benchmarks/distill_wer.py --path lowrank --decoder-lr 1e-4  # CLSR decoder-side paths at 1e-4
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
 
     # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
@@ -150,13 +151,15 @@ def lora_student(lang: str, args, work: Path):
 
 
 def variant(args) -> tuple[str, str, dict]:
-    """The CLSR knobs this run sets away from the recipe's defaults (gate learning rate, path dropout), as a
-    row-key / run-directory suffix (``-glr0.001-pd0``), a label part and cache-key knobs; ('', '', {}) for none.
+    """The CLSR knobs this run sets away from the recipe's defaults (gate and decoder-path learning rates, path
+    dropout), as a row-key / run-directory suffix (``-glr0.001-pd0``), a label part and cache-key knobs; ('', '',
+    {}) for none.
     Runs at the defaults keep the names and cache keys they had before these options existed."""
     from distill.clsr import ClsrConfig
 
     knobs = [(key, value, what) for key, value, default, what in (
-        ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"))
+        ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
+        ("dlr", args.decoder_lr, None, "decoder lr"))
         if value != default]
     return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f", {w} {v:g}" for _, v, w in knobs),
             {k: v for k, v, _ in knobs})
@@ -173,7 +176,8 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
                         teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
-                        lr=args.clsr_lr, gate_lr=args.gate_lr, path_dropout=args.path_dropout, epochs=args.epochs,
+                        lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
+                        path_dropout=args.path_dropout, epochs=args.epochs,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
                         batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
@@ -385,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")
     p.add_argument("--gate-lr", type=float, default=None, help="CLSR gates' learning rate (default: --clsr-lr)")
+    p.add_argument("--decoder-lr", type=float, default=None,
+                   help="CLSR decoder-side paths' learning rate (default: --clsr-lr)")
     p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
                    "recipe's)")
     p.add_argument("--epochs", type=int, default=10)

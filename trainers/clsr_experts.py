@@ -127,8 +127,8 @@ def clsr_experts(module, base, keep: KeepBestLanguages, data, *, test: bool = Tr
         results = evaluate_clsr_on_test_split(model, module.processor, data.data, module.languages, limit=test_limit,
                                               batch_size=batch_size, progress=progress)
     hp, loss = module.hparams, module.loss_config
-    training = {"lr": hp.lr, "gate_lr": hp.gate_lr, "schedule": hp.schedule, "warmup_steps": hp.warmup_steps,
-                "max_noise": hp.max_noise,
+    training = {"lr": hp.lr, "gate_lr": hp.gate_lr, "decoder_lr": hp.decoder_lr, "schedule": hp.schedule,
+                "warmup_steps": hp.warmup_steps, "max_noise": hp.max_noise,
                 "ce_weight": loss.ce_weight, "gate_weight": loss.gate_weight, "kd_weight": loss.kd_weight,
                 "kd": loss.kd if module.teacher is not None else None, "temperature": loss.temperature,
                 "label_smoothing": loss.label_smoothing, "gate_budget": loss.gate_budget,

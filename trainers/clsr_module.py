@@ -62,6 +62,8 @@ class ClsrExpertModule(L.LightningModule):
             holds the mean soft gate near ``b``, so on a short run at a full path's small rate ``G`` barely moves
             and the hard inference gate ``1[G >= 0]`` follows small early drifts; a separate rate lets the gates
             move at their own pace (which way they move is learned).
+        decoder_lr: the decoder-side language paths' peak learning rate (default ``lr``; the encoder side's
+            paths always train at ``lr``).
         max_noise: the gate noise scale reached at the end of training (5 in DistilWhisper).
         val_max_new_tokens: bound for validation decoding.
     """
@@ -69,7 +71,8 @@ class ClsrExpertModule(L.LightningModule):
     def __init__(self, model, processor, languages, clsr: ClsrConfig = ClsrConfig(),
                  loss: DistillationLossConfig | None = None, teacher=None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "linear", max_noise: float = 5.0,
-                 val_max_new_tokens: int = 128, gate_lr: float | None = None):
+                 val_max_new_tokens: int = 128, gate_lr: float | None = None,
+                 decoder_lr: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "processor", "teacher", "clsr", "loss"])
         self.languages = list(dict.fromkeys(languages))
@@ -179,11 +182,18 @@ class ClsrExpertModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        gates = [p for n, p in named if ".gates." in n]
-        gate_lr = self.hparams.lr if self.hparams.gate_lr is None else self.hparams.gate_lr
-        groups = [{"params": [p for n, p in named if ".gates." not in n], "lr": self.hparams.lr}]
-        groups += [{"params": gates, "lr": gate_lr}] if gates else []
+        hp = self.hparams
+
+        def rate(name: str) -> float:
+            if ".gates." in name:
+                return hp.lr if hp.gate_lr is None else hp.gate_lr
+            return hp.decoder_lr if ".decoder." in name and hp.decoder_lr is not None else hp.lr
+
+        by_rate: dict[float, list] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                by_rate.setdefault(rate(name), []).append(p)
+        groups = [{"params": params, "lr": lr} for lr, params in by_rate.items()]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         factor = lr_lambda(total, self.hparams.warmup_steps, self.hparams.schedule)

@@ -209,6 +209,10 @@ class DistillConfig:
     # clsr: the gates' peak learning rate (default: lr). On short runs a gate trained at a full path's 1e-4 stays
     # near G = 0 and its hard decision is noise; try 1e-3.
     gate_lr: float | None = None
+    # clsr: the decoder-side language paths' peak learning rate (default: lr). Measured on real speech: at lr the
+    # decoder gates either stay closed (path dropout 0.3) or open and overfit (path dropout 0); a lower rate here
+    # lets a decoder path open without the encoder side slowing down too.
+    decoder_lr: float | None = None
     schedule: Schedule = "linear"  # decay after warm-up
     warmup_steps: int = 10  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay

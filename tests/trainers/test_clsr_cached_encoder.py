@@ -107,3 +107,21 @@ def test_gates_train_at_their_own_learning_rate(tiny_whisper_dir):
                             ClsrConfig(side="decoder"), lr=1e-4)
     same.trainer = SimpleNamespace(estimated_stepping_batches=10)
     assert {g["initial_lr"] for g in same.configure_optimizers()["optimizer"].param_groups} == {1e-4}
+
+
+def test_decoder_paths_train_at_their_own_learning_rate(tiny_whisper_dir):
+    from registry.bases import load_base
+    from trainers.clsr_module import ClsrExpertModule
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    module = ClsrExpertModule(base.model, base.processor, ["uk"], ClsrConfig(side="both"), lr=1e-3, gate_lr=3e-3,
+                              decoder_lr=2e-4)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    by_lr = {g["initial_lr"]: {id(p) for p in g["params"]}
+             for g in module.configure_optimizers()["optimizer"].param_groups}
+    named = list(module.model.named_parameters())
+    paths = {side: {id(p) for n, p in named if ".experts." in n and f".{side}." in n}
+             for side in ("encoder", "decoder")}
+    assert paths["encoder"] and paths["decoder"]
+    assert by_lr == {1e-3: paths["encoder"], 2e-4: paths["decoder"],
+                     3e-3: {id(p) for n, p in named if ".gates." in n}}

@@ -78,14 +78,15 @@ def test_a_decoder_only_clsr_student_trains_on_cached_encoder_outputs(uk_pt_corp
                  str(tmp_path / "teacher-cache"), "--top-k", "4", "--data", str(uk_pt_corpus), "--languages", "uk,pt",
                  "--side", "decoder", "--path", "lowrank", "--rank", "2", "--name", "dec", "--max-steps", "2",
                  "--max-train", "2", "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"),
-                 "--cache-dir", str(tmp_path / "encoder-cache"), "--gate-lr", "0.05", "--path-dropout", "0",
-                 "--no-test", *TINY_RUN])
+                 "--cache-dir", str(tmp_path / "encoder-cache"), "--gate-lr", "0.05", "--decoder-lr", "0.002",
+                 "--path-dropout", "0", "--no-test", *TINY_RUN])
     assert code == 0
     assert sorted(p.suffix for p in (tmp_path / "encoder-cache").iterdir()) == [".done", ".done", ".npy", ".npy"]
     expert = Registry(tmp_path / "registry").get("dec-uk")
     hp = expert.manifest["hyperparameters"]
     assert hp["side"] == "decoder" and hp["encoder_start"] == 0 and hp["layers"] == 2
     assert hp["lr"] == 0.01 and hp["gate_lr"] == 0.05 and hp["path_dropout"] == 0.0 and hp["shared_only_prob"] == 0.2
+    assert hp["decoder_lr"] == 0.002
     assert expert.tensors and all(k.startswith("model.decoder.") for k in expert.tensors)
 
 

@@ -198,8 +198,9 @@ def register(subparsers) -> None:
              "temperature", "ce_weight", "gate_weight", "kd_weight", "label_smoothing")
     opts.add(p.add_argument_group("student"), "path", "side", "encoder_start", "rank", "alpha", "gate_hidden",
              "gate_dropout", "gate_budget", "max_noise", "path_dropout", "shared_only_prob")
-    opts.add(p.add_argument_group("optimization"), "lr", "gate_lr", "schedule", "warmup_steps", "weight_decay",
-             "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed", "strategy", "devices")
+    opts.add(p.add_argument_group("optimization"), "lr", "gate_lr", "decoder_lr", "schedule", "warmup_steps",
+             "weight_decay", "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed",
+             "strategy", "devices")
     opts.add(p.add_argument_group("data"), "max_train", "max_validation", "test", "test_limit", "val_max_new_tokens",
              "cache_encoder", "cache_dir", "run_dir", "progress")
     opts.add_rest(p)
