@@ -194,9 +194,9 @@ class ClsrExpertModule(L.LightningModule):
             if p.requires_grad:
                 by_rate.setdefault(rate(name), []).append(p)
         groups = [{"params": params, "lr": lr} for lr, params in by_rate.items()]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        factor = lr_lambda(total, self.hparams.warmup_steps, self.hparams.schedule)
+        factor = lr_lambda(total, hp.warmup_steps, hp.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

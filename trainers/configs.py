@@ -210,8 +210,8 @@ class DistillConfig:
     # near G = 0 and its hard decision is noise; try 1e-3.
     gate_lr: float | None = None
     # clsr: the decoder-side language paths' peak learning rate (default: lr). Measured on real speech: at lr the
-    # decoder gates either stay closed (path dropout 0.3) or open and overfit (path dropout 0); a lower rate here
-    # lets a decoder path open without the encoder side slowing down too.
+    # decoder gates either stay closed (path dropout 0.3) or open and overfit (path dropout 0); a lower rate here is
+    # the next thing to measure.
     decoder_lr: float | None = None
     schedule: Schedule = "linear"  # decay after warm-up
     warmup_steps: int = 10  # linear warm-up steps
@@ -275,6 +275,12 @@ class DistillConfig:
 
     def learning_rate(self) -> float:
         return default_lr(self.kind, self.path) if self.lr is None else self.lr
+
+    def optimization(self) -> dict:
+        """The optimizer and schedule arguments of :class:`trainers.clsr_module.ClsrExpertModule`."""
+        return {"lr": self.learning_rate(), "gate_lr": self.gate_lr, "decoder_lr": self.decoder_lr,
+                "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps, "schedule": self.schedule,
+                "max_noise": self.max_noise, "val_max_new_tokens": self.val_max_new_tokens}
 
 
 def loss_config(has_teacher: bool, *, ce_weight: float | None = None, gate_weight: float | None = None,

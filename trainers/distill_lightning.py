@@ -50,10 +50,7 @@ class ClsrExpertTask(ClsrExpertModule):
             source.teachers.check_covers(languages)
         # The parent by name, not super(): see trainers.options.give_signature.
         ClsrExpertModule.__init__(self, loaded.model, loaded.processor, languages, cfg.clsr(), cfg.loss(),
-                                  source, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
-                                  warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, max_noise=cfg.max_noise,
-                                  val_max_new_tokens=cfg.val_max_new_tokens, gate_lr=cfg.gate_lr,
-                                  decoder_lr=cfg.decoder_lr)
+                                  source, **cfg.optimization())
         # LightningCLI records the config's values as the hyperparameters, where lr may be null (the default)
         self.hparams["lr"] = cfg.learning_rate()
         self.base = loaded

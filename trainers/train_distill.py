@@ -145,10 +145,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
         from trainers.clsr_module import ClsrExpertModule
 
         module = ClsrExpertModule(base.model, base.processor, languages, cfg.clsr(), cfg.loss(), source,
-                                  lr=cfg.learning_rate(), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                  schedule=cfg.schedule, max_noise=cfg.max_noise, gate_lr=cfg.gate_lr,
-                                  decoder_lr=cfg.decoder_lr,
-                                  val_max_new_tokens=cfg.val_max_new_tokens)
+                                  **cfg.optimization())
         # The CLSR layers are in place (the encoder cache below them is the base's): build the data after.
         data = DistillDataModule(cfg.data, base.processor, languages, cfg.batch_size, language_batches=True,
                                  **data_options)
