@@ -4,8 +4,9 @@ The base is loaded once. Each candidate weighting is merged (``lora_experts.merg
 model without reloading it: an exactly low-rank result (``linear``, ``svd``, ``task_arithmetic`` over LoRA
 experts) is a LoRA adapter whose matrices are overwritten in place; any other result (``ties``, ``dare``,
 ``lors``, ...) is added to the touched weights, which are restored from a copy before the next candidate.
-When no expert touches the encoder, the dev set's encoder outputs are computed once and every trial decodes
-from them.
+The encoder layers below the lowest one any expert changes are run once on the dev set: every trial starts
+from the input of that layer (the encoder output itself when no expert touches the encoder; the log-mel
+features when one changes the convolutions).
 
 Search strategies (:func:`candidate_weights`):
 
@@ -21,6 +22,7 @@ WER, so the fused expert is never worse on dev than the target expert alone.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from lora_experts.merge import MergeResult, fused_expert, merge
 from lora_experts.model import attach_expert, remove_experts
 from lora_experts.task_vectors import dense, lora_tensors, task_vector
 from registry.expert_file import Expert
+from trainers.data import encode_from, encode_until
 
 FUSION_ADAPTER = "fusion"
 SEARCHES = ("fixed", "grid", "bayes")
@@ -61,20 +64,38 @@ class SearchResult:
         return [asdict(t) for t in self.trials]
 
 
+def first_changed_encoder_layer(task_vectors: Sequence[dict], num_layers: int) -> int:
+    """The lowest encoder layer any of ``task_vectors`` changes: 0 when one changes the convolutions or positions,
+    ``num_layers`` when none touches the encoder (or only its final norm)."""
+    first = num_layers
+    for tv in task_vectors:
+        for key in tv:
+            if not key.startswith("model.encoder."):
+                continue
+            match = re.match(r"model\.encoder\.layers\.(\d+)\.", key)
+            if match:
+                first = min(first, int(match.group(1)))
+            elif not key.startswith("model.encoder.layer_norm."):
+                return 0
+    return first
+
+
 class DevScorer:
-    """Greedy dev-set WER of whatever model state is current; features (or encoder outputs) computed once.
+    """Greedy dev-set WER of whatever model state is current; the frozen part of the encoder run once.
 
     Args:
         model, processor: the loaded base (experts come and go on it).
         utterances: the dev set (one or more languages; each decoded with its own language token).
-        cache_encoder: keep the encoder outputs (valid while nothing adapts the encoder).
+        encoder_start: the lowest encoder layer a candidate may change (:func:`first_changed_encoder_layer`):
+            the input of that layer is kept and each call runs only the layers from there (0 keeps the log-mel
+            features and runs the whole encoder; the number of layers keeps the encoder output).
         batch_size: decoding batch size.
     """
 
-    def __init__(self, model, processor, utterances: Sequence[Utterance], cache_encoder: bool, batch_size: int = 16):
+    def __init__(self, model, processor, utterances: Sequence[Utterance], encoder_start: int, batch_size: int = 16):
         if not utterances:
             raise ValueError("the dev set is empty; pass --dev with a corpus that has a validation split")
-        self.model, self.processor = model, processor
+        self.model, self.processor, self.encoder_start = model, processor, encoder_start
         order = sorted(range(len(utterances)), key=lambda i: utterances[i].seconds)
         self.batches = []
         model.eval()
@@ -82,10 +103,10 @@ class DevScorer:
             for start in range(0, len(order), batch_size):
                 items = [utterances[i] for i in order[start:start + batch_size]]
                 feats = log_mel(processor, [u.audio for u in items], model)
-                states = model.model.encoder(feats).last_hidden_state if cache_encoder else None
+                hidden = encode_until(model.model.encoder, feats, encoder_start) if encoder_start else None
                 # the audio-duration bound of eval: decoding never sees the references
                 bound = duration_bound(max(u.seconds for u in items), model.config.max_target_positions - 4)
-                self.batches.append({"features": None if cache_encoder else feats, "states": states, "bound": bound,
+                self.batches.append({"features": None if encoder_start else feats, "hidden": hidden, "bound": bound,
                                      "languages": [u.language for u in items], "texts": [u.text for u in items]})
 
     def __call__(self) -> dict:
@@ -93,8 +114,10 @@ class DevScorer:
         self.model.eval()
         with torch.inference_mode():
             for b in self.batches:
+                states = None if b["hidden"] is None else encode_from(self.model.model.encoder, b["hidden"],
+                                                                      self.encoder_start)
                 out = transcribe_batch(self.model, self.processor, b["features"], b["languages"],
-                                       max_new_tokens=b["bound"], encoder_hidden_states=b["states"])
+                                       max_new_tokens=b["bound"], encoder_hidden_states=states)
                 refs += b["texts"]
                 hyps += out.texts
         rates = error_rates(refs, hyps)
@@ -255,8 +278,8 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
         only = Trial([float(x) for x in weights] if weights else None, math.nan, math.nan, math.nan, 0.0)
         result = SearchResult([only], only)
     else:
-        touches_encoder = any(k.startswith("model.encoder.") for tv in tvs for k in tv)
-        scorer = DevScorer(base.model, base.processor, dev, cache_encoder=not touches_encoder, batch_size=batch_size)
+        start = first_changed_encoder_layer(tvs, base.model.config.encoder_layers)
+        scorer = DevScorer(base.model, base.processor, dev, encoder_start=start, batch_size=batch_size)
 
         def score(w):
             applier.apply(w)

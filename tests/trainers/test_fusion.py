@@ -12,7 +12,15 @@ from lora_experts.model import attach_expert, remove_experts
 from lora_experts.task_vectors import apply_task_vector, task_vector
 from registry.expert_file import Expert, new_manifest
 from tests.lora_experts.random_experts import linear_shapes, random_lora
-from trainers.fusion import FusionApplier, candidate_weights, fuse_for_target, plot_search, search_weights
+from trainers.fusion import (
+    DevScorer,
+    FusionApplier,
+    candidate_weights,
+    first_changed_encoder_layer,
+    fuse_for_target,
+    plot_search,
+    search_weights,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +145,43 @@ def test_fuse_for_target_stores_the_search_in_the_expert(base, experts, uk_corpu
     assert not any(n for n, m in base.model.named_modules() if "lora" in type(m).__name__.lower())  # base left clean
     png = plot_search(result, ["uk-small", "ru-espeak"], str(tmp_path / "search.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_dev_scorer_runs_only_the_encoder_layers_a_candidate_changes(base, uk_corpus):
+    from inference.evaluation import utterances_from_dataset
+    from trainers.corpus.loading import load_corpus
+    from trainers.data import encode_from
+
+    assert first_changed_encoder_layer([{"model.decoder.layers.0.fc1.weight": 0}], 2) == 2
+    assert first_changed_encoder_layer([{"model.encoder.layer_norm.weight": 0}], 2) == 2
+    assert first_changed_encoder_layer([{"model.decoder.layers.0.fc1.weight": 0},
+                                        {"model.encoder.layers.1.fc2.weight": 0}], 2) == 1
+    assert first_changed_encoder_layer([{"model.encoder.layers.1.fc1.weight": 0,
+                                         "model.encoder.conv1.weight": 0}], 2) == 0
+    # The target adapts encoder layer 1 and the decoder, the support encoder layer 1 only.
+    experts = [_expert(base, 3, 4, ("encoder.layers.1.fc1", "decoder.layers.0.fc1"), "uk"),
+               _expert(base, 4, 4, ("encoder.layers.1.fc2",), "ru")]
+    tvs = [task_vector(e) for e in experts]
+    start = first_changed_encoder_layer(tvs, base.model.config.encoder_layers)
+    assert start == 1
+    dev = utterances_from_dataset(load_corpus(str(uk_corpus))["test"], ["uk"])
+    partial = DevScorer(base.model, base.processor, dev, encoder_start=start)  # built before any candidate
+    whole = DevScorer(base.model, base.processor, dev, encoder_start=0)
+    assert partial.batches[0]["features"] is None and whole.batches[0]["hidden"] is None
+    encoder, feats = base.model.model.encoder, whole.batches[0]["features"]
+    with torch.inference_mode():
+        plain = encoder(feats).last_hidden_state
+    applier = FusionApplier(base.model, tvs, "linear")
+    try:
+        applier.apply([1.0, 0.5])
+        with torch.inference_mode():
+            live = encoder(feats).last_hidden_state
+            resumed = encode_from(encoder, partial.batches[0]["hidden"], start)
+        assert not torch.allclose(live, plain, atol=1e-4)  # the candidate changes the encoder output
+        torch.testing.assert_close(resumed, live, rtol=1e-5, atol=1e-5)
+        assert partial()["hypotheses"] == whole()["hypotheses"]
+    finally:
+        applier.clear()
 
 
 def test_a_multi_language_merge_needs_no_dev_set(base, experts):
