@@ -17,8 +17,8 @@ of related languages after it. The fusion weights are searched on the target's v
 tries the task-arithmetic paper's lambda in [0, 1] (weights 1, lambda/n, ..., lambda/n), --search bayes runs
 Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. Both try the target alone first, so
 the result is never worse on dev than the target expert. --weights fixes the weights instead (no search).
-The base loads once; candidates are applied in place; when no expert touches the encoder, the dev set's
-encoder outputs are computed once. A PNG of dev WER against the weights is written beside the run.
+The base loads once; candidates are applied in place; the encoder layers below the lowest one an expert
+changes run once on the dev set. A PNG of dev WER against the weights is written beside the run.
 
 Without --target: a multi-language merge with fixed weights (--weights, or the method's defaults).
 
