@@ -359,8 +359,8 @@ def table(results: dict) -> str:
                     count(r["active"]), "reused" if r["minutes"] is None and key == "teacher" else
                     ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
         md.append("| " + " | ".join(cells) + " |")
-    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-kd")):
-        plain = key[: -len("-kd")]
+    for key in sorted(k for k in rows if k.startswith("clsr") and "-kd" in k):
+        plain = key.replace("-kd", "", 1)  # the KD marker sits before the variant suffix (-kd-pd0)
         if plain in rows:
             gains = ", ".join(f"{l} {versus(rows[plain]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
             md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
