@@ -20,7 +20,9 @@ native; at most ``--epochs`` epochs, best validation WER kept) and is cached und
 weights (target first) are searched on the target's real validation WER (``trainers.fusion.fuse_for_target``,
 ``--search bayes``: every weight free, or ``grid``: one lambda for the pooled supports), the target alone always
 among the candidates. Test rows: whisper-base, the target expert alone, each support alone, the fused expert;
-WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips.
+WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
+(rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
+only its new rows).
 The goal (issue 16): fused at least 10% relative better than the target alone.
 
 Writes ``<out>/<name>.{json,md}`` and the search plot ``<out>/<name>.png``.
@@ -95,19 +97,47 @@ def trained(name: str, data: str, lang: str, max_train: int | None, args) -> tup
     return expert, seconds
 
 
-def scored(base, expert, utterances) -> dict:
-    """Test WER/CER (with intervals) and the per-utterance counts of the base with ``expert`` (None: alone)."""
+def score_key(base, expert, utterances) -> str:
+    """What a test row depends on: the base, the expert's tensors and recipe, and the clips (ids and audio)."""
+    import hashlib
+
+    import numpy as np
+
+    from registry.packs import tensor_digest
+
+    h = hashlib.sha256(f"{base.name}|{getattr(base, 'fingerprint', '')}".encode())
+    if expert is not None:
+        h.update(tensor_digest(expert.tensors).encode())
+        h.update(json.dumps([expert.kind, expert.manifest.get("hyperparameters")], sort_keys=True,
+                            default=str).encode())
+    for u in utterances:
+        h.update(f"{u.id}|{u.language}|{u.text}|".encode())
+        h.update(np.ascontiguousarray(u.audio).view(np.uint8))
+    return h.hexdigest()[:16]
+
+
+def scored(base, expert, utterances, cache: Path | None = None) -> dict:
+    """Test WER/CER (with intervals) and the per-utterance counts of the base with ``expert`` (None: alone).
+
+    With ``cache`` (a folder), a row already scored for the same base, expert and clips is read back instead of
+    decoded again (another run of this script with other supports decodes only its new rows)."""
     import contextlib
 
     from inference.evaluation import DecodeOptions, evaluate, paired_counts
     from inference.language_matrix import expert_applied
 
+    path = cache / f"{score_key(base, expert, utterances)}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
     with expert_applied(base.model, expert) if expert is not None else contextlib.nullcontext():
         report = evaluate(base.model, base.processor, utterances, DecodeOptions(batch_size=16), progress=False)
     d = report.as_dict()
     row = next(iter(d["languages"].values()))
-    return {**{k: row[k] for k in ("wer", "cer", "n", "wer_ci95")},
-            "utterances": paired_counts(d)}
+    out = {**{k: row[k] for k in ("wer", "cer", "n", "wer_ci95")}, "utterances": paired_counts(d)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
+    return out
 
 
 def run(args, results: dict, save) -> None:
@@ -148,13 +178,18 @@ def run(args, results: dict, save) -> None:
     search_minutes = round((time.time() - t0) / 60, 1)
     plot_search(search, names, str(Path(args.out) / f"{args.name}.png"),
                 title=f"{target} ({args.target_train} real clips) + supports: validation WER vs fusion weights")
-    rows = {"base": {"label": f"{Path(args.base).name} (no expert)", **scored(base, None, test)}}
+    cache = Path(args.runs) / "test-scores"
+    rows = {"base": {"label": f"{Path(args.base).name} (no expert)", **scored(base, None, test, cache)}}
     for name, expert in zip(names, experts):
         rows[name] = {"label": f"{name} alone" + (" (the target)" if name == t_name else ""),
-                      "train_minutes": minutes[name], **scored(base, expert, test)}
-    rows["fused"] = {"label": f"fused ({args.method}, {args.search} search, {len(search.trials)} trials)",
+                      "train_minutes": minutes[name], **scored(base, expert, test, cache)}
+    target_only = list(search.best.weights) == [1.0] + [0.0] * (len(names) - 1)
+    rows["fused"] = {"label": f"fused ({args.method}, {args.search} search, {len(search.trials)} trials)"
+                              + (": the target alone" if target_only else ""),
                      "weights": dict(zip(names, search.best.weights)), "search_minutes": search_minutes,
-                     **scored(base, fused, test)}
+                     # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
+                     **{k: v for k, v in (rows[t_name] if target_only else scored(base, fused, test, cache)).items()
+                        if k not in ("label", "train_minutes")}}
     results.update({"target": target, "base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),
                     "dev_wer": {"target_only": search.trials[0].wer, "fused": search.best.wer},
                     "trials": search.trace(), "rows": rows})
