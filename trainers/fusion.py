@@ -300,26 +300,47 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
     return expert, result
 
 
+def search_panels(result: SearchResult, names: Sequence[str]) -> tuple[list[list[int]], list[str]]:
+    """The panels of :func:`plot_search`: groups of expert indices whose weights moved together in every trial,
+    and a note for each weight held fixed (at least one panel is always left)."""
+    columns = [tuple(t.weights[i] for t in result.trials) for i in range(len(names))]
+    panels: dict[tuple, list[int]] = {}
+    fixed = []
+    for i, col in enumerate(columns):
+        if len(set(col)) == 1:
+            fixed.append(f"{names[i]} fixed at {col[0]:g}")
+        else:
+            panels.setdefault(col, []).append(i)
+    if not panels:  # nothing varied (one trial): show the first weight anyway
+        return [[0]], fixed[1:]
+    return list(panels.values()), fixed
+
+
 def plot_search(result: SearchResult, names: Sequence[str], path: str, title: str = "") -> str:
-    """PNG of dev WER against the weights: one panel per expert's weight, the chosen trial marked."""
+    """PNG of dev WER against the weights: one panel per weight the search varied, the chosen trial marked.
+
+    Experts whose weights moved together in every trial (a grid's pooled support weight) share a panel; a
+    weight the search held fixed (the target's 1 in a grid) gets none and is named in the title instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(names)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
+    groups, fixed = search_panels(result, names)
+    columns = [tuple(t.weights[i] for t in result.trials) for i in range(len(names))]
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(7.0, 4.5 * len(groups)), 3.6), squeeze=False, sharey=True)
     wers = [100 * t.wer for t in result.trials]
-    for i, (ax, name) in enumerate(zip(axes[0], names)):
-        xs = [t.weights[i] for t in result.trials]
+    for ax, group in zip(axes[0], groups):
+        xs = list(columns[group[0]])
         pairs = sorted(zip(xs, wers))
         ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if len(set(xs)) == len(xs) else "o", alpha=0.7)
-        ax.plot([result.best.weights[i]], [100 * result.best.wer], "r*", markersize=14, label="chosen")
-        ax.set_xlabel(f"weight of {name}")
+        ax.plot([result.best.weights[group[0]]], [100 * result.best.wer], "r*", markersize=14, label="chosen")
+        ax.set_xlabel("weight of " + " = ".join(names[i] for i in group))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("dev WER %")
     axes[0][0].legend()
-    fig.suptitle(title or "fusion weight search")
+    head = title or "fusion weight search"
+    fig.suptitle(head + (f"\n({', '.join(fixed)})" if fixed else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,10 +15,13 @@ from tests.lora_experts.random_experts import linear_shapes, random_lora
 from trainers.fusion import (
     DevScorer,
     FusionApplier,
+    SearchResult,
+    Trial,
     candidate_weights,
     first_changed_encoder_layer,
     fuse_for_target,
     plot_search,
+    search_panels,
     search_weights,
 )
 
@@ -219,3 +222,15 @@ def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir,
     assert "2 experts" in capsys.readouterr().err
     assert main(["fuse", "--experts", "uk-small", "--option", "density", "--name", "y", *common]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_the_search_plot_gives_one_panel_per_weight_that_moved():
+    def trial(*w):
+        return Trial(list(w), 0.5, 0.2, 0.5, 1.0)
+
+    grid = [trial(1.0, 0.0, 0.0), trial(1.0, 0.1, 0.1), trial(1.0, 0.2, 0.2)]
+    assert search_panels(SearchResult(grid, grid[1]), ["t", "a", "b"]) == ([[1, 2]], ["t fixed at 1"])
+    free = [trial(1.0, 0.0), trial(0.5, 0.3)]
+    assert search_panels(SearchResult(free, free[0]), ["t", "a"]) == ([[0], [1]], [])
+    one = [trial(1.0, 0.0)]
+    assert search_panels(SearchResult(one, one[0]), ["t", "a"]) == ([[0]], ["a fixed at 0"])
