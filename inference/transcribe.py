@@ -15,8 +15,10 @@ the encoder output of the language-ID pass instead of running the encoder again.
     for t in whisper.transcribe(["a.wav", "b.mp3"], language="auto"):
         print(t.file, t.language, t.expert, t.text)
 
-Windows are cut at fixed 30 s boundaries (a word on a boundary may be split); with ``timestamps`` the
-segments inside a window come from Whisper's timestamp tokens, else each window is one segment.
+Windows are at most 30 s. By default (``cut="quiet"``) each window that is not the last ends at the quietest
+100 ms of its last 5 s, so a pause, not a word, is split between two windows; ``cut="fixed"`` cuts every 30 s
+(a word on a boundary may be split). With ``timestamps`` the segments inside a window come from Whisper's
+timestamp tokens, else each window is one segment.
 
 A server decodes windows of many requests together: :func:`cut_windows` cuts one input, each window may carry
 its own :class:`~inference.window_routing.Route` (expert and language chosen per request), and
@@ -50,6 +52,9 @@ from inference.window_routing import FROM_LANGUAGE, Route, route_windows
 from registry.bases import Base, load_base
 
 WINDOW_SECONDS = 30  # Whisper's context
+CUTS = ("quiet", "fixed")  # how long audio is cut into windows (see cut_windows)
+CUT_SEARCH_SECONDS = 5.0  # "quiet": a window ends in the quietest frame of its last this many seconds
+CUT_FRAME = SAMPLE_RATE // 10  # 100 ms frames
 TIME_PRECISION = 0.02  # seconds per timestamp token step
 
 
@@ -66,6 +71,7 @@ class TranscribeOptions:
     num_beams: int = 1  # 1 = greedy
     max_new_tokens: int | None = None  # per window; None: 8 tokens per second of audio + 16
     silence_db: float = -60.0  # windows quieter than this RMS level (dBFS) are not decoded
+    cut: str = "quiet"  # "quiet": windows end at the quietest 100 ms near 30 s; "fixed": every 30 s
     repetition_guard: bool = True  # stop repetition loops and keep one copy (inference.decoding)
     progress: bool = True  # a progress bar over windows
     router: Any = None  # a learned router (file or LearnedRouter): with "auto" it routes instead of language ID
@@ -82,6 +88,7 @@ class Segment:
     language: str | None = None
     language_probability: float | None = None
     expert: str | None = None  # None: the base model
+    seek: float | None = None  # where the window it was decoded in starts, seconds from the file's start
 
 
 @dataclass
@@ -133,17 +140,43 @@ class Window:
         return len(self.audio) / SAMPLE_RATE
 
 
+def window_starts(audio: np.ndarray, cut: str = "quiet") -> list[int]:
+    """Sample offsets where the windows of ``audio`` start; every window is at most 30 s.
+
+    ``"fixed"``: every 30 s. ``"quiet"``: a window longer audio follows ends in the quietest 100 ms frame of
+    its last 5 s (the latest such frame when several are as quiet, within half a decibel), cut in its middle.
+    """
+    if cut not in CUTS:
+        raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {cut!r}")
+    step = WINDOW_SECONDS * SAMPLE_RATE
+    if cut == "fixed":
+        return list(range(0, len(audio), step))
+    search = int(CUT_SEARCH_SECONDS * SAMPLE_RATE)
+    starts, start = [], 0
+    while start < len(audio):
+        starts.append(start)
+        if len(audio) - start <= step:
+            break
+        low = start + step - search
+        frames = np.asarray(audio[low:low + search // CUT_FRAME * CUT_FRAME], np.float64).reshape(-1, CUT_FRAME)
+        energy = (frames ** 2).mean(axis=1)
+        quietest = int(np.flatnonzero(energy <= energy.min() * 1.12 + 1e-12)[-1])  # 1.12: half a decibel
+        start = low + quietest * CUT_FRAME + CUT_FRAME // 2
+    return starts
+
+
 def cut_windows(audio: np.ndarray, item: int = 0, silence_db: float = -60.0,
-                route: Route | None = None) -> tuple[list[Window], str | None]:
-    """Cut 16 kHz audio into 30 s windows, leaving out silent ones.
+                route: Route | None = None, cut: str = "quiet") -> tuple[list[Window], str | None]:
+    """Cut 16 kHz audio into windows of at most 30 s (:func:`window_starts`), leaving out silent ones.
 
     Returns:
         (the audible windows, a note when the audio is not empty but every window is silent, else None).
     """
-    step = WINDOW_SECONDS * SAMPLE_RATE
-    cut = [Window(item, s / SAMPLE_RATE, audio[s:s + step], route=route) for s in range(0, len(audio), step)]
-    audible = [w for w in cut if not is_silent(w.audio, silence_db)]
-    if cut and not audible:
+    starts = window_starts(audio, cut)
+    ends = starts[1:] + [len(audio)]
+    windows = [Window(item, s / SAMPLE_RATE, audio[s:e], route=route) for s, e in zip(starts, ends)]
+    audible = [w for w in windows if not is_silent(w.audio, silence_db)]
+    if windows and not audible:
         return [], f"silent audio (below {silence_db:g} dBFS), nothing to transcribe"
     return audible, None
 
@@ -195,8 +228,8 @@ def _segments(tokens: Sequence[int], tokenizer, eos: int, timestamp_begin: int |
     for s, e, toks in spans:
         words = tokenizer.decode(toks, skip_special_tokens=True).strip()
         if words:
-            out.append(Segment(round(start + s, 3), round(start + max(s, e), 3), words))
-    return out or [Segment(round(start, 3), round(start + length, 3), "")]
+            out.append(Segment(round(start + s, 3), round(start + max(s, e), 3), words, seek=round(start, 3)))
+    return out or [Segment(round(start, 3), round(start + length, 3), "", seek=round(start, 3))]
 
 
 class ExpertWhisper:
@@ -269,6 +302,8 @@ class ExpertWhisper:
             self.check_language(code, "language-ID candidate")
         if opts.batch_size < 1 or opts.num_beams < 1:
             raise ValueError("batch_size and num_beams must be at least 1")
+        if opts.cut not in CUTS:
+            raise ValueError(f"cut must be one of {', '.join(CUTS)}, got {opts.cut!r}")
         if opts.timestamps and getattr(self.base.model.generation_config, "no_timestamps_token_id", None) is None:
             raise ValueError(f"{self.base.name} has no timestamp tokens; transcribe without timestamps")
         if opts.router is not None:
@@ -315,7 +350,7 @@ class ExpertWhisper:
                     raise
                 audio, errors[i] = np.zeros(0, np.float32), str(e)
             audios.append(audio)
-            audible, note = cut_windows(audio, i, opts.silence_db)
+            audible, note = cut_windows(audio, i, opts.silence_db, cut=opts.cut)
             if note:
                 notes[i] = note
             windows += audible

@@ -294,7 +294,7 @@ async def _admitted(state, request, task, file, served, route, fmt) -> Response:
         raise APIError(400, f"{name}: the audio is empty ({e})", param="file", code="empty_audio") from e
     except AudioError as e:
         raise APIError(400, f"could not decode {name} as audio: {e}", param="file", code="invalid_audio") from e
-    windows, note = cut_windows(audio, 0, served.options.silence_db, route)
+    windows, note = cut_windows(audio, 0, served.options.silence_db, route, served.options.cut)
     key = DecodeKey(timestamps=fmt in TIMED_FORMATS and served.timestamps, task=task)
     loop = asyncio.get_running_loop()
     job = Job(served, key, windows, loop.create_future(), loop)

@@ -69,7 +69,8 @@ def as_verbose_json(t: Transcript, task: str = "transcribe") -> dict:
     """The ``verbose_json`` format, segments included."""
     segments = []
     for n, s in enumerate(x for x in t.segments if x.text):
-        segments.append({"id": n, "seek": int(s.start // WINDOW_SECONDS * WINDOW_SECONDS * 100),
+        window = s.seek if s.seek is not None else s.start // WINDOW_SECONDS * WINDOW_SECONDS
+        segments.append({"id": n, "seek": int(round(100 * window)),
                          "start": s.start, "end": s.end, "text": s.text, "tokens": [], "temperature": 0.0,
                          "avg_logprob": None, "compression_ratio": compression_ratio(s.text), "no_speech_prob": None,
                          "language": s.language, "expert": s.expert})

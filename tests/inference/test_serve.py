@@ -389,3 +389,13 @@ def test_a_learned_router_routes_auto_and_a_reload_it_does_not_fit_is_refused(ti
         refused = httpx.post(url + "/admin/packs", json={"action": "replace", "packs": [packs["ru"]]}, timeout=120)
         assert refused.status_code == 400 and "router" in refused.json()["error"]["message"]
         assert httpx.get(url + "/health").json()["experts"] == ["uk-x", "pt-x", "nl-x"]
+
+
+def test_verbose_json_seek_is_where_the_segments_window_starts():
+    from inference.serve.responses import as_verbose_json
+    from inference.transcribe import Segment, Transcript
+
+    segments = [Segment(0.0, 12.0, "one", seek=0.0), Segment(12.0, 27.25, "two", seek=0.0),
+                Segment(27.25, 40.0, "three", seek=27.25), Segment(45.0, 50.0, "four")]  # no seek: a 30 s grid
+    t = Transcript("a.wav", "one two three four", "cs", None, "cs-x", 50.0, segments)
+    assert [s["seek"] for s in as_verbose_json(t)["segments"]] == [0, 0, 2725, 3000]

@@ -15,7 +15,7 @@ import soundfile as sf
 from inference.audio import AudioError
 from inference.decoding import log_mel
 from inference.routing import language_posterior
-from inference.transcribe import ExpertWhisper, Segment, Transcript, _segments
+from inference.transcribe import ExpertWhisper, Segment, Transcript, _segments, window_starts
 from inference.transcript_formats import render, to_srt, to_vtt
 from registry.bases import load_base
 from registry.packs import create_pack
@@ -97,9 +97,45 @@ def test_json_records_in_input_order_with_required_fields(whisper, files, tiny_w
         [(r["text"], r["language"], r["expert"]) for r in records]
 
 
-def test_long_audio_is_decoded_in_30_second_windows(whisper):
-    (t,) = whisper.transcribe([_noise(65, 5)], language="uk", **FAST)
-    assert [(s.start, s.end) for s in t.segments] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+def _with_gaps(seconds: float, gaps: list[tuple[float, float]], seed: int) -> np.ndarray:
+    audio = _noise(seconds, seed)
+    for a, b in gaps:
+        audio[int(a * SR):int(b * SR)] = 0.0
+    return audio
+
+
+def test_windows_end_in_the_quietest_frame_of_their_last_5_seconds():
+    audio = _with_gaps(65, [(27.0, 27.3), (54.0, 54.4)], seed=7)
+    # 100 ms frames from 25 s: the latest silent one is 27.2-27.3 s; from the next window's 25 s (52.25 s) on,
+    # the latest frame wholly inside the 54.0-54.4 s gap is 54.25-54.35 s. Cuts fall in those frames' middles.
+    assert window_starts(audio) == [0, int(27.25 * SR), int(54.3 * SR)]
+    assert window_starts(audio, "fixed") == [0, 30 * SR, 60 * SR]
+    # Frames equally loud (a 1 kHz tone, whole periods per frame): the latest, so windows stay long.
+    tone = np.sin(2 * np.pi * 1000 * np.arange(40 * SR) / SR).astype(np.float32)
+    assert window_starts(tone) == [0, 30 * SR - SR // 20]
+    for audio in (_noise(100, 8), tone, _noise(30, 9), _noise(0.5, 9)):  # at most 30 s each, nothing lost
+        starts = window_starts(audio)
+        assert starts[0] == 0 and all(b - a <= 30 * SR for a, b in zip(starts, starts[1:] + [len(audio)]))
+    assert window_starts(np.zeros(0, np.float32)) == []
+    with pytest.raises(ValueError, match="quiet, fixed"):
+        window_starts(tone, "smart")
+
+
+def test_long_audio_is_decoded_in_windows_of_at_most_30_seconds(whisper, tiny_whisper_dir, pack, tmp_path):
+    audio = _with_gaps(65, [(27.0, 27.3), (54.0, 54.4)], seed=5)
+    (t,) = whisper.transcribe([audio], language="uk", **FAST)
+    assert [(s.start, s.end, s.seek) for s in t.segments] == [(0.0, 27.25, 0.0), (27.25, 54.3, 27.25),
+                                                              (54.3, 65.0, 54.3)]
+    (fixed,) = whisper.transcribe([audio], language="uk", cut="fixed", **FAST)
+    assert [(s.start, s.end) for s in fixed.segments] == [(0.0, 30.0), (30.0, 60.0), (60.0, 65.0)]
+    with pytest.raises(ValueError, match="cut must be one of"):
+        whisper.transcribe([audio], language="uk", cut="smart", **FAST)
+    path, out = tmp_path / "long.wav", tmp_path / "long.json"
+    sf.write(path, audio, SR)
+    assert main(["transcribe", str(path), "--pack", str(pack), "--base", str(tiny_whisper_dir), "--language", "uk",
+                 "--format", "json", "--out", str(out), "--max-new-tokens", "4", "--no-progress", "--cut",
+                 "fixed"]) == 0
+    assert [s["start"] for s in json.loads(out.read_text())[0]["segments"]] == [0.0, 30.0, 60.0]
     assert t.language == "uk" and t.language_probability is None and t.expert == "uk-x"
     assert t.text == " ".join(s.text for s in t.segments)
 

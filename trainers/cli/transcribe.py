@@ -13,7 +13,8 @@ Transcribe audio and video files with a base Whisper and a pack of experts (whis
 read with libsndfile (wav, flac, ogg/opus, mp3) or PyAV/FFmpeg (m4a, aac, webm, mp4 video, ...), mixed down to
 mono and resampled to 16 kHz (a file that cannot be read gets an error entry, the others are still
 transcribed, and the exit code is 1); long audio is cut
-into 30 s windows, and the windows of all files are decoded together in batches. Each window is routed to
+into windows of at most 30 s, each ending in the quietest 100 ms of its last 5 s (--cut fixed: every 30 s), and
+the windows of all files are decoded together in batches. Each window is routed to
 its own expert in the same forward pass:
   --language auto   Whisper's language ID (first decoder step, on the base model) picks the window's language
                     and that language's expert; below --threshold, or for a language with no expert in the
@@ -31,7 +32,7 @@ output (--format):
          (null: the base model), duration, segments
   srt    SubRip subtitles; vtt: WebVTT subtitles (both imply --timestamps). With several inputs, --out is a
          directory that gets one FILE-STEM.srt / .vtt per input
---timestamps takes segment times from Whisper's timestamp tokens (else each 30 s window is one segment).
+--timestamps takes segment times from Whisper's timestamp tokens (else each window is one segment).
 
 examples:
   whisper-experts transcribe talk.wav --pack packs/eu3.safetensors
@@ -92,7 +93,7 @@ def _run(args) -> int:
     options = TranscribeOptions(batch_size=args.batch_size, threshold=args.threshold,
                                 candidates=tuple(split_list(args.candidates) or ()) or None, timestamps=timestamps,
                                 task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                progress=not args.no_progress, router=args.router, on_error="record")
+                                progress=not args.no_progress, router=args.router, on_error="record", cut=args.cut)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir() and args.format not in SUBTITLE_FORMATS:
         raise ValueError(f"--out {out} is a directory; name a file for --format {args.format}")
@@ -145,6 +146,9 @@ def register(subparsers) -> None:
     p.add_argument("--timestamps", action="store_true", help="segment times from Whisper's timestamp tokens")
     p.add_argument("--out", help="write here instead of stdout (a directory for srt/vtt of several inputs)")
     p.add_argument("--batch-size", type=int, default=16, help="30 s windows per decoding batch (default 16)")
+    p.add_argument("--cut", choices=["quiet", "fixed"], default="quiet",
+                   help="how audio longer than 30 s is cut into windows: 'quiet' (default) ends each window at the "
+                        "quietest 100 ms of its last 5 s, so pauses rather than words are split; 'fixed' every 30 s")
     p.add_argument("--beams", type=int, default=1, help="beam size (default 1: greedy)")
     p.add_argument("--max-new-tokens", type=int, help="token limit per window (default: 8 per second of audio + 16)")
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe",
