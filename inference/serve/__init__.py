@@ -1,6 +1,6 @@
 """An OpenAI-compatible transcription server on a pack of experts (``whisper-experts serve``).
 
-Requests name an expert, a language, the base or ``auto`` as their ``model``; their 30 s windows are batched
+Requests name an expert, a language, the base or ``auto`` as their ``model``; their windows (up to 30 s) are batched
 across requests and decoded together, each window by its own expert, in one ``generate`` call on one model
 thread. Packs can be reloaded without a restart.
 

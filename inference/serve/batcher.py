@@ -1,6 +1,6 @@
 """Dynamic batching across requests: windows of concurrent requests decoded together, one model thread.
 
-Requests are cut into 30 s windows on the event loop and handed over as a :class:`Job`. One worker thread owns
+Requests are cut into windows (up to 30 s) on the event loop and handed over as a :class:`Job`. One worker thread owns
 the model (torch modules are not re-entrant and generate() is not thread-safe): it waits until ``max_batch``
 windows are queued or the oldest has waited ``max_wait_ms``, takes up to ``max_batch`` windows in arrival order
 that can share one ``generate`` call, decodes them, and resolves each job's future on the event loop once its

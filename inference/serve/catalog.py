@@ -1,7 +1,7 @@
 """What a request's ``model`` names, and the ``/v1/models`` list.
 
 =======================  ====================================================================================
-``auto`` / ``whisper-1``  each 30 s window's language is detected (language ID, or the learned router given with
+``auto`` / ``whisper-1``  each window's language is detected (language ID, or the learned router given with
                           ``--router``) and its expert serves it, as ``transcribe --language auto`` does;
                           ``whisper-1`` is what OpenAI clients send by default
 an expert's name          that expert serves every window; the language is the request's ``language``, else the

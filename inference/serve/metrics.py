@@ -7,7 +7,7 @@ covers updates from the event loop and from the decoding thread alike.
 ``whisper_experts_requests_total{status}``       transcription requests answered, by HTTP status
 ``whisper_experts_errors_total{type}``           errors by kind (``invalid_audio``, ``queue_full``, ``timeout``...)
 ``whisper_experts_request_seconds``              request latency (upload received to answer) histogram
-``whisper_experts_batch_windows``                30 s windows per ``generate`` call, histogram
+``whisper_experts_batch_windows``                windows per ``generate`` call, histogram
 ``whisper_experts_batch_requests``               requests sharing one ``generate`` call, histogram
 ``whisper_experts_generate_calls_total``         ``generate`` calls (batches decoded)
 ``whisper_experts_queue_windows``                windows waiting to be decoded (gauge)
@@ -35,7 +35,7 @@ _HELP = {
     "requests_total": ("counter", "Transcription requests answered, by HTTP status."),
     "errors_total": ("counter", "Errors, by kind."),
     "request_seconds": ("histogram", "Request latency in seconds (upload received to answer)."),
-    "batch_windows": ("histogram", "30 s windows decoded per generate call."),
+    "batch_windows": ("histogram", "Windows (at most 30 s) decoded per generate call."),
     "batch_requests": ("histogram", "Requests whose windows share one generate call."),
     "generate_calls_total": ("counter", "generate calls (batches decoded)."),
     "queue_windows": ("gauge", "Windows waiting to be decoded."),

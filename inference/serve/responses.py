@@ -5,7 +5,7 @@
                    plus which language and expert served it)
 ``text``           the text alone (``text/plain``)
 ``srt``, ``vtt``   subtitles (``text/plain``); times from Whisper's timestamp tokens when the base has them,
-                   else one cue per 30 s window
+                   else one cue per window
 ``verbose_json``   ``{"task", "language", "duration", "text", "segments", "usage"}`` as OpenAI's, plus
                    ``expert`` and ``language_probability``; each segment also names its language and expert.
                    ``avg_logprob`` and ``no_speech_prob`` are null (not computed); ``tokens`` is empty

@@ -41,7 +41,7 @@ class ServeConfig:
 
     packs: tuple[str, ...] = ()  # pack files or fsspec URLs attached at start (re-read / downloaded on reload)
     router: str | None = None  # learned router file or URL: routes model "auto" instead of language ID
-    max_batch: int = 16  # most 30 s windows per generate call (1: no batching across requests)
+    max_batch: int = 16  # most windows (up to 30 s each) per generate call (1: no batching across requests)
     max_wait_ms: float = 20.0  # how long the oldest queued window waits for batch-mates
     max_queue: int = 64  # requests admitted at once (decoding audio, queued or decoding); more get 503
     max_upload_mb: float = 25.0  # larger uploads get 413 (OpenAI's limit is 25 MB)
