@@ -150,6 +150,60 @@ def test_a_full_student_cut_from_the_base_relearns_its_decoder_from_the_teachers
     assert torch.equal(fc1, before)
 
 
+@pytest.fixture(scope="module")
+def larger_whisper_dir(tmp_path_factory):
+    """A stand-in for openai/whisper-large-v2 beside the tiny student: wider and deeper (d_model 128, 4 + 4
+    layers against 64, 2 + 2), other weights, the same tokenizer and features."""
+    from tests.tiny import make_tiny_whisper
+
+    return make_tiny_whisper(tmp_path_factory.mktemp("larger") / "larger-whisper", d_model=128, layers=4, seed=7)
+
+
+def test_a_larger_whisper_teaches_a_clsr_student_through_the_cache(uk_pt_corpus, tiny_whisper_dir,
+                                                                  larger_whisper_dir, tmp_path):
+    """DistilWhisper's regime (large-v2 teaching a smaller Whisper), with a tiny stand-in: the cache holds the
+    larger model's own top-k log-probabilities, and the student's lineage names the larger model."""
+    import numpy as np
+
+    from distill.teacher_cache import TeacherCache, utterance_key
+    from registry.bases import load_base
+    from registry.store import Registry
+    from trainers.language_batches import DistillDataModule
+
+    code = main(["distill", "--base", str(tiny_whisper_dir), "--teacher", str(larger_whisper_dir),
+                 "--teacher-cache", str(tmp_path / "cache"), "--top-k", "4", "--data", str(uk_pt_corpus),
+                 "--languages", "uk,pt", "--kind", "clsr", "--path", "lowrank", "--rank", "2", "--name", "small",
+                 "--max-steps", "2", "--max-train", "2", "--registry", str(tmp_path / "registry"),
+                 "--run-dir", str(tmp_path / "run"), "--no-test", *TINY_RUN])
+    assert code == 0
+    student, teacher = load_base(str(tiny_whisper_dir), device="cpu"), load_base(str(larger_whisper_dir), device="cpu")
+    assert teacher.model.config.d_model == 2 * student.model.config.d_model
+    expert = Registry(tmp_path / "registry").get("small-uk")
+    assert expert.manifest["base"]["fingerprint"] == student.fingerprint
+    (taught,) = expert.manifest["lineage"]["teacher"]["teachers"]
+    assert taught["base"]["fingerprint"] == teacher.fingerprint != student.fingerprint
+    # every training clip's cached row is the larger model's own top-k log-probabilities for that clip
+    data = DistillDataModule(str(uk_pt_corpus), student.processor, ["uk", "pt"], 4, max_train=2, progress=False)
+    data.setup("fit")
+    rows = data.datasets["train"].rows.with_format("numpy", columns=["input_features", "decoder_input_ids"])
+    assert len(rows) == 4
+    precision = expert.manifest["lineage"]["teacher"]["precision"]
+    suffix = "" if precision == "32" else f"|{precision}"
+    cache = TeacherCache(tmp_path / "cache", k=4)
+    entries = cache.lookup([utterance_key(teacher.fingerprint + suffix, f, i)
+                            for f, i in zip(rows["input_features"], rows["decoder_input_ids"])])
+    assert all(e is not None for e in entries)
+    feats = torch.from_numpy(np.asarray(rows["input_features"][0], dtype=np.float32))[None]
+    ids = torch.from_numpy(np.asarray(rows["decoder_input_ids"][0], dtype=np.int64))[None]
+    with torch.no_grad():
+        want = teacher.model(input_features=feats, decoder_input_ids=ids).logits.float().log_softmax(-1)[0]
+    logprobs, indices = cache.read(entries[0])
+    top = want.topk(4, dim=-1)
+    if precision == "32":  # bf16 scoring may swap near-ties: compare values only then
+        assert np.array_equal(indices, top.indices.numpy())
+    np.testing.assert_allclose(logprobs, top.values.numpy(), atol=0.05 if precision != "32" else 2e-3)
+
+
 def test_a_full_student_needs_teachers():
     from trainers.configs import DistillConfig, default_lr
 
