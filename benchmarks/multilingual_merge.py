@@ -26,7 +26,7 @@ linear averaging on the mean WER, reported as it comes out.
 Real speech and tuned merges (issue 16, item 4)::
 
     python benchmarks/multilingual_merge.py --languages cs,nl,sk,pl --tune --name real_merge --test-limit 100 \
-        --experts cs=runs/real/cs-all.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors,\
+        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors,\
     sk=runs/real-fusion/sk-espeak.safetensors,pl=runs/real-fusion/pl-espeak.safetensors \
         --corpora cs=data/fillets,nl=data/fillets,sk=data/sk-espeak,pl=data/pl-espeak
 
