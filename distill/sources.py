@@ -88,6 +88,13 @@ def _pad(sequences, value: int) -> torch.Tensor:
     return out
 
 
+def scoring_fingerprint(teacher_fingerprint: str, precision: str) -> str:
+    """What a cached teacher's utterance keys are made from (:func:`~distill.teacher_cache.utterance_key`): the
+    teacher's identity, plus the precision it scored in when that is not float32 (float32 keys are those of caches
+    filled before the precision was an option)."""
+    return teacher_fingerprint if precision == "32" else f"{teacher_fingerprint}|{precision}"
+
+
 class CachedTeacher:
     """Top-k teacher log-probabilities computed once per utterance and read from disk (see the module docstring).
 
@@ -148,10 +155,7 @@ class CachedTeacher:
         return self.report
 
     def _fingerprint(self, language: str) -> str:
-        """The scoring model's identity: the teacher's, plus the precision when it is not float32 (float32 keys are
-        those of caches filled before the precision was an option)."""
-        fingerprint = self.teachers.fingerprint(language)
-        return fingerprint if self.precision == "32" else f"{fingerprint}|{self.precision}"
+        return scoring_fingerprint(self.teachers.fingerprint(language), self.precision)
 
     @torch.no_grad()
     def _fill(self, view, missing, keys, lengths, languages) -> None:

@@ -165,6 +165,7 @@ def test_a_larger_whisper_teaches_a_clsr_student_through_the_cache(uk_pt_corpus,
     larger model's own top-k log-probabilities, and the student's lineage names the larger model."""
     import numpy as np
 
+    from distill.sources import scoring_fingerprint
     from distill.teacher_cache import TeacherCache, utterance_key
     from registry.bases import load_base
     from registry.store import Registry
@@ -188,9 +189,8 @@ def test_a_larger_whisper_teaches_a_clsr_student_through_the_cache(uk_pt_corpus,
     rows = data.datasets["train"].rows.with_format("numpy", columns=["input_features", "decoder_input_ids"])
     assert len(rows) == 4
     precision = expert.manifest["lineage"]["teacher"]["precision"]
-    suffix = "" if precision == "32" else f"|{precision}"
     cache = TeacherCache(tmp_path / "cache", k=4)
-    entries = cache.lookup([utterance_key(teacher.fingerprint + suffix, f, i)
+    entries = cache.lookup([utterance_key(scoring_fingerprint(teacher.fingerprint, precision), f, i)
                             for f, i in zip(rows["input_features"], rows["decoder_input_ids"])])
     assert all(e is not None for e in entries)
     feats = torch.from_numpy(np.asarray(rows["input_features"][0], dtype=np.float32))[None]
