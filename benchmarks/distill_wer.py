@@ -194,7 +194,7 @@ class Evaluator:
     def __init__(self, args):
         from registry.bases import load_base
 
-        self.args, self.base = args, load_base(args.base, device="cpu")
+        self.args, self.base = args, load_base(args.base, device=args.device)
         self.utterances: dict[str, list] = {}
 
     def _utts(self, lang: str) -> list:
@@ -403,6 +403,8 @@ def main(argv=None) -> int:
                    help="the LoRA rows' and trained teachers' recipe: decoder only in float32 (default; this table's "
                         "first runs; the CLSR rows then train in float32 too), or train's default (decoder + top "
                         "three encoder layers, bf16 where native)")
+    p.add_argument("--device", default=None, help="where test decoding runs: cpu, cuda (default: CUDA when "
+                   "available, else CPU); training always follows Lightning's choice")
     p.add_argument("--name", default="distill_wer", help="results file stem: <out>/<name>.{json,md}")
     p.add_argument("--work", default="runs/distill-wer", help="experts, caches and training logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -184,7 +184,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
             raise CT2FormatError(
                 f"{src} holds neither model.bin(.partN) (CTranslate2) nor config.json + safetensors (Hugging Face)"
             )
-        model = WhisperForConditionalGeneration.from_pretrained(staging, dtype=torch.float32)
+        model = WhisperForConditionalGeneration.from_pretrained(staging, dtype=torch.float32, use_kernels=False)
         processor = WhisperProcessor.from_pretrained(staging)
         record = {
             "name": name,
@@ -292,7 +292,9 @@ def load_base(spec: str | os.PathLike = "whisper-base", *, home=None, dtype: tor
     directory = resolve_base_dir(spec, home=home, progress=progress)
     source = str(directory) if directory is not None else str(spec)
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        # use_kernels=False: transformers >= 5.2x otherwise swaps layers for Hugging Face hub kernels on CUDA,
+        # fetched at load time (so offline it fails), and experts patch the plain layers
+        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype, use_kernels=False)
         processor = WhisperProcessor.from_pretrained(source)
     except OSError as e:
         if directory is None:

@@ -128,10 +128,13 @@ class EncoderCache:
         features: a sequence of (n_mels, 3000) arrays, in the order rows are indexed.
         batch_size: encoder batch size for the one-time pass.
         layer: None caches the encoder output; k caches the hidden states entering layer k.
+        device: where the one-time pass runs (default: CUDA when available, else where the encoder is); the
+            encoder is moved there for the pass and back afterwards. A training run loads its base on the CPU
+            and Lightning moves it later, so without this the pass would stay on the CPU beside an idle GPU.
     """
 
     def __init__(self, path: Path, encoder: torch.nn.Module, features: Sequence, batch_size: int = 8,
-                 progress: bool = True, layer: int | None = None):
+                 progress: bool = True, layer: int | None = None, device: str | torch.device | None = None):
         self.layer = layer
         self.path = Path(path)
         n = len(features)
@@ -146,12 +149,19 @@ class EncoderCache:
         ready.unlink(missing_ok=True)
         array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16, shape=(n, frames, d))
         param = next(encoder.parameters())
-        with torch.inference_mode():
-            for start in tqdm(range(0, n, batch_size), desc="encoder cache", unit="batch", disable=not progress):
-                rows = [np.asarray(features[i], dtype=np.float32) for i in range(start, min(n, start + batch_size))]
-                x = torch.from_numpy(np.stack(rows)).to(param.device, param.dtype)
-                out = encoder(x).last_hidden_state if layer is None else encode_until(encoder, x, layer)
-                array[start:start + len(rows)] = out.float().cpu().numpy().astype(np.float16)
+        home = param.device
+        device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else home)
+        try:
+            encoder.to(device)
+            with torch.inference_mode():
+                for start in tqdm(range(0, n, batch_size), desc="encoder cache", unit="batch", disable=not progress):
+                    rows = [np.asarray(features[i], dtype=np.float32) for i in range(start, min(n, start + batch_size))]
+                    x = torch.from_numpy(np.stack(rows)).to(device, param.dtype)
+                    out = encoder(x).last_hidden_state if layer is None else encode_until(encoder, x, layer)
+                    array[start:start + len(rows)] = out.float().cpu().numpy().astype(np.float16)
+        finally:
+            encoder.to(home)
         array.flush()
         del array
         ready.write_text("ok")

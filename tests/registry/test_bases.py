@@ -62,6 +62,12 @@ def test_hf_directory_loads(tiny_whisper_dir, home):
     assert base.path == tiny_whisper_dir and base.model.config.d_model == 64
 
 
+def test_bases_load_without_hub_kernels(tiny_whisper_dir, home):
+    # transformers turns hub kernels on by default; on CUDA it then fetches layers from the hub at load time,
+    # which fails offline (seen on an H200) and would swap the layers that experts patch
+    assert load_base(str(tiny_whisper_dir), home=home, device="cpu").model.use_kernels is False
+
+
 def test_unknown_base_and_offline_hub_id_give_clear_errors(home):
     with pytest.raises(BaseNotFoundError, match="unknown base 'whisper-nope'.*base list"):
         load_base("whisper-nope", home=home)
