@@ -36,6 +36,12 @@ def ensure_writable(directory: Path, what: str, hint: str | None = None) -> Path
         what: what will be written there, for the message.
         hint: how to choose another location (default: the home directory's env var / flag).
     """
+    for part in (directory, *directory.parents):
+        if part.is_symlink() and not part.exists():  # mkdir would only say "File exists"
+            raise PermissionError(
+                f"cannot write {what} to {directory}: {part} is a symbolic link to {os.readlink(part)}, which "
+                f"does not exist; create that directory, remove the link, or "
+                f"{hint or f'choose another location (set {ENV_VAR} or pass --home)'}")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # mkstemp creates a new file with O_EXCL under a random name: it never opens (let alone empties) a

@@ -84,6 +84,15 @@ def test_eval_refuses_an_unwritable_report_path_before_decoding(tmp_path, capsys
     assert "cannot write the evaluation report" in err and "--out" in err
 
 
+def test_train_names_a_dangling_runs_link_before_any_work(tmp_path, capsys, monkeypatch):
+    # seen on a fresh machine: a checkout's runs/ was a link to a directory that machine lacked
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").symlink_to(tmp_path / "elsewhere" / "runs")
+    assert main(["train", "--data", str(tmp_path / "no-corpus"), "--language", "nl", "--name", "nl-x"]) == 2
+    err = capsys.readouterr().err
+    assert "runs is a symbolic link to" in err and "does not exist" in err and "--run-dir" in err
+
+
 def test_train_store_and_evaluate_an_expert_from_the_command_line(tiny_whisper_dir, tmp_path, capsys, monkeypatch):
     import json
 

@@ -148,8 +148,11 @@ def _run(args) -> int:
     from trainers.train_lora import train_lora_expert
     from trainers.train_sparse import SparseTrainConfig, train_sparse_expert
 
+    from registry.home import ensure_writable
+
     cfg, extras = _read(args)
     name, out = extras["name"], extras["out"]
+    ensure_writable(Path(cfg.run_dir), "the training run (logs, expert file)", hint="pass another --run-dir")
     train = train_sparse_expert if isinstance(cfg, SparseTrainConfig) else \
         train_full_expert if isinstance(cfg, FullTrainConfig) else train_lora_expert
     expert, report = train(cfg)
