@@ -292,7 +292,8 @@ def run(args, results: dict, work: Path, save) -> None:
         save()
     for path in args.path:
         config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start)
-        where = args.side if args.side != "both" else f"enc {args.encoder_start}.. + dec"
+        where = {"both": f"enc {args.encoder_start}.. + dec", "decoder": "decoder",
+                 "encoder": f"enc {args.encoder_start}.. only"}[args.side]
         for kd in (False, True):
             suffix, label_part, _ = variant(args)
             key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" if kd else "") + suffix
