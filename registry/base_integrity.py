@@ -50,15 +50,15 @@ def verify_base(name_or_dir: str | os.PathLike, home: str | os.PathLike | None =
     if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str) or not record["fingerprint"]:
         return [f"{record_path} records no weight fingerprint; {reimport}"]
 
-    import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import WhisperProcessor
 
+    from registry.bases import whisper_model
     from registry.fingerprint import tokenizer_fingerprint, weight_fingerprint
 
     problems = []
     want = record["fingerprint"]
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32, use_kernels=False)
+        model = whisper_model(directory)
     except Exception as e:  # transformers/safetensors raise many types for truncated or corrupt files
         return [f"{directory}: the weights cannot be loaded ({type(e).__name__}: {str(e)[:200]}); {reimport}"]
     found = weight_fingerprint(model, length=max(16, len(want)))[:len(want)]

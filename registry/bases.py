@@ -77,6 +77,13 @@ class Base:
 
 # ---------------------------------------------------------------------------------------------- discovery
 
+def whisper_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> WhisperForConditionalGeneration:
+    """``WhisperForConditionalGeneration.from_pretrained`` as every base is loaded here: with hub kernels off.
+    transformers >= 5.2x turns them on by default and on CUDA then swaps layers for kernels fetched from the
+    Hugging Face hub at load time (so offline it fails), while experts patch the plain layers."""
+    return WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype, use_kernels=False)
+
+
 def _package_data_dirs(distribution: str) -> list[Path]:
     """Directories inside an installed distribution that hold faster-whisper files."""
     try:
@@ -184,7 +191,7 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
             raise CT2FormatError(
                 f"{src} holds neither model.bin(.partN) (CTranslate2) nor config.json + safetensors (Hugging Face)"
             )
-        model = WhisperForConditionalGeneration.from_pretrained(staging, dtype=torch.float32, use_kernels=False)
+        model = whisper_model(staging)
         processor = WhisperProcessor.from_pretrained(staging)
         record = {
             "name": name,
@@ -292,9 +299,7 @@ def load_base(spec: str | os.PathLike = "whisper-base", *, home=None, dtype: tor
     directory = resolve_base_dir(spec, home=home, progress=progress)
     source = str(directory) if directory is not None else str(spec)
     try:
-        # use_kernels=False: transformers >= 5.2x otherwise swaps layers for Hugging Face hub kernels on CUDA,
-        # fetched at load time (so offline it fails), and experts patch the plain layers
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype, use_kernels=False)
+        model = whisper_model(source, dtype)
         processor = WhisperProcessor.from_pretrained(source)
     except OSError as e:
         if directory is None:
