@@ -39,10 +39,10 @@ def student_base(args):
 
     name = args.student or f"{Path(args.base).name}-dec{args.decoder_layers.replace(',', '_')}"
     try:
-        return load_base(name, device="cpu")
+        return load_base(name, device=args.device)
     except BaseNotFoundError:  # not cut yet
         shrink_base(args.base, name, args.decoder_layers)
-        return load_base(name, device="cpu")
+        return load_base(name, device=args.device)
 
 
 def distilled(student, teachers: dict[str, str], args):
@@ -106,7 +106,7 @@ def run(args, results: dict, save) -> None:
                          "train ... --epochs 2` lines of docs/results.md, or give --teachers")
     corpus = load_corpus(args.data)
     utterances = {lang: utterances_from_dataset(corpus["test"], [lang], args.test_limit) for lang in langs}
-    base = load_base(args.base, device="cpu")
+    base = load_base(args.base, device=args.device)
     experts = {lang: load_expert(teachers[lang]) for lang in langs}
     student = student_base(args)
     student_expert, info = distilled(student, teachers, args)
@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-train", type=int, default=None, help="training clips per language (default all)")
     p.add_argument("--test-limit", type=int, default=None, help="test clips per language (default all)")
+    p.add_argument("--device", default=None, help="where test decoding runs: cpu, cuda (default: CUDA when "
+                   "available, else CPU); training follows Lightning's choice")
     p.add_argument("--runs", default="runs/cut-student", help="the trained student, caches and logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="cut_student", help="results file stem (default cut_student)")
