@@ -5,6 +5,8 @@
     python benchmarks/distill_wer.py --side both             # the paper's layout (encoder too: ~8x slower on CPU)
     python benchmarks/distill_wer.py --gate-lr 1e-3          # CLSR rows whose gates train at 1e-3
     python benchmarks/distill_wer.py --path lowrank --path-dropout 0   # CLSR rows without language-path dropout
+    python benchmarks/distill_wer.py --path lowrank --gate-warmup 0.3 --path-dropout-ramp 0.3  # gates held open,
+                                                                       # path dropout ramped in, over 30% of steps
     python benchmarks/distill_wer.py --path lowrank --decoder-lr 1e-4  # CLSR decoder-side paths at 1e-4
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
 
@@ -159,7 +161,8 @@ def variant(args) -> tuple[str, str, dict]:
 
     knobs = [(key, value, what) for key, value, default, what in (
         ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
-        ("dlr", args.decoder_lr, None, "decoder lr"))
+        ("dlr", args.decoder_lr, None, "decoder lr"), ("gw", args.gate_warmup, 0.0, "gate warm-up"),
+        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp"))
         if value != default]
     return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f", {w} {v:g}" for _, v, w in knobs),
             {k: v for k, v, _ in knobs})
@@ -177,7 +180,8 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
-                        path_dropout=args.path_dropout, epochs=args.epochs,
+                        path_dropout=args.path_dropout, gate_warmup=args.gate_warmup,
+                        path_dropout_ramp=args.path_dropout_ramp, epochs=args.epochs,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
                         batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
@@ -394,6 +398,10 @@ def main(argv=None) -> int:
                    help="CLSR decoder-side paths' learning rate (default: --clsr-lr)")
     p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
                    "recipe's)")
+    p.add_argument("--gate-warmup", type=float, default=0.0, help="CLSR gates held open at first, released over "
+                   "this fraction of the steps (default 0, the recipe's)")
+    p.add_argument("--path-dropout-ramp", type=float, default=0.0, help="CLSR path dropout raised from 0 over this "
+                   "fraction of the steps (default 0)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)

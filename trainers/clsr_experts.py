@@ -128,7 +128,8 @@ def clsr_experts(module, base, keep: KeepBestLanguages, data, *, test: bool = Tr
                                               batch_size=batch_size, progress=progress)
     hp, loss = module.hparams, module.loss_config
     training = {"lr": hp.lr, "gate_lr": hp.gate_lr, "decoder_lr": hp.decoder_lr, "schedule": hp.schedule,
-                "warmup_steps": hp.warmup_steps, "max_noise": hp.max_noise,
+                "warmup_steps": hp.warmup_steps, "max_noise": hp.max_noise, "gate_warmup": hp.gate_warmup,
+                "path_dropout_ramp": hp.path_dropout_ramp,
                 "ce_weight": loss.ce_weight, "gate_weight": loss.gate_weight, "kd_weight": loss.kd_weight,
                 "kd": loss.kd if module.teacher is not None else None, "temperature": loss.temperature,
                 "label_smoothing": loss.label_smoothing, "gate_budget": loss.gate_budget,

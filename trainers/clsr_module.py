@@ -8,9 +8,14 @@ of log-mel features, as a decoder-only LoRA expert does. Each training batch hol
 loss is :class:`distill.losses.DistillationLoss`: cross-entropy with label smoothing, the gate budget
 ``|mean(g) - b|``, and (with a teacher source) the KD loss against the teacher's distribution. The gate noise
 scale ramps linearly from 0 to ``max_noise`` over training (:func:`distill.clsr.noise_scale_at`) so the soft
-training gates harden towards the hard inference gates.
+training gates harden towards the hard inference gates. Two optional warm-ups, for small data where the budget
+loss and path dropout shut the gates before the paths have learned anything: ``gate_warmup`` holds every
+training gate open at the start and releases it linearly over that fraction of the steps (the gate floor
+``1 - ramp``), and ``path_dropout_ramp`` raises the path dropout from 0 to its rate over that fraction
+(:func:`distill.clsr.ramp_at`).
 
-Logged: ``train_loss``, ``train_ce``, ``train_gate``, ``train_kd``, ``noise_scale``, the mean gate openness over
+Logged: ``train_loss``, ``train_ce``, ``train_gate``, ``train_kd``, ``noise_scale``, ``gate_floor`` and
+``path_dropout`` (with the warm-ups), the mean gate openness over
 all layers (``gate_open``) and per layer (``gate_open/enc.3``, ``gate_open/dec.0``); validation loss, the mean
 hard-gate openness per layer (``val_gate_open/...``) and, each epoch, WER/CER of greedy transcripts with hard
 gates, each sample routed by its own language: ``val_wer`` over all languages and ``val_wer_<lang>`` per language
@@ -26,7 +31,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect_gates, convert_to_clsr,
-                          language_parameters, noise_scale_at, set_language, set_noise_scale)
+                          language_parameters, noise_scale_at, ramp_at, set_language, set_noise_scale,
+                          set_warmup)
 from distill.losses import DistillationLoss, DistillationLossConfig
 from trainers.data import IGNORE, cached_encoder_states
 from inference.decoding import transcribe_batch
@@ -65,6 +71,10 @@ class ClsrExpertModule(L.LightningModule):
         decoder_lr: the decoder-side language paths' peak learning rate (default ``lr``; the encoder side's
             paths always train at ``lr``).
         max_noise: the gate noise scale reached at the end of training (5 in DistilWhisper).
+        gate_warmup: the fraction of the training steps over which the training gates go from held open to as
+            learned (0: no warm-up, the paper's recipe).
+        path_dropout_ramp: the fraction of the training steps over which the path dropout rises from 0 to the
+            CLSR config's rate (0: the full rate from the start).
         val_max_new_tokens: bound for validation decoding.
     """
 
@@ -72,7 +82,7 @@ class ClsrExpertModule(L.LightningModule):
                  loss: DistillationLossConfig | None = None, teacher=None, lr: float = 1e-4,
                  weight_decay: float = 0.0, warmup_steps: int = 10, schedule: str = "linear", max_noise: float = 5.0,
                  val_max_new_tokens: int = 128, gate_lr: float | None = None,
-                 decoder_lr: float | None = None):
+                 decoder_lr: float | None = None, gate_warmup: float = 0.0, path_dropout_ramp: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "processor", "teacher", "clsr", "loss"])
         self.languages = list(dict.fromkeys(languages))
@@ -85,6 +95,9 @@ class ClsrExpertModule(L.LightningModule):
         if teacher is None and loss.kd_weight:
             raise ValueError(f"KD weight {loss.kd_weight} without a teacher; give a teacher or set the KD weight to 0")
         self.model, self.processor, self.clsr_config, self.loss_config = model, processor, clsr, loss
+        for name, value in (("gate_warmup", gate_warmup), ("path_dropout_ramp", path_dropout_ramp)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a fraction of the training steps in [0, 1], got {value}")
         self.loss_fn = DistillationLoss(loss)
         self.teacher = teacher  # a plain object: Lightning neither moves it, nor checkpoints it, nor trains it
         self.strict_loading = False  # checkpoints carry the language paths and gates only
@@ -106,6 +119,8 @@ class ClsrExpertModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         set_noise_scale(self.model, noise_scale_at(self.global_step, total, self.hparams.max_noise))
+        set_warmup(self.model, gate_floor=1.0 - ramp_at(self.global_step, total, self.hparams.gate_warmup),
+                   path_dropout_scale=ramp_at(self.global_step, total, self.hparams.path_dropout_ramp))
 
     # ------------------------------------------------------------------ steps
     def _route(self, batch) -> None:
@@ -139,7 +154,11 @@ class ClsrExpertModule(L.LightningModule):
             loss = loss + 0.0 * param.sum()
         n = batch["labels"].shape[0]
         log_loss_parts(self, out._replace(loss=loss), n)
-        self.log("noise_scale", clsr_routing(self.model).noise_scale, batch_size=n)
+        routing = clsr_routing(self.model)
+        self.log("noise_scale", routing.noise_scale, batch_size=n)
+        if self.hparams.gate_warmup or self.hparams.path_dropout_ramp:
+            self.log_dict({"gate_floor": routing.gate_floor,
+                           "path_dropout": routing.path_dropout_scale * self.clsr_config.path_dropout}, batch_size=n)
         per_layer = gates.per_layer_mean()
         if per_layer:
             self.log("gate_open", sum(per_layer.values()) / len(per_layer), batch_size=n)

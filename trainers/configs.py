@@ -197,6 +197,11 @@ class DistillConfig:
     gate_dropout: float = 0.1  # clsr: dropout on a gate's input in training (DistilWhisper's code uses 0.1)
     gate_budget: float = 0.5  # clsr: target fraction of tokens on the language paths
     max_noise: float = 5.0  # clsr: gate noise scale reached at the end of training (it ramps up from 0)
+    # clsr: fraction of the training steps over which the training gates go from held open (1) to as learned
+    # (0: none, the paper's recipe). For small data, where the gates shut before the paths learn anything.
+    gate_warmup: float = 0.0
+    # clsr: fraction of the training steps over which the path dropout rises from 0 to --path-dropout (0: none)
+    path_dropout_ramp: float = 0.0
     path_dropout: float = 0.3  # clsr: dropout on a language path's output in training (DistilWhisper's 0.3)
     shared_only_prob: float = 0.2  # clsr: per layer call in training, run only the shared path with this probability
     kd: Literal["js", "kl"] = "js"  # KD loss: Jensen-Shannon (DistilWhisper's) or KL
@@ -280,7 +285,8 @@ class DistillConfig:
         """The optimizer and schedule arguments of :class:`trainers.clsr_module.ClsrExpertModule`."""
         return {"lr": self.learning_rate(), "gate_lr": self.gate_lr, "decoder_lr": self.decoder_lr,
                 "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps, "schedule": self.schedule,
-                "max_noise": self.max_noise, "val_max_new_tokens": self.val_max_new_tokens}
+                "max_noise": self.max_noise, "gate_warmup": self.gate_warmup,
+                "path_dropout_ramp": self.path_dropout_ramp, "val_max_new_tokens": self.val_max_new_tokens}
 
 
 def loss_config(has_teacher: bool, *, ce_weight: float | None = None, gate_weight: float | None = None,

@@ -93,6 +93,21 @@ def recorded_layout(hyperparameters: dict) -> dict:
                       encoder_start=int(hyperparameters.get("encoder_start", 0))).layout
 
 
+def ramp_at(step: int, total_steps: int, fraction: float) -> float:
+    """How far a warm-up spanning the first ``fraction`` of ``total_steps`` has come at ``step``: a linear ramp
+    from 0 to 1, then 1; always 1 when ``fraction`` is 0 (no warm-up).
+
+    Used for the gate warm-up (the gate floor is ``1 - ramp``: gates start held open and are released) and the
+    path-dropout ramp (the dropout rate is ``ramp * path_dropout``).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"a warm-up fraction must lie in [0, 1], got {fraction}")
+    span = fraction * total_steps
+    if span <= 0:
+        return 1.0
+    return min(max(step, 0) / span, 1.0)
+
+
 def noise_scale_at(step: int, total_steps: int, max_scale: float = 5.0) -> float:
     """The gate noise scale ``a`` at a training step: a linear ramp from 0 at step 0 to ``max_scale`` at the end.
 

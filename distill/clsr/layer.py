@@ -193,6 +193,8 @@ class ClsrFc1(_ClsrLinear):
             xs = _take_rows(x, samples)
             G = self.gates[language](xs)
             g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
+            if self.routing.gate_floor:  # gate warm-up: held (partly) open, the gate's gradient scaled by 1 - f
+                g = self.routing.gate_floor + (1.0 - self.routing.gate_floor) * g
             self.routing.record(self.layer_name, g)
             hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
             gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
@@ -246,7 +248,7 @@ class ClsrFc2(_ClsrLinear):
             return self.by_parts(h, plan.parts)
         h_shared, h_lang = h.split(self.in_features, dim=-1)
         out_shared = self.shared(h_shared)
-        out_lang, p = None, self.routing.config.path_dropout
+        out_lang, p = None, self.routing.config.path_dropout * self.routing.path_dropout_scale
         for language, samples in plan.groups:
             if language is None:
                 continue

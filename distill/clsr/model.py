@@ -192,6 +192,17 @@ def set_noise_scale(model: torch.nn.Module, scale: float) -> None:
     clsr_routing(model).noise_scale = float(scale)
 
 
+def set_warmup(model: torch.nn.Module, gate_floor: float = 0.0, path_dropout_scale: float = 1.0) -> None:
+    """Set the training gates' floor (1: every gate held open, 0: as learned) and the scale of the language paths'
+    dropout (0: none, 1: the configured ``path_dropout``); see :func:`distill.clsr.config.ramp_at`. Inference
+    (eval mode, hard gates) ignores both."""
+    for name, value in (("gate floor", gate_floor), ("path dropout scale", path_dropout_scale)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    routing = clsr_routing(model)
+    routing.gate_floor, routing.path_dropout_scale = float(gate_floor), float(path_dropout_scale)
+
+
 @contextlib.contextmanager
 def collect_gates(model: torch.nn.Module) -> Iterator[GateRecorder]:
     """Collect the gate values of every CLSR layer call made inside the ``with`` block.

@@ -62,6 +62,10 @@ class ClsrRouting:
         languages: ``None`` (shared path only), one language for the whole batch, or one entry per sample
             (``None`` entries run the shared path only).
         noise_scale: ``a`` in the training gate ``sigmoid(G + a * noise)``.
+        gate_floor: ``f`` in the training gate ``f + (1 - f) * sigmoid(...)``: 1 holds every gate open (the gate
+            warm-up starts there), 0 leaves gates as learned; inference gates ignore it.
+        path_dropout_scale: the language paths' training dropout is ``path_dropout_scale * config.path_dropout``
+            (the path-dropout ramp raises it from 0 to 1).
         translate: translate mode: every layer runs the shared path only.
         recorder: where layers put their gate values, when gates are being collected.
     """
@@ -69,6 +73,8 @@ class ClsrRouting:
     config: ClsrConfig
     languages: str | tuple[str | None, ...] | None = None
     noise_scale: float = 0.0
+    gate_floor: float = 0.0
+    path_dropout_scale: float = 1.0
     translate: bool = False
     recorder: GateRecorder | None = None
     base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by convert_from_clsr

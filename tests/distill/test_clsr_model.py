@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from distill.clsr import (ClsrConfig, add_language, clsr_languages, clsr_layers, collect_gates, convert_from_clsr,
-                          convert_to_clsr, language_parameters, noise_scale_at, remove_language, set_language,
-                          set_noise_scale)
+                          convert_to_clsr, language_parameters, noise_scale_at, ramp_at, remove_language,
+                          set_language, set_noise_scale, set_warmup)
 from distill.clsr.layer import FullPath
 from tests.distill.clsr_helpers import (FEATS, FEATS3, IDS, IDS3, force_gates, language_ffn_model, logits,
                                         randomize_language)
@@ -176,6 +176,51 @@ def test_noise_ramp_and_noisy_gates(base):
     assert g.min() < 0.1 and g.max() > 0.9  # sigmoid(0 + 5 * noise) spreads towards 0 and 1
     with pytest.raises(ValueError):
         set_noise_scale(model, -1.0)
+
+
+def test_warmup_ramp_values():
+    assert [ramp_at(s, 100, 0.5) for s in (0, 25, 50, 80)] == [0.0, 0.5, 1.0, 1.0]
+    assert ramp_at(0, 100, 0.0) == 1.0 and ramp_at(0, 0, 0.5) == 1.0  # no warm-up: the full value at once
+    with pytest.raises(ValueError):
+        ramp_at(0, 100, 1.5)
+
+
+@pytest.mark.parametrize("options", KINDS, ids=["full", "lowrank"])
+def test_gate_floor_holds_training_gates_open_and_stops_their_gradient(base, options):
+    model = _clsr(base, **options, **DETERMINISTIC)
+    randomize_language(model, "uk")
+    set_language(model, "uk")
+    model.train()
+    set_warmup(model, gate_floor=1.0)
+    with collect_gates(model) as gates:
+        out = model(input_features=FEATS[:1], decoder_input_ids=IDS[:1]).logits
+    assert all(torch.all(g == 1.0) for g in gates.values)  # every token on its language path
+    (out.square().mean() + torch.cat(gates.values).mean()).backward()  # the budget term cannot move them either
+    params = language_parameters(model, "uk")
+    gate_grads = [p.grad for k, p in params.items() if "gate" in k]
+    path_grads = [p.grad for k, p in params.items() if "gate" not in k]
+    assert gate_grads and all(g is None or not g.any() for g in gate_grads)
+    assert any(g is not None and g.any() for g in path_grads)
+    set_warmup(model, gate_floor=0.5)  # half released: gates between the floor and 1
+    with torch.no_grad(), collect_gates(model) as gates:
+        logits(model, FEATS[:1], IDS[:1])
+    assert all(torch.all((g >= 0.5) & (g <= 1.0)) for g in gates.values)
+    model.eval()  # inference's hard gates ignore the floor
+    with torch.no_grad(), collect_gates(model) as gates:
+        logits(model, FEATS[:1], IDS[:1])
+    assert all(torch.all((g == 0.0) | (g == 1.0)) for g in gates.values)
+    with pytest.raises(ValueError):
+        set_warmup(model, gate_floor=1.5)
+
+
+def test_path_dropout_scale_zero_turns_path_dropout_off(base, base_logits):
+    model = _clsr(base, gate_dropout=0.0, shared_only_prob=0.0)  # path dropout 0.3, the recipe's
+    set_language(model, "uk")
+    model.train()
+    set_warmup(model, path_dropout_scale=0.0)
+    assert torch.equal(logits(model), base_logits)  # at init the path equals the shared FFN: only dropout differs
+    set_warmup(model, path_dropout_scale=1.0)
+    assert not torch.equal(logits(model), base_logits)
 
 
 def test_only_language_parameters_are_trainable_and_get_gradients(base):

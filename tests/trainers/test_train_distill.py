@@ -79,14 +79,17 @@ def test_a_decoder_only_clsr_student_trains_on_cached_encoder_outputs(uk_pt_corp
                  "--side", "decoder", "--path", "lowrank", "--rank", "2", "--name", "dec", "--max-steps", "2",
                  "--max-train", "2", "--registry", str(tmp_path / "registry"), "--run-dir", str(tmp_path / "run"),
                  "--cache-dir", str(tmp_path / "encoder-cache"), "--gate-lr", "0.05", "--decoder-lr", "0.002",
-                 "--path-dropout", "0", "--no-test", *TINY_RUN])
+                 "--path-dropout", "0", "--gate-warmup", "0.5", "--path-dropout-ramp", "1", "--no-test", *TINY_RUN])
     assert code == 0
     assert sorted(p.suffix for p in (tmp_path / "encoder-cache").iterdir()) == [".done", ".done", ".npy", ".npy"]
     expert = Registry(tmp_path / "registry").get("dec-uk")
     hp = expert.manifest["hyperparameters"]
     assert hp["side"] == "decoder" and hp["encoder_start"] == 0 and hp["layers"] == 2
     assert hp["lr"] == 0.01 and hp["gate_lr"] == 0.05 and hp["path_dropout"] == 0.0 and hp["shared_only_prob"] == 0.2
-    assert hp["decoder_lr"] == 0.002
+    assert hp["decoder_lr"] == 0.002 and hp["gate_warmup"] == 0.5 and hp["path_dropout_ramp"] == 1.0
+    rows = list(csv.DictReader(open(next((tmp_path / "run").glob("logs/*/metrics.csv")))))
+    floors = [float(r["gate_floor"]) for r in rows if r.get("gate_floor")]
+    assert floors[0] == 1.0 and floors == sorted(floors, reverse=True)  # held open at step 0, then released
     assert expert.tensors and all(k.startswith("model.decoder.") for k in expert.tensors)
 
 
