@@ -193,9 +193,11 @@ class ClsrFc1(_ClsrLinear):
             xs = _take_rows(x, samples)
             G = self.gates[language](xs)
             g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
-            if self.routing.gate_floor:  # gate warm-up: held (partly) open, the gate's gradient scaled by 1 - f
-                g = self.routing.gate_floor + (1.0 - self.routing.gate_floor) * g
+            # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix below uses
+            # it lifted towards 1 (held open at f = 1, where the CE gradient reaching the gate is scaled by 1 - f).
             self.routing.record(self.layer_name, g)
+            if self.routing.gate_floor:
+                g = self.routing.gate_floor + (1.0 - self.routing.gate_floor) * g
             hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
             gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)

@@ -62,8 +62,9 @@ class ClsrRouting:
         languages: ``None`` (shared path only), one language for the whole batch, or one entry per sample
             (``None`` entries run the shared path only).
         noise_scale: ``a`` in the training gate ``sigmoid(G + a * noise)``.
-        gate_floor: ``f`` in the training gate ``f + (1 - f) * sigmoid(...)``: 1 holds every gate open (the gate
-            warm-up starts there), 0 leaves gates as learned; inference gates ignore it.
+        gate_floor: ``f`` in the training mix's gate ``f + (1 - f) * g`` (``g`` the learned gate, which the budget
+            loss and the gate records still see): 1 holds every gate open (the gate warm-up starts there), 0
+            leaves gates as learned; inference gates ignore it.
         path_dropout_scale: the language paths' training dropout is ``path_dropout_scale * config.path_dropout``
             (the path-dropout ramp raises it from 0 to 1).
         translate: translate mode: every layer runs the shared path only.
