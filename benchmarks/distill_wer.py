@@ -168,6 +168,12 @@ def variant(args) -> tuple[str, str, dict]:
             {k: v for k, v, _ in knobs})
 
 
+def layout_suffix(args) -> str:
+    """The run-directory suffix of a CLSR layout other than the default decoder-only one (``-both3``,
+    ``-encoder3``), so that runs of two layouts keep their own logs."""
+    return "" if args.side == "decoder" else f"-{args.side}{args.encoder_start}"
+
+
 def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
     """A CLSR student; in float32 beside the decoder LoRA recipe (as the synthetic tables were measured), else at
     the machine's default precision."""
@@ -185,7 +191,8 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
                         batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
-                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant(args)[0]}"))
+                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant(args)[0]}"
+                                             f"{layout_suffix(args)}"))
     knobs = dict(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
                  side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2])
     return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{tag(**knobs)}.safetensors",
