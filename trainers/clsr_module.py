@@ -33,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect_gates, convert_to_clsr,
                           language_parameters, noise_scale_at, ramp_at, set_language, set_noise_scale,
                           set_warmup)
+from distill.clsr.config import check_fraction
 from distill.losses import DistillationLoss, DistillationLossConfig
 from trainers.data import IGNORE, cached_encoder_states
 from inference.decoding import transcribe_batch
@@ -95,9 +96,8 @@ class ClsrExpertModule(L.LightningModule):
         if teacher is None and loss.kd_weight:
             raise ValueError(f"KD weight {loss.kd_weight} without a teacher; give a teacher or set the KD weight to 0")
         self.model, self.processor, self.clsr_config, self.loss_config = model, processor, clsr, loss
-        for name, value in (("gate_warmup", gate_warmup), ("path_dropout_ramp", path_dropout_ramp)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a fraction of the training steps in [0, 1], got {value}")
+        check_fraction("gate_warmup", gate_warmup)  # refused now rather than at the first training step
+        check_fraction("path_dropout_ramp", path_dropout_ramp)
         self.loss_fn = DistillationLoss(loss)
         self.teacher = teacher  # a plain object: Lightning neither moves it, nor checkpoints it, nor trains it
         self.strict_loading = False  # checkpoints carry the language paths and gates only

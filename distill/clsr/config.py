@@ -93,6 +93,12 @@ def recorded_layout(hyperparameters: dict) -> dict:
                       encoder_start=int(hyperparameters.get("encoder_start", 0))).layout
 
 
+def check_fraction(name: str, value: float) -> None:
+    """Refuse a warm-up fraction, gate floor or dropout scale outside [0, 1], naming it."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
 def ramp_at(step: int, total_steps: int, fraction: float) -> float:
     """How far a warm-up spanning the first ``fraction`` of ``total_steps`` has come at ``step``: a linear ramp
     from 0 to 1, then 1; always 1 when ``fraction`` is 0 (no warm-up).
@@ -100,8 +106,7 @@ def ramp_at(step: int, total_steps: int, fraction: float) -> float:
     Used for the gate warm-up (the gate floor is ``1 - ramp``: gates start held open and are released) and the
     path-dropout ramp (the dropout rate is ``ramp * path_dropout``).
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"a warm-up fraction must lie in [0, 1], got {fraction}")
+    check_fraction("a warm-up fraction", fraction)
     span = fraction * total_steps
     if span <= 0:
         return 1.0

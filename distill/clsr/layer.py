@@ -186,7 +186,7 @@ class ClsrFc1(_ClsrLinear):
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
         gate = h_lang = None  # with per-sample languages, samples without a language keep g = 0 and h_lang = 0
-        batch, noise = x.shape[0], self.routing.noise_scale
+        batch, noise, floor = x.shape[0], self.routing.noise_scale, self.routing.gate_floor
         for language, samples in groups:
             if language is None:
                 continue
@@ -196,8 +196,8 @@ class ClsrFc1(_ClsrLinear):
             # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix below uses
             # it lifted towards 1 (held open at f = 1, where the CE gradient reaching the gate is scaled by 1 - f).
             self.routing.record(self.layer_name, g)
-            if self.routing.gate_floor:
-                g = self.routing.gate_floor + (1.0 - self.routing.gate_floor) * g
+            if floor:
+                g = floor + (1.0 - floor) * g
             hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
             gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)

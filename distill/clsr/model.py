@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 
-from distill.clsr.config import ClsrConfig
+from distill.clsr.config import ClsrConfig, check_fraction
 from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, new_language_paths
 from distill.clsr.routing import ClsrRouting, GateRecorder, Handoff
 
@@ -196,9 +196,8 @@ def set_warmup(model: torch.nn.Module, gate_floor: float = 0.0, path_dropout_sca
     """Set the training gates' floor (1: every gate held open, 0: as learned) and the scale of the language paths'
     dropout (0: none, 1: the configured ``path_dropout``); see :func:`distill.clsr.config.ramp_at`. Inference
     (eval mode, hard gates) ignores both."""
-    for name, value in (("gate floor", gate_floor), ("path dropout scale", path_dropout_scale)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    check_fraction("gate floor", gate_floor)
+    check_fraction("path dropout scale", path_dropout_scale)
     routing = clsr_routing(model)
     routing.gate_floor, routing.path_dropout_scale = float(gate_floor), float(path_dropout_scale)
 
