@@ -195,6 +195,47 @@ def pooled_changes(matrix) -> dict[str, dict]:
             if label.startswith(COMPARED) and label != "merged: linear"}
 
 
+def trial_label(trial: dict) -> str:
+    """``"lors x2 rank_ratio=0.5 density=0.3"``: one --tune trial's method, weight scale and options."""
+    return " ".join([trial["method"], f"x{trial['scale']:g}", *(f"{k}={v:g}" for k, v in trial["options"].items())])
+
+
+def plot_trials(results: dict, path: str) -> str | None:
+    """PNG of the --tune trials: each setting's mean validation WER as a bar, grouped by method, the plain average's
+    as a dashed line, each method's best (the setting tested) darker."""
+    trials = results.get("trials")
+    if not trials:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(t["method"] for t in trials))
+    best = {m: min((t for t in trials if t["method"] == m), key=lambda t: t["dev_mean_wer"]) for m in methods}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(trials) + 1.4))
+    for i, t in enumerate(trials):
+        color = colors[methods.index(t["method"]) % len(colors)]
+        ax.barh(i, t["dev_mean_wer"], color=color, alpha=1.0 if t is best[t["method"]] else 0.45)
+        ax.text(t["dev_mean_wer"], i, f" {t['dev_mean_wer']:.1f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(trials)), [trial_label(t) for t in trials], fontsize=7)
+    ax.invert_yaxis()
+    plain = next((t["dev_mean_wer"] for t in trials if t["method"] == "linear" and t["scale"] == 1.0), None)
+    if plain is not None:
+        ax.axvline(plain, color="grey", linestyle="--", linewidth=1, label=f"plain average {plain:.1f}")
+        ax.legend(fontsize=8, loc="lower right")
+    low = min(t["dev_mean_wer"] for t in trials)
+    ax.set_xlim(max(0.0, low - 10), max(t["dev_mean_wer"] for t in trials) + 9)
+    ax.set_xlabel(f"mean validation WER % over {', '.join(results['languages'])} "
+                  f"({results.get('dev_limit', '?')} utterances each)")
+    ax.set_title("merge settings tried (darker: each method's best, the one tested)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def table(results: dict) -> str:
     """Markdown: rows (base, single experts, merged experts) x languages of test WER %, mean, and vs linear."""
     from inference.confidence import format_change
@@ -250,6 +291,7 @@ def main(argv=None) -> int:
     if not langs:
         results = json.loads(json_path.read_text())
         (out / f"{args.name}.md").write_text(table(results))
+        plot_trials(results, str(out / f"{args.name}-tuning.png"))
         print(table(results))
         return 0
 
@@ -299,6 +341,7 @@ def main(argv=None) -> int:
     json_path.write_text(json.dumps(results, indent=2))
     (out / f"{args.name}.md").write_text(table(results))
     plot_matrix(matrix, str(out / f"{args.name}.png"), title=f"test WER %: {', '.join(langs)} merged")
+    plot_trials(results, str(out / f"{args.name}-tuning.png"))
     print(table(results))
     return 0
 
