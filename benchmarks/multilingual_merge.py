@@ -34,13 +34,15 @@ Real speech and tuned merges (issue 16, item 4)::
 and test splits). ``--tune`` searches each method's options (and for the averaging methods a scale of the
 ``1/N`` weights) on the mean validation WER over the first ``--dev-limit`` validation utterances per language
 (grids in ``TUNING``), then tests each method at its best setting; the table then also gives the pooled WER
-change of each merge against linear with its paired-bootstrap 95% interval on the same test utterances.
+change of each merge against linear with its paired-bootstrap 95% interval on the same test utterances, and
+``<name>-tuning.png`` plots every setting tried.
 
 Multi-expert KD against merging and routing (issue 16, item 5)::
 
-    python benchmarks/multilingual_merge.py --languages cs,nl --tune --student --name real_student --test-limit 100 \
+    python benchmarks/multilingual_merge.py --languages cs,nl --tune --dev-limit 50 --student --student-epochs 1 \
+        --name real_student --test-limit 100 --runs runs/real-student \
         --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors \
-        --corpora cs=data/fillets,nl=data/fillets
+        --corpora cs=data/fillets,nl=data/fillets     # 107 min on 2 CPU cores (docs/results.md)
 
 ``--student`` trains one LoRA student (``distill --kind lora``: train's default layout, decoder + encoder layers
 3.., rank 16) on the languages' training splits together, each batch scored by its language's expert as
