@@ -30,10 +30,9 @@ import lightning as L
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from distill.clsr import (ClsrConfig, clsr_expert_tensors, clsr_routing, collect_gates, convert_to_clsr,
-                          language_parameters, noise_scale_at, ramp_at, set_language, set_noise_scale,
-                          set_warmup)
-from distill.clsr.config import check_fraction
+from distill.clsr import (ClsrConfig, check_fraction, clsr_expert_tensors, clsr_routing, collect_gates,
+                          convert_to_clsr, language_parameters, noise_scale_at, ramp_at, set_language,
+                          set_noise_scale, set_warmup)
 from distill.losses import DistillationLoss, DistillationLossConfig
 from trainers.data import IGNORE, cached_encoder_states
 from inference.decoding import transcribe_batch
