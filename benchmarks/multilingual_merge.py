@@ -25,10 +25,10 @@ linear averaging on the mean WER, reported as it comes out.
 
 Real speech and tuned merges (issue 16, item 4)::
 
-    python benchmarks/multilingual_merge.py --languages cs,nl,sk,pl --tune --name real_merge --test-limit 100 \
-        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors,\
-    sk=runs/real-fusion/sk-espeak.safetensors,pl=runs/real-fusion/pl-espeak.safetensors \
-        --corpora cs=data/fillets,nl=data/fillets,sk=data/sk-espeak,pl=data/pl-espeak
+    python benchmarks/multilingual_merge.py --languages cs,nl,de,sk --tune --name real_merge --test-limit 100 \\
+        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors \\
+        --experts de=runs/real-fusion/de-espeak.safetensors,sk=runs/real-fusion/sk-espeak.safetensors \\
+        --corpora cs=data/fillets,nl=data/fillets,de=data/de-espeak,sk=data/sk-espeak
 
 ``--experts LANG=FILE`` takes given expert files, ``--corpora LANG=DIR`` each language's corpus (validation
 and test splits). ``--tune`` searches each method's options (and for the averaging methods a scale of the
@@ -39,9 +39,9 @@ change of each merge against linear with its paired-bootstrap 95% interval on th
 
 Multi-expert KD against merging and routing (issue 16, item 5)::
 
-    python benchmarks/multilingual_merge.py --languages cs,nl --tune --dev-limit 50 --student --student-epochs 1 \
-        --name real_student --test-limit 100 --runs runs/real-student \
-        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors \
+    python benchmarks/multilingual_merge.py --languages cs,nl --tune --dev-limit 50 --student --student-epochs 1 \\
+        --name real_student --test-limit 100 --runs runs/real-student \\
+        --experts cs=runs/real/cs-teacher-all-e2.safetensors,nl=runs/real/nl-teacher-all-e2.safetensors \\
         --corpora cs=data/fillets,nl=data/fillets     # 107 min on 2 CPU cores (docs/results.md)
 
 ``--student`` trains one LoRA student (``distill --kind lora``: train's default layout, decoder + encoder layers
@@ -78,8 +78,10 @@ SEARCHED = ("runs/{lang}-expert/expert.safetensors", "runs/fusion/{lang}-400.saf
             "runs/multilingual-merge/{lang}-400.safetensors")
 
 
-def pairs(text: str | None, what: str) -> dict[str, str]:
-    """``"cs=A,nl=B"`` -> ``{"cs": "A", "nl": "B"}``."""
+def pairs(text: str | list[str] | None, what: str) -> dict[str, str]:
+    """``"cs=A,nl=B"`` (or that option given several times) -> ``{"cs": "A", "nl": "B"}``."""
+    if isinstance(text, list):
+        text = ",".join(text)
     out = {}
     for item in (x.strip() for x in (text or "").split(",") if x.strip()):
         if "=" not in item:
@@ -273,8 +275,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--test-limit", type=int, default=30, help="test utterances per language (default 30)")
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")
-    p.add_argument("--experts", help="given expert files, LANG=FILE,... (others: found or trained as above)")
-    p.add_argument("--corpora", help="corpora, LANG=DIR,... (default data/<lang>-expert, synthesized if missing)")
+    p.add_argument("--experts", action="append",
+                   help="given expert files, LANG=FILE,... (repeatable; others: found or trained as above)")
+    p.add_argument("--corpora", action="append",
+                   help="corpora, LANG=DIR,... (repeatable; default data/<lang>-expert, synthesized if missing)")
     p.add_argument("--tune", action="store_true", help="search each method's options on validation (TUNING)")
     p.add_argument("--dev-limit", type=int, default=30, help="--tune: validation utterances per language")
     p.add_argument("--student", action="store_true", help="add a LoRA student taught by the experts (multi-expert KD)")
