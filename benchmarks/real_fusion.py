@@ -4,6 +4,7 @@
     python benchmarks/real_fusion.py --supports sk:synth,pl:synth    # only the related languages
     python benchmarks/real_fusion.py --supports de:synth,cs=runs/real/cs.safetensors --target nl --name real_fusion_nl
     python benchmarks/real_fusion.py --table-only                    # rewrite the table from the JSON
+    python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
 
 Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips of the Fish Fillets corpus
 (``--data``, made by ``whisper-experts corpus fetch fillets``); validation and test clips are its real ones
@@ -66,7 +67,7 @@ def synth_corpus(lang: str, args) -> str:
 
 def synth_size(lang: str, args) -> int:
     """Utterances of LANG's espeak-ng corpus: ``--synth-per-language``, or fewer where fewer sentences are offline
-    (Slovak has 312: 296 utterances, the rest in reserve), said before anything is trained."""
+    (Slovak has 312: 297 utterances, the rest in reserve), said before anything is trained."""
     from trainers.corpus.sources import sentences
 
     available = len(sentences(lang))
@@ -152,9 +153,10 @@ def run(args, results: dict, save) -> None:
     results["synth_sizes"] = {lang: synth_size(lang, args) for lang, kind, _ in supports if kind == "synth"}
     experts, names, minutes = [], [], {}
     t_name = f"{target}-real-{args.target_train}"
-    expert, secs = trained(t_name, args.data, target, args.target_train, args)
-    experts.append(expert), names.append(t_name)
-    minutes[t_name] = round(secs / 60, 1)
+    if not args.supports_only:
+        expert, secs = trained(t_name, args.data, target, args.target_train, args)
+        experts.append(expert), names.append(t_name)
+        minutes[t_name] = round(secs / 60, 1)
     for lang, kind, path in supports:
         if kind == "file":
             name, expert, secs = f"{lang}-{Path(path).stem}", load_expert(path), None
@@ -166,6 +168,10 @@ def run(args, results: dict, save) -> None:
             expert, secs = trained(name, args.data, lang, args.real_support_train, args)
         experts.append(expert), names.append(name)
         minutes[name] = None if secs is None else round(secs / 60, 1)
+    if args.supports_only:
+        for name in names:
+            print(f"{name}: {Path(args.runs) / name}.safetensors", flush=True)
+        return
     base = load_base(args.base, device="cpu")
     for name, expert in zip(names, experts):
         check_compatible(expert.manifest, base, what=f"expert {name}")
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="real_fusion", help="results file stem (default real_fusion)")
     p.add_argument("--table-only", action="store_true", help="only rewrite the table from the JSON")
+    p.add_argument("--supports-only", action="store_true",
+                   help="only train (or find) the support experts into --runs, for other benchmarks")
     args = p.parse_args(argv)
 
     from transformers.utils import logging as hf_logging
@@ -261,6 +269,9 @@ def main(argv=None) -> int:
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")
         results = {"command": " ".join(["python benchmarks/real_fusion.py", *(sys.argv[1:] if argv is None else argv)])}
+        if args.supports_only:
+            run(args, results, lambda: None)
+            return 0
         run(args, results, lambda: path.write_text(json.dumps(results, indent=2)))
     if "rows" not in results:
         print(f"no results in {path} yet")
