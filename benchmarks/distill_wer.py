@@ -13,7 +13,7 @@
     # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
     python -c "from tests.tiny import make_tiny_whisper; make_tiny_whisper('runs/tiny-whisper')"
     whisper-experts corpus synth --languages uk,pt,nl,ru --per-language 8 --out data/tiny4
-    python benchmarks/distill_wer.py --base runs/tiny-whisper --data data/tiny4 --teachers 'runs/smoke/{lang}-t' \
+    python benchmarks/distill_wer.py --base runs/tiny-whisper --data data/tiny4 --teachers 'runs/smoke/{lang}-t' \\
         --max-train 4 --epochs 1 --test-limit 1 --batch-size 4 --path full,lowrank --work runs/smoke --out runs/smoke
 
 Setup, the same for every row: whisper-base; per student language (``--languages``, default uk,pt) the corpus

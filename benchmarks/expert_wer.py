@@ -4,7 +4,7 @@
     python benchmarks/expert_wer.py --languages uk,pt,nl --epochs 8
     python benchmarks/expert_wer.py --languages uk --side both --encoder-start 4   # + top 2 encoder layers
     python benchmarks/expert_wer.py --languages pt --cross-attention-kv             # + cross-attention k/v
-    python benchmarks/expert_wer.py --languages uk --side both --encoder-start 3 --dropout 0 \
+    python benchmarks/expert_wer.py --languages uk --side both --encoder-start 3 --dropout 0 \\
         --precision bf16-mixed --run-dir 'runs/{lang}-expert-enc3'   # top 3 encoder layers, bf16 autocast
     python benchmarks/expert_wer.py --languages ''                                  # only rewrite the table
 
