@@ -159,3 +159,31 @@ def test_results_page_is_generated_from_the_benchmarks_tables():
     out = subprocess.run([sys.executable, "benchmarks/results_page.py", "--check"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
+
+
+def bare_continuations(source: str) -> list[int]:
+    """Line numbers, in ``source``, of module-docstring lines ending in one backslash: Python joins such a line
+    with the next (the backslash vanishes), so a multi-line command printed by ``--help`` from ``__doc__`` would
+    run together. Raw docstrings keep it and are fine."""
+    tree = ast.parse(source)
+    node = tree.body[0] if tree.body else None
+    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        return []
+    text = ast.get_source_segment(source, node)
+    if text.lower().startswith(("r", "br", "rb")):
+        return []
+    return [node.lineno + i for i, line in enumerate(text.splitlines())
+            if line.endswith("\\") and (len(line) - len(line.rstrip("\\"))) % 2 == 1]
+
+
+def test_docstring_commands_keep_their_line_continuations():
+    scripts = [*sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "examples").glob("*.py"))]
+    scripts += [path for package in ORDER for path in sorted((ROOT / package).rglob("*.py"))]
+    wrong = [f"{path.relative_to(ROOT)}:{n}" for path in scripts for n in bare_continuations(path.read_text())]
+    assert not wrong, f"write '\\\\' to show a line continuation in a docstring: {wrong}"
+
+
+def test_bare_continuations_are_found():
+    assert bare_continuations('"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == [3]
+    assert bare_continuations('"""Run:\n\n    cmd --a \\\\\n        --b\n"""\n') == []
+    assert bare_continuations('r"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == []
