@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 COMMANDS = ["quickstart", "base", "corpus", "train", "lightning", "fuse", "eval", "registry", "pack",
             "router", "transcribe", "serve", "distill"]
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        # Lightning (2.6) flattens batches with torch's LeafSpec, which torch 2.13 deprecates: a FutureWarning
+        # on every fit that names Lightning's code and asks nothing of the user.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
