@@ -269,10 +269,9 @@ def main(argv=None) -> int:
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")
         results = {"command": " ".join(["python benchmarks/real_fusion.py", *(sys.argv[1:] if argv is None else argv)])}
-        if args.supports_only:
-            run(args, results, lambda: None)
-            return 0
         run(args, results, lambda: path.write_text(json.dumps(results, indent=2)))
+        if args.supports_only:  # run stopped after the experts, before any result was written
+            return 0
     if "rows" not in results:
         print(f"no results in {path} yet")
         return 1

@@ -21,7 +21,7 @@ from distill.clsr.model import (add_language, clsr_languages, clsr_layers, clsr_
 from distill.clsr.routing import GateRecorder
 
 __all__ = [
-    "CLSR", "ClsrConfig", "GateRecorder", "add_language", "check_fraction", "attach_clsr_expert", "clsr_expert_tensors",
+    "CLSR", "ClsrConfig", "GateRecorder", "add_language", "attach_clsr_expert", "check_fraction", "clsr_expert_tensors",
     "clsr_languages", "clsr_layers", "clsr_routing", "collect_gates", "convert_from_clsr", "convert_to_clsr",
     "is_clsr", "language_config", "language_parameters", "load_clsr_expert", "make_clsr_expert", "noise_scale_at",
     "parameters_active_per_token", "parameters_per_language", "ramp_at", "recorded_layout", "remove_language",
