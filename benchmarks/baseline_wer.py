@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 LANGUAGES = "en,es,de,it,ru,uk,bg,cs,pt,nl,fa,tr"
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
         "base": base.name, "base_fingerprint": base.fingerprint, "corpus": str(corpus_dir), "split": "test",
         "seconds": round(elapsed, 1), "machine": f"{platform.processor() or platform.machine()}, "
                                                   f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
-        "command": "python benchmarks/baseline_wer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": recorded(Path(__file__).name, argv),
     })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 
 def student_base(args):
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        results = {"command": " ".join(["python benchmarks/cut_student.py", *(sys.argv[1:] if argv is None else argv)])}
+        results = {"command": recorded(Path(__file__).name, argv)}
 
         def save():
             json_path.write_text(json.dumps(results, indent=2))

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 from benchmarks.train_speed import StepTimer  # noqa: E402
 
@@ -138,8 +139,7 @@ def main(argv=None) -> int:
                         "languages": languages, "batch_size": args.batch_size, "steps": args.steps,
                         "rounds": args.rounds, "top_k": args.top_k, "device": "cuda" if cuda else "cpu",
                         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                        "command": "python benchmarks/distill_speed.py "
-                                   + " ".join(argv if argv is not None else sys.argv[1:])}}
+                        "command": recorded(Path(__file__).name, argv)}}
     rows = "\n".join(f"| {label} | {median[name]:.3f} | {args.batch_size / median[name]:.2f} | "
                      f"{median[name] / median['none']:.2f}x |" for name, label in VARIANTS.items())
     mass = fill["mass_kept"]

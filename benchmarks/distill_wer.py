@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 
 def split(text: str) -> list[str]:
@@ -444,7 +445,7 @@ def main(argv=None) -> int:
             if results:
                 print(f"{results_path}: another setup; starting a new table")
             results = {"setup": {**setup, "commands": []}, "rows": {}}
-        command = " ".join(["python benchmarks/distill_wer.py", *(sys.argv[1:] if argv is None else argv)])
+        command = recorded(Path(__file__).name, argv)
         if command not in results["setup"]["commands"]:
             results["setup"]["commands"].append(command)
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 
 def read_seconds(column, n: int, batch: int) -> float:
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     before, now = result["sides"]["before"], result["sides"]["now"]
     result["pass_ratio"] = before["pass_s_per_clip"] / now["pass_s_per_clip"]
     result["read_ratio"] = before["read_s_per_clip"] / now["read_s_per_clip"]
-    command = " ".join(["python benchmarks/encoder_cache_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    command = recorded(Path(__file__).name, argv)
     md = ["| log-mels read as | whole pass, ms / clip | read alone, ms / clip |", "|---|---|---|"]
     for side, label in (("before", "Python lists (before)"), ("now", "numpy slices (now)")):
         s = result["sides"][side]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--experts", default="runs/real-fusion/cs-real-100.safetensors,runs/real-fusion/sk-espeak.safetensors",
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     full, part = scorers
     med = {name: statistics.median(s) for name, s in seconds.items()}
     results = {
-        "command": " ".join(["python benchmarks/fusion_search_speed.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": recorded(Path(__file__).name, argv),
         "experts": files, "encoder_start": start, "clips": len(dev), "weights": weights,
         "threads": torch.get_num_threads(),
         "setup_seconds": setup, "trial_seconds": seconds, "median_trial_seconds": med,

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 ALPHA = 32.0  # LoraExpertConfig's default: scaling alpha / r = 2 at rank 16
 # whisper-base's dimensions (openai/whisper-base config.json)
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     meta = {"experts": n, "rank": args.rank, "alpha": ALPHA, "modules": len(shapes), "shapes": "whisper-base decoder",
             "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": "cpu",
             "torch": torch.__version__, "peft": peft.__version__,
-            "command": "python benchmarks/merge_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": recorded(Path(__file__).name, argv)}
     slowest = max(rows, key=lambda m: rows[m]["ours_s"])
     meta["goal"] = {"slowest_method": slowest, "seconds": rows[slowest]["ours_s"],
                     "under_one_second": rows[slowest]["ours_s"] < 1.0}

@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 METHOD_WEIGHTS = {"ties": "ones", "dare_ties": "ones"}  # sign-elected disjoint means average by themselves
 # --tune: per method, the grid of (weight scale, options) tried on validation. The scale multiplies the default
@@ -339,8 +340,7 @@ def main(argv=None) -> int:
                         for label, own, wer, cer, mean in zip(data["rows"], data["own_languages"], data["wer"],
                                                               data["cer"], data["mean_wer"])],
                "pooled_vs_linear": pooled_changes(matrix),
-               "command": " ".join(["python benchmarks/multilingual_merge.py",
-                                    *(sys.argv[1:] if argv is None else argv)])}
+               "command": recorded(Path(__file__).name, argv)}
     if args.tune:
         results.update(tuned=settings, trials=trials, dev_limit=args.dev_limit)
     if student_source:

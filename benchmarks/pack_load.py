@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 WHISPER_BASE = {"d_model": 512, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048, "encoder_layers": 6,
                 "decoder_layers": 6, "encoder_attention_heads": 8, "decoder_attention_heads": 8,
@@ -111,8 +112,7 @@ def main(argv=None) -> int:
         rows = [("load_pack", median_seconds(attach, args.repeats)),
                 ("load_pack, no verify", median_seconds(lambda: attach(False), args.repeats)),
                 ("server reload (PackLoader.load)", median_seconds(lambda: loader.load((str(path),)), args.repeats))]
-    command = "python benchmarks/pack_load.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                  " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = recorded(Path(__file__).name, argv)
     result = {"command": command, "experts": args.experts, "rank": args.rank, "modules_per_expert": len(TARGETS) * 6,
               "pack_mb": round(size / 2 ** 20, 1), "repeats": args.repeats, "threads": torch.get_num_threads(),
               "goal_seconds": GOAL_SECONDS, "seconds": {name: round(s, 4) for name, s in rows}}

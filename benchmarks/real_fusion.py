@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 
 def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
         for lang, kind, given in parse_supports(args.supports):  # refuse a bad spec before training anything
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")
-        results = {"command": " ".join(["python benchmarks/real_fusion.py", *(sys.argv[1:] if argv is None else argv)])}
+        results = {"command": recorded(Path(__file__).name, argv)}
         run(args, results, lambda: path.write_text(json.dumps(results, indent=2)))
         if args.supports_only:  # run stopped after the experts, before any result was written
             return 0

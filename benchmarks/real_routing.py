@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
+from benchmarks.command import recorded  # noqa: E402
 
 ROUTES = ("language ID", "language ID among the mix", "learned router")
 
@@ -238,8 +239,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from real_speech import machine
 
-    command = "python benchmarks/real_routing.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
-                                                             if a != "--table-only")
+    command = recorded(Path(__file__).name, argv, drop=("--table-only",))
     if args.table_only:
         result = json.loads((out / "real_routing.json").read_text())
     else:

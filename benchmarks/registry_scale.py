@@ -35,7 +35,6 @@ import io
 import json
 import os
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 LANGUAGES = ["uk", "pt", "nl", "de", "cs", "ru", "pl", "es", "it", "fr", "sv", "fi", "hu", "ro", "bg", "el",
              "tr", "sk", "sl", "hr"]
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="where to build the registries (default: a temporary directory, deleted)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    command = "python benchmarks/registry_scale.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    command = recorded(Path(__file__).name, argv)
 
     from registry.store import Registry
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.command import recorded  # noqa: E402
 
 SENTENCES = {
     "uk": "Доброго ранку. Сьогодні ми говоримо про погоду в місті. Завтра буде тепло і сонячно.",
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     clients = [1, 4] if args.quick else [int(c) for c in args.clients.split(",")]
     per_client = 1 if args.quick else args.per_client
     out = Path(args.out or ("/tmp/serve_load_quick" if args.quick else ROOT / "benchmarks" / "results"))
-    command = "python benchmarks/serve_load.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    command = recorded(Path(__file__).name, argv)
 
     from registry.bases import load_base
 

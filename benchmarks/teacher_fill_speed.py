@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 DEFAULT_TEACHER = "runs/real/cs-teacher-all-e2.safetensors"
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         "meta": {"base": base.name, "teacher": args.teacher, "data": args.data, "language": args.language,
                  "clips": len(rows), "batch_size": args.batch_size, "top_k": args.top_k, "rounds": args.rounds,
                  "machine": machine(), "threads": torch.get_num_threads()},
-        "command": "python benchmarks/teacher_fill_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": recorded(Path(__file__).name, argv),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

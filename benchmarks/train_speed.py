@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 
 class StepTimer:
@@ -185,8 +186,7 @@ def main(argv=None) -> int:
     results["ratios"] = {"cache_speedup": a / b, "framework_overhead": c / a - 1}
     results["meta"] = {"base": base.name, "batch_size": args.batch_size, "steps": args.steps,
                        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                       "command": "python benchmarks/train_speed.py "
-                                  + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": recorded(Path(__file__).name, argv)}
     md = ("| variant | samples/s | vs (a) |\n|---|---|---|\n"
           f"| (a) Lightning, encoder cache | {a:.2f} | 1.00x |\n"
           f"| (b) Lightning, no cache | {b:.2f} | {b / a:.2f}x |\n"

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
+from benchmarks.command import recorded  # noqa: E402
 
 SILENCE = 0.5  # seconds between joined clips
 
@@ -189,8 +190,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/transcribe_speed.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only")
+    command = recorded(Path(__file__).name, argv, drop=("--table-only",))
     if args.table_only:
         result = json.loads((out / "transcribe_speed.json").read_text())
     else:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
 
 SR = 16000
 
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
 
         hf_logging.set_verbosity_error()
         result = run(args)
-        result["command"] = " ".join(["python benchmarks/window_cut.py", *(sys.argv[1:] if argv is None else argv)])
+        result["command"] = recorded(Path(__file__).name, argv)
         path.write_text(json.dumps(result, indent=2))
     md = table(result)
     (out / f"{args.name}.md").write_text(md)

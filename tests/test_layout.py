@@ -10,6 +10,7 @@ A package may import only the packages to its right. Every import counts, includ
 from __future__ import annotations
 
 import ast
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,22 @@ def test_bare_continuations_are_found():
     assert bare_continuations('"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == [3]
     assert bare_continuations('"""Run:\n\n    cmd --a \\\\\n        --b\n"""\n') == []
     assert bare_continuations('r"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == []
+
+
+def test_recorded_commands_paste_back_into_a_shell():
+    """A benchmark's recorded command splits back into the arguments it ran with: an empty value, a pattern and
+    a quote survive (joined with bare spaces, ``--untouched ''`` lost its value and took the next flag's)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.command import recorded
+
+    argv = ["--untouched", "", "--teachers", "runs/{lang}-t.safetensors", "--name", "it's", "--table-only"]
+    line = recorded("distill_wer.py", argv, drop=("--table-only",))
+    assert line.startswith("python benchmarks/distill_wer.py --untouched '' --teachers ")
+    assert shlex.split(line)[2:] == argv[:-1]
+    assert recorded("merge_speed.py", ["--repeats", "3"]) == "python benchmarks/merge_speed.py --repeats 3"
+
+
+def test_benchmarks_record_their_command_quoted():
+    joined = [path.name for path in sorted((ROOT / "benchmarks").glob("*.py"))
+              if path.name != "command.py" and "sys.argv[1:]" in path.read_text()]
+    assert not joined, f"record the command with benchmarks.command.recorded (quoted), not by joining argv: {joined}"
