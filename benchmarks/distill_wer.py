@@ -169,6 +169,17 @@ def variant(args) -> tuple[str, str, dict]:
             {k: v for k, v, _ in knobs})
 
 
+def kd_variant(args) -> tuple[str, str, dict]:
+    """The KD loss knobs this run sets away from the recipe's (KD weight 0.5, temperature 1), as :func:`variant`
+    gives them: a ``-kd`` marker suffix (``-w2-t2``), a label part and cache-key knobs. Only KD rows carry them,
+    so the CLSR row without KD keeps its name and cache."""
+    knobs = [(key, value, what) for key, value, default, what in (
+        ("w", args.kd_weight, None, "weight"), ("t", args.temperature, 1.0, "T"))
+        if value != default]
+    return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f" {w} {v:g}" for _, v, w in knobs),
+            {f"kd{k}": v for k, v, _ in knobs})
+
+
 def layout_suffix(args) -> str:
     """The run-directory suffix of a CLSR layout other than the default decoder-only one (``-both3``,
     ``-encoder3``), so that runs of two layouts keep their own logs."""
@@ -182,6 +193,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
     from trainers.train_distill import DistillConfig, train_distilled
 
     kd = teacher is not None
+    marker = "-kd" + kd_variant(args)[0] if kd else ""
     cfg = DistillConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, kind="clsr", path=path,
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
                         teachers=(str(teacher),) if kd else (),
@@ -189,13 +201,15 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
                         path_dropout=args.path_dropout, gate_warmup=args.gate_warmup,
                         path_dropout_ramp=args.path_dropout_ramp, epochs=args.epochs,
+                        kd_weight=args.kd_weight if kd else None, temperature=args.temperature if kd else 1.0,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
                         batch_size=args.batch_size, max_train=args.max_train,
                         patience=args.patience, seed=args.train_seed, test=False, progress=False,
-                        run_dir=str(work / f"run-{lang}-clsr-{path}{'-kd' if kd else ''}{variant(args)[0]}"
+                        run_dir=str(work / f"run-{lang}-clsr-{path}{marker}{variant(args)[0]}"
                                              f"{layout_suffix(args)}"))
     knobs = dict(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
-                 side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2])
+                 side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2],
+                 **(kd_variant(args)[2] if kd else {}))
     return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{tag(**knobs)}.safetensors",
                   lambda: train_distilled(cfg)[0][0])
 
@@ -308,19 +322,22 @@ def run(args, results: dict, work: Path, save) -> None:
                  "encoder": f"enc {args.encoder_start}.. only"}[args.side]
         for kd in (False, True):
             suffix, label_part, _ = variant(args)
-            key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" if kd else "") + suffix
+            kd_suffix, kd_label, _ = kd_variant(args)
+            plain = f"clsr-{path}-{args.side}-{args.encoder_start}" + suffix
+            key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" + kd_suffix if kd else "") + suffix
             if done(key):
                 continue
             trained = {lang: clsr_student(lang, args, work, path, teachers[lang][0] if kd else None)
                        for lang in langs}
             test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched)
-            label = f"CLSR {path} ({where}{label_part}) " + ("+ KD (JS, teacher)" if kd else "without KD")
+            label = f"CLSR {path} ({where}{label_part}) " + (f"+ KD (JS{kd_label}, teacher)" if kd else "without KD")
             rows[key] = {"label": label,
                          "test": test, "untouched": kept,
                          "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
                          "active": total + parameters_active_per_token(ev.base.model.config, config),
                          "minutes": _minutes([s for _, s in trained.values()]),
-                         "hyperparameters": next(iter(trained.values()))[0].manifest["hyperparameters"]}
+                         "hyperparameters": next(iter(trained.values()))[0].manifest["hyperparameters"],
+                         **({"without_kd": plain} if kd else {})}
             save()
 
 
@@ -373,7 +390,8 @@ def table(results: dict) -> str:
                     ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
         md.append("| " + " | ".join(cells) + " |")
     for key in sorted(k for k in rows if k.startswith("clsr") and "-kd" in k):
-        plain = key.replace("-kd", "", 1)  # the KD marker sits before the variant suffix (-kd-pd0)
+        # the row's own record of its plain twin; older rows: the KD marker sits before the variant suffix
+        plain = rows[key].get("without_kd", key.replace("-kd", "", 1))
         if plain in rows:
             gains = ", ".join(f"{l} {versus(rows[plain]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
             md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
@@ -410,6 +428,8 @@ def main(argv=None) -> int:
                    "this fraction of the steps (default 0, the recipe's)")
     p.add_argument("--path-dropout-ramp", type=float, default=0.0, help="CLSR path dropout raised from 0 over this "
                    "fraction of the steps (default 0)")
+    p.add_argument("--kd-weight", type=float, help="KD loss weight of the KD rows (default 0.5, the recipe's)")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the KD rows (default 1)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
