@@ -160,24 +160,25 @@ def variant(args) -> tuple[str, str, dict]:
     Runs at the defaults keep the names and cache keys they had before these options existed."""
     from distill.clsr import ClsrConfig
 
-    knobs = [(key, value, what) for key, value, default, what in (
+    return off_default((
         ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
         ("dlr", args.decoder_lr, None, "decoder lr"), ("gw", args.gate_warmup, 0.0, "gate warm-up"),
-        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp"))
-        if value != default]
-    return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f", {w} {v:g}" for _, v, w in knobs),
-            {k: v for k, v, _ in knobs})
+        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp")), ", ")
+
+
+def off_default(entries, sep: str, prefix: str = "") -> tuple[str, str, dict]:
+    """``(key, value, default, label)`` entries whose value is not the default, as a suffix (``-pd0``), a label
+    part (``<sep>path dropout 0``) and cache-key knobs (``prefix + key``)."""
+    knobs = [(key, value, what) for key, value, default, what in entries if value != default]
+    return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f"{sep}{w} {v:g}" for _, v, w in knobs),
+            {prefix + k: v for k, v, _ in knobs})
 
 
 def kd_variant(args) -> tuple[str, str, dict]:
     """The KD loss knobs this run sets away from the recipe's (KD weight 0.5, temperature 1), as :func:`variant`
     gives them: a ``-kd`` marker suffix (``-w2-t2``), a label part and cache-key knobs. Only KD rows carry them,
     so the CLSR row without KD keeps its name and cache."""
-    knobs = [(key, value, what) for key, value, default, what in (
-        ("w", args.kd_weight, None, "weight"), ("t", args.temperature, 1.0, "T"))
-        if value != default]
-    return ("".join(f"-{k}{v:g}" for k, v, _ in knobs), "".join(f" {w} {v:g}" for _, v, w in knobs),
-            {f"kd{k}": v for k, v, _ in knobs})
+    return off_default((("w", args.kd_weight, None, "weight"), ("t", args.temperature, 1.0, "T")), " ", "kd")
 
 
 def layout_suffix(args) -> str:
@@ -193,7 +194,8 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
     from trainers.train_distill import DistillConfig, train_distilled
 
     kd = teacher is not None
-    marker = "-kd" + kd_variant(args)[0] if kd else ""
+    kd_suffix, _, kd_knobs = kd_variant(args) if kd else ("", "", {})
+    marker = "-kd" + kd_suffix if kd else ""
     cfg = DistillConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, kind="clsr", path=path,
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
                         teachers=(str(teacher),) if kd else (),
@@ -209,7 +211,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                                              f"{layout_suffix(args)}"))
     knobs = dict(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
                  side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2],
-                 **(kd_variant(args)[2] if kd else {}))
+                 **kd_knobs)
     return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{tag(**knobs)}.safetensors",
                   lambda: train_distilled(cfg)[0][0])
 
