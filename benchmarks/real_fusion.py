@@ -181,7 +181,7 @@ def run(args, results: dict, save) -> None:
     test = utterances_from_dataset(corpus["test"], [target], args.test_limit)
     t0 = time.time()
     fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, search=args.search,
-                                    trials=args.trials, progress=False)
+                                    trials=args.trials, progress=False, support_scope=args.support_scope)
     search_minutes = round((time.time() - t0) / 60, 1)
     plot_search(search, names, str(Path(args.out) / f"{args.name}.png"),
                 title=f"{target} ({args.target_train} real clips) + supports: validation WER vs fusion weights")
@@ -191,7 +191,8 @@ def run(args, results: dict, save) -> None:
         rows[name] = {"label": f"{name} alone" + (" (the target)" if name == t_name else ""),
                       "train_minutes": minutes[name], **scored(base, expert, test, cache)}
     target_only = list(search.best.weights) == [1.0] + [0.0] * (len(names) - 1)
-    rows["fused"] = {"label": f"fused ({args.method}, {args.search} search, {len(search.trials)} trials)"
+    scope = "" if args.support_scope == "all" else f", supports' {args.support_scope} only"
+    rows["fused"] = {"label": f"fused ({args.method}, {args.search} search, {len(search.trials)} trials{scope})"
                               + (": the target alone" if target_only else ""),
                      "weights": dict(zip(names, search.best.weights)), "search_minutes": search_minutes,
                      # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
@@ -245,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")
     p.add_argument("--search", default="bayes", choices=["grid", "bayes"])
+    p.add_argument("--support-scope", default="all", choices=["all", "decoder"],
+                   help="fuse the supports' decoder deltas only (decoder) or all of them (default all)")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--patience", type=int, default=2)

@@ -255,21 +255,46 @@ def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "
     return SearchResult(done, best)
 
 
+SUPPORT_SCOPES = ("all", "decoder")
+
+
+def scoped(tv: dict, scope: str, what: str) -> dict:
+    """The part of task vector ``tv`` that ``scope`` keeps (``all``; ``decoder``: no ``model.encoder.`` key).
+
+    Raises:
+        ValueError: an unknown scope, or nothing left (``what`` changes only what the scope drops).
+    """
+    if scope not in SUPPORT_SCOPES:
+        raise ValueError(f"support scope {scope!r}: expected one of {', '.join(SUPPORT_SCOPES)}")
+    if scope == "all":
+        return tv
+    kept = {k: v for k, v in tv.items() if not k.startswith("model.encoder.")}
+    if not kept:
+        raise ValueError(f"{what} changes only the encoder, so its decoder part (support scope {scope!r}) is "
+                         "empty; fuse it with the support scope 'all', or leave it out")
+    return kept
+
+
 def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], target: str | None,
                     dev: Sequence[Utterance] | None, *, method: str = "linear", options: dict | None = None,
                     search: str = "grid", trials: int = 11, weights: Sequence[float] | None = None,
-                    seed: int = 0, batch_size: int = 16, progress: bool = True) -> tuple[Expert, SearchResult]:
+                    seed: int = 0, batch_size: int = 16, progress: bool = True,
+                    support_scope: str = "all") -> tuple[Expert, SearchResult]:
     """Fuse ``experts`` (the target language's first) with weights searched on the dev WER.
 
     Args:
         base: the loaded ``registry.bases.Base`` all experts were made for (checked by the caller).
         target: the target language (None: a multi-language merge with fixed ``weights`` and no dev set).
         dev: the target's dev utterances (None only with ``search="fixed"``).
+        support_scope: ``"all"``, or ``"decoder"``: only the supports' decoder deltas take part, so the
+            encoder (the acoustics) is the target expert's alone; for supports trained on other speech
+            (a synthesizer, other recording conditions) whose encoder deltas learned that speech.
 
     Returns:
         (the fused expert, with the search trace in its lineage and the dev WER in its metrics; the search).
     """
     tvs = [task_vector(e) for e in experts]
+    tvs[1:] = [scoped(tv, support_scope, f"support {n}") for tv, n in zip(tvs[1:], names[1:])]
     applier = FusionApplier(base.model, tvs, method, options, seed)
     if dev is None:
         if search != "fixed":
@@ -297,6 +322,8 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
     languages = [target] if target else None
     expert = fused_expert(merged, experts, names, languages=languages, metrics=metrics)
     expert.manifest["lineage"].update(search=search, trials=result.trace(), target=target)
+    if support_scope != "all":
+        expert.manifest["lineage"]["support_scope"] = support_scope
     return expert, result
 
 

@@ -187,6 +187,31 @@ def test_the_dev_scorer_runs_only_the_encoder_layers_a_candidate_changes(base, u
         applier.clear()
 
 
+def test_decoder_support_scope_keeps_the_encoder_the_targets(base):
+    from lora_experts.deltas import dense
+    from trainers.fusion import scoped
+
+    # Both adapt encoder layer 1 and the decoder; with scope "decoder" the support's encoder delta is left out.
+    experts = [_expert(base, 5, 4, ("encoder.layers.1.fc1", "decoder.layers.0.fc1"), "cs"),
+               _expert(base, 6, 4, ("encoder.layers.1.fc1", "encoder.layers.0.fc2", "decoder.layers.0.fc1"), "sk")]
+    t, s = (task_vector(e) for e in experts)
+    fused, result = fuse_for_target(base, experts, ["cs-real", "sk-espeak"], "cs", None, search="fixed",
+                                    weights=[1.0, 0.5], progress=False, support_scope="decoder")
+    merged = {k: dense(v) for k, v in result.merge.task_vector.items()}
+    enc, dec = "model.encoder.layers.1.fc1.weight", "model.decoder.layers.0.fc1.weight"
+    assert "model.encoder.layers.0.fc2.weight" not in merged  # only the support changed it: gone
+    torch.testing.assert_close(merged[enc], dense(t[enc]))  # the target's encoder delta, untouched
+    torch.testing.assert_close(merged[dec], dense(t[dec]) + 0.5 * dense(s[dec]))  # the decoders summed
+    assert fused.manifest["lineage"]["support_scope"] == "decoder"
+    full, _ = fuse_for_target(base, experts, ["cs-real", "sk-espeak"], "cs", None, search="fixed",
+                              weights=[1.0, 0.5], progress=False)
+    assert "support_scope" not in full.manifest["lineage"]
+    with pytest.raises(ValueError, match="changes only the encoder.*support scope 'all'"):
+        scoped({"model.encoder.layers.1.fc1.weight": t[enc]}, "decoder", "support sk-enc")
+    with pytest.raises(ValueError, match="support scope 'attention'"):
+        scoped(t, "attention", "support sk-espeak")
+
+
 def test_a_multi_language_merge_needs_no_dev_set(base, experts):
     fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], None, None, method="ties",
                                     options={"density": 0.5}, search="fixed", weights=[0.5, 0.5], progress=False)
@@ -222,6 +247,8 @@ def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir,
     assert "2 experts" in capsys.readouterr().err
     assert main(["fuse", "--experts", "uk-small", "--option", "density", "--name", "y", *common]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
+    assert main(["fuse", "--experts", "uk-small,ru-espeak", "--support-scope", "decoder", "--name", "z", *common]) == 2
+    assert "--support-scope decoder applies to a target fusion" in capsys.readouterr().err
 
 
 def test_the_search_plot_gives_one_panel_per_weight_that_moved():

@@ -17,6 +17,8 @@ of related languages after it. The fusion weights are searched on the target's v
 tries the task-arithmetic paper's lambda in [0, 1] (weights 1, lambda/n, ..., lambda/n), --search bayes runs
 Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. Both try the target alone first, so
 the result is never worse on dev than the target expert. --weights fixes the weights instead (no search).
+--support-scope decoder fuses only the supports' decoder deltas and keeps the target's encoder: for supports
+trained on other speech (espeak-ng, another recording setup), whose encoder deltas learned that speech.
 The base loads once; candidates are applied in place; the encoder layers below the lowest one an expert
 changes run once on the dev set. A PNG of dev WER against the weights is written beside the run.
 
@@ -35,6 +37,8 @@ examples:
   whisper-experts fuse --target uk --experts uk-small,ru-espeak,bg-espeak --method linear --search bayes \\
       --trials 12 --dev data/uk-small --name uk-fused
   whisper-experts fuse --target uk --experts uk-small,ru-espeak --weights 1,0.4 --name uk-fixed
+  whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \
+      --name cs-fused-dec
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
 """
 
@@ -73,6 +77,9 @@ def _run(args) -> int:
     weights = [float(w) for w in split_list(args.weights)] if args.weights else None
     if weights is not None and len(weights) != len(names):
         raise ValueError(f"{len(weights)} weights for {len(names)} experts; give one per expert, in order")
+    if args.support_scope != "all" and not args.target:
+        raise ValueError(f"--support-scope {args.support_scope} applies to a target fusion (--target LANG: "
+                         "the first expert is the target's, the others its supports)")
     if args.target and not args.dev and weights is None:
         raise ValueError("a target fusion searches its weights on --dev DIR (the target's corpus); "
                          "or give fixed --weights")
@@ -104,7 +111,7 @@ def _run(args) -> int:
     expert, result = fuse_for_target(base, experts, names, args.target, dev, method=args.method,
                                      options=_options(args.option), search=search, trials=args.trials,
                                      weights=weights, seed=args.seed, batch_size=args.batch_size,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, support_scope=args.support_scope)
     record = registry.add(expert, args.name)
     run_dir = Path(args.run_dir or Path("runs") / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +158,9 @@ def register(subparsers) -> None:
     p.add_argument("--search", choices=["grid", "bayes"], default="grid", help="weight search (default grid)")
     p.add_argument("--trials", type=int, default=11, help="candidates scored, the target alone included (default 11)")
     p.add_argument("--weights", help="fixed weights, one per expert (no search)")
+    p.add_argument("--support-scope", choices=["all", "decoder"], default="all",
+                   help="what of the support experts is fused: all (default), or decoder: their decoder deltas "
+                        "only, the encoder staying the target's (supports trained on synthetic or other speech)")
     p.add_argument("--base", help="base model (default: the experts' base)")
     p.add_argument("--registry", help="registry directory (default <home>/registry)")
     p.add_argument("--out", help="also write the fused expert file here")
