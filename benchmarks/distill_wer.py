@@ -391,12 +391,16 @@ def table(results: dict) -> str:
                     count(r["active"]), "reused" if r["minutes"] is None and key == "teacher" else
                     ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
         md.append("| " + " | ".join(cells) + " |")
-    for key in sorted(k for k in rows if k.startswith("clsr") and "-kd" in k):
-        # the row's own record of its plain twin; older rows: the KD marker sits before the variant suffix
-        plain = rows[key].get("without_kd", key.replace("-kd", "", 1))
+    # each KD row's own record of its plain twin; older rows: the KD marker sits before the variant suffix
+    twins = {key: rows[key].get("without_kd", key.replace("-kd", "", 1))
+             for key in sorted(k for k in rows if k.startswith("clsr") and "-kd" in k)}
+    for key, plain in twins.items():
         if plain in rows:
             gains = ", ".join(f"{l} {versus(rows[plain]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
-            md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
+            if list(twins.values()).count(plain) > 1:  # several KD rows of one twin: each line names its own
+                md.append(f"\nKD's effect: {rows[key]['label']} against {rows[plain]['label']} (paired): {gains}")
+            else:
+                md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
