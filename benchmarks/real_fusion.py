@@ -3,7 +3,7 @@
     python benchmarks/real_fusion.py                                 # cs-100 real + sk, pl, cs synthetic + nl real
     python benchmarks/real_fusion.py --supports sk:synth,pl:synth    # only the related languages
     python benchmarks/real_fusion.py --supports de:synth,cs=runs/real/cs.safetensors --target nl --name real_fusion_nl
-    python benchmarks/real_fusion.py --table-only                    # rewrite the table from the JSON
+    python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
 
 Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips of the Fish Fillets corpus
@@ -142,12 +142,24 @@ def scored(base, expert, utterances, cache: Path | None = None) -> dict:
     return out
 
 
+def plot(results: dict, path: Path) -> None:
+    """The search plot (validation WER against the fusion weights) from a results file's trials."""
+    from trainers.fusion import SearchResult, Trial, plot_search
+
+    trials = [Trial(**t) for t in results["trials"]]
+    best = min(trials, key=lambda t: (t.wer, sum(abs(x) for x in t.weights)))  # as the search chose
+    scope = " (decoder deltas only)" if results.get("support_scope", "all") != "all" else ""
+    plot_search(SearchResult(trials, best), results["names"], str(path),
+                title=f"{results['target']} ({results['target_train']} real clips) + supports{scope}:\n"
+                      "validation WER vs fusion weights")
+
+
 def run(args, results: dict, save) -> None:
     from inference.evaluation import utterances_from_dataset
     from registry.bases import load_base
     from registry.expert_file import check_compatible, load_expert
     from trainers.corpus.loading import load_corpus
-    from trainers.fusion import fuse_for_target, plot_search
+    from trainers.fusion import fuse_for_target
 
     target = args.target
     supports = parse_supports(args.supports)
@@ -183,8 +195,9 @@ def run(args, results: dict, save) -> None:
     fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, search=args.search,
                                     trials=args.trials, progress=False, support_scope=args.support_scope)
     search_minutes = round((time.time() - t0) / 60, 1)
-    plot_search(search, names, str(Path(args.out) / f"{args.name}.png"),
-                title=f"{target} ({args.target_train} real clips) + supports: validation WER vs fusion weights")
+    results.update(target=target, target_train=args.target_train, support_scope=args.support_scope,
+                   trials=search.trace(), names=names)
+    plot(results, Path(args.out) / f"{args.name}.png")
     cache = Path(args.runs) / "test-scores"
     rows = {"base": {"label": f"{Path(args.base).name} (no expert)", **scored(base, None, test, cache)}}
     for name, expert in zip(names, experts):
@@ -256,7 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/real-fusion", help="trained experts and their logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="real_fusion", help="results file stem (default real_fusion)")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from the JSON")
+    p.add_argument("--table-only", action="store_true",
+                   help="only rewrite the table (and the plot, for runs since session 19) from the JSON")
     p.add_argument("--supports-only", action="store_true",
                    help="only train (or find) the support experts into --runs, for other benchmarks")
     args = p.parse_args(argv)
@@ -279,6 +293,8 @@ def main(argv=None) -> int:
     if "rows" not in results:
         print(f"no results in {path} yet")
         return 1
+    if args.table_only and "names" in results:
+        plot(results, out / f"{args.name}.png")
     md = table(results)
     (out / f"{args.name}.md").write_text(md)
     print(md)
