@@ -52,6 +52,10 @@ kept); cached under ``--runs``. ``--student-file FILE`` takes one already traine
 ``routed: own expert``: each language served by its own expert, as routing by the known language does (built
 from the single-expert rows, no extra decoding). Student and routed rows get the same pooled change against
 linear as the merges.
+
+Every decoded row (test rows and ``--tune`` trials) is kept under ``<runs>/scores``, keyed by the base, the
+expert's tensors, the clips and the decoding options (``benchmarks/scores.py``): run again with one thing
+changed (``--student-epochs 3``, another method), only the rows it changes are decoded.
 """
 
 from __future__ import annotations
@@ -164,17 +168,17 @@ def merged_experts(experts, names, methods, seed: int, settings: dict | None = N
     return out
 
 
-def tune(base, experts, names, methods, dev, seed: int) -> tuple[dict, list[dict]]:
-    """Each method's best (weight scale, options) by mean validation WER over the languages, and every trial."""
-    from inference.evaluation import DecodeOptions, evaluate
-    from inference.language_matrix import expert_applied
+def tune(base, experts, names, methods, dev, seed: int, cache: Path | None = None) -> tuple[dict, list[dict]]:
+    """Each method's best (weight scale, options) by mean validation WER over the languages, and every trial
+    (a trial decoded before for the same merge and clips is read back from ``cache``)."""
+    from benchmarks.scores import cached_report
+    from inference.evaluation import DecodeOptions
 
     best, trials = {}, []
     for method in methods:
         for scale, options in TUNING.get(method, [(1.0, {})]):
             (_, fused, info), = merged_experts(experts, names, [method], seed, {method: (scale, options)})
-            with expert_applied(base.model, fused):
-                report = evaluate(base.model, base.processor, dev, DecodeOptions(batch_size=16), progress=False)
+            report = cached_report(base, fused, dev, DecodeOptions(batch_size=16), cache)
             mean = sum(r.wer for r in report.languages.values()) / len(report.languages)
             trials.append({"method": method, "scale": scale, "options": options, "dev_mean_wer": 100 * mean,
                            "relative_error": info["relative_error"]})
@@ -287,7 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--student-file", help="a student already trained (implies --student)")
     p.add_argument("--student-epochs", type=int, default=2, help="--student: epochs at most (default 2)")
     p.add_argument("--student-max-train", type=int, default=None, help="--student: training clips per language")
-    p.add_argument("--runs", default="runs/multilingual-merge", help="trained experts, students and their logs")
+    p.add_argument("--runs", default="runs/multilingual-merge",
+                   help="trained experts, students, their logs and the decoded rows (scores/)")
     p.add_argument("--name", default="multilingual_merge", help="results file stem (default multilingual_merge)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -306,6 +311,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from benchmarks.scores import cached_report
     from inference.evaluation import DecodeOptions, utterances_from_dataset
     from inference.language_matrix import language_matrix, plot_matrix
     from registry.bases import load_base
@@ -324,7 +330,8 @@ def main(argv=None) -> int:
         utterances += utterances_from_dataset(corpus["test"], [lang], limit=args.test_limit)
         dev += utterances_from_dataset(corpus["validation"], [lang], limit=args.dev_limit)
     base = load_base(args.base, device="cpu")
-    settings, trials = tune(base, experts, names, methods, dev, args.seed) if args.tune else (None, [])
+    cache = Path(args.runs) / "scores"  # decoded rows: a rerun with one row changed decodes only that row
+    settings, trials = tune(base, experts, names, methods, dev, args.seed, cache) if args.tune else (None, [])
     merged = merged_experts(experts, names, methods, args.seed, settings)
     rows = [(f"single: {lang}", e) for lang, e in zip(langs, experts)] + [(label, e) for label, e, _ in merged]
     student_source = None
@@ -332,7 +339,9 @@ def main(argv=None) -> int:
         student, student_source = student_for(langs, sources, args)
         rows.append(("student: multi-expert KD", student))
     t0 = time.time()
-    matrix = language_matrix(base.model, base.processor, utterances, rows, DecodeOptions(batch_size=16)).routed()
+    opts = DecodeOptions(batch_size=16)
+    matrix = language_matrix(base.model, base.processor, utterances, rows, opts,
+                             decode=lambda e: cached_report(base, e, utterances, opts, cache, progress=True)).routed()
     data = matrix.as_dict()
     results = {"languages": data["languages"], "n": data["n"], "experts": sources,
                "merges": [info for _, _, info in merged], "decode_seconds": round(time.time() - t0),

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.command import recorded  # noqa: E402
+from benchmarks.scores import score_key  # noqa: E402
 
 
 def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
@@ -97,25 +98,6 @@ def trained(name: str, data: str, lang: str, max_train: int | None, args) -> tup
     seconds = round(time.time() - t0, 1)
     timing.write_text(json.dumps({"seconds": seconds}))
     return expert, seconds
-
-
-def score_key(base, expert, utterances) -> str:
-    """What a test row depends on: the base, the expert's tensors and recipe, and the clips (ids and audio)."""
-    import hashlib
-
-    import numpy as np
-
-    from registry.packs import tensor_digest
-
-    h = hashlib.sha256(f"{base.name}|{getattr(base, 'fingerprint', '')}".encode())
-    if expert is not None:
-        h.update(tensor_digest(expert.tensors).encode())
-        h.update(json.dumps([expert.kind, expert.manifest.get("hyperparameters")], sort_keys=True,
-                            default=str).encode())
-    for u in utterances:
-        h.update(f"{u.id}|{u.language}|{u.text}|".encode())
-        h.update(np.ascontiguousarray(u.audio).view(np.uint8))
-    return h.hexdigest()[:16]
 
 
 def scored(base, expert, utterances, cache: Path | None = None) -> dict:

@@ -81,6 +81,13 @@ class LanguageResult:
     wer_ci: tuple[float, float] | None = None  # 95% bootstrap interval of ``wer`` (utterances resampled)
     cer_ci: tuple[float, float] | None = None
 
+    @classmethod
+    def from_dict(cls, language: str, d: dict) -> "LanguageResult":
+        """The result :meth:`as_dict` wrote for ``language``."""
+        wer_ci, cer_ci = (tuple(d[key]) if key in d else None for key in ("wer_ci95", "cer_ci95"))
+        return cls(language, d["n"], d["wer"], d["cer"], d["wer_raw"], d["cer_raw"], d["rtf"], d["audio_seconds"],
+                   d.get("language_id_accuracy"), d.get("guarded", 0), wer_ci, cer_ci)
+
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("wer", "cer", "wer_raw", "cer_raw", "n", "rtf", "audio_seconds", "guarded")}
         if self.wer_ci is not None:
@@ -98,6 +105,14 @@ class EvalReport:
     hypotheses: list[dict] = field(default_factory=list)
     guard: str = ""
     meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalReport":
+        """The report :meth:`as_dict` wrote (a benchmark's stored row read back)."""
+        meta = dict(d.get("meta", {}))
+        guard = meta.pop("guard", "")
+        return cls({lang: LanguageResult.from_dict(lang, r) for lang, r in d["languages"].items()},
+                   list(d.get("utterances", [])), guard, meta)
 
     def as_dict(self) -> dict:
         return {

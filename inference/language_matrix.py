@@ -14,7 +14,7 @@ bit-exactly as before (:func:`expert_applied`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -120,7 +120,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def language_matrix(model, processor, utterances: Sequence[Utterance], experts: Sequence[tuple[str, Expert]],
-                    opts: DecodeOptions = DecodeOptions(), progress: bool = True) -> LanguageMatrix:
+                    opts: DecodeOptions = DecodeOptions(), progress: bool = True,
+                    decode: Callable[[Expert | None], EvalReport] | None = None) -> LanguageMatrix:
     """Evaluate ``utterances`` under the base, then under each expert applied alone (see the module doc).
 
     Args:
@@ -128,11 +129,20 @@ def language_matrix(model, processor, utterances: Sequence[Utterance], experts: 
         utterances: the test set, any number of languages.
         experts: (row label, expert) pairs, in row order.
         opts: decoding options, the same for every row.
+        decode: how a row is decoded, given its expert (None: the base); by default applied to ``model`` and
+            evaluated on ``utterances`` with ``opts``. A benchmark passes one that reads rows it decoded before.
     """
-    labels, reports, own = ["base"], [evaluate(model, processor, utterances, opts, progress=progress)], [[]]
-    for label, expert in experts:
+    def evaluated(expert: Expert | None) -> EvalReport:
+        if decode is not None:
+            return decode(expert)
+        if expert is None:
+            return evaluate(model, processor, utterances, opts, progress=progress)
         with expert_applied(model, expert):
-            reports.append(evaluate(model, processor, utterances, opts, progress=progress))
+            return evaluate(model, processor, utterances, opts, progress=progress)
+
+    labels, reports, own = ["base"], [evaluated(None)], [[]]
+    for label, expert in experts:
+        reports.append(evaluated(expert))
         labels.append(label)
         own.append(list(expert.languages))
     return LanguageMatrix(labels, sorted(reports[0].languages), reports, own)

@@ -232,3 +232,41 @@ def test_eval_experts_errors_are_named_before_decoding(tiny_whisper_dir, corpus,
     assert "twice" in capsys.readouterr().err
     assert main([*common, "--experts", "nobody@latest"]) == 2
     assert "nobody" in capsys.readouterr().err
+
+
+def test_stored_rows_read_back_equal_and_only_changed_rows_decode(base, corpus, experts, tmp_path, monkeypatch):
+    import benchmarks.scores as scores
+    from inference.evaluation import EvalReport, evaluate
+    from trainers.corpus.loading import load_corpus
+
+    utts = utterances_from_dataset(load_corpus(str(corpus))["test"])
+    rows = [("uk-a", experts["uk-a"]), ("de-b", experts["de-b"])]
+    decoded = []
+
+    def counting(*args, **kwargs):
+        decoded.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr("inference.evaluation.evaluate", counting)
+
+    def matrix(rows):
+        return language_matrix(base.model, base.processor, utts, rows, OPTS,
+                               decode=lambda e: scores.cached_report(base, e, utts, OPTS, tmp_path))
+
+    first = matrix(rows)
+    assert len(decoded) == 3 and len(list(tmp_path.glob("*.report.json"))) == 3
+    plain = language_matrix(base.model, base.processor, utts, rows, OPTS, progress=False)
+    assert first.as_dict() == plain.as_dict()  # the hook decodes what the default does
+    again = matrix(rows)
+    assert len(decoded) == 3  # (counted: decodes through the stored rows) the second run read all three back
+    assert again.as_dict() == first.as_dict()
+    assert [r.hypotheses for r in again.reports] == [r.hypotheses for r in first.reports]
+    changed = [("uk-a", experts["uk-a"]), ("de-b", _expert(base, 3, "de"))]
+    matrix(changed)
+    assert len(decoded) == 4 and len(list(tmp_path.glob("*.report.json"))) == 4  # only the new expert
+    # A report survives its file: every field of every language, the intervals as tuples.
+    report = first.reports[1]
+    back = EvalReport.from_dict(json.loads(json.dumps(report.as_dict())))
+    assert back.languages == report.languages and back.guard == report.guard and back.meta == report.meta
+    # Other decoding options are another row.
+    assert scores.score_key(base, None, utts, OPTS) != scores.score_key(base, None, utts, DecodeOptions())
