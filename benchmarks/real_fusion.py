@@ -193,9 +193,8 @@ def run(args, results: dict, save) -> None:
                      # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
                      **{k: v for k, v in (rows[t_name] if target_only else scored(base, fused, test, cache)).items()
                         if k not in ("label", "train_minutes")}}
-    results.update({"target": target, "base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),
-                    "dev_wer": {"target_only": search.trials[0].wer, "fused": search.best.wer},
-                    "trials": search.trace(), "rows": rows})
+    results.update({"base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),  # target, trials: above
+                    "dev_wer": {"target_only": search.trials[0].wer, "fused": search.best.wer}, "rows": rows})
     save()
 
 

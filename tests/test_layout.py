@@ -163,18 +163,25 @@ def test_results_page_is_generated_from_the_benchmarks_tables():
 
 
 def bare_continuations(source: str) -> list[int]:
-    """Line numbers, in ``source``, of module-docstring lines ending in one backslash: Python joins such a line
-    with the next (the backslash vanishes), so a multi-line command printed by ``--help`` from ``__doc__`` would
-    run together. Raw docstrings keep it and are fine."""
+    """Line numbers, in ``source``, of lines ending in one backslash inside a module-level text: the module
+    docstring or a string assigned at module level (a command's ``DESCRIPTION``). Python joins such a line with
+    the next (the backslash vanishes), so a multi-line command printed by ``--help`` would run together. Raw
+    strings keep it and are fine; so does the backslash right after an opening triple quote (it only drops the
+    first newline)."""
     tree = ast.parse(source)
-    node = tree.body[0] if tree.body else None
-    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
-        return []
-    text = ast.get_source_segment(source, node)
-    if text.lower().startswith(("r", "br", "rb")):
-        return []
-    return [node.lineno + i for i, line in enumerate(text.splitlines())
-            if line.endswith("\\") and (len(line) - len(line.rstrip("\\"))) % 2 == 1]
+    values = [node.value for i, node in enumerate(tree.body)
+              if (isinstance(node, ast.Expr) and i == 0) or isinstance(node, ast.Assign)]
+    found = []
+    for value in values:
+        if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+            continue
+        text = ast.get_source_segment(source, value)
+        if text.lower().startswith(("r", "br", "rb")):
+            continue
+        found += [value.lineno + i for i, line in enumerate(text.splitlines())
+                  if line.endswith("\\") and (len(line) - len(line.rstrip("\\"))) % 2 == 1
+                  and not (i == 0 and line in ('"""\\', "'''\\"))]
+    return found
 
 
 def test_docstring_commands_keep_their_line_continuations():
@@ -188,6 +195,9 @@ def test_bare_continuations_are_found():
     assert bare_continuations('"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == [3]
     assert bare_continuations('"""Run:\n\n    cmd --a \\\\\n        --b\n"""\n') == []
     assert bare_continuations('r"""Run:\n\n    cmd --a \\\n        --b\n"""\n') == []
+    # A command's help text assigned at module level counts too; its opening backslash does not.
+    assert bare_continuations('X = 1\nHELP = """\\\nRun:\n    cmd --a \\\n        --b\n"""\n') == [4]
+    assert bare_continuations('X = 1\nHELP = """\\\nRun:\n    cmd --a \\\\\n        --b\n"""\n') == []
 
 
 def test_recorded_commands_paste_back_into_a_shell():

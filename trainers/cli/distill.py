@@ -59,7 +59,7 @@ examples:
   whisper-experts distill --teachers uk-espeak,ru-espeak --kind lora --data data/uk-ru --name uk-ru-student
   whisper-experts distill --data data/uk --languages uk --max-steps 200 --registry /srv/experts
   whisper-experts base shrink whisper-base --decoder-layers 2 --name whisper-base-dec2
-  whisper-experts distill --base whisper-base-dec2 --teacher-base whisper-base --teachers cs-real,nl-real \
+  whisper-experts distill --base whisper-base-dec2 --teacher-base whisper-base --teachers cs-real,nl-real \\
       --teacher-cache cache/teacher --kind full --data data/fillets --name dec2-student
   whisper-experts distill lightning fit --config examples/lightning_distill_clsr.yaml   # LightningCLI
 """

@@ -37,7 +37,7 @@ examples:
   whisper-experts fuse --target uk --experts uk-small,ru-espeak,bg-espeak --method linear --search bayes \\
       --trials 12 --dev data/uk-small --name uk-fused
   whisper-experts fuse --target uk --experts uk-small,ru-espeak --weights 1,0.4 --name uk-fixed
-  whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \
+  whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \\
       --name cs-fused-dec
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
 """

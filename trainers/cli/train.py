@@ -33,7 +33,7 @@ examples:
   whisper-experts train --config examples/train_lora_uk.yaml
   whisper-experts train --data data/uk --language uk --name uk-dec --side decoder       # the cheap variant
   whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
-  whisper-experts train --data data/cs-real --data data/cs-espeak:0.5 --language cs --name cs-mix \
+  whisper-experts train --data data/cs-real --data data/cs-espeak:0.5 --language cs --name cs-mix \\
       --spec-augment --speed-perturb 0.9,1.0,1.1
   whisper-experts train --data data/uk --language uk --name uk-sparse --kind sparse --sparsity 0.99
   whisper-experts train --data data/uk --language uk --name uk-ft --kind task_vector --lr 3e-5
