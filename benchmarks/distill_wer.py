@@ -155,15 +155,18 @@ def lora_student(lang: str, args, work: Path):
 
 def variant(args) -> tuple[str, str, dict]:
     """The CLSR knobs this run sets away from the recipe's defaults (gate and decoder-path learning rates, path
-    dropout), as a row-key / run-directory suffix (``-glr0.001-pd0``), a label part and cache-key knobs; ('', '',
-    {}) for none.
+    dropout, attention paths), as a row-key / run-directory suffix (``-glr0.001-pd0``, ``-attn``), a label part and
+    cache-key knobs; ('', '', {}) for none.
     Runs at the defaults keep the names and cache keys they had before these options existed."""
     from distill.clsr import ClsrConfig
 
-    return off_default((
+    suffix, label, knobs = off_default((
         ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
         ("dlr", args.decoder_lr, None, "decoder lr"), ("gw", args.gate_warmup, 0.0, "gate warm-up"),
         ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp")), ", ")
+    if args.attention:  # gated paths on the attention projections too
+        suffix, label, knobs = "-attn" + suffix, ", FFN + attention" + label, {"attn": 1, **knobs}
+    return suffix, label, knobs
 
 
 def off_default(entries, sep: str, prefix: str = "") -> tuple[str, str, dict]:
@@ -198,7 +201,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
     marker = "-kd" + kd_suffix if kd else ""
     cfg = DistillConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, kind="clsr", path=path,
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
-                        teachers=(str(teacher),) if kd else (),
+                        attention=args.attention, teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
                         path_dropout=args.path_dropout, gate_warmup=args.gate_warmup,
@@ -319,7 +322,8 @@ def run(args, results: dict, work: Path, save) -> None:
                         "minutes": _minutes([s for _, s in trained.values()])}
         save()
     for path in args.path:
-        config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start)
+        config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start,
+                            attention=args.attention)
         where = {"both": f"enc {args.encoder_start}.. + dec", "decoder": "decoder",
                  "encoder": f"enc {args.encoder_start}.. only"}[args.side]
         for kd in (False, True):
@@ -422,6 +426,8 @@ def main(argv=None) -> int:
                    help="CLSR paths, comma-separated: full (default), lowrank, or full,lowrank")
     p.add_argument("--side", default="decoder", choices=["decoder", "both", "encoder"], help="CLSR layout")
     p.add_argument("--encoder-start", type=int, default=0, help="with --side both/encoder: CLSR encoder layers >= K")
+    p.add_argument("--attention", action="store_true", help="CLSR paths and gates on the attention projections of "
+                   "the same layers too (self q/k/v/out, cross q/out: what the LoRA recipe adapts beside fc1/fc2)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank, and CLSR low-rank rank")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")

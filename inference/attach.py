@@ -13,7 +13,8 @@ kind       how it joins the model's :class:`~inference.bank.ExpertBank`  how the
 =========  =============================================================  ===========================================
 
 All kinds share expert ids and one routing; a mixed batch (and ``generate`` with beams) runs in one forward pass.
-CLSR experts and LoRA / sparse experts on fc1/fc2 cannot share a model (those layers become CLSR pairs): refused.
+CLSR experts and LoRA / sparse experts on the modules CLSR replaces (fc1/fc2, gated projections) cannot share a
+model: refused.
 
 Which kinds a bank routes, and how, is each kind's entry in the table of kinds (:mod:`inference.kinds`):
 ``routing="batched"`` kinds give the bank's batched layers their ``bank_tensors``; a ``routing="layers"`` kind
@@ -25,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from inference.bank import ExpertBank, expert_bank
-from inference.clsr_bank import add_clsr_experts, check_ffn_free
+from inference.clsr_bank import add_clsr_experts, check_clsr_free
 from inference.kinds import expert_kind, routable
 from registry.expert_file import Expert
 
@@ -74,13 +75,13 @@ def attach_experts(model, experts: Mapping[str, Expert], base, *, force: bool = 
     # How each is attached: "batched" (the bank's batched layers), or the kind whose layers-handler adds it.
     how = {n: e.kind if expert_kind(e.kind).routing == "layers" else "batched" for n, e in experts.items()}
     existing = expert_bank(model, create=False)
-    # Kinds whose own layers replace modules (CLSR's fc1/fc2 pairs), against kinds that adapt modules in place.
+    # Kinds whose own layers replace modules (CLSR's gated layers), against kinds that adapt modules in place.
     replacing = {n: adapted_modules(e) for n, e in experts.items() if how[n] != "batched"}
     adapting = {n: adapted_modules(e) for n, e in experts.items() if how[n] == "batched"}
     if existing is not None:
         for e in existing.experts:
             (replacing if e.kind in existing.routed else adapting)[e.name] = list(e.modules)
-    check_ffn_free(replacing, adapting, f"{where}: ")
+    check_clsr_free(replacing, adapting, f"{where}: ")
     bank = existing or expert_bank(model)
     before = set(bank.names)
     names = list(experts)

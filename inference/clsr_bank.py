@@ -1,6 +1,7 @@
 """CLSR experts in an expert bank: the bank's one routing also picks each sample's CLSR language.
 
-A ``clsr`` expert is one language's path and gate in every CLSR fc1/fc2 pair (:mod:`distill.clsr.expert`).
+A ``clsr`` expert is one language's path and gate in every CLSR fc1/fc2 pair, and in every gated attention
+projection when its layout has ``attention`` (:mod:`distill.clsr.expert`).
 :func:`add_clsr_experts` converts the model to CLSR once (unless it is already), adds each expert as a CLSR
 language named after the expert, and lists it in the model's :class:`~inference.bank.ExpertBank` through
 :class:`ClsrExperts`. The bank's routing then serves LoRA, sparse and CLSR experts alike::
@@ -15,35 +16,26 @@ of expert, or :data:`~inference.batched_layer.BASE_ONLY`) runs the shared path, 
 exactly. Inside each CLSR layer a mixed batch is grouped by language (``ClsrRouting.groups``, beams included).
 CLSR experts route hard: one per sample, at weight 1 (their gates already choose a path per token).
 
-The model is converted with the experts' layout (``side``, ``encoder_start`` in their manifests: every encoder
-and decoder FFN, or the decoder's only, ...); experts of different layouts cannot share one model. A model
-holding CLSR experts has CLSR pairs for the fc1/fc2 of those layers, so LoRA or sparse experts cannot adapt them at
-the same time (and the other way round; fc1/fc2 outside the layout stay free): :func:`check_ffn_free` refuses it
-with the modules named. Removing the last CLSR expert converts the model back, bit-exactly, if this module
-converted it.
+The model is converted with the experts' layout (``side``, ``encoder_start``, ``attention`` in their manifests:
+every encoder and decoder FFN, or the decoder's only, ...); experts of different layouts cannot share one model.
+A model holding CLSR experts has CLSR pairs for the fc1/fc2 of those layers (and gated attention projections with
+``attention``), so LoRA or sparse experts cannot adapt those at the same time (and the other way round; modules
+outside the layout stay free): :func:`check_clsr_free` refuses it with the modules named. Removing the last CLSR
+expert converts the model back, bit-exactly, if this module converted it.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 
 from distill.clsr.config import recorded_layout
 from distill.clsr.expert import attach_clsr_expert, clsr_modules
-from distill.clsr.model import (check_language_name, clsr_languages, clsr_layers, convert_from_clsr, convert_to_clsr,
-                                is_clsr, remove_language, set_language)
+from distill.clsr.model import (check_language_name, clsr_languages, clsr_module_paths, convert_from_clsr,
+                                convert_to_clsr, is_clsr, remove_language, set_language)
 from inference.bank import ExpertBank, RoutedKind
 from registry.expert_file import Expert
-
-_FFN = re.compile(r"\.layers\.\d+\.fc[12]$")  # a Whisper layer's fc1 / fc2: what CLSR replaces
-
-
-def is_ffn(module: str) -> bool:
-    """Whether a module path is an encoder or decoder layer's fc1 or fc2."""
-    return bool(_FFN.search(module))
-
 
 class ClsrExperts(RoutedKind):
     """The bank's handler of CLSR experts on one model (see the module docstring).
@@ -74,25 +66,27 @@ class ClsrExperts(RoutedKind):
             convert_from_clsr(self.model)
 
 
-def check_ffn_free(clsr: Mapping[str, list[str]], others: Mapping[str, list[str]], where: str = "") -> None:
-    """Refuse CLSR experts together with LoRA / sparse experts that adapt an fc1 or fc2 the CLSR experts replace.
+def check_clsr_free(clsr: Mapping[str, list[str]], others: Mapping[str, list[str]], where: str = "") -> None:
+    """Refuse CLSR experts together with LoRA / sparse experts that adapt a module the CLSR experts replace (an
+    fc1 or fc2, or a gated attention projection).
 
     Args:
-        clsr: name -> the fc1/fc2 module paths it replaces (:func:`clsr_modules`), for the CLSR experts present
+        clsr: name -> the module paths it replaces (:func:`clsr_modules`), for the CLSR experts present
             (attached or about to be); nothing to check if empty.
         others: LoRA / sparse expert name -> the module paths it adapts.
     """
     if not clsr:
         return
     replaced = {m for modules in clsr.values() for m in modules}
-    clash = {name: [m for m in modules if is_ffn(m) and m in replaced] for name, modules in others.items()}
+    clash = {name: [m for m in modules if m in replaced] for name, modules in others.items()}
     clash = {name: modules for name, modules in clash.items() if modules}
     if clash:
         described = "; ".join(f"{name} adapts {', '.join(modules[:2])}{' ...' if len(modules) > 2 else ''}"
                               for name, modules in clash.items())
-        raise ValueError(f"{where}CLSR experts ({', '.join(clsr)}) replace every fc1/fc2 of their layers by a gated "
-                         f"pair, so LoRA or sparse experts cannot adapt those in the same model: {described}. Load "
-                         "them into separate models, or leave one group out (names=...)")
+        raise ValueError(f"{where}CLSR experts ({', '.join(clsr)}) replace every fc1/fc2 of their layers (and, with "
+                         "attention, the projections) by gated layers, so LoRA or sparse experts cannot adapt those "
+                         f"in the same model: {described}. Load them into separate models, or leave one group out "
+                         "(names=...)")
 
 
 def clsr_key(name: str) -> str:
@@ -120,7 +114,7 @@ def add_clsr_experts(bank: ExpertBank, experts: Mapping[str, Expert], base, *, f
     clsr = {name: clsr_modules(e) for name, e in experts.items()}
     clsr.update({e.name: list(e.modules) for e in bank.experts if e.kind == ClsrExperts.kind})
     # Experts in the bank's batched layers (every kind no handler routes) adapt modules in place.
-    check_ffn_free(clsr, {e.name: list(e.modules) for e in bank.experts if e.kind not in bank.routed})
+    check_clsr_free(clsr, {e.name: list(e.modules) for e in bank.experts if e.kind not in bank.routed})
     layouts = {name: recorded_layout(e.manifest.get("hyperparameters", {})) for name, e in experts.items()}
     if len({tuple(layout.items()) for layout in layouts.values()}) > 1:
         described = "; ".join(f"{name}: {layout}" for name, layout in layouts.items())
@@ -145,7 +139,7 @@ def add_clsr_experts(bank: ExpertBank, experts: Mapping[str, Expert], base, *, f
             attach_clsr_expert(model, expert, base, language=key, force=force, where=f"CLSR expert {name}")
             handler.languages[name] = key
             added.append(name)
-        modules = [f"{layer}.{fc}" for layer, _, _ in clsr_layers(model) for fc in ("fc1", "fc2")]
+        modules = clsr_module_paths(model)
         return bank.add_routed(handler, {name: (expert.languages, modules, expert.manifest.get("hyperparameters", {}))
                                          for name, expert in experts.items()}, info)
     except BaseException:

@@ -42,9 +42,10 @@ from trainers.lora_module import lr_lambda
 
 
 def short_layer(name: str) -> str:
-    """``model.encoder.layers.3`` -> ``enc.3`` (metric names stay short in logs)."""
-    side = "enc" if ".encoder." in name else "dec"
-    return f"{side}.{name.rsplit('.', 1)[-1]}"
+    """``model.encoder.layers.3`` -> ``enc.3``; ``model.decoder.layers.0.self_attn.q_proj`` ->
+    ``dec.0.self_attn.q_proj`` (metric names stay short in logs)."""
+    stack, _, rest = name.partition(".layers.")
+    return f"{'enc' if stack.endswith('encoder') else 'dec'}.{rest}"
 
 
 def log_loss_parts(module: L.LightningModule, out, batch_size: int) -> None:

@@ -191,6 +191,9 @@ class DistillConfig:
     side: Side | None = None
     # side both/encoder: adapt encoder layers >= this only (its input is cached; negative: from the top)
     encoder_start: int = 0
+    # clsr: also gate the attention projections of those layers (self-attention q/k/v/out, cross-attention q/out),
+    # each with its own gate and a path of --path's kind: the modules LoRA adapts beside fc1/fc2 (beyond the paper)
+    attention: bool = False
     rank: int = 16  # clsr lowrank rank, or the LoRA student's rank
     alpha: float = 32.0  # low-rank / LoRA alpha
     gate_hidden: int = 64  # clsr: hidden size of each gate's ReLU layer
@@ -250,6 +253,9 @@ class DistillConfig:
         if self.teacher and self.teachers:
             raise ValueError("give one --teacher for every language or --teachers (one per language), not both")
         self.clsr() if self.kind == "clsr" else self.lora()  # refuse a bad side / encoder_start now
+        if self.attention and self.kind != "clsr":
+            raise ValueError(f"--attention gates CLSR paths on the attention projections; a --kind {self.kind} "
+                             "student has no gates (a LoRA student adapts the attention projections already)")
         if self.kind in ("lora", "full") and not (self.teacher or self.teachers):
             what = "a LoRA" if self.kind == "lora" else "a full"
             alone = "a LoRA expert" if self.kind == "lora" else "a fine-tune (--kind task_vector)"

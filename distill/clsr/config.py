@@ -34,6 +34,10 @@ class ClsrConfig:
     # Negative counts from the top, as a LoRA expert's does (-3: the top three layers); a model resolves it
     # (``for_encoder``) and experts record the resolved index.
     encoder_start: int = 0
+    # Also gate the attention projections of the same layers (beyond the paper, where LoRA experts adapt too):
+    # self-attention q/k/v/out in the encoder and decoder, cross-attention q/out in the decoder, each with its own
+    # per-token gate and a path of the same kind (low-rank: a gated LoRA delta).
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in PATH_KINDS:
@@ -67,8 +71,10 @@ class ClsrConfig:
 
     @property
     def layout(self) -> dict:
-        """Where the CLSR blocks are: ``{"side", "encoder_start"}`` (what a ``clsr`` expert records and checks)."""
-        return {"side": self.side, "encoder_start": self.encoder_start if self.touches_encoder else 0}
+        """Where the CLSR blocks are: ``{"side", "encoder_start", "attention"}`` (what a ``clsr`` expert records
+        and checks)."""
+        return {"side": self.side, "encoder_start": self.encoder_start if self.touches_encoder else 0,
+                "attention": bool(self.attention)}
 
     def covers(self, stack: str, index: int) -> bool:
         """Whether layer ``index`` of the ``stack`` ("encoder" or "decoder") gets a CLSR block."""
@@ -87,10 +93,12 @@ class ClsrConfig:
 
 
 def recorded_layout(hyperparameters: dict) -> dict:
-    """The layout (``{"side", "encoder_start"}``) a ``clsr`` expert's manifest records; experts written before the
-    option existed cover every encoder and decoder FFN (``side`` "both", ``encoder_start`` 0)."""
+    """The layout (``{"side", "encoder_start", "attention"}``) a ``clsr`` expert's manifest records; experts written
+    before those options existed cover every encoder and decoder FFN (``side`` "both", ``encoder_start`` 0) and no
+    attention projection."""
     return ClsrConfig(side=hyperparameters.get("side", "both"),
-                      encoder_start=int(hyperparameters.get("encoder_start", 0))).layout
+                      encoder_start=int(hyperparameters.get("encoder_start", 0)),
+                      attention=bool(hyperparameters.get("attention", False))).layout
 
 
 def check_fraction(name: str, value: float) -> None:

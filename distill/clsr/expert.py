@@ -7,11 +7,13 @@ expert can be loaded under another name):
 ``model.encoder.layers.0.fc1.expert.lora_A`` / ``.lora_B``   low-rank path: (rank, in) / (out, rank) delta on fc1
 ``model.encoder.layers.0.fc1.gate.w1.weight`` / ``.w1.bias`` / ``.w2.weight``   the gate
 ``model.encoder.layers.0.fc2.expert.*``                       the path on fc2
+``model.decoder.layers.0.self_attn.q_proj.expert.*`` / ``.gate.*``   with ``attention``: the path and gate on
+                                                              each gated attention projection
 
 The manifest's hyperparameters are :meth:`ClsrConfig.hyperparameters` (``path``: full | lowrank, ``rank`` and
-``alpha`` for low-rank, ``gate_hidden``, dropouts, and the layout: ``side`` and ``encoder_start``, which say
-which FFN blocks the expert covers). An expert loads only into a CLSR model of the same layout. Tensors keep the
-model's dtype.
+``alpha`` for low-rank, ``gate_hidden``, dropouts, and the layout: ``side``, ``encoder_start`` and ``attention``,
+which say which FFN blocks (and attention projections) the expert covers). An expert loads only into a CLSR model
+of the same layout. Tensors keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 
 from distill.clsr.config import ClsrConfig, recorded_layout
 from distill.clsr.layer import LowRankPath
-from distill.clsr.model import (add_language, clsr_layers, clsr_routing, language_parameters, remove_language,
-                                require_language)
+from distill.clsr.model import (ATTENTION_SLOTS, add_language, clsr_layers, clsr_projections, clsr_routing,
+                                language_parameters, remove_language, require_language)
 from registry.expert_file import Expert, ExpertFormatError, check_compatible, load_expert, new_manifest, save_expert
 
-_NAME = re.compile(r"^(?P<layer>.+)\.(?P<slot>fc1\.expert|fc1\.gate|fc2\.expert)\.(?P<param>[^.]+(\.[^.]+)?)$")
+_NAME = re.compile(r"^(?P<layer>.+)\.(?P<slot>fc1\.expert|fc1\.gate|fc2\.expert"
+                   r"|(?:self_attn|encoder_attn)\.[qkvout]+_proj\.(?:expert|gate))\.(?P<param>[^.]+(\.[^.]+)?)$")
 
 
 def _language_modules(model: torch.nn.Module, language: str):
@@ -38,6 +41,9 @@ def _language_modules(model: torch.nn.Module, language: str):
         yield name, "fc1.expert", fc1.experts[language]
         yield name, "fc1.gate", fc1.gates[language]
         yield name, "fc2.expert", fc2.experts[language]
+    for name, slot, proj in clsr_projections(model):
+        yield name, f"{slot}.expert", proj.experts[language]
+        yield name, f"{slot}.gate", proj.gates[language]
 
 
 def clsr_expert_tensors(model: torch.nn.Module, language: str) -> dict[str, torch.Tensor]:
@@ -77,21 +83,26 @@ def save_clsr_expert(model: torch.nn.Module, language: str, path: Path | str, ba
 
 
 def _parse(expert: Expert, where: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """layer -> slot (``fc1.expert``, ``fc1.gate``, ``fc2.expert``) -> parameter -> tensor."""
+    """layer -> slot (``fc1.expert``, ``fc1.gate``, ``fc2.expert``, ``self_attn.q_proj.expert`` ...) -> parameter
+    -> tensor."""
     layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, tensor in expert.tensors.items():
         m = _NAME.match(key)
         if not m:
             raise ExpertFormatError(f"{where}: tensor {key!r} is not a CLSR path or gate tensor "
-                                    "(expected <layer>.fc1.expert.*, <layer>.fc1.gate.*, <layer>.fc2.expert.*)")
+                                    "(expected <layer>.fc1.expert.*, <layer>.fc1.gate.*, <layer>.fc2.expert.*, "
+                                    "or <layer>.self_attn.q_proj.expert.* / .gate.* and the like)")
         layers.setdefault(m["layer"], {}).setdefault(m["slot"], {})[m["param"]] = tensor
     return layers
 
 
 def clsr_modules(expert: Expert) -> list[str]:
-    """The fc1 / fc2 module paths a ``clsr`` expert replaces by gated pairs, from its tensor names alone."""
-    layers = {m["layer"] for m in map(_NAME.match, expert.tensors) if m}
-    return [f"{layer}.{fc}" for layer in sorted(layers) for fc in ("fc1", "fc2")]
+    """The module paths a ``clsr`` expert replaces by gated layers (fc1 / fc2, and attention projections when its
+    layout has them), from its tensor names alone."""
+    matches = [m for m in map(_NAME.match, expert.tensors) if m]
+    layers = {m["layer"] for m in matches}
+    projections = {f"{m['layer']}.{m['slot'].rsplit('.', 1)[0]}" for m in matches if "_attn." in m["slot"]}
+    return [f"{layer}.{fc}" for layer in sorted(layers) for fc in ("fc1", "fc2")] + sorted(projections)
 
 
 def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language: str | None = None,
@@ -120,7 +131,8 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
     if layout != model_layout:
         raise ValueError(f"{where} covers the FFN blocks of layout {_describe(layout)}, but the CLSR model was "
                          f"converted with layout {_describe(model_layout)}: load it into a model converted with "
-                         f"convert_to_clsr(model, side={layout['side']!r}, encoder_start={layout['encoder_start']})")
+                         f"convert_to_clsr(model, side={layout['side']!r}, encoder_start={layout['encoder_start']}"
+                         f"{', attention=True' if layout['attention'] else ''})")
     layers = _parse(expert, where)
     want = [name for name, _, _ in clsr_layers(model)]
     if sorted(layers) != sorted(want):
@@ -151,6 +163,12 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
                                      f"needs {tuple(p.shape)} (made for another Whisper size)")
                 with torch.no_grad():
                     p.copy_(given[pname])
+        seen = {(layer, slot) for layer, slot, _ in _language_modules(model, language)}
+        if extra := sorted(f"{layer}.{slot}" for layer, slots in layers.items() for slot in slots
+                           if (layer, slot) not in seen):
+            raise ExpertFormatError(f"{where}: tensors for modules outside its recorded layout ({_describe(layout)}): "
+                                    f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}; the manifest and "
+                                    "the tensors disagree (the file was edited or damaged)")
     except BaseException:
         remove_language(model, language)
         raise
@@ -161,7 +179,7 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
 
 def _describe(layout: dict) -> str:
     start = f", encoder_start {layout['encoder_start']}" if layout["side"] != "decoder" else ""
-    return f"side {layout['side']}{start}"
+    return f"side {layout['side']}{start}" + (", attention projections" if layout.get("attention") else "")
 
 
 def load_clsr_expert(model: torch.nn.Module, path: Path | str, base, **kwargs) -> str:
@@ -174,13 +192,16 @@ def parameters_per_language(whisper_config, config: ClsrConfig = ClsrConfig()) -
 
     Per layer: the path (full: fc1 + fc2 with biases; low-rank: ``rank * (d_model + ffn_dim)`` for each of fc1
     and fc2) plus the gate (``d_model * hidden + hidden + hidden``), over the layers of the config's layout (all
-    encoder and decoder layers by default).
+    encoder and decoder layers by default); with ``attention``, each gated projection's path (full: weight and
+    bias; low-rank: ``2 * rank * d_model``) and gate too.
     """
     d, h = whisper_config.d_model, config.gate_hidden
     total = 0
-    for layers, ffn in _covered(whisper_config, config):
+    for layers, ffn, projections in _covered(whisper_config, config):
         path = (d * ffn + ffn + ffn * d + d) if config.kind == "full" else 2 * config.rank * (d + ffn)
-        total += layers * (path + d * h + 2 * h)
+        # each gated projection (d -> d): its path (full: weight and bias; low-rank: 2 * rank * d) and its gate
+        projection = (d * d + d) if config.kind == "full" else 2 * config.rank * d
+        total += layers * (path + d * h + 2 * h + projections * (projection + d * h + 2 * h))
     return total
 
 
@@ -192,15 +213,23 @@ def parameters_active_per_token(whisper_config, config: ClsrConfig = ClsrConfig(
     plus the low-rank deltas for ``kind="lowrank"``. Add the base's parameter count for the total.
     """
     d, h = whisper_config.d_model, config.gate_hidden
+    lowrank = config.kind == "lowrank"
     total = 0
-    for layers, ffn in _covered(whisper_config, config):
-        total += layers * (d * h + 2 * h + (2 * config.rank * (d + ffn) if config.kind == "lowrank" else 0))
+    for layers, ffn, projections in _covered(whisper_config, config):
+        total += layers * (d * h + 2 * h + (2 * config.rank * (d + ffn) if lowrank else 0))
+        total += layers * projections * (d * h + 2 * h + (2 * config.rank * d if lowrank else 0))
     return total
 
 
-def _covered(whisper_config, config: ClsrConfig) -> list[tuple[int, int]]:
-    """``(number of CLSR layers, ffn_dim)`` of the encoder and the decoder under the config's layout."""
+def _covered(whisper_config, config: ClsrConfig) -> list[tuple[int, int, int]]:
+    """``(number of CLSR layers, ffn_dim, gated attention projections per layer)`` of the encoder and the decoder
+    under the config's layout."""
     config = config.for_encoder(whisper_config.encoder_layers)  # a negative start counts from the top
     encoder = whisper_config.encoder_layers - config.encoder_start if config.touches_encoder else 0
     decoder = whisper_config.decoder_layers if config.side in ("decoder", "both") else 0
-    return [(encoder, whisper_config.encoder_ffn_dim), (decoder, whisper_config.decoder_ffn_dim)]
+
+    def projections(stack: str) -> int:
+        return sum(len(p) for _, p in ATTENTION_SLOTS[stack]) if config.attention else 0
+
+    return [(encoder, whisper_config.encoder_ffn_dim, projections("encoder")),
+            (decoder, whisper_config.decoder_ffn_dim, projections("decoder"))]

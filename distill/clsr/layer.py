@@ -12,6 +12,9 @@ CLSR Whisper keeps that code and replaces the two linear layers by a pair that r
 
 The output of a block is ``h = g * FFN_lang(x) + (1 - g) * FFN_shared(x)`` with ``g = sigmoid(G + a * noise)``
 in training and ``g = 1[G >= 0]`` at inference. The shared path is the pretrained ``fc1``/``fc2`` (frozen).
+
+A layout with ``attention`` also replaces the attention projections of its layers by :class:`ClsrProj`: one
+linear layer with its own gate per language, mixing ``g * path(x) + (1 - g) * shared(x)`` in one call.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def _put_rows(out: torch.Tensor | None, rows: torch.Tensor | None, value: torch.
 class _ClsrLinear(nn.Module):
     """What fc1 and fc2 of a CLSR layer share: the frozen shared linear layer and the language paths."""
 
-    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff, layer_name: str) -> None:
+    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff | None, layer_name: str) -> None:
         super().__init__()
         self.shared = shared
         self.experts = nn.ModuleDict()
@@ -157,7 +160,61 @@ class _ClsrLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class ClsrFc1(_ClsrLinear):
+class _GatedLinear(_ClsrLinear):
+    """A CLSR linear layer that owns the gates and decides the routes (:class:`ClsrFc1`, :class:`ClsrProj`)."""
+
+    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff | None, layer_name: str) -> None:
+        super().__init__(shared, routing, handoff, layer_name)
+        self.gates = nn.ModuleDict()
+
+    def _use_gates(self, groups) -> bool:
+        """Whether this call routes by the gates (else: the shared path only)."""
+        routing = self.routing
+        use_gates = not routing.translate and any(lang is not None for lang, _ in groups)
+        if use_gates and self.training and routing.config.shared_only_prob > 0:
+            # torch's generator (not Python's random): activation checkpointing replays the same draw.
+            use_gates = bool(torch.rand(()) >= routing.config.shared_only_prob)
+        return use_gates
+
+    def _soft_gate(self, language: str, xs: torch.Tensor) -> torch.Tensor:
+        """The training gate of ``language`` on rows ``xs``: noisy sigmoid, recorded, then lifted by the floor."""
+        G = self.gates[language](xs)
+        noise, floor = self.routing.noise_scale, self.routing.gate_floor
+        g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
+        # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix uses it lifted
+        # towards 1 (held open at f = 1, where the CE gradient reaching the gate is scaled by 1 - f).
+        self.routing.record(self.layer_name, g)
+        return floor + (1.0 - floor) * g if floor else g
+
+    def _hard_parts(self, x: torch.Tensor, groups) -> list:
+        """Each token's route at inference (hard gates): ``(language or None, token rows or None for all)``."""
+        tokens = x[0].numel() // x.shape[-1]  # tokens per sample
+        if len(groups) == 1 and groups[0][1] is None:
+            opened = self.gates[groups[0][0]](x).squeeze(-1) >= 0
+            self.routing.record(self.layer_name, opened.to(x.dtype))
+            n_open = int(opened.sum())  # one host sync decides between the whole-batch fast paths
+            if n_open == opened.numel():
+                return [(groups[0][0], None)]
+            if n_open == 0:
+                return [(None, None)]
+            flat = opened.reshape(-1)
+            return [(groups[0][0], flat.nonzero().squeeze(1)), (None, (~flat).nonzero().squeeze(1))]
+        parts, shared_rows = [], []
+        arange = torch.arange(tokens, device=x.device)
+        for language, samples in groups:
+            rows = (samples[:, None] * tokens + arange).reshape(-1)
+            if language is None:
+                shared_rows.append(rows)
+                continue
+            opened = (self.gates[language](x.index_select(0, samples)) >= 0).reshape(-1)
+            self.routing.record(self.layer_name, opened.to(x.dtype))
+            parts.append((language, rows[opened]))
+            shared_rows.append(rows[~opened])
+        parts.append((None, torch.cat(shared_rows)))
+        return parts
+
+
+class ClsrFc1(_GatedLinear):
     """A CLSR layer's entry (replaces ``fc1``): gates, routing decision, and the first linear layer of each path.
 
     Attributes:
@@ -166,19 +223,10 @@ class ClsrFc1(_ClsrLinear):
         gates: language -> :class:`ClsrGate`.
     """
 
-    def __init__(self, shared: nn.Linear, routing: ClsrRouting, handoff: Handoff, layer_name: str) -> None:
-        super().__init__(shared, routing, handoff, layer_name)
-        self.gates = nn.ModuleDict()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (batch, ..., d_model) -> hidden (batch, ..., ffn_dim), or (..., 2 * ffn_dim) with soft gates."""
-        routing = self.routing
-        groups = routing.groups(x.shape[0], x.device)
-        use_gates = not routing.translate and any(lang is not None for lang, _ in groups)
-        if use_gates and self.training and routing.config.shared_only_prob > 0:
-            # torch's generator (not Python's random): activation checkpointing replays the same draw.
-            use_gates = bool(torch.rand(()) >= routing.config.shared_only_prob)
-        if not use_gates:
+        groups = self.routing.groups(x.shape[0], x.device)
+        if not self._use_gates(groups):
             self.handoff.plan = Plan("shared")
             return self.shared(x)
         return self._soft(x, groups) if self.training else self._hard(x, groups)
@@ -186,49 +234,19 @@ class ClsrFc1(_ClsrLinear):
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
         gate = h_lang = None  # with per-sample languages, samples without a language keep g = 0 and h_lang = 0
-        batch, noise, floor = x.shape[0], self.routing.noise_scale, self.routing.gate_floor
+        batch = x.shape[0]
         for language, samples in groups:
             if language is None:
                 continue
             xs = _take_rows(x, samples)
-            G = self.gates[language](xs)
-            g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
-            # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix below uses
-            # it lifted towards 1 (held open at f = 1, where the CE gradient reaching the gate is scaled by 1 - f).
-            self.routing.record(self.layer_name, g)
-            if floor:
-                g = floor + (1.0 - floor) * g
+            g = self._soft_gate(language, xs)
             hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
             gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)
         return torch.cat([h_shared, h_lang], dim=-1)
 
     def _hard(self, x: torch.Tensor, groups) -> torch.Tensor:
-        tokens = x[0].numel() // x.shape[-1]  # tokens per sample
-        if len(groups) == 1 and groups[0][1] is None:
-            opened = self.gates[groups[0][0]](x).squeeze(-1) >= 0
-            self.routing.record(self.layer_name, opened.to(x.dtype))
-            n_open = int(opened.sum())  # one host sync decides between the whole-batch fast paths
-            if n_open == opened.numel():
-                parts = [(groups[0][0], None)]
-            elif n_open == 0:
-                parts = [(None, None)]
-            else:
-                flat = opened.reshape(-1)
-                parts = [(groups[0][0], flat.nonzero().squeeze(1)), (None, (~flat).nonzero().squeeze(1))]
-        else:
-            parts, shared_rows = [], []
-            arange = torch.arange(tokens, device=x.device)
-            for language, samples in groups:
-                rows = (samples[:, None] * tokens + arange).reshape(-1)
-                if language is None:
-                    shared_rows.append(rows)
-                    continue
-                opened = (self.gates[language](x.index_select(0, samples)) >= 0).reshape(-1)
-                self.routing.record(self.layer_name, opened.to(x.dtype))
-                parts.append((language, rows[opened]))
-                shared_rows.append(rows[~opened])
-            parts.append((None, torch.cat(shared_rows)))
+        parts = self._hard_parts(x, groups)
         self.handoff.plan = Plan("hard", parts=parts)
         return self.by_parts(x, parts)
 
@@ -260,8 +278,50 @@ class ClsrFc2(_ClsrLinear):
         return g * out_lang + (1 - g) * out_shared
 
 
+class ClsrProj(_GatedLinear):
+    """A gated language path on one attention projection (replaces ``q_proj``, ``k_proj``, ``v_proj`` or
+    ``out_proj`` of a CLSR layer whose layout has ``attention``): its own gate on the projection's input decides,
+    per token, between the shared projection and the language's path on it.
+
+    The output is ``g * path(x) + (1 - g) * shared(x)``, the same mix as a CLSR FFN block; with a low-rank path
+    that is ``shared(x) + g * delta(x)``, a LoRA delta that each token's gate switches on or off. Unlike fc1 / fc2
+    no handoff is needed: the projection routes and mixes in one call.
+
+    Attributes:
+        shared: the pretrained projection (frozen).
+        experts: language -> :class:`FullPath` or :class:`LowRankPath` on it.
+        gates: language -> :class:`ClsrGate`.
+    """
+
+    def __init__(self, shared: nn.Linear, routing: ClsrRouting, layer_name: str) -> None:
+        super().__init__(shared, routing, None, layer_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, ..., in_features) -> (batch, ..., out_features)."""
+        groups = self.routing.groups(x.shape[0], x.device)
+        if not self._use_gates(groups):
+            return self.shared(x)
+        if not self.training:
+            return self.by_parts(x, self._hard_parts(x, groups))
+        out_shared = self.shared(x)
+        gate = out_lang = None  # samples without a language keep g = 0: the shared output
+        p = self.routing.config.path_dropout * self.routing.path_dropout_scale
+        for language, samples in groups:
+            if language is None:
+                continue
+            xs = _take_rows(x, samples)
+            g = self._soft_gate(language, xs)
+            ol = self.experts[language].language_linear(xs, self.shared, _take_rows(out_shared, samples))
+            gate = _put_rows(gate, samples, g, x.shape[0])
+            out_lang = _put_rows(out_lang, samples, F.dropout(ol, p=p, training=True), x.shape[0])
+        return gate * out_lang + (1 - gate) * out_shared
+
+
+def new_path(shared: nn.Linear, kind: str, rank: int, alpha: float):
+    """A fresh language path on ``shared``, equal to it."""
+    return FullPath.copy_of(shared) if kind == "full" else LowRankPath.on(shared, rank, alpha)
+
+
 def new_language_paths(fc1: ClsrFc1, fc2: ClsrFc2, kind: str, rank: int, alpha: float):
     """Fresh (fc1 path, fc2 path) for a new language, equal to the shared FFN."""
-    if kind == "full":
-        return FullPath.copy_of(fc1.shared), FullPath.copy_of(fc2.shared)
-    return LowRankPath.on(fc1.shared, rank, alpha), LowRankPath.on(fc2.shared, rank, alpha)
+    return new_path(fc1.shared, kind, rank, alpha), new_path(fc2.shared, kind, rank, alpha)

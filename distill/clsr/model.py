@@ -11,6 +11,8 @@ project's decoding work unchanged, and the routing is set beside them (:func:`se
 ``model.encoder.layers.0.fc1.experts.uk.weight``      language uk's path on fc1 (``.lora_A``/``.lora_B`` if low-rank)
 ``model.encoder.layers.0.fc1.gates.uk.w1.weight``     language uk's gate (``w1.bias``, ``w2.weight``)
 ``model.encoder.layers.0.fc2.experts.uk.weight``      language uk's path on fc2
+``model.encoder.layers.0.self_attn.q_proj.experts.uk.lora_A``   with ``attention``: uk's path on an attention
+                                                      projection (its gate: ``...q_proj.gates.uk.*``)
 
 Whisper's activation (GELU) must act elementwise: with soft gates both paths' hidden units pass through it
 side by side.
@@ -26,10 +28,15 @@ import torch
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 
 from distill.clsr.config import ClsrConfig, check_fraction
-from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, new_language_paths
+from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, ClsrProj, new_language_paths, new_path
 from distill.clsr.routing import ClsrRouting, GateRecorder, Handoff
 
 TASKS = ("transcribe", "translate")
+# The attention projections a layout with ``attention`` gates in each of its layers: those a LoRA expert adapts by
+# default (cross-attention keys and values act on the encoder's frames, cached while decoding: left alone).
+ATTENTION_SLOTS = {"encoder": (("self_attn", ("q_proj", "k_proj", "v_proj", "out_proj")),),
+                   "decoder": (("self_attn", ("q_proj", "k_proj", "v_proj", "out_proj")),
+                               ("encoder_attn", ("q_proj", "out_proj")))}
 
 
 def _whisper_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -46,6 +53,26 @@ def _stack_and_index(name: str, layer: torch.nn.Module) -> tuple[str, int]:
 def clsr_layers(model: torch.nn.Module) -> list[tuple[str, ClsrFc1, ClsrFc2]]:
     """``(layer path, fc1, fc2)`` of every CLSR layer, encoder first (empty for a plain Whisper)."""
     return [(name, layer.fc1, layer.fc2) for name, layer in _whisper_layers(model) if isinstance(layer.fc1, ClsrFc1)]
+
+
+def clsr_projections(model: torch.nn.Module) -> list[tuple[str, str, ClsrProj]]:
+    """``(layer path, slot, projection)`` of every gated attention projection (slot: ``self_attn.q_proj`` ...), in
+    layer order; empty unless the model's layout has ``attention``."""
+    found = []
+    for name, layer in _whisper_layers(model):
+        for block, projections in ATTENTION_SLOTS[_stack_and_index(name, layer)[0]]:
+            for proj in projections:
+                module = getattr(getattr(layer, block), proj)
+                if isinstance(module, ClsrProj):
+                    found.append((name, f"{block}.{proj}", module))
+    return found
+
+
+def clsr_module_paths(model: torch.nn.Module) -> list[str]:
+    """The module paths CLSR replaced by gated layers: fc1 and fc2 of each CLSR layer, and the gated attention
+    projections (what no LoRA or sparse expert may adapt in the same model)."""
+    return ([f"{layer}.{fc}" for layer, _, _ in clsr_layers(model) for fc in ("fc1", "fc2")]
+            + [f"{layer}.{slot}" for layer, slot, _ in clsr_projections(model)])
 
 
 def is_clsr(model: torch.nn.Module) -> bool:
@@ -85,7 +112,8 @@ def check_language_name(language: str) -> str:
 def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), config: ClsrConfig | None = None,
                     **options) -> torch.nn.Module:
     """Make the feed-forward blocks of a Whisper CLSR blocks (in place): every encoder and decoder FFN by default
-    (the paper), or those of the config's layout (``side``, ``encoder_start``). Other layers stay untouched.
+    (the paper), or those of the config's layout (``side``, ``encoder_start``; with ``attention``, the attention
+    projections of the same layers too, each with its own gate). Other layers stay untouched.
 
     The whole model is frozen; the language paths and gates added here (and by :func:`add_language`) are the
     only trainable parameters. At gate init the model computes exactly what the base computes.
@@ -114,6 +142,12 @@ def convert_to_clsr(model: torch.nn.Module, languages: Sequence[str] = (), confi
         handoff = Handoff()
         layer.fc1 = ClsrFc1(layer.fc1, routing, handoff, name).train(layer.training)
         layer.fc2 = ClsrFc2(layer.fc2, routing, handoff, name).train(layer.training)
+        if config.attention:
+            for block, projections in ATTENTION_SLOTS[_stack_and_index(name, layer)[0]]:
+                attn = getattr(layer, block)
+                for proj in projections:
+                    gated = ClsrProj(getattr(attn, proj), routing, f"{name}.{block}.{proj}")
+                    setattr(attn, proj, gated.train(layer.training))
     for language in languages:
         add_language(model, language)
     return model
@@ -125,12 +159,12 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
     Args:
         language: a Whisper code (or any name without '.').
         options: :class:`ClsrConfig` fields for this language's path: ``kind``, ``rank``, ``alpha``,
-            ``gate_hidden`` (default: the model's CLSR config). The layout (``side``, ``encoder_start``) is the
-            model's, fixed at conversion.
+            ``gate_hidden`` (default: the model's CLSR config). The layout (``side``, ``encoder_start``,
+            ``attention``) is the model's, fixed at conversion.
     """
     check_language_name(language)
     routing = clsr_routing(model)
-    layout = {k: options.pop(k) for k in ("side", "encoder_start") if k in options}
+    layout = {k: options.pop(k) for k in ("side", "encoder_start", "attention") if k in options}
     if layout and replace(routing.config, **layout).layout != routing.config.layout:
         raise ValueError(f"CLSR layout {layout} differs from the model's {routing.config.layout}: a model has one "
                          "layout, chosen by convert_to_clsr")
@@ -144,6 +178,12 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
         fc1.experts[language] = path1.train(fc1.training).requires_grad_(True)
         fc2.experts[language] = path2.train(fc2.training).requires_grad_(True)
         fc1.gates[language] = gate.train(fc1.training).requires_grad_(True)
+    for _, _, proj in clsr_projections(model):
+        path = new_path(proj.shared, cfg.kind, cfg.rank, cfg.alpha)
+        gate = ClsrGate(proj.in_features, cfg.gate_hidden, routing.config.gate_dropout).to(
+            device=proj.shared.weight.device, dtype=proj.shared.weight.dtype)
+        proj.experts[language] = path.train(proj.training).requires_grad_(True)
+        proj.gates[language] = gate.train(proj.training).requires_grad_(True)
 
 
 def remove_language(model: torch.nn.Module, language: str) -> None:
@@ -152,6 +192,8 @@ def remove_language(model: torch.nn.Module, language: str) -> None:
     routing = clsr_routing(model)
     for _, fc1, fc2 in clsr_layers(model):
         del fc1.experts[language], fc1.gates[language], fc2.experts[language]
+    for _, _, proj in clsr_projections(model):
+        del proj.experts[language], proj.gates[language]
     active = [routing.languages] if isinstance(routing.languages, str) else list(routing.languages or ())
     if language in active:
         routing.set_languages(None)
@@ -217,12 +259,15 @@ def collect_gates(model: torch.nn.Module) -> Iterator[GateRecorder]:
 
 
 def convert_from_clsr(model: torch.nn.Module) -> torch.nn.Module:
-    """Back to a plain Whisper (in place): the shared fc1/fc2 return, every language is dropped.
+    """Back to a plain Whisper (in place): the shared fc1/fc2 (and projections) return, every language is dropped.
 
     The pretrained weights were never modified, so the result is the base model bit for bit; parameters get back
     the ``requires_grad`` they had before :func:`convert_to_clsr`.
     """
     routing = clsr_routing(model)
+    for name, slot, proj in clsr_projections(model):
+        block, attribute = slot.split(".")
+        setattr(getattr(model.get_submodule(name), block), attribute, proj.shared)
     for _, layer in _whisper_layers(model):
         if isinstance(layer.fc1, ClsrFc1):
             layer.fc1, layer.fc2 = layer.fc1.shared, layer.fc2.shared

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.clsr import clsr_layers, language_parameters
+from distill.clsr import clsr_layers, clsr_projections, language_parameters
 from distill.clsr.layer import LowRankPath
 
 # Three utterances of 100 mel frames (the ``short_whisper`` fixture's window) for mixed-language batches;
@@ -38,27 +38,29 @@ def randomize_language(model, language: str, seed: int = 1, scale: float = 0.05)
 def force_gates(model, language: str, open_: bool) -> None:
     """Make ``language``'s gates G = +-256 for every token: hard gates 1/0, and sigmoid exactly 1.0/0.0 in float32."""
     with torch.no_grad():
-        for _, fc1, _ in clsr_layers(model):
-            gate = fc1.gates[language]
+        for gated in [fc1 for _, fc1, _ in clsr_layers(model)] + [proj for _, _, proj in clsr_projections(model)]:
+            gate = gated.gates[language]
             gate.w1.weight.zero_()
             gate.w1.bias.fill_(1.0)
             gate.w2.weight.fill_(4.0 if open_ else -4.0)
 
 
 def language_ffn_model(plain, clsr, language: str):
-    """A plain Whisper (a copy of ``plain``) whose fc1/fc2 are ``language``'s paths (low-rank deltas merged)."""
+    """A plain Whisper (a copy of ``plain``) whose fc1/fc2 (and gated attention projections) are ``language``'s
+    paths (low-rank deltas merged)."""
     import copy
 
     model = copy.deepcopy(plain)
-    layers = {name: (fc1, fc2) for name, fc1, fc2 in clsr_layers(clsr)}
+    gated = {f"{name}.{fc}": module for name, fc1, fc2 in clsr_layers(clsr) for fc, module in (("fc1", fc1),
+                                                                                               ("fc2", fc2))}
+    gated.update({f"{name}.{slot}": proj for name, slot, proj in clsr_projections(clsr)})
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if name in layers:
-                for target, clsr_fc in zip((module.fc1, module.fc2), layers[name]):
-                    path = clsr_fc.experts[language]
-                    if isinstance(path, LowRankPath):
-                        target.weight.add_(path.scale * path.lora_B @ path.lora_A)
-                    else:
-                        target.weight.copy_(path.weight)
-                        target.bias.copy_(path.bias)
+        for name, clsr_linear in gated.items():
+            target, path = model.get_submodule(name), clsr_linear.experts[language]
+            if isinstance(path, LowRankPath):
+                target.weight.add_(path.scale * path.lora_B @ path.lora_A)
+            else:
+                target.weight.copy_(path.weight)
+                if target.bias is not None:
+                    target.bias.copy_(path.bias)
     return model

@@ -97,7 +97,7 @@ def test_expert_round_trip_records_the_layout(base, tmp_path, layout):
     path = save_clsr_expert(model, "uk", tmp_path / "uk.safetensors", base)
     hp = read_manifest(path)["hyperparameters"]
     expected = ClsrConfig(**LAYOUTS[layout]).layout
-    assert {k: hp[k] for k in ("side", "encoder_start")} == expected
+    assert {k: hp[k] for k in expected} == expected
     assert hp["layers"] == len(CONVERTED[layout])
     expert = make_clsr_expert(model, "uk", base)
     assert expert.num_parameters == parameters_per_language(base.model.config, ClsrConfig(**LAYOUTS[layout]))

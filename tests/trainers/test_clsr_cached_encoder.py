@@ -14,7 +14,8 @@ from tests.distill.clsr_helpers import randomize_language
 DETERMINISTIC = {"path_dropout": 0.0, "gate_dropout": 0.0, "shared_only_prob": 0.0}
 LAYOUTS = {"decoder": ({"side": "decoder"}, "encoder_hidden_states"),
            "encoder-from-1": ({"side": "both", "encoder_start": 1}, "encoder_layer_input"),
-           "encoder-top-1": ({"side": "both", "encoder_start": -1}, "encoder_layer_input")}  # = from 1 on tiny
+           "encoder-top-1": ({"side": "both", "encoder_start": -1}, "encoder_layer_input"),  # = from 1 on tiny
+           "attention-from-1": ({"side": "both", "encoder_start": 1, "attention": True}, "encoder_layer_input")}
 
 
 def _student(tiny_whisper_dir, layout):

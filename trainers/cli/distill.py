@@ -25,8 +25,9 @@ gates the decoder's only and leaves the encoder as it is, so (with a cached teac
 every utterance's encoder output once and reuses it every epoch instead of running the encoder forward and
 backward on 30 s windows at every step: on CPU that is the difference between minutes and hours. --encoder-start
 K (with --side both/encoder) gates only encoder layers >= K and caches the input of layer K (-3: the top three
-layers, as train's LoRA recipe adapts). The layout is
-recorded in each expert; an expert loads only into a CLSR model of the same layout.
+layers, as train's LoRA recipe adapts). --attention gates the attention projections of the same layers too
+(self-attention q/k/v/out, cross-attention q/out; each its own gate and path: what LoRA adapts beside the FFN).
+The layout is recorded in each expert; an expert loads only into a CLSR model of the same layout.
 
 --kind lora (LoRA language experts): one LoRA student for all the languages, each batch taught by its
 language's teacher, e.g. --teachers uk-espeak,ru-espeak (LoRA experts on the base; their manifests name the
@@ -196,9 +197,9 @@ def register(subparsers) -> None:
     opts.add(g, "registry")
     opts.add(p.add_argument_group("teacher"), "teacher", "teachers", "teacher_base", "teacher_cache", "top_k", "kd",
              "temperature", "ce_weight", "gate_weight", "kd_weight", "label_smoothing")
-    opts.add(p.add_argument_group("student"), "path", "side", "encoder_start", "rank", "alpha", "gate_hidden",
-             "gate_dropout", "gate_budget", "max_noise", "gate_warmup", "path_dropout", "path_dropout_ramp",
-             "shared_only_prob")
+    opts.add(p.add_argument_group("student"), "path", "side", "encoder_start", "attention", "rank", "alpha",
+             "gate_hidden", "gate_dropout", "gate_budget", "max_noise", "gate_warmup", "path_dropout",
+             "path_dropout_ramp", "shared_only_prob")
     opts.add(p.add_argument_group("optimization"), "lr", "gate_lr", "decoder_lr", "schedule", "warmup_steps",
              "weight_decay", "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed",
              "strategy", "devices")
