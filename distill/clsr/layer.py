@@ -186,6 +186,22 @@ class _GatedLinear(_ClsrLinear):
         self.routing.record(self.layer_name, g)
         return floor + (1.0 - floor) * g if floor else g
 
+    def _soft_paths(self, x: torch.Tensor, groups, shared_out: torch.Tensor, dropout: float = 0.0):
+        """Training: ``(gate, language output)`` for the whole batch, each sample's rows from its language's gate
+        and path (the path's output under ``dropout``). Samples without a language keep ``g = 0`` and a zero
+        language output, so any mix leaves them on the shared path."""
+        gate = out = None
+        for language, samples in groups:
+            if language is None:
+                continue
+            xs = _take_rows(x, samples)
+            g = self._soft_gate(language, xs)
+            y = self.experts[language].language_linear(xs, self.shared, _take_rows(shared_out, samples))
+            if dropout:
+                y = F.dropout(y, p=dropout, training=True)
+            gate, out = _put_rows(gate, samples, g, x.shape[0]), _put_rows(out, samples, y, x.shape[0])
+        return gate, out
+
     def _hard_parts(self, x: torch.Tensor, groups) -> list:
         """Each token's route at inference (hard gates): ``(language or None, token rows or None for all)``."""
         tokens = x[0].numel() // x.shape[-1]  # tokens per sample
@@ -233,15 +249,7 @@ class ClsrFc1(_GatedLinear):
 
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
-        gate = h_lang = None  # with per-sample languages, samples without a language keep g = 0 and h_lang = 0
-        batch = x.shape[0]
-        for language, samples in groups:
-            if language is None:
-                continue
-            xs = _take_rows(x, samples)
-            g = self._soft_gate(language, xs)
-            hl = self.experts[language].language_linear(xs, self.shared, _take_rows(h_shared, samples))
-            gate, h_lang = _put_rows(gate, samples, g, batch), _put_rows(h_lang, samples, hl, batch)
+        gate, h_lang = self._soft_paths(x, groups, h_shared)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)
         return torch.cat([h_shared, h_lang], dim=-1)
 
@@ -304,16 +312,8 @@ class ClsrProj(_GatedLinear):
         if not self.training:
             return self.by_parts(x, self._hard_parts(x, groups))
         out_shared = self.shared(x)
-        gate = out_lang = None  # samples without a language keep g = 0: the shared output
         p = self.routing.config.path_dropout * self.routing.path_dropout_scale
-        for language, samples in groups:
-            if language is None:
-                continue
-            xs = _take_rows(x, samples)
-            g = self._soft_gate(language, xs)
-            ol = self.experts[language].language_linear(xs, self.shared, _take_rows(out_shared, samples))
-            gate = _put_rows(gate, samples, g, x.shape[0])
-            out_lang = _put_rows(out_lang, samples, F.dropout(ol, p=p, training=True), x.shape[0])
+        gate, out_lang = self._soft_paths(x, groups, out_shared, dropout=p)
         return gate * out_lang + (1 - gate) * out_shared
 
 
