@@ -49,7 +49,7 @@ def student_base(args):
 def distilled(student, teachers: dict[str, str], args):
     """The student's decoder trained against the teachers (``distill --kind full``), cached by configuration;
     with its training minutes and best epoch (recorded in the expert's manifest)."""
-    from benchmarks.distill_wer import cached, file_digest, tag
+    from benchmarks.distill_wer import cached, config_knobs, file_digest, tag
     from trainers.configs import DistillConfig
     from trainers.train_distill import train_distilled
 
@@ -60,7 +60,8 @@ def distilled(student, teachers: dict[str, str], args):
                         teacher_cache=str(runs / "teacher-cache"), side="decoder", lr=args.lr, epochs=args.epochs,
                         patience=args.patience, max_train=args.max_train, batch_size=args.batch_size, test=False,
                         progress=True, run_dir=str(runs / f"run-{student.name}"))
-    name = tag(cfg=repr(cfg), student=student.fingerprint, teachers=[file_digest(teachers[lang]) for lang in langs])
+    name = tag(cfg=config_knobs(cfg), student=student.fingerprint,
+               teachers=[file_digest(teachers[lang]) for lang in langs])
     runs.mkdir(parents=True, exist_ok=True)
     expert, seconds = cached(runs / f"{student.name}-kd-{name}.safetensors", lambda: train_distilled(cfg)[0][0])
     return expert, {"minutes": round(seconds / 60, 1), "best_epoch": expert.manifest["hyperparameters"]["best_epoch"]}

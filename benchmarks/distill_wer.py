@@ -92,6 +92,21 @@ def tag(**knobs) -> str:
     return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def config_knobs(config) -> dict:
+    """A dataclass config's fields that differ from their defaults, for :func:`tag`: the key stays the same when
+    a later version adds a field at its default (``repr(config)`` would change, and a cached run be redone)."""
+    import dataclasses
+
+    knobs = {}
+    for f in dataclasses.fields(config):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        value = getattr(config, f.name)
+        if value != default:
+            knobs[f.name] = list(value) if isinstance(value, tuple) else value
+    return knobs
+
+
 def file_digest(path) -> str:
     """SHA-256 of a file's bytes: a cache key part that changes when a teacher file is retrained in place."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -155,8 +170,8 @@ def lora_student(lang: str, args, work: Path):
 
 def variant(args) -> tuple[str, str, dict]:
     """The CLSR knobs this run sets away from the recipe's defaults (gate and decoder-path learning rates, path
-    dropout, attention paths), as a row-key / run-directory suffix (``-glr0.001-pd0``, ``-attn``), a label part and
-    cache-key knobs; ('', '', {}) for none.
+    dropout and what it drops, attention paths), as a row-key / run-directory suffix (``-glr0.001-pd0``,
+    ``-attn``), a label part and cache-key knobs; ('', '', {}) for none.
     Runs at the defaults keep the names and cache keys they had before these options existed."""
     from distill.clsr import ClsrConfig
 
@@ -166,6 +181,8 @@ def variant(args) -> tuple[str, str, dict]:
         ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp")), ", ")
     if args.attention:  # gated paths on the attention projections too
         suffix, label, knobs = "-attn" + suffix, ", FFN + attention" + label, {"attn": 1, **knobs}
+    if args.path_dropout_on != "output":  # path dropout on the low-rank delta alone
+        suffix, label, knobs = suffix + "-pdd", label + ", path dropout on the delta", {**knobs, "pdd": 1}
     return suffix, label, knobs
 
 
@@ -204,7 +221,8 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         attention=args.attention, teachers=(str(teacher),) if kd else (),
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
-                        path_dropout=args.path_dropout, gate_warmup=args.gate_warmup,
+                        path_dropout=args.path_dropout, path_dropout_on=args.path_dropout_on,
+                        gate_warmup=args.gate_warmup,
                         path_dropout_ramp=args.path_dropout_ramp, epochs=args.epochs,
                         kd_weight=args.kd_weight if kd else None, temperature=args.temperature if kd else 1.0,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
@@ -436,6 +454,8 @@ def main(argv=None) -> int:
                    help="CLSR decoder-side paths' learning rate (default: --clsr-lr)")
     p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
                    "recipe's)")
+    p.add_argument("--path-dropout-on", default="output", choices=["output", "delta"], help="CLSR path dropout on "
+                   "the path's whole output (default, the recipe's) or on its low-rank delta alone")
     p.add_argument("--gate-warmup", type=float, default=0.0, help="CLSR gates held open at first, released over "
                    "this fraction of the steps (default 0, the recipe's)")
     p.add_argument("--path-dropout-ramp", type=float, default=0.0, help="CLSR path dropout raised from 0 over this "

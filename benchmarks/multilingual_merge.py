@@ -80,6 +80,7 @@ TUNING = {
              for d in (0.3, 0.6)],
 }
 COMPARED = ("merged", "student", "routed")  # rows compared with linear
+STUDENT, ROUTED = "student: multi-expert KD", "routed: own expert"
 SEARCHED = ("runs/{lang}-expert/expert.safetensors", "runs/fusion/{lang}-400.safetensors",
             "runs/multilingual-merge/{lang}-400.safetensors")
 
@@ -129,7 +130,7 @@ def expert_for(lang: str, args):
 def student_for(langs, sources: dict, args):
     """(the multi-expert KD student, where it came from): ``--student-file``, or trained here from the language
     experts as teachers on the languages' one corpus (cached by its configuration)."""
-    from benchmarks.distill_wer import cached, file_digest, tag
+    from benchmarks.distill_wer import cached, config_knobs, file_digest, tag
     from registry.expert_file import load_expert
     from trainers.train_distill import DistillConfig, train_distilled
 
@@ -145,7 +146,7 @@ def student_for(langs, sources: dict, args):
                         side="both", encoder_start=-3, rank=16, alpha=32.0, epochs=args.student_epochs,
                         max_train=args.student_max_train, patience=2, test=False, progress=True,
                         run_dir=str(runs / "run-student"))
-    name = tag(cfg=repr(cfg), teachers=[file_digest(sources[lang]) for lang in langs])
+    name = tag(cfg=config_knobs(cfg), teachers=[file_digest(sources[lang]) for lang in langs])
     path = runs / f"student-{'-'.join(langs)}-{name}.safetensors"
     runs.mkdir(parents=True, exist_ok=True)
     return cached(path, lambda: train_distilled(cfg)[0][0])[0], str(path)
@@ -188,21 +189,36 @@ def tune(base, experts, names, methods, dev, seed: int, cache: Path | None = Non
     return {m: (s, o) for m, (s, o, _) in best.items()}, trials
 
 
+def _pooled(report) -> dict:
+    """A report's utterances as one "language" holding them all (ids kept apart per language)."""
+    from inference.evaluation import paired_counts
+
+    return {"utterances": [{**u, "language": "all", "id": f"{u['language']}/{u['id']}"}
+                           for u in paired_counts(report)]}
+
+
 def pooled_changes(matrix) -> dict[str, dict]:
     """Per merged row: its pooled test WER against linear's on the same utterances (paired bootstrap over every
     language's utterances together)."""
-    from inference.evaluation import paired_comparison, paired_counts
-
-    def pooled(report):  # one "language" holding them all, ids kept apart per language
-        return {"utterances": [{**u, "language": "all", "id": f"{u['language']}/{u['id']}"}
-                               for u in paired_counts(report)]}
+    from inference.evaluation import paired_comparison
 
     rows = dict(zip(matrix.labels, matrix.reports))
     if "merged: linear" not in rows:
         return {}
-    linear = pooled(rows["merged: linear"])
-    return {label: paired_comparison(linear, pooled(report))["all"] for label, report in rows.items()
+    linear = _pooled(rows["merged: linear"])
+    return {label: paired_comparison(linear, _pooled(report))["all"] for label, report in rows.items()
             if label.startswith(COMPARED) and label != "merged: linear"}
+
+
+def student_vs_routed(matrix) -> dict | None:
+    """The student's pooled test WER against routing by the known language (each clip by its own expert), paired
+    on the same utterances; None without both rows. Item 5's question: does one student replace the routing?"""
+    from inference.evaluation import paired_comparison
+
+    rows = dict(zip(matrix.labels, matrix.reports))
+    if not {STUDENT, ROUTED} <= set(rows):
+        return None
+    return paired_comparison(_pooled(rows[ROUTED]), _pooled(rows[STUDENT]))["all"]
 
 
 def trial_label(trial: dict) -> str:
@@ -269,6 +285,9 @@ def table(results: dict) -> str:
                  + f" ({len(results['trials'])} trials).\n")
     if results.get("student"):
         text += f"\nStudent: one LoRA taught by the language experts ({results['student']}).\n"
+    if results.get("student_vs_routed"):
+        text += ("\nStudent against routing by the known language (pooled over every language's clips, paired): "
+                 f"{format_change(results['student_vs_routed'])}.\n")
     if results.get("command"):
         text += f"\nCommand: `{results['command']}`\n"
     return text
@@ -349,7 +368,7 @@ def main(argv=None) -> int:
         for expert in [None, *(e for _, e in rows)]:  # decoded and kept before the student's long training
             decode(expert)
         student, student_source = student_for(langs, sources, args)
-        rows.append(("student: multi-expert KD", student))
+        rows.append((STUDENT, student))
     matrix = language_matrix(base.model, base.processor, utterances, rows, opts, decode=decode).routed()
     data = matrix.as_dict()
     results = {"languages": data["languages"], "n": data["n"], "experts": sources,
@@ -358,6 +377,7 @@ def main(argv=None) -> int:
                         for label, own, wer, cer, mean in zip(data["rows"], data["own_languages"], data["wer"],
                                                               data["cer"], data["mean_wer"])],
                "pooled_vs_linear": pooled_changes(matrix),
+               **({"student_vs_routed": vs} if (vs := student_vs_routed(matrix)) else {}),
                "command": recorded(Path(__file__).name, argv)}
     if args.tune:
         results.update(tuned=settings, trials=trials, dev_limit=args.dev_limit)

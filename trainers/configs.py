@@ -206,6 +206,9 @@ class DistillConfig:
     # clsr: fraction of the training steps over which the path dropout rises from 0 to --path-dropout (0: none)
     path_dropout_ramp: float = 0.0
     path_dropout: float = 0.3  # clsr: dropout on a language path's output in training (DistilWhisper's 0.3)
+    # clsr: what the path dropout drops: the language path's whole output (the paper's), or, with --path lowrank, the
+    # low-rank delta alone (as LoRA's dropout; the shared part of the path stays clean)
+    path_dropout_on: Literal["output", "delta"] = "output"
     shared_only_prob: float = 0.2  # clsr: per layer call in training, run only the shared path with this probability
     kd: Literal["js", "kl"] = "js"  # KD loss: Jensen-Shannon (DistilWhisper's) or KL
     temperature: float = 1.0  # KD temperature

@@ -8,6 +8,7 @@ from lora_experts.config import resolve_encoder_start
 
 PATH_KINDS = ("full", "lowrank")
 SIDES = ("both", "decoder", "encoder")
+DROPOUT_TARGETS = ("output", "delta")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class ClsrConfig:
     gate_hidden: int = 64  # hidden size of the gate's ReLU layer
     gate_dropout: float = 0.1  # dropout on the gate's input x in training (DistilWhisper's code uses 0.1)
     path_dropout: float = 0.3  # dropout on the language path's output in training
+    # What the path dropout drops: "output" = the language path's whole output (the paper's, where a path is a full
+    # FFN copy); "delta" (lowrank only) = the low-rank delta alone, as LoRA's dropout leaves the frozen weights' part
+    # clean. With "output" a low-rank path is the shared layer plus a delta, all of it under dropout, so in training
+    # the language path is a noisier copy of the shared one and the gates learn to prefer the shared path.
+    path_dropout_on: str = "output"
     shared_only_prob: float = 0.2  # in training, each layer call runs the shared path only with this probability
     # Which FFN blocks become CLSR blocks: "both" = every encoder and decoder FFN (the paper); "decoder" leaves the
     # encoder untouched, so training can cache its output (as a decoder-only LoRA expert does); "encoder".
@@ -46,6 +52,12 @@ class ClsrConfig:
             raise ValueError(f"CLSR low-rank rank must be >= 1, got {self.rank}")
         if self.side not in SIDES:
             raise ValueError(f"CLSR side must be one of {', '.join(SIDES)}, got {self.side!r}")
+        if self.path_dropout_on not in DROPOUT_TARGETS:
+            raise ValueError(f"CLSR path_dropout_on must be one of {', '.join(DROPOUT_TARGETS)}, got "
+                             f"{self.path_dropout_on!r}")
+        if self.path_dropout_on == "delta" and self.kind != "lowrank":
+            raise ValueError("CLSR path_dropout_on 'delta' needs low-rank paths (kind 'lowrank', distill --path "
+                             "lowrank); a full path has no delta to drop: use path_dropout_on 'output'")
         if self.gate_hidden < 1:
             raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
         for name in ("gate_dropout", "path_dropout", "shared_only_prob"):

@@ -95,11 +95,13 @@ class LowRankPath(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def language_linear(self, x: torch.Tensor, shared: nn.Linear, shared_out: torch.Tensor | None = None
-                        ) -> torch.Tensor:
-        """The path's output on ``x`` (..., in_features); ``shared_out`` is ``shared(x)`` when the caller has it."""
+    def language_linear(self, x: torch.Tensor, shared: nn.Linear, shared_out: torch.Tensor | None = None,
+                        delta_dropout: float = 0.0) -> torch.Tensor:
+        """The path's output on ``x`` (..., in_features); ``shared_out`` is ``shared(x)`` when the caller has it;
+        ``delta_dropout``: training dropout on the delta alone (the shared part stays clean)."""
         base = shared(x) if shared_out is None else shared_out
-        return base + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        delta = self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return base + (F.dropout(delta, p=delta_dropout, training=True) if delta_dropout else delta)
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -137,6 +139,15 @@ class _ClsrLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.shared.out_features
+
+    def dropped_path(self, language: str, x: torch.Tensor, shared_out: torch.Tensor | None, p: float) -> torch.Tensor:
+        """Training: ``language``'s path on ``x`` under path dropout ``p``, on its whole output or on its low-rank
+        delta alone, as the config's ``path_dropout_on`` says."""
+        expert = self.experts[language]
+        if p and self.routing.config.path_dropout_on == "delta" and isinstance(expert, LowRankPath):
+            return expert.language_linear(x, self.shared, shared_out, delta_dropout=p)
+        out = expert.language_linear(x, self.shared, shared_out)
+        return F.dropout(out, p=p, training=True) if p else out
 
     def path(self, language: str | None):
         """The function computing ``language``'s path on some rows (the shared layer for None)."""
@@ -188,17 +199,15 @@ class _GatedLinear(_ClsrLinear):
 
     def _soft_paths(self, x: torch.Tensor, groups, shared_out: torch.Tensor, dropout: float = 0.0):
         """Training: ``(gate, language output)`` for the whole batch, each sample's rows from its language's gate
-        and path (the path's output under ``dropout``). Samples without a language keep ``g = 0`` and a zero
-        language output, so any mix leaves them on the shared path."""
+        and path (under path dropout ``dropout``: see :meth:`dropped_path`). Samples without a language keep
+        ``g = 0`` and a zero language output, so any mix leaves them on the shared path."""
         gate = out = None
         for language, samples in groups:
             if language is None:
                 continue
             xs = _take_rows(x, samples)
             g = self._soft_gate(language, xs)
-            y = self.experts[language].language_linear(xs, self.shared, _take_rows(shared_out, samples))
-            if dropout:
-                y = F.dropout(y, p=dropout, training=True)
+            y = self.dropped_path(language, xs, _take_rows(shared_out, samples), dropout)
             gate, out = _put_rows(gate, samples, g, x.shape[0]), _put_rows(out, samples, y, x.shape[0])
         return gate, out
 
@@ -280,8 +289,8 @@ class ClsrFc2(_ClsrLinear):
         for language, samples in plan.groups:
             if language is None:
                 continue
-            ol = self.experts[language].language_linear(_take_rows(h_lang, samples), self.shared)
-            out_lang = _put_rows(out_lang, samples, F.dropout(ol, p=p, training=self.training), h.shape[0])
+            ol = self.dropped_path(language, _take_rows(h_lang, samples), None, p if self.training else 0.0)
+            out_lang = _put_rows(out_lang, samples, ol, h.shape[0])
         g = plan.gate
         return g * out_lang + (1 - g) * out_shared
 

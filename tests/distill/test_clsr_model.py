@@ -61,6 +61,24 @@ def test_training_defaults_at_init_still_match_the_base_without_path_dropout(bas
     assert not torch.equal(logits(model_dropout), base_logits)
 
 
+def test_path_dropout_on_the_delta_leaves_the_shared_part_of_a_lowrank_path_clean(base, base_logits):
+    noisy = {"kind": "lowrank", "rank": 4, "path_dropout": 0.5, "gate_dropout": 0.0, "shared_only_prob": 0.0}
+    outputs = {}
+    for target in ("output", "delta"):
+        model = _clsr(base, **noisy, path_dropout_on=target)  # fresh paths: the delta is zero (lora_B = 0)
+        set_language(model, "uk")
+        model.train()
+        force_gates(model, "uk", open_=True)  # every token on the language path
+        torch.manual_seed(0)
+        outputs[target] = logits(model)
+    assert torch.equal(outputs["delta"], base_logits)  # nothing but the zero delta is dropped
+    assert not torch.allclose(outputs["output"], base_logits)  # the whole path output, shared part included
+    with pytest.raises(ValueError, match="needs low-rank paths.*--path lowrank"):
+        ClsrConfig(kind="full", path_dropout_on="delta")
+    with pytest.raises(ValueError, match="path_dropout_on must be one of output, delta"):
+        ClsrConfig(kind="lowrank", path_dropout_on="input")
+
+
 @pytest.mark.parametrize("options", KINDS, ids=["full", "lowrank"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_forced_gates_select_exactly_one_path(base, base_logits, options, mode):

@@ -81,8 +81,9 @@ def _router():
 
 
 RECIPES = {"train": _train, "distill": _distill, "router": _router}
-# Fields a run cannot set alone: what else it needs.
-COMPANIONS = {("distill", "kind"): ["--teacher", "t"]}
+# Fields a run cannot set alone: what else it needs, as flags and as --config keys.
+COMPANIONS = {("distill", "kind"): (["--teacher", "t"], {"teacher": "t"}),
+              ("distill", "path_dropout_on"): (["--path", "lowrank"], {"path": "lowrank"})}
 # Fields set through a flag of the command's own (train's --data DIR[:WEIGHT]): argv, expected value.
 CUSTOM = {"data": (["--data", "A"], "A"), "extra_data": (["--data", "A", "--data", "B:0.5"], ("B:0.5",)),
           "data_weight": (["--data", "A:2"], 2.0)}
@@ -105,7 +106,7 @@ def test_every_config_field_is_a_flag_and_a_config_key(recipe, tmp_path):
         value = _other_value(config, name)
         if (recipe, name) == ("train", "init_from") and config is FullTrainConfig:
             continue  # a fine-tune refuses a warm start
-        extra = COMPANIONS.get((recipe, name), [])
+        extra, extra_keys = COMPANIONS.get((recipe, name), ([], {}))
         needed = [a for field, argv in base.items() if field != name for a in argv]
         if recipe == "train" and name in CUSTOM:
             argv, value = CUSTOM[name]
@@ -124,8 +125,7 @@ def test_every_config_field_is_a_flag_and_a_config_key(recipe, tmp_path):
         keys[name] = yaml_value
         if selector:
             keys["kind"] = selector[1]
-        if extra:
-            keys["teacher"] = "t"
+        keys.update(extra_keys)
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(keys))
         cfg = read(build_parser().parse_args([*command, "--config", str(tmp_path / "c.yaml")]))
         assert getattr(cfg, name) == value, (recipe, name, "yaml")
