@@ -258,7 +258,10 @@ class ClsrFc1(_GatedLinear):
 
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
-        gate, h_lang = self._soft_paths(x, groups, h_shared)
+        config = self.routing.config
+        # The path dropout acts on fc2's output, which holds the whole path; dropping the deltas alone drops fc1's too.
+        p = config.path_dropout * self.routing.path_dropout_scale if config.path_dropout_on == "delta" else 0.0
+        gate, h_lang = self._soft_paths(x, groups, h_shared, dropout=p)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)
         return torch.cat([h_shared, h_lang], dim=-1)
 
