@@ -49,7 +49,7 @@ def student_base(args):
 def distilled(student, teachers: dict[str, str], args):
     """The student's decoder trained against the teachers (``distill --kind full``), cached by configuration;
     with its training minutes and best epoch (recorded in the expert's manifest)."""
-    from benchmarks.distill_wer import cached, config_knobs, file_digest, tag
+    from benchmarks.trained import cached, config_knobs, file_digest, tag
     from trainers.configs import DistillConfig
     from trainers.train_distill import train_distilled
 

@@ -59,14 +59,13 @@ while the cores are shared; ``--side both`` multiplies the CLSR training time by
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.command import recorded  # noqa: E402
+from benchmarks.trained import cached, tag  # noqa: E402
 
 
 def split(text: str) -> list[str]:
@@ -85,46 +84,6 @@ def corpus_for(lang: str, args) -> str:
         synthesize_corpus(SynthConfig(languages=(lang,), per_language=total, train_fraction=400 / total,
                                       validation_fraction=30 / total, test_fraction=50 / total, seed=args.seed), path)
     return str(path)
-
-
-def tag(**knobs) -> str:
-    """A short name for a training configuration (cached experts are reused only for the same one)."""
-    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def config_knobs(config) -> dict:
-    """A dataclass config's fields that differ from their defaults, for :func:`tag`: the key stays the same when
-    a later version adds a field at its default (``repr(config)`` would change, and a cached run be redone)."""
-    import dataclasses
-
-    knobs = {}
-    for f in dataclasses.fields(config):
-        default = (f.default if f.default is not dataclasses.MISSING else
-                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        value = getattr(config, f.name)
-        if value != default:
-            knobs[f.name] = list(value) if isinstance(value, tuple) else value
-    return knobs
-
-
-def file_digest(path) -> str:
-    """SHA-256 of a file's bytes: a cache key part that changes when a teacher file is retrained in place."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def cached(path: Path, train):
-    """``(expert, training seconds)`` from ``path`` (+ its ``.json`` timing), or from ``train()`` then stored."""
-    from registry.expert_file import load_expert, save_expert
-
-    timing = path.with_suffix(".json")
-    if path.is_file() and timing.is_file():
-        return load_expert(path), json.loads(timing.read_text())["seconds"]
-    t0 = time.time()
-    expert = train()
-    seconds = round(time.time() - t0, 1)
-    save_expert(expert, path)
-    timing.write_text(json.dumps({"seconds": seconds}))
-    return expert, seconds
 
 
 def lora_config(lang: str, args, run_dir: Path, max_train):

@@ -130,7 +130,7 @@ def expert_for(lang: str, args):
 def student_for(langs, sources: dict, args):
     """(the multi-expert KD student, where it came from): ``--student-file``, or trained here from the language
     experts as teachers on the languages' one corpus (cached by its configuration)."""
-    from benchmarks.distill_wer import cached, config_knobs, file_digest, tag
+    from benchmarks.trained import cached, config_knobs, file_digest, tag
     from registry.expert_file import load_expert
     from trainers.train_distill import DistillConfig, train_distilled
 
