@@ -38,13 +38,14 @@ Rows:
   decoder LoRA, when missing), i.e. better than the student on the language.
 
 Test WER/CER (normalized, ``inference.evaluation``) of each student language, and of the untouched languages
-(``--untouched``, default nl,ru, corpora ``data/<lang>-expert``): under CLSR they take the shared path (no
-language selected), under LoRA each student language's expert is applied to them (the table shows the mean
-over those experts, the JSON each one); the teacher is not run on them. Parameters stored per language (the
-expert file) and active per token (the base's plus what the expert adds to a token's forward, at most: LoRA
-all its matrices; CLSR the gates, plus the deltas of low-rank paths; a full path replaces the FFN it copies).
-Training minutes per row (summed over the languages). Trained experts and timings are kept under ``--work`` and
-reused, and every finished row is written to ``<out>/distill_wer.{json,md}`` at once, so a rerun resumes.
+(``--untouched``, default the stored table's, nl,ru for a new one; corpora ``data/<lang>-expert``): under CLSR they
+take the shared path (no language selected), under LoRA each student language's expert is applied to them (the
+table shows the mean over those experts, the JSON each one); the teacher is not run on them. Parameters stored per
+language (the expert file) and active per token (the base's plus what the expert adds to a token's forward, at
+most: LoRA all its matrices; CLSR the gates, plus the deltas of low-rank paths; a full path replaces the FFN it
+copies). Training minutes per row (summed over the languages). Trained experts and timings are kept under
+``--work`` and reused, and every finished row is written to ``<out>/distill_wer.{json,md}`` at once, so a rerun
+resumes.
 
 Cost (whisper-base, defaults, 2 CPU cores). Measured training steps (batch 16, 48 target tokens, forward +
 backward + AdamW) while another benchmark shared the cores: decoder-only CLSR on cached encoder outputs 12-13 s
@@ -392,7 +393,8 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--languages", default="uk,pt", help="student languages ('' only rewrites the table)")
-    p.add_argument("--untouched", default="nl,ru", help="languages not trained, evaluated under every model")
+    p.add_argument("--untouched", default=None, help="languages not trained, evaluated under every model (default: "
+                   "the stored table's, so a new row joins it; nl,ru for a new table)")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--data", help="one corpus with every language (default data/<lang>-expert per language)")
     p.add_argument("--teachers", default="runs/{lang}-expert/expert.safetensors",
@@ -448,6 +450,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results_path = out / f"{args.name}.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.untouched is None:  # a row added to a table keeps its untouched languages (else the table restarts)
+        args.untouched = results.get("setup", {}).get("untouched", "nl,ru")
     if args.languages:
         setup = {"languages": args.languages, "untouched": args.untouched, "base": args.base, "data": args.data,
                  "max_train": args.max_train, "epochs": args.epochs, "test_limit": args.test_limit,
