@@ -231,14 +231,17 @@ class Evaluator:
         with expert_applied(self.base.model, expert):
             return self.rates(lang)
 
-    def clsr(self, experts: dict, languages, untouched) -> tuple[dict, dict]:
+    def clsr(self, experts: dict, languages, untouched, gate_mode: str = "hard") -> tuple[dict, dict]:
         """Every student language's CLSR expert in one CLSR model: each language routed to its own path and
-        gate, the untouched languages through the shared path. The model is converted back afterwards."""
-        from distill.clsr import attach_clsr_expert, convert_from_clsr, convert_to_clsr, recorded_layout, set_language
+        gate (``gate_mode``: hard or soft inference gates), the untouched languages through the shared path. The
+        model is converted back afterwards."""
+        from distill.clsr import (attach_clsr_expert, convert_from_clsr, convert_to_clsr, recorded_layout,
+                                  set_gate_mode, set_language)
 
         model = self.base.model
         layout = recorded_layout(next(iter(experts.values())).manifest["hyperparameters"])
         convert_to_clsr(model, **layout)
+        set_gate_mode(model, gate_mode)
         try:
             for lang, expert in experts.items():
                 attach_clsr_expert(model, expert, self.base, language=lang)
@@ -307,13 +310,15 @@ def run(args, results: dict, work: Path, save) -> None:
         for kd in (False, True):
             suffix, label_part, _ = variant(args)
             kd_suffix, kd_label, _ = kd_variant(args)
+            if args.gate_inference == "soft":  # the same students, decoded with soft gates: a row of its own
+                suffix, label_part = suffix + "-soft", label_part + ", soft gates at inference"
             plain = f"clsr-{path}-{args.side}-{args.encoder_start}" + suffix
             key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" + kd_suffix if kd else "") + suffix
             if done(key):
                 continue
             trained = {lang: clsr_student(lang, args, work, path, teachers[lang][0] if kd else None)
                        for lang in langs}
-            test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched)
+            test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched, args.gate_inference)
             label = f"CLSR {path} ({where}{label_part}) " + (f"+ KD (JS{kd_label}, teacher)" if kd else "without KD")
             rows[key] = {"label": label,
                          "test": test, "untouched": kept,
@@ -421,6 +426,9 @@ def main(argv=None) -> int:
                    "this fraction of the steps (default 0, the recipe's)")
     p.add_argument("--path-dropout-ramp", type=float, default=0.0, help="CLSR path dropout raised from 0 over this "
                    "fraction of the steps (default 0)")
+    p.add_argument("--gate-inference", default="hard", choices=["hard", "soft"], help="CLSR gates when decoding: "
+                   "hard (default, the paper's: each token takes one path) or soft (paths mixed by sigmoid(G), as in "
+                   "training; rows of their own, the students reused)")
     p.add_argument("--kd-weight", type=float, help="KD loss weight of the KD rows (default 0.5, the recipe's)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the KD rows (default 1)")
     p.add_argument("--epochs", type=int, default=10)

@@ -18,7 +18,8 @@ from distill.clsr.expert import (attach_clsr_expert, clsr_expert_tensors, langua
 from distill.clsr.kind import CLSR
 from distill.clsr.model import (add_language, clsr_languages, clsr_layers, clsr_module_paths, clsr_projections,
                                 clsr_routing, collect_gates, convert_from_clsr, convert_to_clsr, is_clsr,
-                                language_parameters, remove_language, set_language, set_noise_scale, set_warmup)
+                                language_parameters, remove_language, set_gate_mode, set_language, set_noise_scale,
+                                set_warmup)
 from distill.clsr.routing import GateRecorder
 
 __all__ = [
@@ -27,5 +28,5 @@ __all__ = [
     "collect_gates", "convert_from_clsr", "convert_to_clsr", "is_clsr", "language_config", "language_parameters",
     "load_clsr_expert", "make_clsr_expert", "noise_scale_at", "parameters_active_per_token",
     "parameters_per_language", "ramp_at", "recorded_layout", "remove_language", "save_clsr_expert", "set_language",
-    "set_noise_scale", "set_warmup",
+    "set_gate_mode", "set_noise_scale", "set_warmup",
 ]

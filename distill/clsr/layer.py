@@ -178,6 +178,10 @@ class _GatedLinear(_ClsrLinear):
         super().__init__(shared, routing, handoff, layer_name)
         self.gates = nn.ModuleDict()
 
+    def _soft_mode(self) -> bool:
+        """Whether this call mixes both paths by a soft gate (training, or inference with soft gates)."""
+        return self.training or self.routing.gate_mode == "soft"
+
     def _use_gates(self, groups) -> bool:
         """Whether this call routes by the gates (else: the shared path only)."""
         routing = self.routing
@@ -188,9 +192,10 @@ class _GatedLinear(_ClsrLinear):
         return use_gates
 
     def _soft_gate(self, language: str, xs: torch.Tensor) -> torch.Tensor:
-        """The training gate of ``language`` on rows ``xs``: noisy sigmoid, recorded, then lifted by the floor."""
+        """The soft gate of ``language`` on rows ``xs``: in training a noisy sigmoid, recorded, then lifted by the
+        floor; at inference with soft gates (``gate_mode``) the plain sigmoid, recorded."""
         G = self.gates[language](xs)
-        noise, floor = self.routing.noise_scale, self.routing.gate_floor
+        noise, floor = (self.routing.noise_scale, self.routing.gate_floor) if self.training else (0.0, 0.0)
         g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
         # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix uses it lifted
         # towards 1 (held open at f = 1, where the CE gradient reaching the gate is scaled by 1 - f).
@@ -198,7 +203,7 @@ class _GatedLinear(_ClsrLinear):
         return floor + (1.0 - floor) * g if floor else g
 
     def _soft_paths(self, x: torch.Tensor, groups, shared_out: torch.Tensor, dropout: float = 0.0):
-        """Training: ``(gate, language output)`` for the whole batch, each sample's rows from its language's gate
+        """Soft gates: ``(gate, language output)`` for the whole batch, each sample's rows from its language's gate
         and path (under path dropout ``dropout``: see :meth:`dropped_path`). Samples without a language keep
         ``g = 0`` and a zero language output, so any mix leaves them on the shared path."""
         gate = out = None
@@ -254,14 +259,14 @@ class ClsrFc1(_GatedLinear):
         if not self._use_gates(groups):
             self.handoff.plan = Plan("shared")
             return self.shared(x)
-        return self._soft(x, groups) if self.training else self._hard(x, groups)
+        return self._soft(x, groups) if self._soft_mode() else self._hard(x, groups)
 
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
         config = self.routing.config
         # The path dropout acts on fc2's output, which holds the whole path; dropping the deltas alone drops fc1's too.
         p = config.path_dropout * self.routing.path_dropout_scale if config.path_dropout_on == "delta" else 0.0
-        gate, h_lang = self._soft_paths(x, groups, h_shared, dropout=p)
+        gate, h_lang = self._soft_paths(x, groups, h_shared, dropout=p if self.training else 0.0)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)
         return torch.cat([h_shared, h_lang], dim=-1)
 
@@ -321,10 +326,10 @@ class ClsrProj(_GatedLinear):
         groups = self.routing.groups(x.shape[0], x.device)
         if not self._use_gates(groups):
             return self.shared(x)
-        if not self.training:
+        if not self._soft_mode():
             return self.by_parts(x, self._hard_parts(x, groups))
         out_shared = self.shared(x)
-        p = self.routing.config.path_dropout * self.routing.path_dropout_scale
+        p = self.routing.config.path_dropout * self.routing.path_dropout_scale if self.training else 0.0
         gate, out_lang = self._soft_paths(x, groups, out_shared, dropout=p)
         return gate * out_lang + (1 - gate) * out_shared
 

@@ -244,6 +244,19 @@ def set_warmup(model: torch.nn.Module, gate_floor: float = 0.0, path_dropout_sca
     routing.gate_floor, routing.path_dropout_scale = float(gate_floor), float(path_dropout_scale)
 
 
+GATE_MODES = ("hard", "soft")
+
+
+def set_gate_mode(model: torch.nn.Module, mode: str) -> None:
+    """How inference uses the gates: ``hard`` (the default, DistilWhisper's: each token takes the path its gate
+    picks, ``1[G >= 0]``) or ``soft`` (every token mixes both paths by ``sigmoid(G)``, as training does without
+    the noise). Hard gates make a low-rank path's delta count in full wherever ``G >= 0``, while training, with
+    ``G`` near 0, mixed in about half of it; soft gates keep training's scale. Training ignores this."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
+    clsr_routing(model).gate_mode = mode
+
+
 @contextlib.contextmanager
 def collect_gates(model: torch.nn.Module) -> Iterator[GateRecorder]:
     """Collect the gate values of every CLSR layer call made inside the ``with`` block.

@@ -68,6 +68,9 @@ class ClsrRouting:
         path_dropout_scale: the language paths' training dropout is ``path_dropout_scale * config.path_dropout``
             (the path-dropout ramp raises it from 0 to 1).
         translate: translate mode: every layer runs the shared path only.
+        gate_mode: how inference (eval mode) uses the gates: ``hard`` (DistilWhisper's: each token takes one path,
+            ``1[G >= 0]``; the path not taken is not computed) or ``soft`` (both paths, mixed by ``sigmoid(G)``
+            without noise: what training's mix gives on average while ``G`` stays near 0).
         recorder: where layers put their gate values, when gates are being collected.
     """
 
@@ -77,6 +80,7 @@ class ClsrRouting:
     gate_floor: float = 0.0
     path_dropout_scale: float = 1.0
     translate: bool = False
+    gate_mode: str = "hard"
     recorder: GateRecorder | None = None
     base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by convert_from_clsr
     _groups: dict = field(default_factory=dict, repr=False)

@@ -1,0 +1,97 @@
+"""Soft inference gates (``set_gate_mode(model, "soft")``): every token mixes both paths by ``sigmoid(G)``.
+
+At inference they equal training's mix with the randomness off (no noise, no dropouts, no shared-only draws), for
+FFN blocks and gated attention projections, in one language or a mixed batch; at gate init (``G = 0``) a block
+mixes half of its language path, where hard gates (``1[0 >= 0]``) take all of it; generation runs with them; hard stays
+the default, and an unknown mode is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distill.clsr import clsr_layers, collect_gates, convert_to_clsr, set_gate_mode, set_language
+from distill.clsr.layer import LowRankPath
+from tests.distill.clsr_helpers import FEATS3, IDS3, logits, randomize_language
+
+DETERMINISTIC = {"path_dropout": 0.0, "gate_dropout": 0.0, "shared_only_prob": 0.0}
+LAYOUTS = [{"kind": "lowrank", "rank": 4}, {"kind": "full"},
+           {"kind": "lowrank", "rank": 4, "side": "both", "encoder_start": 1, "attention": True}]
+
+
+def _model(base, layout, languages=("uk",)):
+    model = convert_to_clsr(copy.deepcopy(base), languages, **layout, **DETERMINISTIC)
+    for seed, language in enumerate(languages, start=1):
+        randomize_language(model, language, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["lowrank", "full", "lowrank-attention"])
+def test_soft_inference_is_the_training_mix_without_randomness(short_whisper, layout):
+    model = _model(short_whisper, layout)
+    set_language(model, "uk")
+    model.train()  # noise scale 0 and the dropouts off: the training mix is deterministic
+    trained_mix = logits(model)
+    model.eval()
+    hard = logits(model)
+    set_gate_mode(model, "soft")
+    with collect_gates(model) as gates:
+        soft = logits(model)
+    torch.testing.assert_close(soft, trained_mix, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(soft, hard, atol=1e-4)  # the randomized gates are neither all 0 nor all 1
+    values = torch.cat([g.reshape(-1) for g in gates.values])
+    assert ((values > 0) & (values < 1)).all()  # recorded gates are sigmoid(G), not 0/1
+
+
+def test_soft_gates_at_init_mix_half_of_the_language_path(short_whisper):
+    """At ``G = 0`` a hard gate (``1[0 >= 0]``) takes the language path whole; a soft gate (``sigmoid(0)``) mixes
+    half of it, as training does on average while the gates stay near 0."""
+    model = convert_to_clsr(copy.deepcopy(short_whisper), ("uk",), kind="lowrank", rank=4, **DETERMINISTIC)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LowRankPath):
+                module.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    set_language(model, "uk")
+    model.eval()
+    _, fc1, fc2 = clsr_layers(model)[0]
+    x = torch.randn(2, 7, fc1.in_features, generator=torch.Generator().manual_seed(3))
+    act = torch.nn.functional.gelu
+    with torch.no_grad():
+        shared = fc2.shared(act(fc1.shared(x)))
+        lang = fc2.experts["uk"].language_linear(act(fc1.experts["uk"].language_linear(x, fc1.shared)), fc2.shared)
+        hard = fc2(act(fc1(x)))
+        set_gate_mode(model, "soft")
+        soft = fc2(act(fc1(x)))
+    torch.testing.assert_close(hard, lang, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(soft, 0.5 * lang + 0.5 * shared, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(soft, hard, atol=1e-4)
+
+
+def test_soft_gates_route_a_mixed_batch_and_generate(short_whisper):
+    model = _model(short_whisper, LAYOUTS[2], languages=("uk", "pt"))
+    model.eval()
+    set_gate_mode(model, "soft")
+    languages = ["uk", None, "pt"]
+    set_language(model, languages)
+    mixed = logits(model, FEATS3, IDS3)
+    for i, language in enumerate(languages):
+        set_language(model, language)
+        torch.testing.assert_close(mixed[i:i + 1], logits(model, FEATS3[i:i + 1], IDS3[i:i + 1]),
+                                   rtol=1e-5, atol=1e-5)
+    set_language(model, languages)
+    with torch.no_grad():
+        out = model.generate(input_features=FEATS3, decoder_input_ids=IDS3[:, :4], max_new_tokens=3, num_beams=2)
+    assert out.shape[0] == 3
+
+
+def test_hard_is_the_default_and_unknown_modes_are_refused(short_whisper):
+    model = _model(short_whisper, LAYOUTS[0])
+    set_language(model, "uk")
+    model.eval()
+    with collect_gates(model) as gates:
+        logits(model)
+    assert all(torch.all((g == 0) | (g == 1)) for g in gates.values)
+    with pytest.raises(ValueError, match="unknown CLSR gate mode 'sometimes'.*hard, soft"):
+        set_gate_mode(model, "sometimes")
