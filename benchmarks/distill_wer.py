@@ -8,6 +8,8 @@
     python benchmarks/distill_wer.py --path lowrank --gate-warmup 0.3 --path-dropout-ramp 0.3  # gates held open,
                                                                        # path dropout ramped in, over 30% of steps
     python benchmarks/distill_wer.py --path lowrank --decoder-lr 1e-4  # CLSR decoder-side paths at 1e-4
+    python benchmarks/distill_wer.py --path lowrank --gate-inference soft  # the same students, decoded with soft
+                                                                       # gates (paths mixed by sigmoid(G))
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
 
     # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
