@@ -225,7 +225,10 @@ def test_a_larger_whisper_teaches_a_clsr_student_through_the_cache(uk_pt_corpus,
     top = want.topk(4, dim=-1)
     if precision == "32":  # bf16 scoring may swap near-ties: compare values only then
         assert np.array_equal(indices, top.indices.numpy())
-    np.testing.assert_allclose(logprobs, top.values.numpy(), atol=0.05 if precision != "32" else 2e-3)
+    # The cache stores float16: at |log p| in [8, 16) its spacing is 2**-7, so a stored value is within half of
+    # that, 2**-11 relative (near-uniform tiny models score about log(1 / vocab) = -10.9), plus float32 rounding
+    # between batched and single scoring; bf16 scoring adds more.
+    np.testing.assert_allclose(logprobs, top.values.numpy(), rtol=2.0 ** -11, atol=0.05 if precision != "32" else 1e-4)
 
 
 def test_a_full_student_needs_teachers():
