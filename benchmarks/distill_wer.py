@@ -390,6 +390,10 @@ def table(results: dict) -> str:
                 md.append(f"\nKD's effect: {rows[key]['label']} against {rows[plain]['label']} (paired): {gains}")
             else:
                 md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
+    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-soft")):
+        if (hard := key.removesuffix("-soft")) in rows:  # the same student: soft inference gates against hard
+            gains = ", ".join(f"{l} {versus(rows[hard]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
+            md.append(f"\nSoft gates at inference on {rows[hard]['label']} (against its hard gates, paired): {gains}")
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
