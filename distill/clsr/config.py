@@ -28,8 +28,8 @@ class ClsrConfig:
     path_dropout: float = 0.3  # dropout on the language path's output in training
     # What the path dropout drops: "output" = the language path's whole output (the paper's, where a path is a full
     # FFN copy); "delta" (lowrank only) = the low-rank delta alone, as LoRA's dropout leaves the frozen weights' part
-    # clean. With "output" a low-rank path is the shared layer plus a delta, all of it under dropout, so in training
-    # the language path is a noisier copy of the shared one and the gates learn to prefer the shared path.
+    # clean. With "output" a low-rank path is the shared layer plus a delta, all of it under dropout: a noisier copy
+    # of the shared one. On real speech "delta" opened the decoder gates that "output" shut (docs/results.md, item 1).
     path_dropout_on: str = "output"
     shared_only_prob: float = 0.2  # in training, each layer call runs the shared path only with this probability
     # Which FFN blocks become CLSR blocks: "both" = every encoder and decoder FFN (the paper); "decoder" leaves the

@@ -140,6 +140,10 @@ class _ClsrLinear(nn.Module):
     def out_features(self) -> int:
         return self.shared.out_features
 
+    def path_dropout(self) -> float:
+        """The language paths' dropout for this call: the configured rate under its ramp in training, 0 otherwise."""
+        return self.routing.config.path_dropout * self.routing.path_dropout_scale if self.training else 0.0
+
     def dropped_path(self, language: str, x: torch.Tensor, shared_out: torch.Tensor | None, p: float) -> torch.Tensor:
         """Training: ``language``'s path on ``x`` under path dropout ``p``, on its whole output or on its low-rank
         delta alone, as the config's ``path_dropout_on`` says."""
@@ -263,10 +267,9 @@ class ClsrFc1(_GatedLinear):
 
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
-        config = self.routing.config
         # The path dropout acts on fc2's output, which holds the whole path; dropping the deltas alone drops fc1's too.
-        p = config.path_dropout * self.routing.path_dropout_scale if config.path_dropout_on == "delta" else 0.0
-        gate, h_lang = self._soft_paths(x, groups, h_shared, dropout=p if self.training else 0.0)
+        p = self.path_dropout() if self.routing.config.path_dropout_on == "delta" else 0.0
+        gate, h_lang = self._soft_paths(x, groups, h_shared, dropout=p)
         self.handoff.plan = Plan("soft", groups=groups, gate=gate)
         return torch.cat([h_shared, h_lang], dim=-1)
 
@@ -293,11 +296,11 @@ class ClsrFc2(_ClsrLinear):
             return self.by_parts(h, plan.parts)
         h_shared, h_lang = h.split(self.in_features, dim=-1)
         out_shared = self.shared(h_shared)
-        out_lang, p = None, self.routing.config.path_dropout * self.routing.path_dropout_scale
+        out_lang, p = None, self.path_dropout()
         for language, samples in plan.groups:
             if language is None:
                 continue
-            ol = self.dropped_path(language, _take_rows(h_lang, samples), None, p if self.training else 0.0)
+            ol = self.dropped_path(language, _take_rows(h_lang, samples), None, p)
             out_lang = _put_rows(out_lang, samples, ol, h.shape[0])
         g = plan.gate
         return g * out_lang + (1 - g) * out_shared
@@ -329,8 +332,7 @@ class ClsrProj(_GatedLinear):
         if not self._soft_mode():
             return self.by_parts(x, self._hard_parts(x, groups))
         out_shared = self.shared(x)
-        p = self.routing.config.path_dropout * self.routing.path_dropout_scale if self.training else 0.0
-        gate, out_lang = self._soft_paths(x, groups, out_shared, dropout=p)
+        gate, out_lang = self._soft_paths(x, groups, out_shared, dropout=self.path_dropout())
         return gate * out_lang + (1 - gate) * out_shared
 
 
