@@ -232,6 +232,17 @@ def _segments(tokens: Sequence[int], tokenizer, eos: int, timestamp_begin: int |
     return out or [Segment(round(start, 3), round(start + length, 3), "", seek=round(start, 3))]
 
 
+def set_clsr_gates(model: torch.nn.Module, mode: str) -> None:
+    """Make every CLSR expert of ``model`` use its gates ``mode``-wise at inference (``hard`` or ``soft``, see
+    :func:`distill.clsr.set_gate_mode`), overriding what the experts record; nothing to do without CLSR experts."""
+    from distill.clsr import GATE_MODES, is_clsr, set_gate_mode
+
+    if mode not in GATE_MODES:
+        raise ValueError(f"unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
+    if is_clsr(model):
+        set_gate_mode(model, mode)
+
+
 class ExpertWhisper:
     """A base Whisper with a bank of experts, transcribing files or arrays (see the module docstring).
 
@@ -251,7 +262,7 @@ class ExpertWhisper:
     @classmethod
     def from_pack(cls, base: str | Base = "whisper-base", pack: str | os.PathLike | Sequence | None = None, *,
                   names: Sequence[str] | None = None, force: bool = False, device: str | None = None,
-                  dtype: torch.dtype = torch.float32) -> "ExpertWhisper":
+                  dtype: torch.dtype = torch.float32, clsr_gates: str | None = None) -> "ExpertWhisper":
         """Load a base (name, directory, hub id, or a loaded ``Base``) and attach the experts of ``pack``.
 
         Args:
@@ -259,12 +270,16 @@ class ExpertWhisper:
             names: attach only these experts of the pack(s).
             force: attach experts trained on other weights of the same architecture and tokenizer.
             device, dtype: where and how to load the base (default: CUDA when available, float32).
+            clsr_gates: ``hard`` or ``soft``: how inference uses every CLSR expert's gates
+                (:func:`distill.clsr.set_gate_mode`); default: as each expert records (``gate_inference``).
         """
         if not isinstance(base, Base):
             base = load_base(base, device=device, dtype=dtype)
         packs = [] if pack is None else [pack] if isinstance(pack, (str, os.PathLike)) else list(pack)
         for path in packs:
             load_pack(base, Path(path), names=names, force=force)
+        if clsr_gates is not None:
+            set_clsr_gates(base.model, clsr_gates)
         return cls(base, expert_bank(base.model))
 
     # ------------------------------------------------------------------------------------------ checks

@@ -166,7 +166,9 @@ class ClsrExpertModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        logits, gates, states = self._forward(batch)  # eval mode: hard gates, each sample by its own language
+        # eval mode: each language's inference gates (hard or soft: ClsrConfig.gate_inference), each sample by its own
+        # language, so the best epoch is chosen under the gates the expert will be used with
+        logits, gates, states = self._forward(batch)
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=IGNORE)
         self.log("val_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
         for layer, g in gates.records:

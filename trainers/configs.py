@@ -210,6 +210,10 @@ class DistillConfig:
     # low-rank delta alone (as LoRA's dropout; the shared part of the path stays clean)
     path_dropout_on: Literal["output", "delta"] = "output"
     shared_only_prob: float = 0.2  # clsr: per layer call in training, run only the shared path with this probability
+    # clsr: how inference uses the gates, in validation (the best epoch), the test and the expert file (every loader
+    # applies it): hard, 1[G >= 0] (the paper), or soft, both paths mixed by sigmoid(G) (4% better on real speech,
+    # where the gates stayed near 0: docs/results.md)
+    gate_inference: Literal["hard", "soft"] = "hard"
     kd: Literal["js", "kl"] = "js"  # KD loss: Jensen-Shannon (DistilWhisper's) or KL
     temperature: float = 1.0  # KD temperature
     ce_weight: float | None = None  # weight of CE (default 0.25 with a teacher, 1 without)

@@ -9,6 +9,7 @@ from lora_experts.config import resolve_encoder_start
 PATH_KINDS = ("full", "lowrank")
 SIDES = ("both", "decoder", "encoder")
 DROPOUT_TARGETS = ("output", "delta")
+GATE_MODES = ("hard", "soft")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class ClsrConfig:
     # self-attention q/k/v/out in the encoder and decoder, cross-attention q/out in the decoder, each with its own
     # per-token gate and a path of the same kind (low-rank: a gated LoRA delta).
     attention: bool = False
+    # How inference (eval mode) uses a language's gates: "hard" = each token takes the path its gate picks,
+    # 1[G >= 0] (the paper); "soft" = every token mixes both paths by sigmoid(G), as training does without the noise.
+    # Training ignores it; validation (best epoch), the expert file and every loader use it. On real speech the
+    # gates stayed near G = 0, where hard gates applied whole paths that training had mixed in by half: soft was 4%
+    # better (docs/results.md, item 1).
+    gate_inference: str = "hard"
 
     def __post_init__(self) -> None:
         if self.kind not in PATH_KINDS:
@@ -58,6 +65,8 @@ class ClsrConfig:
         if self.path_dropout_on == "delta" and self.kind != "lowrank":
             raise ValueError("CLSR path_dropout_on 'delta' needs low-rank paths (kind 'lowrank', distill --path "
                              "lowrank); a full path has no delta to drop: use path_dropout_on 'output'")
+        if self.gate_inference not in GATE_MODES:
+            raise ValueError(f"unknown CLSR gate mode {self.gate_inference!r}; use one of {', '.join(GATE_MODES)}")
         if self.gate_hidden < 1:
             raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
         for name in ("gate_dropout", "path_dropout", "shared_only_prob"):
@@ -111,6 +120,16 @@ def recorded_layout(hyperparameters: dict) -> dict:
     return ClsrConfig(side=hyperparameters.get("side", "both"),
                       encoder_start=int(hyperparameters.get("encoder_start", 0)),
                       attention=bool(hyperparameters.get("attention", False))).layout
+
+
+def recorded_gate_inference(hyperparameters: dict) -> str:
+    """How a ``clsr`` expert's manifest says inference should use its gates (``gate_inference``: hard or soft);
+    experts written before the option existed were validated with hard gates."""
+    mode = hyperparameters.get("gate_inference", "hard")
+    if mode not in GATE_MODES:
+        raise ValueError(f"the expert's manifest records an unknown CLSR gate mode {mode!r} (known: "
+                         f"{', '.join(GATE_MODES)}); it was written by a newer version, or edited")
+    return mode
 
 
 def check_fraction(name: str, value: float) -> None:

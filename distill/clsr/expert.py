@@ -11,9 +11,10 @@ expert can be loaded under another name):
                                                               each gated attention projection
 
 The manifest's hyperparameters are :meth:`ClsrConfig.hyperparameters` (``path``: full | lowrank, ``rank`` and
-``alpha`` for low-rank, ``gate_hidden``, dropouts, and the layout: ``side``, ``encoder_start`` and ``attention``,
-which say which FFN blocks (and attention projections) the expert covers). An expert loads only into a CLSR model
-of the same layout. Tensors keep the model's dtype.
+``alpha`` for low-rank, ``gate_hidden``, dropouts, ``gate_inference`` (how inference uses its gates: hard or
+soft; every loader applies it; missing in older files: hard), and the layout: ``side``, ``encoder_start`` and
+``attention``, which say which FFN blocks (and attention projections) the expert covers). An expert loads only into
+a CLSR model of the same layout. Tensors keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distill.clsr.config import ClsrConfig, recorded_layout
+from distill.clsr.config import ClsrConfig, recorded_gate_inference, recorded_layout
 from distill.clsr.layer import LowRankPath
 from distill.clsr.model import (ATTENTION_SLOTS, add_language, clsr_layers, clsr_projections, clsr_routing,
                                 language_parameters, remove_language, require_language)
@@ -57,7 +58,8 @@ def language_config(model: torch.nn.Module, language: str) -> ClsrConfig:
     require_language(model, language)
     _, fc1, _ = clsr_layers(model)[0]
     path, gate = fc1.experts[language], fc1.gates[language]
-    cfg = replace(clsr_routing(model).config, gate_hidden=gate.w1.out_features)
+    routing = clsr_routing(model)
+    cfg = replace(routing.config, gate_hidden=gate.w1.out_features, gate_inference=routing.gate_mode(language))
     if isinstance(path, LowRankPath):
         return replace(cfg, kind="lowrank", rank=path.rank, alpha=path.alpha)
     return replace(cfg, kind="full")
@@ -146,7 +148,8 @@ def attach_clsr_expert(model: torch.nn.Module, expert: Expert, base, *, language
     hp = expert.manifest.get("hyperparameters", {})
     if hp.get("path", path) != path:
         raise ExpertFormatError(f"{where}: manifest says path {hp['path']!r} but its tensors hold a {path} path")
-    options = {"kind": path, "gate_hidden": first["fc1.gate"]["w1.weight"].shape[0]}
+    options = {"kind": path, "gate_hidden": first["fc1.gate"]["w1.weight"].shape[0],
+               "gate_inference": recorded_gate_inference(hp)}
     if path == "lowrank":
         alpha = float(hp.get("alpha", clsr_routing(model).config.alpha))
         options.update(rank=first["fc1.expert"]["lora_A"].shape[0], alpha=alpha)

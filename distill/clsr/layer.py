@@ -182,9 +182,9 @@ class _GatedLinear(_ClsrLinear):
         super().__init__(shared, routing, handoff, layer_name)
         self.gates = nn.ModuleDict()
 
-    def _soft_mode(self) -> bool:
-        """Whether this call mixes both paths by a soft gate (training, or inference with soft gates)."""
-        return self.training or self.routing.gate_mode == "soft"
+    def _soft_mode(self, groups) -> bool:
+        """Whether this call mixes both paths by a gate (training, or inference where a language has soft gates)."""
+        return self.training or self.routing.soft_inference(groups)
 
     def _use_gates(self, groups) -> bool:
         """Whether this call routes by the gates (else: the shared path only)."""
@@ -196,9 +196,15 @@ class _GatedLinear(_ClsrLinear):
         return use_gates
 
     def _soft_gate(self, language: str, xs: torch.Tensor) -> torch.Tensor:
-        """The soft gate of ``language`` on rows ``xs``: in training a noisy sigmoid, recorded, then lifted by the
-        floor; at inference with soft gates (``gate_mode``) the plain sigmoid, recorded."""
+        """The gate of ``language`` on rows ``xs`` in a mixing call: in training a noisy sigmoid, recorded, then
+        lifted by the floor; at inference the plain sigmoid for a language with soft gates, and for one with hard
+        gates ``1[G >= 0]`` (beside a soft-gated language in a mixed batch: a 0/1 mix takes each token's one path
+        exactly), recorded."""
         G = self.gates[language](xs)
+        if not self.training and self.routing.gate_mode(language) == "hard":
+            opened = (G >= 0).to(G.dtype)
+            self.routing.record(self.layer_name, opened)
+            return opened
         noise, floor = (self.routing.noise_scale, self.routing.gate_floor) if self.training else (0.0, 0.0)
         g = torch.sigmoid(G + noise * torch.randn_like(G) if noise else G)
         # The learned gate is what the budget loss and the logs see; under a gate warm-up the mix uses it lifted
@@ -263,7 +269,7 @@ class ClsrFc1(_GatedLinear):
         if not self._use_gates(groups):
             self.handoff.plan = Plan("shared")
             return self.shared(x)
-        return self._soft(x, groups) if self._soft_mode() else self._hard(x, groups)
+        return self._soft(x, groups) if self._soft_mode(groups) else self._hard(x, groups)
 
     def _soft(self, x: torch.Tensor, groups) -> torch.Tensor:
         h_shared = self.shared(x)
@@ -329,7 +335,7 @@ class ClsrProj(_GatedLinear):
         groups = self.routing.groups(x.shape[0], x.device)
         if not self._use_gates(groups):
             return self.shared(x)
-        if not self._soft_mode():
+        if not self._soft_mode(groups):
             return self.by_parts(x, self._hard_parts(x, groups))
         out_shared = self.shared(x)
         gate, out_lang = self._soft_paths(x, groups, out_shared, dropout=self.path_dropout())

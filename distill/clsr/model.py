@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 
-from distill.clsr.config import ClsrConfig, check_fraction
+from distill.clsr.config import GATE_MODES, ClsrConfig, check_fraction
 from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, ClsrProj, new_language_paths, new_path
 from distill.clsr.routing import ClsrRouting, GateRecorder, Handoff
 
@@ -159,7 +159,8 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
     Args:
         language: a Whisper code (or any name without '.').
         options: :class:`ClsrConfig` fields for this language's path: ``kind``, ``rank``, ``alpha``,
-            ``gate_hidden`` (default: the model's CLSR config). The layout (``side``, ``encoder_start``,
+            ``gate_hidden``, and how inference uses its gates, ``gate_inference`` (default: the model's CLSR
+            config). The layout (``side``, ``encoder_start``,
             ``attention``) is the model's, fixed at conversion.
     """
     check_language_name(language)
@@ -184,6 +185,7 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
             device=proj.shared.weight.device, dtype=proj.shared.weight.dtype)
         proj.experts[language] = path.train(proj.training).requires_grad_(True)
         proj.gates[language] = gate.train(proj.training).requires_grad_(True)
+    routing.gate_modes[language] = cfg.gate_inference
 
 
 def remove_language(model: torch.nn.Module, language: str) -> None:
@@ -194,6 +196,7 @@ def remove_language(model: torch.nn.Module, language: str) -> None:
         del fc1.experts[language], fc1.gates[language], fc2.experts[language]
     for _, _, proj in clsr_projections(model):
         del proj.experts[language], proj.gates[language]
+    routing.gate_modes.pop(language, None)
     active = [routing.languages] if isinstance(routing.languages, str) else list(routing.languages or ())
     if language in active:
         routing.set_languages(None)
@@ -244,17 +247,22 @@ def set_warmup(model: torch.nn.Module, gate_floor: float = 0.0, path_dropout_sca
     routing.gate_floor, routing.path_dropout_scale = float(gate_floor), float(path_dropout_scale)
 
 
-GATE_MODES = ("hard", "soft")
-
-
-def set_gate_mode(model: torch.nn.Module, mode: str) -> None:
-    """How inference uses the gates: ``hard`` (the default, DistilWhisper's: each token takes the path its gate
-    picks, ``1[G >= 0]``) or ``soft`` (every token mixes both paths by ``sigmoid(G)``, as training does without
-    the noise). Hard gates make a low-rank path's delta count in full wherever ``G >= 0``, while training, with
-    ``G`` near 0, mixed in about half of it; soft gates keep training's scale. Training ignores this."""
+def set_gate_mode(model: torch.nn.Module, mode: str, languages: str | Sequence[str] | None = None) -> None:
+    """How inference uses the gates of ``languages`` (default: every language of the model, and those added
+    later): ``hard`` (DistilWhisper's: each token takes the path its gate picks, ``1[G >= 0]``) or ``soft`` (every
+    token mixes both paths by ``sigmoid(G)``, as training does without the noise). Hard gates make a low-rank
+    path's delta count in full wherever ``G >= 0``, while training, with ``G`` near 0, mixed in about half of it;
+    soft gates keep training's scale. A language's mode starts as its config's (``ClsrConfig.gate_inference``) or
+    its expert's recorded one; training ignores it. A mixed batch may mix modes."""
     if mode not in GATE_MODES:
         raise ValueError(f"unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
-    clsr_routing(model).gate_mode = mode
+    routing = clsr_routing(model)
+    if languages is None:
+        routing.config = replace(routing.config, gate_inference=mode)
+        languages = clsr_languages(model)
+    for language in [languages] if isinstance(languages, str) else languages:
+        require_language(model, language)
+        routing.gate_modes[language] = mode
 
 
 @contextlib.contextmanager

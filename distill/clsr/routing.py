@@ -68,9 +68,10 @@ class ClsrRouting:
         path_dropout_scale: the language paths' training dropout is ``path_dropout_scale * config.path_dropout``
             (the path-dropout ramp raises it from 0 to 1).
         translate: translate mode: every layer runs the shared path only.
-        gate_mode: how inference (eval mode) uses the gates: ``hard`` (DistilWhisper's: each token takes one path,
-            ``1[G >= 0]``; the path not taken is not computed) or ``soft`` (both paths, mixed by ``sigmoid(G)``
-            without noise: what training's mix gives on average while ``G`` stays near 0).
+        gate_modes: language -> how inference (eval mode) uses its gates: ``hard`` (DistilWhisper's: each token
+            takes one path, ``1[G >= 0]``; the path not taken is not computed) or ``soft`` (both paths, mixed by
+            ``sigmoid(G)`` without noise: what training's mix gives on average while ``G`` stays near 0). Set when
+            a language is added (its config's, or its expert's recorded ``gate_inference``).
         recorder: where layers put their gate values, when gates are being collected.
     """
 
@@ -80,7 +81,7 @@ class ClsrRouting:
     gate_floor: float = 0.0
     path_dropout_scale: float = 1.0
     translate: bool = False
-    gate_mode: str = "hard"
+    gate_modes: dict[str, str] = field(default_factory=dict)
     recorder: GateRecorder | None = None
     base_requires_grad: dict[str, bool] = field(default_factory=dict)  # restored by convert_from_clsr
     _groups: dict = field(default_factory=dict, repr=False)
@@ -117,6 +118,15 @@ class ClsrRouting:
                 for lang in order
             ]
         return self._groups[key]
+
+    def gate_mode(self, language: str) -> str:
+        """``hard`` or ``soft``: how inference uses ``language``'s gates (the config's for a language not listed)."""
+        return self.gate_modes.get(language, self.config.gate_inference)
+
+    def soft_inference(self, groups: Groups) -> bool:
+        """Whether an inference call on ``groups`` mixes paths by soft gates: when any language in it has soft gates
+        (the hard-gated ones then mix by their 0/1 gates, which takes each token's one path exactly)."""
+        return any(lang is not None and self.gate_mode(lang) == "soft" for lang, _ in groups)
 
     def record(self, layer: str, gate: torch.Tensor) -> None:
         if self.recorder is not None:

@@ -3,17 +3,21 @@
 At inference they equal training's mix with the randomness off (no noise, no dropouts, no shared-only draws), for
 FFN blocks and gated attention projections, in one language or a mixed batch; at gate init (``G = 0``) a block
 mixes half of its language path, where hard gates (``1[0 >= 0]``) take all of it; generation runs with them; hard stays
-the default, and an unknown mode is refused."""
+the default, and an unknown mode is refused. The mode is per language (a mixed batch may mix modes) and travels
+in the expert file (``gate_inference``), which loading applies."""
 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from distill.clsr import clsr_layers, collect_gates, convert_to_clsr, set_gate_mode, set_language
+from distill.clsr import (ClsrConfig, add_language, attach_clsr_expert, clsr_layers, clsr_routing, collect_gates,
+                          convert_to_clsr, make_clsr_expert, set_gate_mode, set_language)
 from distill.clsr.layer import LowRankPath
+from registry.fingerprint import weight_fingerprint
 from tests.distill.clsr_helpers import FEATS3, IDS3, logits, randomize_language
 
 DETERMINISTIC = {"path_dropout": 0.0, "gate_dropout": 0.0, "shared_only_prob": 0.0}
@@ -95,3 +99,56 @@ def test_hard_is_the_default_and_unknown_modes_are_refused(short_whisper):
     assert all(torch.all((g == 0) | (g == 1)) for g in gates.values)
     with pytest.raises(ValueError, match="unknown CLSR gate mode 'sometimes'.*hard, soft"):
         set_gate_mode(model, "sometimes")
+
+
+def test_gate_modes_are_per_language_and_a_mixed_batch_may_mix_them(short_whisper):
+    """uk with soft gates and pt with hard ones in one batch: each row equals its language alone in its own mode
+    (inside a mixing call a hard gate mixes by 1[G >= 0], which takes the one path exactly)."""
+    model = _model(short_whisper, LAYOUTS[2], languages=("uk", "pt"))
+    model.eval()
+    set_gate_mode(model, "soft", "uk")
+    assert clsr_routing(model).gate_modes == {"uk": "soft", "pt": "hard"}
+    languages = ["uk", "pt", None]
+    set_language(model, languages)
+    mixed = logits(model, FEATS3, IDS3)
+    for i, language in enumerate(languages):
+        set_language(model, language)
+        torch.testing.assert_close(mixed[i:i + 1], logits(model, FEATS3[i:i + 1], IDS3[i:i + 1]),
+                                   rtol=1e-5, atol=1e-5)
+    set_language(model, "pt")
+    hard_pt = logits(model, FEATS3[1:2], IDS3[1:2])
+    set_gate_mode(model, "soft")  # every language, and those added later
+    assert not torch.allclose(logits(model, FEATS3[1:2], IDS3[1:2]), hard_pt, atol=1e-4)
+    add_language(model, "de")
+    assert clsr_routing(model).gate_mode("de") == "soft"
+    with pytest.raises(KeyError, match="no CLSR language 'fr'"):
+        set_gate_mode(model, "hard", ["fr"])
+
+
+def test_an_expert_records_its_gate_mode_and_loading_applies_it(short_whisper):
+    """``gate_inference`` travels in the expert's manifest: a model converted with soft gates writes it, loading
+    the file gives the language soft gates again (same output), an old manifest without it loads hard, and an
+    unknown mode is refused."""
+    base = SimpleNamespace(name="tiny-whisper", fingerprint=weight_fingerprint(short_whisper),
+                           tokenizer_fingerprint="tok-0")
+    trained = _model(short_whisper, {**LAYOUTS[0], "gate_inference": "soft"})
+    expert = make_clsr_expert(trained, "uk", base)
+    assert expert.manifest["hyperparameters"]["gate_inference"] == "soft"
+    trained.eval()
+    set_language(trained, "uk")
+    want = logits(trained)
+    fresh = convert_to_clsr(copy.deepcopy(short_whisper), (), **LAYOUTS[0])  # the model's default stays hard
+    attach_clsr_expert(fresh, expert, base)
+    assert clsr_routing(fresh).gate_mode("uk") == "soft"
+    fresh.eval()
+    set_language(fresh, "uk")
+    torch.testing.assert_close(logits(fresh), want, rtol=1e-6, atol=1e-6)
+    old = copy.deepcopy(expert)
+    del old.manifest["hyperparameters"]["gate_inference"]
+    attach_clsr_expert(fresh, old, base, language="uk_old")
+    assert clsr_routing(fresh).gate_mode("uk_old") == "hard"
+    old.manifest["hyperparameters"]["gate_inference"] = "sometimes"
+    with pytest.raises(ValueError, match="unknown CLSR gate mode 'sometimes'"):
+        attach_clsr_expert(fresh, old, base, language="uk_bad")
+    with pytest.raises(ValueError, match="unknown CLSR gate mode 'sometimes'"):
+        ClsrConfig(gate_inference="sometimes")

@@ -212,6 +212,10 @@ def test_eval_takes_a_clsr_expert_alone_and_as_a_matrix_row(base, experts, clsr_
     assert "expert: uk-clsr@1 (uk)" in capsys.readouterr().out
     alone = json.loads(single.read_text())
     assert alone["meta"]["expert"]["kind"] == "clsr" and alone["meta"]["expert"]["ref"] == "uk-clsr@1"
+    assert alone["meta"]["expert"]["gate_inference"] == "hard"  # as the expert records
+    soft = tmp_path / "soft.json"
+    assert main([*common, "--expert", "uk-clsr@latest", "--clsr-gates", "soft", "--out", str(soft)]) == 0
+    assert json.loads(soft.read_text())["meta"]["expert"]["gate_inference"] == "soft"
     assert main([*common, "--experts", "uk-a,uk-clsr@latest", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["matrix"]["rows"] == ["base", "uk-a", "uk-clsr@latest"]

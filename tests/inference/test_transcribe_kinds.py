@@ -55,7 +55,7 @@ def whisper(tiny_base, tmp_path_factory):
     path = tmp_path_factory.mktemp("pack") / "kinds.safetensors"
     create_pack(path, experts)
     w = ExpertWhisper.from_pack(dataclasses.replace(tiny_base, model=copy.deepcopy(model)), path)
-    w.detected = detected
+    w.detected, w.pack = detected, path
     return w
 
 
@@ -79,3 +79,19 @@ def test_language_id_routes_windows_to_a_clsr_expert(whisper):
     assert [t.expert for t in routed] == ["det-clsr", "det-clsr"] and {t.language for t in routed} == {whisper.detected}
     fallback = whisper.transcribe([_noise(2, 20)], threshold=1.01, **FAST)
     assert fallback[0].expert is None and fallback[0].language == whisper.detected
+
+
+def test_clsr_gates_override_what_the_experts_record(whisper, tiny_base):
+    """``from_pack(clsr_gates="soft")`` (``transcribe --clsr-gates soft``) gives every CLSR expert soft gates; by
+    default each keeps the mode its file records (hard here)."""
+    from distill.clsr import clsr_routing
+
+    assert set(clsr_routing(whisper.base.model).gate_modes.values()) == {"hard"}
+    soft = ExpertWhisper.from_pack(dataclasses.replace(tiny_base, model=copy.deepcopy(tiny_base.model)), whisper.pack,
+                                   clsr_gates="soft")
+    assert set(clsr_routing(soft.base.model).gate_modes.values()) == {"soft"}
+    audio = [_noise(3, 30)]
+    assert soft.transcribe(audio, language="pt", **FAST)[0].expert == "pt-clsr"
+    with pytest.raises(ValueError, match="unknown CLSR gate mode 'half'"):
+        ExpertWhisper.from_pack(dataclasses.replace(tiny_base, model=copy.deepcopy(tiny_base.model)), whisper.pack,
+                                clsr_gates="half")

@@ -93,19 +93,19 @@ def test_a_decoder_only_clsr_student_trains_on_cached_encoder_outputs(uk_pt_corp
     assert expert.tensors and all(k.startswith("model.decoder.") for k in expert.tensors)
 
 
-def test_a_clsr_student_with_attention_paths_and_delta_dropout_trains_and_stores_them(uk_pt_corpus, tiny_whisper_dir,
-                                                                                     tmp_path):
+def test_a_clsr_student_with_attention_paths_delta_dropout_and_soft_gates_trains_and_stores_them(
+        uk_pt_corpus, tiny_whisper_dir, tmp_path):
     from registry.store import Registry
 
     code = main(["distill", "--base", str(tiny_whisper_dir), "--data", str(uk_pt_corpus), "--languages", "uk",
                  "--side", "decoder", "--attention", "--path", "lowrank", "--rank", "2", "--name", "att",
                  "--max-steps", "2", "--max-train", "2", "--registry", str(tmp_path / "registry"), "--run-dir",
                  str(tmp_path / "run"), "--cache-dir", str(tmp_path / "encoder-cache"), "--shared-only-prob", "0",
-                 "--path-dropout-on", "delta", "--no-test", *TINY_RUN])
+                 "--path-dropout-on", "delta", "--gate-inference", "soft", "--no-test", *TINY_RUN])
     assert code == 0
     expert = Registry(tmp_path / "registry").get("att")
     hp = expert.manifest["hyperparameters"]
-    assert hp["attention"] is True and hp["path_dropout_on"] == "delta"
+    assert hp["attention"] is True and hp["path_dropout_on"] == "delta" and hp["gate_inference"] == "soft"
     trained = {k for k, v in expert.tensors.items() if k.endswith("lora_B") and v.abs().sum() > 0}
     for slot in ("self_attn.q_proj", "self_attn.out_proj", "encoder_attn.q_proj", "fc1"):
         assert f"model.decoder.layers.0.{slot}.expert.lora_B" in trained  # every kind of path learned something

@@ -1,7 +1,8 @@
-"""Small helpers shared by subcommands: tables, comma-separated lists, example configs."""
+"""Small helpers shared by subcommands: tables, comma-separated lists, example configs, shared flags."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -37,6 +38,14 @@ def split_list(value: str | None) -> list[str] | None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
     return items or None
+
+
+def add_clsr_gates_argument(p: argparse.ArgumentParser) -> None:
+    """``--clsr-gates hard|soft``: override how CLSR experts use their gates at inference."""
+    p.add_argument("--clsr-gates", choices=["hard", "soft"], default=None,
+                   help="how CLSR experts use their gates: hard (each token takes the path its gate picks, as in "
+                        "DistilWhisper) or soft (every token mixes both paths by sigmoid(G)); default: as each "
+                        "expert records (distill --gate-inference)")
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

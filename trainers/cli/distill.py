@@ -199,7 +199,7 @@ def register(subparsers) -> None:
              "temperature", "ce_weight", "gate_weight", "kd_weight", "label_smoothing")
     opts.add(p.add_argument_group("student"), "path", "side", "encoder_start", "attention", "rank", "alpha",
              "gate_hidden", "gate_dropout", "gate_budget", "max_noise", "gate_warmup", "path_dropout",
-             "path_dropout_on", "path_dropout_ramp", "shared_only_prob")
+             "path_dropout_on", "path_dropout_ramp", "shared_only_prob", "gate_inference")
     opts.add(p.add_argument_group("optimization"), "lr", "gate_lr", "decoder_lr", "schedule", "warmup_steps",
              "weight_decay", "epochs", "max_steps", "batch_size", "accumulate", "precision", "patience", "seed",
              "strategy", "devices")

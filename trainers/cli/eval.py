@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trainers.cli.common import split_list
+from trainers.cli.common import add_clsr_gates_argument, split_list
 
 DESCRIPTION = """\
 Decode a corpus split with a base Whisper (batched, greedy unless --beams) and report per language WER and
@@ -53,8 +53,12 @@ def decode_options(args):
                          repetition_guard=args.repetition_guard)
 
 
-def load_for_eval(base, spec: str, force: bool = False, registry: str | None = None):
+def load_for_eval(base, spec: str, force: bool = False, registry: str | None = None, clsr_gates: str | None = None):
     """The expert named ``spec`` (an expert file, else a registry spec), checked against ``base``.
+
+    Args:
+        clsr_gates: ``hard`` or ``soft``: a CLSR expert is applied with its gates used so, whatever it records
+            (its manifest's ``gate_inference`` is overridden in memory; the report says which was used).
 
     Returns:
         (the :class:`~registry.expert_file.Expert`, its identity for the report).
@@ -66,17 +70,25 @@ def load_for_eval(base, spec: str, force: bool = False, registry: str | None = N
     expert, identity = open_expert(spec, registry)
     check_compatible(expert.manifest, base, force=force, what=f"expert {spec}")
     expert_kind(expert.kind).require("apply", f"expert {spec}")
-    return expert, {**identity, "kind": expert.kind, "languages": expert.languages,
-                    "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
+    identity = {**identity, "kind": expert.kind, "languages": expert.languages,
+                "parameters": expert.num_parameters, "trained_on": expert.manifest["base"]}
+    if expert.kind == "clsr":
+        from distill.clsr import recorded_gate_inference
+
+        hp = expert.manifest.setdefault("hyperparameters", {})
+        hp["gate_inference"] = clsr_gates or recorded_gate_inference(hp)
+        identity["gate_inference"] = hp["gate_inference"]
+    return expert, identity
 
 
-def attach_for_eval(base, spec: str, force: bool = False, registry: str | None = None) -> dict:
+def attach_for_eval(base, spec: str, force: bool = False, registry: str | None = None,
+                    clsr_gates: str | None = None) -> dict:
     """Apply the expert named ``spec`` (file or registry spec) to ``base.model`` for good, as its kind does
-    (``inference.kinds``: LoRA attached, dense and sparse deltas added, CLSR routed for every utterance);
-    returns its identity."""
+    (``inference.kinds``: LoRA attached, dense and sparse deltas added, CLSR routed for every utterance, its gates
+    used as ``clsr_gates`` says or as it records); returns its identity."""
     from inference.kinds import expert_kind
 
-    expert, identity = load_for_eval(base, spec, force, registry)
+    expert, identity = load_for_eval(base, spec, force, registry, clsr_gates)
     expert_kind(expert.kind).apply(base.model, expert, restorable=False)
     return identity
 
@@ -87,11 +99,12 @@ def _row_label(spec: str) -> str:
 
 def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out: str | None, progress=True,
              expert: str | None = None, force: bool = False, experts: list[str] | None = None,
-             registry: str | None = None, plot: str | None = None) -> dict:
+             registry: str | None = None, plot: str | None = None, clsr_gates: str | None = None) -> dict:
     """Load base (+ expert) and corpus, evaluate, print the table, optionally write JSON; returns the report.
 
     With ``experts`` (specs or files), also evaluate under each expert in turn on the same base and add the
     language x expert matrix (``inference.language_matrix``) to the report under ``matrix``; ``plot`` draws it.
+    ``clsr_gates`` (``hard`` / ``soft``) overrides how CLSR experts use their gates.
     """
     from inference.evaluation import evaluate, utterances_from_dataset
     from registry.bases import load_base
@@ -125,9 +138,9 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     meta = {"base": base.name, "base_fingerprint": base.fingerprint, "data": str(data), "split": split,
             "language_mode": opts.language or "labelled", "num_beams": opts.num_beams}
     if experts:
-        result = _run_matrix(base, utterances, experts, opts, force, registry, plot, meta, progress)
+        result = _run_matrix(base, utterances, experts, opts, force, registry, plot, meta, progress, clsr_gates)
     else:
-        identity = attach_for_eval(base, expert, force, registry) if expert else None
+        identity = attach_for_eval(base, expert, force, registry, clsr_gates) if expert else None
         report = evaluate(base.model, base.processor, utterances, opts, progress=progress)
         if identity:
             report.meta["expert"] = identity
@@ -144,11 +157,12 @@ def run_eval(base_spec: str, data: str, split: str, languages, limit, opts, out:
     return result
 
 
-def _run_matrix(base, utterances, specs, opts, force, registry, plot, meta, progress) -> dict:
+def _run_matrix(base, utterances, specs, opts, force, registry, plot, meta, progress, clsr_gates=None) -> dict:
     """The matrix mode of :func:`run_eval`: the base's report plus ``matrix`` and one entry per expert."""
     from inference.language_matrix import language_matrix, plot_matrix
 
-    loaded = [load_for_eval(base, spec, force, registry) for spec in specs]  # every expert checked before decoding
+    # every expert checked before decoding
+    loaded = [load_for_eval(base, spec, force, registry, clsr_gates) for spec in specs]
     matrix = language_matrix(base.model, base.processor, utterances,
                              [(_row_label(spec), e) for spec, (e, _) in zip(specs, loaded)], opts, progress)
     result = matrix.reports[0].as_dict()
@@ -175,7 +189,7 @@ def _run_matrix(base, utterances, specs, opts, force, registry, plot, meta, prog
 def _run(args) -> int:
     run_eval(args.base, args.data, args.split, split_list(args.languages), args.limit, decode_options(args), args.out,
              expert=args.expert, force=args.force, experts=split_list(args.experts), registry=args.registry,
-             plot=args.plot)
+             plot=args.plot, clsr_gates=args.clsr_gates)
     return 0
 
 
@@ -195,5 +209,6 @@ def register(subparsers) -> None:
     p.add_argument("--plot", help="with --experts: write the matrix as a PNG heatmap here (needs matplotlib)")
     p.add_argument("--registry", help="registry directory (default <home>/registry)")
     p.add_argument("--force", action="store_true", help="apply an expert trained on another base anyway")
+    add_clsr_gates_argument(p)
     add_decode_arguments(p)
     p.set_defaults(func=_run)

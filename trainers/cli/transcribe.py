@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainers.cli.common import split_list
+from trainers.cli.common import add_clsr_gates_argument, split_list
 
 DESCRIPTION = """\
 Transcribe audio and video files with a base Whisper and a pack of experts (whisper-experts pack create). Inputs are
@@ -98,7 +98,7 @@ def _run(args) -> int:
     if out is not None and out.is_dir() and args.format not in SUBTITLE_FORMATS:
         raise ValueError(f"--out {out} is a directory; name a file for --format {args.format}")
     whisper = ExpertWhisper.from_pack(_base_spec(args), args.pack, names=split_list(args.experts), force=args.force,
-                                      device=args.device)
+                                      device=args.device, clsr_gates=args.clsr_gates)
     if args.language != "auto":
         whisper.check_language(args.language)
         if args.router:
@@ -156,5 +156,6 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--force", action="store_true",
                    help="attach experts trained on other weights of the same architecture and tokenizer")
+    add_clsr_gates_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
