@@ -10,6 +10,8 @@
     python benchmarks/distill_wer.py --path lowrank --decoder-lr 1e-4  # CLSR decoder-side paths at 1e-4
     python benchmarks/distill_wer.py --path lowrank --gate-inference soft  # the same students, decoded with soft
                                                                        # gates (paths mixed by sigmoid(G))
+    python benchmarks/distill_wer.py --path lowrank --validate-gates soft  # students whose best epoch is chosen
+                                                                       # (and that are decoded) with soft gates
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
 
     # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
@@ -145,7 +147,19 @@ def variant(args) -> tuple[str, str, dict]:
         suffix, label, knobs = "-attn" + suffix, ", FFN + attention" + label, {"attn": 1, **knobs}
     if args.path_dropout_on != "output":  # path dropout on the low-rank delta alone
         suffix, label, knobs = suffix + "-pdd", label + ", path dropout on the delta", {**knobs, "pdd": 1}
+    if args.validate_gates != "hard":  # the best epoch by validation WER under soft gates (the expert records it)
+        suffix, label, knobs = suffix + "-vsoft", label + ", best epoch by soft gates", {**knobs, "vg": "soft"}
     return suffix, label, knobs
+
+
+def decode_gates(args) -> tuple[str, str, str]:
+    """How the CLSR rows are decoded (``--gate-inference``, default the students' own: ``--validate-gates``), with
+    the row-key suffix and label part of decoding otherwise than validated (``-soft``: students validated with
+    hard gates, decoded with soft ones)."""
+    mode = args.gate_inference or args.validate_gates
+    if mode == args.validate_gates:
+        return mode, "", ""
+    return mode, f"-{mode}", f", {mode} gates at inference"
 
 
 def off_default(entries, sep: str, prefix: str = "") -> tuple[str, str, dict]:
@@ -184,7 +198,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
                         path_dropout=args.path_dropout, path_dropout_on=args.path_dropout_on,
-                        gate_warmup=args.gate_warmup,
+                        gate_inference=args.validate_gates, gate_warmup=args.gate_warmup,
                         path_dropout_ramp=args.path_dropout_ramp, epochs=args.epochs,
                         kd_weight=args.kd_weight if kd else None, temperature=args.temperature if kd else 1.0,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
@@ -233,20 +247,21 @@ class Evaluator:
         with expert_applied(self.base.model, expert):
             return self.rates(lang)
 
-    def clsr(self, experts: dict, languages, untouched, gate_mode: str = "hard") -> tuple[dict, dict]:
+    def clsr(self, experts: dict, languages, untouched, gate_mode: str | None = None) -> tuple[dict, dict]:
         """Every student language's CLSR expert in one CLSR model: each language routed to its own path and
-        gate (``gate_mode``: hard or soft inference gates), the untouched languages through the shared path. The
-        model is converted back afterwards."""
+        gate (``gate_mode``: hard or soft inference gates; default: as each expert records), the untouched
+        languages through the shared path. The model is converted back afterwards."""
         from distill.clsr import (attach_clsr_expert, convert_from_clsr, convert_to_clsr, recorded_layout,
                                   set_gate_mode, set_language)
 
         model = self.base.model
         layout = recorded_layout(next(iter(experts.values())).manifest["hyperparameters"])
         convert_to_clsr(model, **layout)
-        set_gate_mode(model, gate_mode)
         try:
             for lang, expert in experts.items():
-                attach_clsr_expert(model, expert, self.base, language=lang)
+                attach_clsr_expert(model, expert, self.base, language=lang)  # with the gate mode it records
+            if gate_mode is not None:
+                set_gate_mode(model, gate_mode)
             test = {}
             for lang in languages:
                 set_language(model, lang)
@@ -312,15 +327,15 @@ def run(args, results: dict, work: Path, save) -> None:
         for kd in (False, True):
             suffix, label_part, _ = variant(args)
             kd_suffix, kd_label, _ = kd_variant(args)
-            if args.gate_inference == "soft":  # the same students, decoded with soft gates: a row of its own
-                suffix, label_part = suffix + "-soft", label_part + ", soft gates at inference"
+            gates, decode_suffix, decode_label = decode_gates(args)  # decoded otherwise than validated: own rows
+            suffix, label_part = suffix + decode_suffix, label_part + decode_label
             plain = f"clsr-{path}-{args.side}-{args.encoder_start}" + suffix
             key = f"clsr-{path}-{args.side}-{args.encoder_start}" + ("-kd" + kd_suffix if kd else "") + suffix
             if done(key):
                 continue
             trained = {lang: clsr_student(lang, args, work, path, teachers[lang][0] if kd else None)
                        for lang in langs}
-            test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched, args.gate_inference)
+            test, kept = ev.clsr({l: e for l, (e, _) in trained.items()}, langs, untouched, gates)
             label = f"CLSR {path} ({where}{label_part}) " + (f"+ KD (JS{kd_label}, teacher)" if kd else "without KD")
             rows[key] = {"label": label,
                          "test": test, "untouched": kept,
@@ -394,6 +409,12 @@ def table(results: dict) -> str:
         if (hard := key.removesuffix("-soft")) in rows:  # the same student: soft inference gates against hard
             gains = ", ".join(f"{l} {versus(rows[hard]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
             md.append(f"\nSoft gates at inference on {rows[hard]['label']} (against its hard gates, paired): {gains}")
+    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-vsoft")):
+        # the best epoch by soft-gate validation against the same recipe's best epoch by hard gates, decoded soft
+        if (twin := key.removesuffix("-vsoft") + "-soft") in rows:
+            gains = ", ".join(f"{l} {versus(rows[twin]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
+            md.append(f"\nSoft gates in validation too: {rows[key]['label']} against {rows[twin]['label']} "
+                      f"(paired): {gains}")
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
@@ -432,9 +453,12 @@ def main(argv=None) -> int:
                    "this fraction of the steps (default 0, the recipe's)")
     p.add_argument("--path-dropout-ramp", type=float, default=0.0, help="CLSR path dropout raised from 0 over this "
                    "fraction of the steps (default 0)")
-    p.add_argument("--gate-inference", default="hard", choices=["hard", "soft"], help="CLSR gates when decoding: "
-                   "hard (default, the paper's: each token takes one path) or soft (paths mixed by sigmoid(G), as in "
-                   "training; rows of their own, the students reused)")
+    p.add_argument("--validate-gates", default="hard", choices=["hard", "soft"], help="CLSR gates in validation, "
+                   "which picks the best epoch, and recorded in the students (distill --gate-inference): hard "
+                   "(default, the paper's: each token takes one path) or soft (paths mixed by sigmoid(G), as in "
+                   "training)")
+    p.add_argument("--gate-inference", default=None, choices=["hard", "soft"], help="CLSR gates when decoding "
+                   "(default: --validate-gates); otherwise than validated: rows of their own, the students reused")
     p.add_argument("--kd-weight", type=float, help="KD loss weight of the KD rows (default 0.5, the recipe's)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the KD rows (default 1)")
     p.add_argument("--epochs", type=int, default=10)
