@@ -160,8 +160,7 @@ def add_language(model: torch.nn.Module, language: str, **options) -> None:
         language: a Whisper code (or any name without '.').
         options: :class:`ClsrConfig` fields for this language's path: ``kind``, ``rank``, ``alpha``,
             ``gate_hidden``, and how inference uses its gates, ``gate_inference`` (default: the model's CLSR
-            config). The layout (``side``, ``encoder_start``,
-            ``attention``) is the model's, fixed at conversion.
+            config). The layout (``side``, ``encoder_start``, ``attention``) is the model's, fixed at conversion.
     """
     check_language_name(language)
     routing = clsr_routing(model)

@@ -22,8 +22,8 @@ class GateRecorder:
     """Gate values ``g`` collected from every CLSR layer call during a forward pass.
 
     Each record is ``(layer, g)``: the layer's module path (``model.encoder.layers.0``) and the gate values of
-    the tokens routed by a language gate in that call, shape ``(tokens,)`` (soft values in training, 0/1 at
-    inference). Layer calls that ran the shared path only (translate mode, samples without a language, the
+    the tokens routed by a language gate in that call, shape ``(tokens,)`` (soft values in training; at inference
+    0/1 for hard gates, ``sigmoid(G)`` for soft ones). Layer calls that ran the shared path only (translate mode, samples without a language, the
     training-time shared-only draw) record nothing: no gate was used. Compute the gate loss from the records
     before ``backward``: layers that activation checkpointing recomputes during ``backward`` record again.
     """
