@@ -23,9 +23,10 @@ class GateRecorder:
 
     Each record is ``(layer, g)``: the layer's module path (``model.encoder.layers.0``) and the gate values of
     the tokens routed by a language gate in that call, shape ``(tokens,)`` (soft values in training; at inference
-    0/1 for hard gates, ``sigmoid(G)`` for soft ones). Layer calls that ran the shared path only (translate mode, samples without a language, the
-    training-time shared-only draw) record nothing: no gate was used. Compute the gate loss from the records
-    before ``backward``: layers that activation checkpointing recomputes during ``backward`` record again.
+    0/1 for hard gates, ``sigmoid(G)`` for soft ones). Layer calls that ran the shared path only (translate mode,
+    samples without a language, the training-time shared-only draw) record nothing: no gate was used. Compute the
+    gate loss from the records before ``backward``: layers that activation checkpointing recomputes during
+    ``backward`` record again.
     """
 
     def __init__(self) -> None:
@@ -40,7 +41,7 @@ class GateRecorder:
         return [g for _, g in self.records]
 
     def per_layer_mean(self) -> dict[str, float]:
-        """Mean gate openness per layer (fraction of tokens on the language path at inference)."""
+        """Mean gate openness per layer (at inference with hard gates: the fraction of tokens on the language path)."""
         sums: dict[str, list[float]] = {}
         for layer, g in self.records:
             s = sums.setdefault(layer, [0.0, 0])
