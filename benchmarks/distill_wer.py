@@ -324,7 +324,7 @@ def run(args, results: dict, work: Path, save) -> None:
                             attention=args.attention)
         where = {"both": f"enc {args.encoder_start}.. + dec", "decoder": "decoder",
                  "encoder": f"enc {args.encoder_start}.. only"}[args.side]
-        for kd in (False, True):
+        for kd in (False,) if args.no_kd else (False, True):
             suffix, label_part, _ = variant(args)
             kd_suffix, kd_label, _ = kd_variant(args)
             gates, decode_suffix, decode_label = decode_gates(args)  # decoded otherwise than validated: own rows
@@ -459,6 +459,7 @@ def main(argv=None) -> int:
                    "training)")
     p.add_argument("--gate-inference", default=None, choices=["hard", "soft"], help="CLSR gates when decoding "
                    "(default: --validate-gates); otherwise than validated: rows of their own, the students reused")
+    p.add_argument("--no-kd", action="store_true", help="CLSR rows without KD only (their KD rows on a later run)")
     p.add_argument("--kd-weight", type=float, help="KD loss weight of the KD rows (default 0.5, the recipe's)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the KD rows (default 1)")
     p.add_argument("--epochs", type=int, default=10)
