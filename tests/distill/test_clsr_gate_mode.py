@@ -32,6 +32,16 @@ def _model(base, layout, languages=("uk",)):
     return model
 
 
+def _assert_mixed_batch_equals_each_alone(model, languages) -> None:
+    """The three samples in one batch, sample i routed to ``languages[i]``, equal each sample run alone."""
+    set_language(model, languages)
+    mixed = logits(model, FEATS3, IDS3)
+    for i, language in enumerate(languages):
+        set_language(model, language)
+        torch.testing.assert_close(mixed[i:i + 1], logits(model, FEATS3[i:i + 1], IDS3[i:i + 1]),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["lowrank", "full", "lowrank-attention"])
 def test_soft_inference_is_the_training_mix_without_randomness(short_whisper, layout):
     model = _model(short_whisper, layout)
@@ -78,12 +88,7 @@ def test_soft_gates_route_a_mixed_batch_and_generate(short_whisper):
     model.eval()
     set_gate_mode(model, "soft")
     languages = ["uk", None, "pt"]
-    set_language(model, languages)
-    mixed = logits(model, FEATS3, IDS3)
-    for i, language in enumerate(languages):
-        set_language(model, language)
-        torch.testing.assert_close(mixed[i:i + 1], logits(model, FEATS3[i:i + 1], IDS3[i:i + 1]),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_mixed_batch_equals_each_alone(model, languages)
     set_language(model, languages)
     with torch.no_grad():
         out = model.generate(input_features=FEATS3, decoder_input_ids=IDS3[:, :4], max_new_tokens=3, num_beams=2)
@@ -108,13 +113,7 @@ def test_gate_modes_are_per_language_and_a_mixed_batch_may_mix_them(short_whispe
     model.eval()
     set_gate_mode(model, "soft", "uk")
     assert clsr_routing(model).gate_modes == {"uk": "soft", "pt": "hard"}
-    languages = ["uk", "pt", None]
-    set_language(model, languages)
-    mixed = logits(model, FEATS3, IDS3)
-    for i, language in enumerate(languages):
-        set_language(model, language)
-        torch.testing.assert_close(mixed[i:i + 1], logits(model, FEATS3[i:i + 1], IDS3[i:i + 1]),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_mixed_batch_equals_each_alone(model, ["uk", "pt", None])
     set_language(model, "pt")
     hard_pt = logits(model, FEATS3[1:2], IDS3[1:2])
     set_gate_mode(model, "soft")  # every language, and those added later
