@@ -44,7 +44,8 @@ def build_app(packs=(), base: str | None = None, device: str | None = None, **co
         device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when available).
         **config: fields of :class:`~inference.serve.state.ServeConfig` (``router``, ``max_batch``,
             ``max_wait_ms``, ``max_queue``, ``max_upload_mb``, ``timeout``, ``api_key``, ``threshold``,
-            ``force``, ``silence_db``, ``max_new_tokens``); ``api_key`` defaults to ``$WHISPER_EXPERTS_API_KEY``.
+            ``force``, ``silence_db``, ``max_new_tokens``, ``clsr_gates``); ``api_key`` defaults to
+            ``$WHISPER_EXPERTS_API_KEY``.
 
     Returns:
         The application; ``app.state.server`` is its :class:`~inference.serve.state.ServerState` (the loaded

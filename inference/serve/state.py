@@ -28,7 +28,7 @@ from inference.packs import load_pack
 from inference.serve.batcher import Batcher
 from inference.serve.metrics import Metrics
 from inference.serve.sources import is_url, local_copy
-from inference.transcribe import ExpertWhisper, TranscribeOptions
+from inference.transcribe import ExpertWhisper, TranscribeOptions, set_clsr_gates
 from registry.bases import Base
 from registry.expert_file import ExpertFormatError, ExpertMismatchError
 
@@ -51,6 +51,7 @@ class ServeConfig:
     force: bool = False  # attach experts trained on other weights of the same architecture and tokenizer
     silence_db: float = -60.0  # windows quieter than this are not decoded
     max_new_tokens: int | None = None  # per window; None: 8 per second of audio + 16
+    clsr_gates: str | None = None  # hard | soft: how CLSR experts use their gates (None: as each expert records)
 
 
 class DecodeKey(NamedTuple):
@@ -137,6 +138,8 @@ class PackLoader:
             for expert in bank.experts:  # /v1/models names the URL the expert came from, not the local copy
                 if expert.info.get("pack") == str(f):
                     expert.info.update(pack=p, downloaded_to=str(f))
+        if self.config.clsr_gates is not None:
+            set_clsr_gates(base.model, self.config.clsr_gates)
         whisper = ExpertWhisper(base)
         options = whisper.resolve_options(
             "auto", TranscribeOptions(batch_size=self.config.max_batch, threshold=self.config.threshold,

@@ -95,3 +95,16 @@ def test_clsr_gates_override_what_the_experts_record(whisper, tiny_base):
     with pytest.raises(ValueError, match="unknown CLSR gate mode 'half'"):
         ExpertWhisper.from_pack(dataclasses.replace(tiny_base, model=copy.deepcopy(tiny_base.model)), whisper.pack,
                                 clsr_gates="half")
+
+
+def test_the_server_loads_clsr_experts_with_the_gates_asked_for(whisper, tiny_base):
+    """``serve --clsr-gates soft`` (``ServeConfig.clsr_gates``): every generation the server loads, reloads
+    included, has soft CLSR gates; by default the experts' own (hard here)."""
+    from distill.clsr import clsr_routing
+    from inference.serve.state import PackLoader, ServeConfig
+
+    for gates, want in ((None, {"hard"}), ("soft", {"soft"})):
+        loader = PackLoader(tiny_base, ServeConfig(packs=(str(whisper.pack),), clsr_gates=gates))
+        for _ in range(2):  # the first load and a reload
+            served = loader.load((str(whisper.pack),))
+            assert set(clsr_routing(served.whisper.base.model).gate_modes.values()) == want

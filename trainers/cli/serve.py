@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from inference.serve.factory import API_KEY_ENV  # a light module: --help stays free of model code
+from trainers.cli.common import add_clsr_gates_argument
 
 DESCRIPTION = f"""\
 Serve OpenAI's audio transcription API (POST /v1/audio/transcriptions, /v1/audio/translations) with a base
@@ -51,7 +52,7 @@ def _run(args) -> int:
     app = build_app(args.pack or (), base=args.base, device=args.device, router=args.router,
                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                     max_upload_mb=args.max_upload_mb, timeout=args.timeout, api_key=args.api_key,
-                    threshold=args.threshold, force=args.force)
+                    threshold=args.threshold, force=args.force, clsr_gates=args.clsr_gates)
     state = app.state.server
     served = state.current
     print(f"serving {served.whisper.base.name} with {', '.join(served.whisper.bank.names) or 'no experts'} on "
@@ -92,6 +93,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--force", action="store_true",
                    help="attach experts trained on other weights of the same architecture and tokenizer")
+    add_clsr_gates_argument(p)
     p.add_argument("--graceful-timeout", type=int, default=None, metavar="S",
                    help="on SIGTERM, wait at most S seconds for requests in flight (default: until they finish)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
