@@ -1,0 +1,32 @@
+"""benchmarks/paired_rows.py: any two stored rows of a WER table compared on the same utterances, as the tables
+compare their own pairs, without decoding; unknown rows and odd argument counts are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.paired_rows import main
+from inference.confidence import format_change
+from inference.evaluation import paired_comparison
+
+
+def _row(errors: list[int]) -> dict:
+    return {"test": {"nl": {"utterances": [{"id": f"u{i}", "language": "nl", "word_errors": e, "words": 10}
+                                           for i, e in enumerate(errors)]}}}
+
+
+def test_prints_the_paired_change_of_b_against_a_and_refuses_unknown_rows(tmp_path, capsys):
+    a, b = _row([5, 4, 6, 5, 7, 3, 5, 6]), _row([3, 3, 4, 4, 5, 2, 4, 4])
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"rows": {"a": a, "b": b}}))
+    assert main([str(path), "--language", "nl", "a", "b"]) == 0
+    want = format_change(paired_comparison(a["test"]["nl"], b["test"]["nl"])["nl"])
+    assert capsys.readouterr().out == f"b against a: {want}\n" and want.startswith("-")  # b has fewer errors
+    with pytest.raises(SystemExit):
+        main([str(path), "--language", "nl", "a", "c"])
+    assert "no row 'c'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(path), "--language", "nl", "a"])
+    assert "in pairs" in capsys.readouterr().err
