@@ -235,10 +235,9 @@ def _segments(tokens: Sequence[int], tokenizer, eos: int, timestamp_begin: int |
 def set_clsr_gates(model: torch.nn.Module, mode: str) -> None:
     """Make every CLSR expert of ``model`` use its gates ``mode``-wise at inference (``hard`` or ``soft``, see
     :func:`distill.clsr.set_gate_mode`), overriding what the experts record; nothing to do without CLSR experts."""
-    from distill.clsr import GATE_MODES, is_clsr, set_gate_mode
+    from distill.clsr import check_gate_mode, is_clsr, set_gate_mode
 
-    if mode not in GATE_MODES:
-        raise ValueError(f"unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
+    check_gate_mode(mode)  # refused even where no CLSR expert would use it
     if is_clsr(model):
         set_gate_mode(model, mode)
 

@@ -11,7 +11,7 @@
   when this package is imported.
 """
 
-from distill.clsr.config import (GATE_MODES, ClsrConfig, check_fraction, noise_scale_at, ramp_at,
+from distill.clsr.config import (GATE_MODES, ClsrConfig, check_fraction, check_gate_mode, noise_scale_at, ramp_at,
                                 recorded_gate_inference, recorded_layout)
 from distill.clsr.expert import (attach_clsr_expert, clsr_expert_tensors, language_config, load_clsr_expert,
                                  make_clsr_expert, parameters_active_per_token, parameters_per_language,
@@ -25,9 +25,10 @@ from distill.clsr.routing import GateRecorder
 
 __all__ = [
     "CLSR", "GATE_MODES", "ClsrConfig", "GateRecorder", "add_language", "attach_clsr_expert", "check_fraction",
-    "clsr_expert_tensors", "clsr_languages", "clsr_layers", "clsr_module_paths", "clsr_projections", "clsr_routing",
-    "collect_gates", "convert_from_clsr", "convert_to_clsr", "is_clsr", "language_config", "language_parameters",
-    "load_clsr_expert", "make_clsr_expert", "noise_scale_at", "parameters_active_per_token",
-    "parameters_per_language", "ramp_at", "recorded_gate_inference", "recorded_layout", "remove_language",
-    "save_clsr_expert", "set_gate_mode", "set_language", "set_noise_scale", "set_warmup",
+    "check_gate_mode", "clsr_expert_tensors", "clsr_languages", "clsr_layers", "clsr_module_paths",
+    "clsr_projections", "clsr_routing", "collect_gates", "convert_from_clsr", "convert_to_clsr", "is_clsr",
+    "language_config", "language_parameters", "load_clsr_expert", "make_clsr_expert", "noise_scale_at",
+    "parameters_active_per_token", "parameters_per_language", "ramp_at", "recorded_gate_inference",
+    "recorded_layout", "remove_language", "save_clsr_expert", "set_gate_mode", "set_language", "set_noise_scale",
+    "set_warmup",
 ]

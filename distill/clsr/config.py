@@ -65,8 +65,7 @@ class ClsrConfig:
         if self.path_dropout_on == "delta" and self.kind != "lowrank":
             raise ValueError("CLSR path_dropout_on 'delta' needs low-rank paths (kind 'lowrank', distill --path "
                              "lowrank); a full path has no delta to drop: use path_dropout_on 'output'")
-        if self.gate_inference not in GATE_MODES:
-            raise ValueError(f"unknown CLSR gate mode {self.gate_inference!r}; use one of {', '.join(GATE_MODES)}")
+        check_gate_mode(self.gate_inference)
         if self.gate_hidden < 1:
             raise ValueError(f"CLSR gate_hidden must be >= 1, got {self.gate_hidden}")
         for name in ("gate_dropout", "path_dropout", "shared_only_prob"):
@@ -122,14 +121,18 @@ def recorded_layout(hyperparameters: dict) -> dict:
                       attention=bool(hyperparameters.get("attention", False))).layout
 
 
+def check_gate_mode(mode: str, where: str = "") -> str:
+    """``mode`` if it is a CLSR inference gate mode (:data:`GATE_MODES`), else a ``ValueError`` naming it."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"{where}unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
+    return mode
+
+
 def recorded_gate_inference(hyperparameters: dict) -> str:
     """How a ``clsr`` expert's manifest says inference should use its gates (``gate_inference``: hard or soft);
     experts written before the option existed were validated with hard gates."""
-    mode = hyperparameters.get("gate_inference", "hard")
-    if mode not in GATE_MODES:
-        raise ValueError(f"the expert's manifest records an unknown CLSR gate mode {mode!r} (known: "
-                         f"{', '.join(GATE_MODES)}); it was written by a newer version, or edited")
-    return mode
+    return check_gate_mode(hyperparameters.get("gate_inference", "hard"),
+                           "the expert's manifest (written by a newer version, or edited) records an ")
 
 
 def check_fraction(name: str, value: float) -> None:

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer, WhisperEncoderLayer
 
-from distill.clsr.config import GATE_MODES, ClsrConfig, check_fraction
+from distill.clsr.config import ClsrConfig, check_fraction, check_gate_mode
 from distill.clsr.layer import ClsrFc1, ClsrFc2, ClsrGate, ClsrProj, new_language_paths, new_path
 from distill.clsr.routing import ClsrRouting, GateRecorder, Handoff
 
@@ -253,8 +253,7 @@ def set_gate_mode(model: torch.nn.Module, mode: str, languages: str | Sequence[s
     path's delta count in full wherever ``G >= 0``, while training, with ``G`` near 0, mixed in about half of it;
     soft gates keep training's scale. A language's mode starts as its config's (``ClsrConfig.gate_inference``) or
     its expert's recorded one; training ignores it. A mixed batch may mix modes."""
-    if mode not in GATE_MODES:
-        raise ValueError(f"unknown CLSR gate mode {mode!r}; use one of {', '.join(GATE_MODES)}")
+    check_gate_mode(mode)
     routing = clsr_routing(model)
     if languages is None:
         routing.config = replace(routing.config, gate_inference=mode)
