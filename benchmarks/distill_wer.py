@@ -70,11 +70,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.command import recorded  # noqa: E402
+from benchmarks.distill_table import split, table  # noqa: E402
 from benchmarks.trained import cached, tag  # noqa: E402
-
-
-def split(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def corpus_for(lang: str, args) -> str:
@@ -354,72 +351,6 @@ def _minutes(seconds) -> float | None:
 def _mean(rows: list[dict]) -> dict:
     return {"wer": sum(r["wer"] for r in rows) / len(rows), "cer": sum(r["cer"] for r in rows) / len(rows),
             "n": rows[0]["n"]}
-
-
-def table(results: dict) -> str:
-    setup, rows = results["setup"], results["rows"]
-    langs, untouched = split(setup["languages"]), split(setup["untouched"])
-    base = rows.get("base", {})
-    head = (["model"] + [f"{x} WER % [95% CI] (CER %)" for x in langs] + [f"{x} vs LoRA [paired 95% CI]" for x in langs]
-            + [f"{u} WER % (untouched)" for u in untouched]
-            + ["max WER loss on untouched", "params stored / language", "params active / token", "train min"])
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    from inference.confidence import format_change, format_ci
-    from inference.evaluation import paired_comparison
-
-    def rate(r):
-        return f"{format_ci(r['wer'], r.get('wer_ci95'))} ({100 * r['cer']:.1f})" if r else "–"
-
-    def versus(a, b):
-        """B against A on the same utterances: relative change and the paired interval (points)."""
-        if not (a and b and a.get("utterances") and b.get("utterances")):
-            return "–"
-        return format_change(next(iter(paired_comparison(a, b).values()), None)) or "–"
-
-    def count(n):
-        return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
-
-    for key in ["base", "lora"] + sorted(k for k in rows if k.startswith("clsr")) + ["teacher"]:
-        if key not in rows:
-            continue
-        r = rows[key]
-        loss = [100 * (r["untouched"][u]["wer"] - base["untouched"][u]["wer"]) for u in untouched
-                if u in r["untouched"] and u in base.get("untouched", {})]
-        stored = sorted(set(r["stored"].values()))
-        cells = ([r["label"]] + [rate(r["test"].get(l)) for l in langs]
-                 + [versus(rows.get("lora", {}).get("test", {}).get(l), r["test"].get(l)) if key != "lora" else "–"
-                    for l in langs]
-                 + [f"{100 * r['untouched'][u]['wer']:.1f}" if u in r["untouched"] else "–" for u in untouched]
-                 + [f"{max(loss):+.1f}" if loss else "–", " / ".join(count(n) for n in stored) or "0",
-                    count(r["active"]), "reused" if r["minutes"] is None and key == "teacher" else
-                    ("–" if r["minutes"] is None else f"{r['minutes']:.1f}")])
-        md.append("| " + " | ".join(cells) + " |")
-    # each KD row's own record of its plain twin; older rows: the KD marker sits before the variant suffix
-    twins = {key: rows[key].get("without_kd", key.replace("-kd", "", 1))
-             for key in sorted(k for k in rows if k.startswith("clsr") and "-kd" in k)}
-    for key, plain in twins.items():
-        if plain in rows:
-            gains = ", ".join(f"{l} {versus(rows[plain]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
-            if list(twins.values()).count(plain) > 1:  # several KD rows of one twin: each line names its own
-                md.append(f"\nKD's effect: {rows[key]['label']} against {rows[plain]['label']} (paired): {gains}")
-            else:
-                md.append(f"\nKD's effect on {rows[plain]['label']} (CLSR + KD against it, paired): {gains}")
-    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-soft")):
-        if (hard := key.removesuffix("-soft")) in rows:  # the same student: soft inference gates against hard
-            gains = ", ".join(f"{l} {versus(rows[hard]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
-            md.append(f"\nSoft gates at inference on {rows[hard]['label']} (against its hard gates, paired): {gains}")
-    for key in sorted(k for k in rows if k.startswith("clsr") and k.endswith("-vsoft")):
-        # the best epoch by soft-gate validation against the same recipe's best epoch by hard gates, decoded soft
-        if (twin := key.removesuffix("-vsoft") + "-soft") in rows:
-            gains = ", ".join(f"{l} {versus(rows[twin]['test'].get(l), rows[key]['test'].get(l))}" for l in langs)
-            md.append(f"\nSoft gates in validation too: {rows[key]['label']} against {rows[twin]['label']} "
-                      f"(paired): {gains}")
-    n = next((r["n"] for r in base.get("test", {}).values()), "?")
-    md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
-              f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
-              f"validation epoch). Commands: {'; '.join(f'`{c}`' for c in setup['commands'])}\n")
-    return "\n".join(md)
 
 
 def main(argv=None) -> int:
