@@ -4,6 +4,7 @@
     python benchmarks/distill_wer.py --path lowrank          # add CLSR rows with rank-16 low-rank paths
     python benchmarks/distill_wer.py --side both             # the paper's layout (encoder too: ~8x slower on CPU)
     python benchmarks/distill_wer.py --gate-lr 1e-3          # CLSR rows whose gates train at 1e-3
+    python benchmarks/distill_wer.py --gate-budget 1         # CLSR rows whose gate budget pulls every gate open
     python benchmarks/distill_wer.py --path lowrank --path-dropout 0   # CLSR rows without language-path dropout
     python benchmarks/distill_wer.py --path lowrank --gate-warmup 0.3 --path-dropout-ramp 0.3  # gates held open,
                                                                        # path dropout ramped in, over 30% of steps
@@ -139,7 +140,8 @@ def variant(args) -> tuple[str, str, dict]:
     suffix, label, knobs = off_default((
         ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
         ("dlr", args.decoder_lr, None, "decoder lr"), ("gw", args.gate_warmup, 0.0, "gate warm-up"),
-        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp")), ", ")
+        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp"), ("gb", args.gate_budget, 0.5, "gate budget")),
+        ", ")
     if args.attention:  # gated paths on the attention projections too
         suffix, label, knobs = "-attn" + suffix, ", FFN + attention" + label, {"attn": 1, **knobs}
     if args.path_dropout_on != "output":  # path dropout on the low-rank delta alone
@@ -195,7 +197,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
                         path_dropout=args.path_dropout, path_dropout_on=args.path_dropout_on,
-                        gate_inference=args.validate_gates, gate_warmup=args.gate_warmup,
+                        gate_inference=args.validate_gates, gate_warmup=args.gate_warmup, gate_budget=args.gate_budget,
                         path_dropout_ramp=args.path_dropout_ramp, epochs=args.epochs,
                         kd_weight=args.kd_weight if kd else None, temperature=args.temperature if kd else 1.0,
                         precision=DECODER_RECIPE["precision"] if args.lora_recipe == "decoder" else None,
@@ -374,6 +376,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")
     p.add_argument("--gate-lr", type=float, default=None, help="CLSR gates' learning rate (default: --clsr-lr)")
+    p.add_argument("--gate-budget", type=float, default=0.5, help="CLSR gate budget: the target mean gate over every "
+                   "gate value of a batch, encoder frames included (default 0.5, the paper's training scripts; 1 "
+                   "drives every gate open)")
     p.add_argument("--decoder-lr", type=float, default=None,
                    help="CLSR decoder-side paths' learning rate (default: --clsr-lr)")
     p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
