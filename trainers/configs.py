@@ -198,7 +198,9 @@ class DistillConfig:
     alpha: float = 32.0  # low-rank / LoRA alpha
     gate_hidden: int = 64  # clsr: hidden size of each gate's ReLU layer
     gate_dropout: float = 0.1  # clsr: dropout on a gate's input in training (DistilWhisper's code uses 0.1)
-    gate_budget: float = 0.5  # clsr: target fraction of tokens on the language paths
+    # clsr: target mean of every gate value in a batch (encoder frames included: with encoder paths they far
+    # outnumber decoder tokens and the budget holds the encoder gates near it); 1 opens every gate
+    gate_budget: float = 0.5
     max_noise: float = 5.0  # clsr: gate noise scale reached at the end of training (it ramps up from 0)
     # clsr: fraction of the training steps over which the training gates go from held open (1) to as learned
     # (0: none, the paper's recipe). For small data, where the gates shut before the paths learn anything.
