@@ -136,12 +136,13 @@ def variant(args) -> tuple[str, str, dict]:
     ``-attn``), a label part and cache-key knobs; ('', '', {}) for none.
     Runs at the defaults keep the names and cache keys they had before these options existed."""
     from distill.clsr import ClsrConfig
+    from trainers.configs import DistillConfig
 
     suffix, label, knobs = off_default((
         ("glr", args.gate_lr, None, "gate lr"), ("pd", args.path_dropout, ClsrConfig().path_dropout, "path dropout"),
         ("dlr", args.decoder_lr, None, "decoder lr"), ("gw", args.gate_warmup, 0.0, "gate warm-up"),
-        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp"), ("gb", args.gate_budget, 0.5, "gate budget")),
-        ", ")
+        ("pdr", args.path_dropout_ramp, 0.0, "path dropout ramp"),
+        ("gb", args.gate_budget, DistillConfig.gate_budget, "gate budget")), ", ")
     if args.attention:  # gated paths on the attention projections too
         suffix, label, knobs = "-attn" + suffix, ", FFN + attention" + label, {"attn": 1, **knobs}
     if args.path_dropout_on != "output":  # path dropout on the low-rank delta alone
@@ -356,6 +357,8 @@ def _mean(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+    from trainers.configs import DistillConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--languages", default="uk,pt", help="student languages ('' only rewrites the table)")
     p.add_argument("--untouched", default=None, help="languages not trained, evaluated under every model (default: "
@@ -376,9 +379,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--clsr-lr", type=float, default=None, help="CLSR learning rate (default: the recipe's)")
     p.add_argument("--gate-lr", type=float, default=None, help="CLSR gates' learning rate (default: --clsr-lr)")
-    p.add_argument("--gate-budget", type=float, default=0.5, help="CLSR gate budget: the target mean gate over every "
-                   "gate value of a batch, encoder frames included (default 0.5, the paper's training scripts; 1 "
-                   "drives every gate open)")
+    p.add_argument("--gate-budget", type=float, default=DistillConfig.gate_budget, help="CLSR gate budget: the "
+                   "target mean gate over every gate value of a batch, encoder frames included (default %(default)s, "
+                   "the paper's training scripts; 1 drives every gate open)")
     p.add_argument("--decoder-lr", type=float, default=None,
                    help="CLSR decoder-side paths' learning rate (default: --clsr-lr)")
     p.add_argument("--path-dropout", type=float, default=0.3, help="CLSR language-path dropout (default 0.3, the "
