@@ -330,6 +330,24 @@ def default_precision() -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def progress_bar_callbacks(enabled: bool, stream=None) -> list:
+    """The Trainer's progress bar, as extra callbacks: none on a terminal (Lightning's default bar, Rich's where
+    installed) or when progress is off; on a log file or a pipe (``nohup``, CI) a TQDM bar, which writes and flushes
+    its state at every step, where Rich's live display shows nothing until an epoch ends.
+
+    Args:
+        enabled: the config's ``progress`` (the Trainer's ``enable_progress_bar``).
+        stream: where the bar would write (default ``sys.stdout``, Lightning's).
+    """
+    import sys
+
+    if not enabled or (stream or sys.stdout).isatty():
+        return []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return [TQDMProgressBar()]
+
+
 def default_lr(kind: str, path: str) -> float:
     """1e-4 for full CLSR paths (copies of pretrained FFNs, as DistilWhisper) and full students (distil-whisper's
     decoder learning rate), 1e-3 for low-rank paths and LoRA."""

@@ -27,7 +27,8 @@ from typing import get_args
 import lightning as L
 
 from registry.expert_file import Expert
-from trainers.configs import DistillConfig, DistillKind, default_lr, default_precision, loss_config  # noqa: F401
+from trainers.configs import (  # noqa: F401
+    DistillConfig, DistillKind, default_lr, default_precision, loss_config, progress_bar_callbacks)
 
 log = logging.getLogger(__name__)
 KINDS = get_args(DistillKind)
@@ -89,7 +90,7 @@ def make_trainer(cfg: DistillConfig, callbacks: list) -> L.Trainer:
     callbacks = [*callbacks, ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
                                              save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"),
                  EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
-                               check_on_train_epoch_end=False)]
+                               check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     loggers = [CSVLogger(run_dir, name="logs")]
     try:
         import tensorboard  # noqa: F401

@@ -21,7 +21,7 @@ import torch
 from lora_experts.config import LoraExpertConfig
 from lora_experts.model import DEFAULT_ADAPTER, attach_expert, remove_experts
 from registry.expert_file import Expert, check_compatible, new_manifest
-from trainers.configs import TrainConfig, default_precision
+from trainers.configs import TrainConfig, default_precision, progress_bar_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
-                                     check_on_train_epoch_end=False)]
+                                     check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     if checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
                                          save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"))

@@ -41,7 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from inference.bank import expert_bank
 from inference.router import LearnedRouter, audio_frames, router_slots
-from trainers.configs import RouterTrainConfig
+from trainers.configs import RouterTrainConfig, progress_bar_callbacks
 from trainers.data import IGNORE, encode_from
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def train_router(cfg: RouterTrainConfig, base=None) -> tuple[LearnedRouter, dict
     trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                         precision="32-true", logger=False, enable_checkpointing=False, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=cfg.progress, enable_model_summary=False,
-                        deterministic=False)
+                        deterministic=False, callbacks=progress_bar_callbacks(cfg.progress))
     router.train()  # the oracle pass left it in eval mode
     trainer.fit(module, train_dataloaders=train.loader)
     history, best, oracle, total = module.history, module.best, module.oracle, module.total_steps
