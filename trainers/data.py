@@ -38,6 +38,15 @@ from inference.audio import SAMPLE_RATE, load_audio
 IGNORE = -100
 
 
+def evenly_spaced(rows: list, limit: int | None) -> list:
+    """At most ``limit`` of ``rows``, evenly spaced over them (all when ``limit`` is None or not smaller): a
+    subset spans a split's speakers and scenes (recorded corpora are stored scene by scene), the same rows every
+    time. ``--max-train N`` picks each language's training utterances this way."""
+    if limit is None or limit >= len(rows):
+        return list(rows)
+    return [rows[int(k * len(rows) / limit)] for k in range(limit)]
+
+
 def prompt_ids(tokenizer, language: str | None) -> list[int]:
     """``<|sot|><|lang|><|transcribe|><|notimestamps|>`` (no language/task tokens for English-only models)."""
     ids = tokenizer.convert_tokens_to_ids
@@ -378,11 +387,7 @@ class ExpertDataModule(L.LightningDataModule):
                 by_language.setdefault(lang, []).append(i)
         keep = []
         for rows in by_language.values():
-            if limit is not None and limit < len(rows):
-                # evenly spaced over the split, so a subset spans its speakers and scenes (recorded corpora are
-                # stored scene by scene), the same rows every time
-                rows = [rows[int(k * len(rows) / limit)] for k in range(limit)]
-            keep += rows
+            keep += evenly_spaced(rows, limit)
         return ds.select(sorted(keep))
 
     def setup(self, stage: str | None = None) -> None:
