@@ -14,6 +14,15 @@ same validation and test splits, so that a teacher trained on it scores the stud
     python benchmarks/distill_wer.py ... --teachers 'runs/real/{lang}-teacher-rest300.safetensors'
 
 (``distill_wer.py`` with ``--max-train 300`` then trains its students on exactly the clips this teacher never saw.)
+
+``--score TEACHER ...`` instead measures what each teacher gives a student, teacher-forced on the transcripts: on
+the students' training clips and on the validation clips, the mean per-token cross-entropy of the transcript, the
+mean probability of the teacher's top token, its mean entropy (nats) and how often its top token is the
+transcript's. A teacher that trained on the students' clips is far more confident on them than on unseen speech:
+
+    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 \
+        --score runs/real/nl-teacher-all-e2.safetensors runs/real/nl-teacher-rest300.safetensors \
+        --name teacher_confidence
 """
 
 from __future__ import annotations
@@ -46,14 +55,85 @@ def held_out(corpus, language: str, max_train: int):
     return datasets.DatasetDict(splits), len(students), len(rest)
 
 
+def score(data: str, language: str, max_train: int, teachers, base: str = "whisper-base",
+          batch_size: int = 16) -> list[dict]:
+    """Each teacher (an expert file or registry spec on ``base``, ``base+expert``, or a model directory)
+    teacher-forced on the students' training clips and on the validation clips (see the module docstring): one row
+    per teacher and split."""
+    import torch
+    import torch.nn.functional as F
+
+    from distill.teachers import load_teachers
+    from registry.bases import load_base
+    from trainers.data import IGNORE, ExpertDataModule
+
+    student_base = load_base(base)
+    dm = ExpertDataModule(data, student_base.processor, [language], batch_size, max_train=max_train, progress=False)
+    dm.setup()
+    rows = []
+    for spec in teachers:
+        bare = "+" in spec or Path(spec).is_dir()  # base+expert, or a model directory alone
+        teacher = load_teachers(spec if bare else f"{base}+{spec}", student_base)
+        for split, loader in (("students' training clips", dm._loader("train", shuffle=False)),
+                              ("validation", dm.val_dataloader())):
+            nll = top1 = entropy = hits = n = 0.0
+            for batch in loader:
+                logits = teacher.logits(batch["input_features"], batch["decoder_input_ids"], batch["language"]).float()
+                keep = batch["labels"] != IGNORE
+                logp = F.log_softmax(logits, -1)[keep]
+                labels = batch["labels"][keep]
+                nll += -logp.gather(-1, labels[:, None]).sum().item()
+                top1 += logp.max(-1).values.exp().sum().item()
+                entropy += -(logp.exp() * logp).sum(-1).sum().item()
+                hits += (logp.argmax(-1) == labels).sum().item()
+                n += len(labels)
+            rows.append({"teacher": spec, "split": split, "clips": len(loader.dataset), "tokens": int(n),
+                         "cross_entropy": nll / n, "top1_probability": top1 / n, "entropy": entropy / n,
+                         "top1_is_transcript": hits / n})
+            print(f"{spec} / {split}: {rows[-1]}", flush=True)
+        del teacher
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def score_table(rows: list[dict], command: str) -> str:
+    lines = ["| teacher | clips | tokens | cross-entropy (nats) | top-token probability | entropy (nats) | "
+             "top token = transcript |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{Path(r['teacher']).name}` on {r['split']} | {r['clips']} | {r['tokens']} | "
+                     f"{r['cross_entropy']:.3f} | {r['top1_probability']:.3f} | {r['entropy']:.3f} | "
+                     f"{100 * r['top1_is_transcript']:.1f}% |")
+    return "\n".join(lines) + f"\n\nTeacher-forced on the transcripts, float32. Command: `{command}`\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="the students' corpus")
     p.add_argument("--language", required=True, help="the students' language (one Whisper code)")
     p.add_argument("--max-train", type=int, required=True, help="the students' --max-train")
-    p.add_argument("--out", required=True, help="where to write the teacher's corpus")
+    p.add_argument("--out", help="where to write the teacher's corpus")
+    p.add_argument("--score", nargs="+", metavar="TEACHER",
+                   help="instead of writing a corpus, score these teachers (expert files or specs on whisper-base) "
+                        "on the students' clips and on validation")
+    p.add_argument("--base", default="whisper-base", help="--score: the base the teachers' experts are for")
+    p.add_argument("--name", default="teacher_confidence", help="--score's table: benchmarks/results/NAME.{json,md}")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a corpus already")
     args = p.parse_args(argv)
+    if args.score:
+        import json
+
+        from benchmarks.command import recorded
+
+        rows = score(args.data, args.language, args.max_train, args.score, args.base)
+        out = Path(__file__).resolve().parent / "results"
+        command = recorded(Path(__file__).name, argv)
+        (out / f"{args.name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+        md = score_table(rows, command)
+        (out / f"{args.name}.md").write_text(md)
+        print(md)
+        return 0
+    if not args.out:
+        p.error("--out is required (or --score)")
 
     from trainers.corpus.loading import CorpusError, corpus_card, load_corpus, save_corpus
 

@@ -40,3 +40,30 @@ def test_refuses_when_the_students_take_every_clip(uk_pt_corpus, tmp_path):
         main(["--data", str(uk_pt_corpus), "--language", "uk", "--max-train", str(n), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no 'xx' training clips"):
         main(["--data", str(uk_pt_corpus), "--language", "xx", "--max-train", "1", "--out", str(tmp_path / "y")])
+
+
+def test_score_measures_each_teacher_on_the_students_clips_and_on_validation(uk_pt_corpus, tiny_whisper_dir,
+                                                                            tmp_path):
+    """--score: per teacher, the same statistics on the students' clips and on validation, computed from the
+    teacher's real logits (a teacher whose expert changes the output scores differently from the bare base)."""
+    import math
+
+    from benchmarks.held_out_teacher import score, score_table
+    from registry.bases import load_base
+    from registry.expert_file import save_expert
+    from tests.tiny import random_lora_expert
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    expert = save_expert(random_lora_expert(base.model, base, "uk", 1), tmp_path / "uk-teacher.safetensors")
+    rows = score(str(uk_pt_corpus), "uk", 2, [str(expert), f"{tiny_whisper_dir}+{expert}"], base=str(tiny_whisper_dir),
+                 batch_size=4)
+    assert [(r["split"], r["clips"]) for r in rows] == [("students' training clips", 2), ("validation", 1)] * 2
+    same = [{k: v for k, v in r.items() if k != "teacher"} for r in rows]
+    assert same[0] == same[2] and same[1] == same[3]  # an expert file alone is on --base
+    for r in rows:
+        assert r["tokens"] > 0 and 0 < r["top1_probability"] <= 1 and 0 <= r["top1_is_transcript"] <= 1
+        assert 0 <= r["entropy"] <= math.log(51865) and r["cross_entropy"] >= 0
+    bare = score(str(uk_pt_corpus), "uk", 2, [str(tiny_whisper_dir)], base=str(tiny_whisper_dir), batch_size=4)
+    assert bare[0]["cross_entropy"] != rows[0]["cross_entropy"]  # the expert is applied
+    table = score_table(rows, "python benchmarks/held_out_teacher.py --score x")
+    assert table.count("| `uk-teacher.safetensors` on ") == 4 and "Command: `python" in table
