@@ -20,8 +20,8 @@ the students' training clips and on the validation clips, the mean per-token cro
 mean probability of the teacher's top token, its mean entropy (nats) and how often its top token is the
 transcript's. A teacher that trained on the students' clips is far more confident on them than on unseen speech:
 
-    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 \
-        --score runs/real/nl-teacher-all-e2.safetensors runs/real/nl-teacher-rest300.safetensors \
+    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 \\
+        --score runs/real/nl-teacher-all-e2.safetensors runs/real/nl-teacher-rest300.safetensors \\
         --name teacher_confidence
 """
 
