@@ -1,8 +1,9 @@
 """The corpus a held-out teacher trains on: the training clips a ``--max-train N`` student does NOT see.
 
 A teacher trained on all training clips has fitted the student's clips too: on them its distribution is close to
-the one-hot labels (training loss ~0.25 against ~0.9 on validation for the all-data Dutch expert), so KD gives the
-student little beyond the labels it already has. DistilWhisper's teacher (whisper-large-v2) never trained on the
+the labels (the all-data Dutch expert, teacher-forced on the students' 300 clips: cross-entropy 0.48 nats per token,
+top token = transcript on 89.6% of tokens; 0.90 on validation), so KD gives the student little beyond the labels
+it already has. DistilWhisper's teacher (whisper-large-v2) never trained on the
 student's data. This script writes a corpus whose training split is the rest of the language's training clips
 (the same evenly spaced selection ``train --max-train N`` and ``distill --max-train N`` make, left out), with the
 same validation and test splits, so that a teacher trained on it scores the students' clips as unseen speech:
@@ -82,17 +83,19 @@ def score(data: str, language: str, max_train: int, teachers, base: str = "whisp
                 keep = batch["labels"] != IGNORE
                 logp = F.log_softmax(logits, -1)[keep]
                 labels = batch["labels"][keep]
+                best = logp.max(-1)
                 nll += -logp.gather(-1, labels[:, None]).sum().item()
-                top1 += logp.max(-1).values.exp().sum().item()
-                entropy += -(logp.exp() * logp).sum(-1).sum().item()
-                hits += (logp.argmax(-1) == labels).sum().item()
+                top1 += best.values.exp().sum().item()
+                entropy += -(logp.exp() * logp).sum().item()
+                hits += (best.indices == labels).sum().item()
                 n += len(labels)
             rows.append({"teacher": spec, "split": split, "clips": len(loader.dataset), "tokens": int(n),
                          "cross_entropy": nll / n, "top1_probability": top1 / n, "entropy": entropy / n,
                          "top1_is_transcript": hits / n})
             print(f"{spec} / {split}: {rows[-1]}", flush=True)
-        del teacher
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        del teacher  # one teacher in memory at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
