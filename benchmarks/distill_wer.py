@@ -307,7 +307,7 @@ def run(args, results: dict, work: Path, save) -> None:
                            "minutes": _minutes([s for _, s in teachers.values()]),
                            "files": {l: str(p) for l, (p, _) in teachers.items()}}
         save()
-    if not done("lora"):
+    if not done("lora") and not args.no_lora:
         trained = {lang: lora_student(lang, args, work) for lang in langs}
         per_expert = {lang: {u: ev.with_expert(e, u) for u in untouched} for lang, (e, _) in trained.items()}
         where = "decoder" if args.lora_recipe == "decoder" else "train's default recipe (enc -3.. + dec)"
@@ -324,7 +324,7 @@ def run(args, results: dict, work: Path, save) -> None:
                             attention=args.attention)
         where = {"both": f"enc {args.encoder_start}.. + dec", "decoder": "decoder",
                  "encoder": f"enc {args.encoder_start}.. only"}[args.side]
-        for kd in (False,) if args.no_kd else (False, True):
+        for kd in (False,) if args.no_kd else (True,) if args.kd_only else (False, True):
             suffix, label_part, _ = variant(args)
             kd_suffix, kd_label, _ = kd_variant(args)
             gates, decode_suffix, decode_label = decode_gates(args)  # decoded otherwise than validated: own rows
@@ -399,6 +399,9 @@ def main(argv=None) -> int:
     p.add_argument("--gate-inference", default=None, choices=["hard", "soft"], help="CLSR gates when decoding "
                    "(default: --validate-gates); otherwise than validated: rows of their own, the students reused")
     p.add_argument("--no-kd", action="store_true", help="CLSR rows without KD only (their KD rows on a later run)")
+    p.add_argument("--kd-only", action="store_true", help="CLSR rows with KD only (their rows without KD on a later "
+                   "run)")
+    p.add_argument("--no-lora", action="store_true", help="no LoRA row (on a later run)")
     p.add_argument("--kd-weight", type=float, help="KD loss weight of the KD rows (default 0.5, the recipe's)")
     p.add_argument("--temperature", type=float, default=1.0, help="KD temperature of the KD rows (default 1)")
     p.add_argument("--epochs", type=int, default=10)
@@ -417,6 +420,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/distill-wer", help="experts, caches and training logs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    if args.no_kd and args.kd_only:
+        p.error("--no-kd and --kd-only leave no CLSR row; use one of them")
     if unknown := [x for x in args.path if x not in ("full", "lowrank")]:
         p.error(f"--path: unknown {', '.join(unknown)}; use full, lowrank or full,lowrank")
 

@@ -24,6 +24,19 @@ transcript's. A teacher that trained on the students' clips is far more confiden
     python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 \\
         --score runs/real/nl-teacher-all-e2.safetensors runs/real/nl-teacher-rest300.safetensors \\
         --name teacher_confidence
+
+``--pseudo-label TEACHER --labeled N`` writes the students' corpus for KD on unlabeled clips: the training split
+is the ``--max-train`` selection, in which only the ``--labeled N`` selection (the same evenly spaced clips a
+``--max-train N`` student sees; a subset of the larger selection) keeps its human transcripts, and every other clip
+carries TEACHER's transcript instead (decoded from the audio alone, greedy, with the clip's language forced and
+the duration bound: the references are not read; its ``source`` says ``pseudo-label:<teacher>``). Clips whose
+decoding hit the repetition guard are left out (their transcripts are cut loops). A student trained on it with
+``--max-train`` = the clips kept sees N human transcripts plus the teacher's on the rest: sequence-level KD
+(Kim & Rush 2016; distil-whisper's pseudo-labels) on speech nobody labelled for it. The teacher must not have
+trained on those clips (the held-out teacher above did not):
+
+    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 --labeled 100 \
+        --pseudo-label runs/real/nl-teacher-rest300.safetensors --out runs/real/fillets-nl-pseudo100
 """
 
 from __future__ import annotations
@@ -54,6 +67,66 @@ def held_out(corpus, language: str, max_train: int):
     splits = {split: ds for split, ds in corpus.items()}
     splits["train"] = train.select(rest)
     return datasets.DatasetDict(splits), len(students), len(rest)
+
+
+def pseudo_labelled(corpus, language: str, max_train: int, labeled: int, teacher: str, base: str = "whisper-base",
+                    batch_size: int = 16, progress: bool = True):
+    """``corpus`` with its training split cut to ``language``'s ``max_train`` selection, in which the clips outside
+    the ``labeled`` selection carry ``teacher``'s transcripts (see the module docstring); returns (the new corpus,
+    a summary: clip counts and the pseudo-labels' WER/CER against the human transcripts they replace, measured
+    after decoding, for the record only)."""
+    import datasets
+
+    from inference.evaluation import DecodeOptions, evaluate, utterances_from_dataset
+    from inference.language_matrix import expert_applied
+    from registry.bases import load_base
+    from registry.expert_file import check_compatible, load_expert
+    from trainers.data import evenly_spaced
+
+    if labeled >= max_train:
+        raise SystemExit(f"--labeled {labeled} must be smaller than --max-train {max_train}: the clips between them "
+                         "are the ones the teacher labels")
+    train = corpus["train"]
+    rows = [i for i, lang in enumerate(train["language"]) if lang == language]
+    if not rows:
+        raise SystemExit(f"the corpus has no {language!r} training clips")
+    selected = evenly_spaced(rows, max_train)
+    human = set(evenly_spaced(rows, labeled))
+    if not human <= set(selected):  # evenly spaced selections nest when the larger is a multiple of the smaller
+        raise SystemExit(f"the --labeled {labeled} clips are not all among the --max-train {max_train} ones; pick "
+                         "--max-train a multiple of --labeled")
+    unlabeled = [i for i in selected if i not in human]
+    student_base = load_base(base)
+    expert = load_expert(teacher)
+    check_compatible(expert.manifest, student_base, what=f"teacher {teacher} (--pseudo-label)")
+    utterances = utterances_from_dataset(train.select(unlabeled), [language])
+    with expert_applied(student_base.model, expert):
+        report = evaluate(student_base.model, student_base.processor, utterances,
+                          DecodeOptions(batch_size=batch_size), progress=progress).as_dict()
+    by_id = {u["id"]: u for u in report["utterances"]}
+    name = Path(teacher).name
+    texts, sources, keep, cut = list(train["text"]), list(train["source"]), [], 0
+    ids = train["id"]
+    for i in selected:
+        if i in human:
+            keep.append(i)
+            continue
+        decoded = by_id[str(ids[i])]
+        if decoded["loop_cut"] or not decoded["hypothesis"].strip():
+            cut += 1
+            continue
+        texts[i], sources[i] = decoded["hypothesis"].strip(), f"pseudo-label:{name}"
+        keep.append(i)
+    features = train.features
+    train = train.remove_columns(["text", "source"]).add_column("text", texts).add_column("source", sources)
+    splits = {split: ds for split, ds in corpus.items()}
+    splits["train"] = train.cast(features).select(keep)
+    rates = report["languages"][language]
+    summary = {"language": language, "teacher": teacher, "labeled": len(human), "pseudo_labelled": len(keep) -
+               len(human), "left_out_loops": cut, "training_clips": len(keep),
+               "pseudo_label_wer": rates["wer"], "pseudo_label_cer": rates["cer"],
+               "pseudo_label_wer_ci95": rates.get("wer_ci95")}
+    return datasets.DatasetDict(splits), summary
 
 
 def score(data: str, language: str, max_train: int, teachers, base: str = "whisper-base",
@@ -121,7 +194,13 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="whisper-base", help="--score: the base the teachers' experts are for")
     p.add_argument("--name", default="teacher_confidence", help="--score's table: benchmarks/results/NAME.{json,md}")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a corpus already")
+    p.add_argument("--pseudo-label", metavar="TEACHER", help="write the students' corpus instead: the --max-train "
+                   "selection, with TEACHER's transcripts (an expert file on --base) on the clips outside the "
+                   "--labeled selection")
+    p.add_argument("--labeled", type=int, help="--pseudo-label: how many clips keep their human transcripts")
     args = p.parse_args(argv)
+    if (args.pseudo_label is None) != (args.labeled is None):
+        p.error("--pseudo-label and --labeled go together")
     if args.score:
         import json
 
@@ -140,6 +219,19 @@ def main(argv=None) -> int:
 
     from trainers.corpus.loading import CorpusError, corpus_card, load_corpus, save_corpus
 
+    if args.pseudo_label:
+        try:
+            corpus, summary = pseudo_labelled(load_corpus(args.data), args.language, args.max_train, args.labeled,
+                                              args.pseudo_label, args.base)
+            card = {**corpus_card(args.data), "pseudo_labels": {"from": args.data, **summary}}
+            save_corpus(corpus, args.out, overwrite=args.overwrite, card=card, progress=False)
+        except CorpusError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"{args.out}: {summary['training_clips']} {args.language} training clips, {summary['labeled']} with "
+              f"human transcripts, {summary['pseudo_labelled']} with the teacher's (their WER against the human "
+              f"ones {100 * summary['pseudo_label_wer']:.1f}%; {summary['left_out_loops']} left out: repetition "
+              "loops); validation and test as in " + args.data)
+        return 0
     try:
         corpus, seen, rest = held_out(load_corpus(args.data), args.language, args.max_train)
         card = {**corpus_card(args.data),

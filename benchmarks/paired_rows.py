@@ -6,6 +6,13 @@ in WER points (``inference.evaluation.paired_comparison``). No decoding: it read
 
     python benchmarks/paired_rows.py benchmarks/results/real_distill.json --language nl \\
         clsr-lowrank-both-3-pdd clsr-lowrank-both-3-glr0.01-pdd   # B against A: negative = B better
+
+A row of another table on the same test clips is named ``OTHER.json:KEY`` (refused unless both rows scored the
+same utterances):
+
+    python benchmarks/paired_rows.py benchmarks/results/real_distill_pseudo.json --language nl \
+        benchmarks/results/real_distill_100.json:clsr-lowrank-both-3-attn-glr0.01-gb1-pdd \
+        clsr-lowrank-both-3-kd-attn-glr0.01-gb1-pdd
 """
 
 from __future__ import annotations
@@ -25,18 +32,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="a results JSON with rows[KEY]['test'][LANGUAGE] holding per-utterance counts")
     p.add_argument("--language", required=True, help="the test language to compare on")
-    p.add_argument("rows", nargs="+", metavar="A B", help="pairs of row keys: B is compared against A")
+    p.add_argument("rows", nargs="+", metavar="A B", help="pairs of row keys: B is compared against A; a row of "
+                   "another table on the same test clips as OTHER.json:KEY")
     args = p.parse_args(argv)
     if len(args.rows) % 2:
         p.error("give the row keys in pairs: A B [A B ...]")
-    rows = json.loads(Path(args.results).read_text())["rows"]
+    tables: dict[str, dict] = {}
+
+    def row(name: str) -> dict:
+        """``KEY`` of the results file, or ``OTHER.json:KEY`` of another one: its test scores on the language."""
+        path, key = name.rsplit(":", 1) if ".json:" in name else (args.results, name)
+        if path not in tables:
+            try:
+                tables[path] = json.loads(Path(path).read_text())["rows"]
+            except (OSError, ValueError, KeyError) as e:
+                p.error(f"{path}: not a results JSON with rows ({e})")
+        rows = tables[path]
+        if key not in rows:
+            p.error(f"{path} has no row {key!r}; it has {', '.join(sorted(rows))}")
+        scores = rows[key].get("test", {}).get(args.language, {})
+        if not scores.get("utterances"):
+            p.error(f"row {name!r} has no per-utterance counts for {args.language!r}")
+        return scores
+
     for a, b in zip(args.rows[::2], args.rows[1::2]):
-        for key in (a, b):
-            if key not in rows:
-                p.error(f"{args.results} has no row {key!r}; it has {', '.join(sorted(rows))}")
-            if not rows[key].get("test", {}).get(args.language, {}).get("utterances"):
-                p.error(f"row {key!r} has no per-utterance counts for {args.language!r}")
-        change = paired_comparison(rows[a]["test"][args.language], rows[b]["test"][args.language])
+        first, second = row(a), row(b)
+        if {u["id"] for u in first["utterances"]} != {u["id"] for u in second["utterances"]}:
+            p.error(f"{a} and {b} were scored on different {args.language!r} utterances; compare rows of one test set")
+        change = paired_comparison(first, second)
         print(f"{b} against {a}: {format_change(next(iter(change.values()), None)) or '-'}")
     return 0
 

@@ -22,3 +22,29 @@ def test_defaults_keep_their_old_names_and_each_knob_names_its_row():
     assert label == ", gate lr 0.01, gate budget 1, path dropout on the delta"
     assert knobs == {"glr": 0.01, "gb": 1.0, "pdd": 1}
     assert variant(_args(gate_lr=0.01, path_dropout_on="delta"))[2] != knobs  # another cached student
+
+
+def test_kd_only_and_no_lora_train_just_the_kd_row(uk_pt_corpus, tiny_whisper_dir, tmp_path):
+    """--kd-only --no-lora: the table gets base, teacher and the CLSR + KD row, trained for real on the tiny
+    Whisper; no LoRA row, no CLSR row without KD; with --no-kd too nothing would be trained, which is refused."""
+    import json
+
+    import pytest
+
+    from benchmarks.distill_wer import main
+    from registry.bases import load_base
+    from registry.expert_file import save_expert
+    from tests.tiny import random_lora_expert
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    save_expert(random_lora_expert(base.model, base, "uk", 1), tmp_path / "uk-teacher.safetensors")
+    argv = ["--base", str(tiny_whisper_dir), "--data", str(uk_pt_corpus), "--languages", "uk", "--untouched", "",
+            "--teachers", str(tmp_path / "{lang}-teacher.safetensors"), "--max-train", "2", "--epochs", "1",
+            "--test-limit", "1", "--batch-size", "4", "--path", "lowrank", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"), "--name", "t"]
+    assert main(argv + ["--kd-only", "--no-lora"]) == 0
+    rows = json.loads((tmp_path / "out" / "t.json").read_text())["rows"]
+    assert sorted(rows) == ["base", "clsr-lowrank-decoder-0-kd", "teacher"]
+    assert rows["clsr-lowrank-decoder-0-kd"]["test"]["uk"]["n"] == 1
+    with pytest.raises(SystemExit):
+        main(argv + ["--kd-only", "--no-kd"])

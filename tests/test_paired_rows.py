@@ -30,3 +30,20 @@ def test_prints_the_paired_change_of_b_against_a_and_refuses_unknown_rows(tmp_pa
     with pytest.raises(SystemExit):
         main([str(path), "--language", "nl", "a"])
     assert "in pairs" in capsys.readouterr().err
+
+
+def test_a_row_of_another_table_on_the_same_clips(tmp_path, capsys):
+    """OTHER.json:KEY names a row of another table; rows scored on different utterances are refused."""
+    a, b = _row([5, 4, 6, 5, 7, 3, 5, 6]), _row([3, 3, 4, 4, 5, 2, 4, 4])
+    here, other = tmp_path / "here.json", tmp_path / "other.json"
+    here.write_text(json.dumps({"rows": {"b": b}}))
+    other.write_text(json.dumps({"rows": {"a": a, "short": _row([5, 4])}}))
+    assert main([str(here), "--language", "nl", f"{other}:a", "b"]) == 0
+    want = format_change(paired_comparison(a["test"]["nl"], b["test"]["nl"])["nl"])
+    assert capsys.readouterr().out == f"b against {other}:a: {want}\n"
+    with pytest.raises(SystemExit):
+        main([str(here), "--language", "nl", f"{other}:short", "b"])
+    assert "different 'nl' utterances" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(here), "--language", "nl", f"{tmp_path / 'missing.json'}:a", "b"])
+    assert "missing.json: not a results JSON" in capsys.readouterr().err
