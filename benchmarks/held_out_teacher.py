@@ -35,7 +35,7 @@ decoding hit the repetition guard are left out (their transcripts are cut loops)
 (Kim & Rush 2016; distil-whisper's pseudo-labels) on speech nobody labelled for it. The teacher must not have
 trained on those clips (the held-out teacher above did not):
 
-    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 --labeled 100 \
+    python benchmarks/held_out_teacher.py --data data/fillets --language nl --max-train 300 --labeled 100 \\
         --pseudo-label runs/real/nl-teacher-rest300.safetensors --out runs/real/fillets-nl-pseudo100
 """
 

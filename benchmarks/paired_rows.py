@@ -10,8 +10,8 @@ in WER points (``inference.evaluation.paired_comparison``). No decoding: it read
 A row of another table on the same test clips is named ``OTHER.json:KEY`` (refused unless both rows scored the
 same utterances):
 
-    python benchmarks/paired_rows.py benchmarks/results/real_distill_pseudo.json --language nl \
-        benchmarks/results/real_distill_100.json:clsr-lowrank-both-3-attn-glr0.01-gb1-pdd \
+    python benchmarks/paired_rows.py benchmarks/results/real_distill_pseudo.json --language nl \\
+        benchmarks/results/real_distill_100.json:clsr-lowrank-both-3-attn-glr0.01-gb1-pdd \\
         clsr-lowrank-both-3-kd-attn-glr0.01-gb1-pdd
 """
 
