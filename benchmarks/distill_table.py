@@ -4,6 +4,8 @@ hard, soft validation against hard), and the commands that produced it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -72,6 +74,10 @@ def table(results: dict) -> str:
             # the best epoch by soft-gate validation against the same recipe's best epoch by hard gates, decoded soft
             md.append(f"\nSoft gates in validation too: {rows[key]['label']} against {rows[twin]['label']} "
                       f"(paired): {gains(twin, key)}")
+    if pl := results.get("pseudo_labels"):  # the students' corpus of held_out_teacher.py --pseudo-label
+        md.append(f"\nOf the students' {pl['training_clips']} {pl['language']} training clips, {pl['labeled']} carry "
+                  f"human transcripts and {pl['pseudo_labelled']} the transcripts of `{Path(pl['teacher']).name}` "
+                  f"(greedy, from the audio alone; {100 * pl['pseudo_label_wer']:.1f}% WER against the human ones).")
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "

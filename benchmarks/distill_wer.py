@@ -347,6 +347,20 @@ def run(args, results: dict, work: Path, save) -> None:
             save()
 
 
+def record_pseudo_labels(results: dict) -> bool:
+    """Copy the ``pseudo_labels`` record of the students' corpus card (``benchmarks/held_out_teacher.py
+    --pseudo-label`` writes it: how many training clips carry human transcripts, how many the teacher's) into
+    ``results``, so that the table says which labels the students had; True when it changed ``results``."""
+    from trainers.corpus.loading import corpus_card
+
+    data = results.get("setup", {}).get("data")
+    found = corpus_card(data).get("pseudo_labels") if data and Path(data).is_dir() else None
+    if not found or results.get("pseudo_labels") == found:
+        return False
+    results["pseudo_labels"] = found
+    return True
+
+
 def _minutes(seconds) -> float | None:
     return None if any(s is None for s in seconds) else round(sum(seconds) / 60, 1)
 
@@ -454,6 +468,8 @@ def main(argv=None) -> int:
     if not results:
         print(f"no results in {results_path} yet")
         return 1
+    if record_pseudo_labels(results):  # a corpus of benchmarks/held_out_teacher.py --pseudo-label: say so
+        results_path.write_text(json.dumps(results, indent=2))
     md = table(results)
     (out / f"{args.name}.md").write_text(md)
     print(md)

@@ -48,3 +48,25 @@ def test_kd_only_and_no_lora_train_just_the_kd_row(uk_pt_corpus, tiny_whisper_di
     assert rows["clsr-lowrank-decoder-0-kd"]["test"]["uk"]["n"] == 1
     with pytest.raises(SystemExit):
         main(argv + ["--kd-only", "--no-kd"])
+
+
+def test_a_pseudo_labelled_corpus_is_named_under_the_table(tmp_path):
+    """Students trained on a held_out_teacher.py --pseudo-label corpus: the results record its card's counts once,
+    and the table says how many clips had human transcripts and how many the teacher's."""
+    import json
+
+    from benchmarks.distill_table import table
+    from benchmarks.distill_wer import record_pseudo_labels
+
+    card = {"language": "nl", "teacher": "runs/real/nl-teacher.safetensors", "labeled": 100, "pseudo_labelled": 200,
+            "left_out_loops": 0, "training_clips": 300, "pseudo_label_wer": 0.376}
+    (tmp_path / "corpus.json").write_text(json.dumps({"pseudo_labels": card}))
+    results = {"setup": {"languages": "nl", "untouched": "", "base": "whisper-base", "data": str(tmp_path),
+                         "max_train": 300, "epochs": 5, "commands": ["python benchmarks/distill_wer.py"]}, "rows": {}}
+    assert record_pseudo_labels(results) and results["pseudo_labels"] == card
+    assert not record_pseudo_labels(results)  # already recorded
+    assert ("Of the students' 300 nl training clips, 100 carry human transcripts and 200 the transcripts of "
+            "`nl-teacher.safetensors` (greedy, from the audio alone; 37.6% WER against the human ones)."
+            in table(results))
+    plain = {"setup": {**results["setup"], "data": str(tmp_path / "none")}, "rows": {}}
+    assert not record_pseudo_labels(plain) and "human transcripts" not in table(plain)
