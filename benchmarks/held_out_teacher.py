@@ -48,6 +48,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def language_rows(train, language: str) -> list[int]:
+    """The indices of ``language``'s clips in a training split (refused by name when it has none)."""
+    rows = [i for i, lang in enumerate(train["language"]) if lang == language]
+    if not rows:
+        raise SystemExit(f"the corpus has no {language!r} training clips")
+    return rows
+
+
 def held_out(corpus, language: str, max_train: int):
     """``corpus`` with its training split cut to ``language``'s clips outside the ``max_train`` selection; returns
     (the new corpus, how many training clips the students see, how many the teacher gets)."""
@@ -56,9 +64,7 @@ def held_out(corpus, language: str, max_train: int):
     from trainers.data import evenly_spaced
 
     train = corpus["train"]
-    rows = [i for i, lang in enumerate(train["language"]) if lang == language]
-    if not rows:
-        raise SystemExit(f"the corpus has no {language!r} training clips")
+    rows = language_rows(train, language)
     students = set(evenly_spaced(rows, max_train))
     rest = [i for i in rows if i not in students]
     if not rest:
@@ -87,9 +93,7 @@ def pseudo_labelled(corpus, language: str, max_train: int, labeled: int, teacher
         raise SystemExit(f"--labeled {labeled} must be smaller than --max-train {max_train}: the clips between them "
                          "are the ones the teacher labels")
     train = corpus["train"]
-    rows = [i for i, lang in enumerate(train["language"]) if lang == language]
-    if not rows:
-        raise SystemExit(f"the corpus has no {language!r} training clips")
+    rows = language_rows(train, language)
     selected = evenly_spaced(rows, max_train)
     human = set(evenly_spaced(rows, labeled))
     if not human <= set(selected):  # evenly spaced selections nest when the larger is a multiple of the smaller
@@ -104,23 +108,23 @@ def pseudo_labelled(corpus, language: str, max_train: int, labeled: int, teacher
         report = evaluate(student_base.model, student_base.processor, utterances,
                           DecodeOptions(batch_size=batch_size), progress=progress).as_dict()
     by_id = {u["id"]: u for u in report["utterances"]}
-    name = Path(teacher).name
-    texts, sources, keep, cut = list(train["text"]), list(train["source"]), [], 0
-    ids = train["id"]
+    label = f"pseudo-label:{Path(teacher).name}"
+    keep, texts, sources = [], [], []
     for i in selected:
-        if i in human:
-            keep.append(i)
-            continue
-        decoded = by_id[str(ids[i])]
-        if decoded["loop_cut"] or not decoded["hypothesis"].strip():
-            cut += 1
-            continue
-        texts[i], sources[i] = decoded["hypothesis"].strip(), f"pseudo-label:{name}"
+        row = train[i]
+        if i not in human:
+            decoded = by_id[str(row["id"])]
+            if decoded["loop_cut"] or not decoded["hypothesis"].strip():  # a cut loop, or nothing: left out
+                continue
+            row = {**row, "text": decoded["hypothesis"].strip(), "source": label}
         keep.append(i)
-    features = train.features
-    train = train.remove_columns(["text", "source"]).add_column("text", texts).add_column("source", sources)
+        texts.append(row["text"])
+        sources.append(row["source"])
+    kept = train.select(keep)
+    kept = kept.remove_columns(["text", "source"]).add_column("text", texts).add_column("source", sources)
     splits = {split: ds for split, ds in corpus.items()}
-    splits["train"] = train.cast(features).select(keep)
+    splits["train"] = kept.cast(train.features)  # the corpus's column order and types
+    cut = len(selected) - len(keep)
     rates = report["languages"][language]
     summary = {"language": language, "teacher": teacher, "labeled": len(human), "pseudo_labelled": len(keep) -
                len(human), "left_out_loops": cut, "training_clips": len(keep),
