@@ -275,6 +275,13 @@ class Evaluator:
         return sum(p.numel() for p in self.base.model.parameters())
 
 
+def _precision(experts) -> str | None:
+    """The Lightning precision the experts trained at, as their manifests record it (``bf16-mixed``, ``32-true``;
+    several joined by ``/``; None for files from before CLSR manifests recorded it)."""
+    found = sorted({p for e in experts if (p := e.manifest.get("hyperparameters", {}).get("precision"))})
+    return "/".join(found) or None
+
+
 def run(args, results: dict, work: Path, save) -> None:
     from distill.clsr import ClsrConfig, parameters_active_per_token
 
@@ -317,7 +324,8 @@ def run(args, results: dict, work: Path, save) -> None:
                         "untouched_per_expert": per_expert,
                         "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
                         "active": total + max(e.num_parameters for e, _ in trained.values()),
-                        "minutes": _minutes([s for _, s in trained.values()])}
+                        "minutes": _minutes([s for _, s in trained.values()]),
+                        "precision": _precision(e for e, _ in trained.values())}
         save()
     for path in args.path:
         config = ClsrConfig(kind=path, rank=args.rank, side=args.side, encoder_start=args.encoder_start,
@@ -342,6 +350,7 @@ def run(args, results: dict, work: Path, save) -> None:
                          "stored": {l: e.num_parameters for l, (e, _) in trained.items()},
                          "active": total + parameters_active_per_token(ev.base.model.config, config),
                          "minutes": _minutes([s for _, s in trained.values()]),
+                         "precision": _precision(e for e, _ in trained.values()),
                          "hyperparameters": next(iter(trained.values()))[0].manifest["hyperparameters"],
                          **({"without_kd": plain} if kd else {})}
             save()

@@ -25,6 +25,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+class RowError(ValueError):
+    """A row name that does not resolve to per-utterance test counts (the message names it and what exists)."""
+
+
+class Rows:
+    """Rows of results JSONs by name: ``KEY`` of the default table, or ``OTHER.json:KEY`` of another one, each
+    read once."""
+
+    def __init__(self, default: str | None, language: str):
+        self.default, self.language, self.tables = default, language, {}
+
+    def table(self, path: str) -> dict:
+        if path not in self.tables:
+            try:
+                self.tables[path] = json.loads(Path(path).read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise RowError(f"{path}: not a results JSON with rows ({e})") from e
+        return self.tables[path]
+
+    def row(self, name: str) -> dict:
+        """The named row as stored (its ``label``, and ``test[language]`` with per-utterance counts)."""
+        path, key = name.rsplit(":", 1) if ".json:" in name else (self.default, name)
+        if path is None:
+            raise RowError(f"{name!r}: name a row as FILE.json:KEY")
+        rows = self.table(path)
+        if key not in rows:
+            raise RowError(f"{path} has no row {key!r}; it has {', '.join(sorted(rows))}")
+        if not rows[key].get("test", {}).get(self.language, {}).get("utterances"):
+            raise RowError(f"row {name!r} has no per-utterance counts for {self.language!r}")
+        return rows[key]
+
+    def scores(self, name: str) -> dict:
+        """The named row's test scores on the language: ``wer``, ``wer_ci95``, ``utterances`` (counts)."""
+        return self.row(name)["test"][self.language]
+
+    def same_clips(self, a: str, b: str) -> None:
+        """Refuse two rows scored on different utterances: a paired comparison needs one test set."""
+        if {u["id"] for u in self.scores(a)["utterances"]} != {u["id"] for u in self.scores(b)["utterances"]}:
+            raise RowError(f"{a} and {b} were scored on different {self.language!r} utterances; "
+                           "compare rows of one test set")
+
+
 def main(argv=None) -> int:
     from inference.confidence import format_change
     from inference.evaluation import paired_comparison
@@ -37,29 +79,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if len(args.rows) % 2:
         p.error("give the row keys in pairs: A B [A B ...]")
-    tables: dict[str, dict] = {}
-
-    def row(name: str) -> dict:
-        """``KEY`` of the results file, or ``OTHER.json:KEY`` of another one: its test scores on the language."""
-        path, key = name.rsplit(":", 1) if ".json:" in name else (args.results, name)
-        if path not in tables:
-            try:
-                tables[path] = json.loads(Path(path).read_text())["rows"]
-            except (OSError, ValueError, KeyError) as e:
-                p.error(f"{path}: not a results JSON with rows ({e})")
-        rows = tables[path]
-        if key not in rows:
-            p.error(f"{path} has no row {key!r}; it has {', '.join(sorted(rows))}")
-        scores = rows[key].get("test", {}).get(args.language, {})
-        if not scores.get("utterances"):
-            p.error(f"row {name!r} has no per-utterance counts for {args.language!r}")
-        return scores
-
+    rows = Rows(args.results, args.language)
     for a, b in zip(args.rows[::2], args.rows[1::2]):
-        first, second = row(a), row(b)
-        if {u["id"] for u in first["utterances"]} != {u["id"] for u in second["utterances"]}:
-            p.error(f"{a} and {b} were scored on different {args.language!r} utterances; compare rows of one test set")
-        change = paired_comparison(first, second)
+        try:
+            rows.same_clips(a, b)
+        except RowError as e:
+            p.error(str(e))
+        change = paired_comparison(rows.scores(a), rows.scores(b))
         print(f"{b} against {a}: {format_change(next(iter(change.values()), None)) or '-'}")
     return 0
 

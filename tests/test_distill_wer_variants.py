@@ -46,6 +46,9 @@ def test_kd_only_and_no_lora_train_just_the_kd_row(uk_pt_corpus, tiny_whisper_di
     rows = json.loads((tmp_path / "out" / "t.json").read_text())["rows"]
     assert sorted(rows) == ["base", "clsr-lowrank-decoder-0-kd", "teacher"]
     assert rows["clsr-lowrank-decoder-0-kd"]["test"]["uk"]["n"] == 1
+    # the row says the precision its student trained at (the decoder recipe's float32), and so does the table
+    assert rows["clsr-lowrank-decoder-0-kd"]["precision"] == "32-true"
+    assert "Students trained at 32-true precision (Lightning)." in (tmp_path / "out" / "t.md").read_text()
     with pytest.raises(SystemExit):
         main(argv + ["--kd-only", "--no-kd"])
 

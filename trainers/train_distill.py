@@ -185,6 +185,8 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
         expert, results = make(module, base, keep, data, languages, cfg, test)
         experts = [expert]
         report["best"] = {"epoch": keep.best_epoch, "wer": keep.best_wer}
+    for expert in experts:  # the weights differ with it (bf16 autocast against float32), as LoRA's manifest says
+        expert.manifest.setdefault("hyperparameters", {}).setdefault("precision", str(trainer.precision))
     if results is not None:
         report["test"] = results
         report["seconds"]["test"] = round(time.time() - trained, 1)

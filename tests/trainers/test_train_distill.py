@@ -43,6 +43,7 @@ def test_distill_stores_one_clsr_expert_per_language_with_a_complete_manifest(cl
         assert m["kind"] == "clsr" and m["languages"] == [lang] and m["base"]["name"] == str(tiny_whisper_dir)
         assert m["hyperparameters"]["path"] == "lowrank" and m["hyperparameters"]["rank"] == 2
         assert m["hyperparameters"]["kd"] == "js" and m["hyperparameters"]["kd_weight"] == 0.5
+        assert m["hyperparameters"]["precision"] == default_precision()  # bf16 and float32 train other weights
         assert m["data"]["utterances"] == 3 and m["data"]["trained_with"] == ["uk", "pt"] and m["data"]["hours"] > 0
         assert set(m["metrics"][lang]) == {"validation", "test", "base_test"}
         lineage = m["lineage"]
