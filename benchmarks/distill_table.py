@@ -80,13 +80,11 @@ def table(results: dict) -> str:
                   f"(greedy, from the audio alone; {100 * pl['pseudo_label_wer']:.1f}% WER against the human ones).")
     trained = {key: r["precision"] for key, r in rows.items() if r.get("precision")}
     if trained:  # bf16 autocast and float32 train different weights: a table says which it holds
-        kinds = sorted(set(trained.values()))
-        students = [k for k in rows if k not in ("base", "teacher")]
-        md.append(f"\nStudents trained at {kinds[0]} precision (Lightning)" if len(kinds) == 1 else
-                  "\nStudents trained at mixed precisions (Lightning): "
-                  + "; ".join(f"{rows[k]['label']}: {p}" for k, p in trained.items()))
-        md[-1] += ("." if len(trained) == len(students) else
-                   f"; {len(students) - len(trained)} older row(s) do not record theirs.")
+        kinds = set(trained.values())
+        said = (f"at {kinds.pop()} precision (Lightning)" if len(kinds) == 1 else "at mixed precisions (Lightning): "
+                + "; ".join(f"{rows[k]['label']}: {p}" for k, p in trained.items()))
+        older = sum(k not in ("base", "teacher") for k in rows) - len(trained)
+        md.append(f"\nStudents trained {said}" + (f"; {older} older row(s) do not record theirs." if older else "."))
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "

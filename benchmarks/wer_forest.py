@@ -75,7 +75,7 @@ def plot(points: list[dict], path: str, language: str, reference: str, title: st
                     color=color, capsize=3)
         ax.annotate(f"{100 * p['wer']:.1f}  {format_change(c) or 'reference'}", (1.01, i),
                     xycoords=("axes fraction", "data"), va="center", fontsize=8)
-    ref = next(p for p in points if p["change"] is None) if any(p["change"] is None for p in points) else None
+    ref = next((p for p in points if p["change"] is None), None)
     if ref is not None:
         ax.axvline(100 * ref["wer"], color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(points)), [p["label"] for p in points], fontsize=8)
