@@ -50,7 +50,9 @@ language (the expert file) and active per token (the base's plus what the expert
 most: LoRA all its matrices; CLSR the gates, plus the deltas of low-rank paths; a full path replaces the FFN it
 copies). Training minutes per row (summed over the languages). Trained experts and timings are kept under
 ``--work`` and reused, and every finished row is written to ``<out>/distill_wer.{json,md}`` at once, so a rerun
-resumes.
+resumes. The base's and the teachers' test scores are kept under ``<work>/decoded/`` too, keyed by the model and
+the clips' audio and references, so another table on the same test clips (``--data`` a pseudo-labelled copy of the
+corpus, ``--max-train`` another size) reuses them instead of decoding again.
 
 Cost (whisper-base, defaults, 2 CPU cores). Measured training steps (batch 16, 48 target tokens, forward +
 backward + AdamW) while another benchmark shared the cores: decoder-only CLSR on cached encoder outputs 12-13 s
@@ -214,13 +216,20 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
 
 
 class Evaluator:
-    """Test WER/CER of the base with or without experts, on each language's test utterances (loaded once)."""
+    """Test WER/CER of the base with or without experts, on each language's test utterances (loaded once).
 
-    def __init__(self, args):
+    With ``work``, the scores of the base alone and of the base with an expert file are kept under
+    ``<work>/decoded/`` and reused by any table that decodes the same model on the same clips: the key is the base
+    (``--base``), the expert file's bytes, the clips (ids, references and audio samples), the batch size, the
+    device and the torch/transformers versions. Two tables on one test split (students on the human corpus and
+    on a pseudo-labelled copy of it) then decode the base and the teacher once."""
+
+    def __init__(self, args, work: Path | None = None):
         from registry.bases import load_base
 
         self.args, self.base = args, load_base(args.base, device=args.device)
         self.utterances: dict[str, list] = {}
+        self.decoded = work / "decoded" if work is not None else None
 
     def _utts(self, lang: str) -> list:
         from inference.evaluation import utterances_from_dataset
@@ -246,6 +255,34 @@ class Evaluator:
 
         with expert_applied(self.base.model, expert):
             return self.rates(lang)
+
+    def stored(self, lang: str, expert_file: Path | None = None) -> dict:
+        """:meth:`rates` of the base alone (``expert_file`` None) or with the expert in ``expert_file``, from
+        ``<work>/decoded/`` when this model was decoded on these clips before (else decoded and kept there)."""
+        from registry.expert_file import load_expert
+
+        def decode():
+            return self.with_expert(load_expert(expert_file), lang) if expert_file else self.rates(lang)
+
+        if self.decoded is None:
+            return decode()
+        import torch
+        import transformers
+
+        from benchmarks.trained import file_digest
+
+        key = tag(base=self.args.base, expert=file_digest(expert_file) if expert_file else None,
+                  clips=_clips_digest(self._utts(lang)), batch_size=self.args.batch_size,
+                  device=str(self.base.model.device), torch=torch.__version__, transformers=transformers.__version__)
+        path = self.decoded / f"{lang}-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        scores = decode()
+        self.decoded.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(scores))
+        tmp.replace(path)
+        return scores
 
     def clsr(self, experts: dict, languages, untouched, gate_mode: str | None = None) -> tuple[dict, dict]:
         """Every student language's CLSR expert in one CLSR model: each language routed to its own path and
@@ -275,6 +312,21 @@ class Evaluator:
         return sum(p.numel() for p in self.base.model.parameters())
 
 
+def _clips_digest(utterances) -> str:
+    """SHA-256 over the clips' ids, reference texts and audio samples: the same test clips give the same digest
+    whichever corpus directory holds them."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for u in utterances:
+        for part in (u.id, u.text, u.language):
+            h.update(part.encode() + b"\0")
+        h.update(np.ascontiguousarray(u.audio, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def _precision(experts) -> str | None:
     """The Lightning precision the experts trained at, as their manifests record it (``bf16-mixed``, ``32-true``;
     several joined by ``/``; None for files from before CLSR manifests recorded it)."""
@@ -286,7 +338,7 @@ def run(args, results: dict, work: Path, save) -> None:
     from distill.clsr import ClsrConfig, parameters_active_per_token
 
     langs, untouched, rows = split(args.languages), split(args.untouched), results["rows"]
-    ev = Evaluator(args)
+    ev = Evaluator(args, work)
     total = ev.parameters()
     results["base_parameters"] = total
 
@@ -295,8 +347,8 @@ def run(args, results: dict, work: Path, save) -> None:
             key == "teacher" or set(rows[key]["untouched"]) >= set(untouched))
 
     if not done("base"):
-        rows["base"] = {"label": f"{Path(args.base).name} (no expert)", "test": {l: ev.rates(l) for l in langs},
-                        "untouched": {l: ev.rates(l) for l in untouched}, "stored": {}, "active": total,
+        rows["base"] = {"label": f"{Path(args.base).name} (no expert)", "test": {l: ev.stored(l) for l in langs},
+                        "untouched": {l: ev.stored(l) for l in untouched}, "stored": {}, "active": total,
                         "minutes": None}
         save()
     from registry.expert_file import check_compatible, load_expert
@@ -308,7 +360,7 @@ def run(args, results: dict, work: Path, save) -> None:
         experts = {lang: load_expert(path) for lang, (path, _) in teachers.items()}
         utt = {lang: e.manifest.get("data", {}).get("utterances") for lang, e in experts.items()}
         rows["teacher"] = {"label": f"teacher: base + LoRA on {'/'.join(str(n) for n in set(utt.values()))} utt.",
-                           "test": {l: ev.with_expert(experts[l], l) for l in langs}, "untouched": {},
+                           "test": {l: ev.stored(l, teachers[l][0]) for l in langs}, "untouched": {},
                            "stored": {l: e.num_parameters for l, e in experts.items()},
                            "active": total + max(e.num_parameters for e in experts.values()),
                            "minutes": _minutes([s for _, s in teachers.values()]),

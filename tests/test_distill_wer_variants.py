@@ -53,6 +53,46 @@ def test_kd_only_and_no_lora_train_just_the_kd_row(uk_pt_corpus, tiny_whisper_di
         main(argv + ["--kd-only", "--no-kd"])
 
 
+def test_a_second_table_on_the_same_clips_reuses_the_base_and_teacher_scores(uk_pt_corpus, tiny_whisper_dir,
+                                                                            tmp_path, monkeypatch):
+    """The base's and the teacher's test scores are kept under <work>/decoded/ keyed by the model and the clips:
+    a second table with the same --work (another --max-train here) takes them from there and decodes only its
+    student; a teacher file retrained in place is another key, so it is decoded again."""
+    import json
+
+    import inference.evaluation as evaluation
+    from benchmarks.distill_wer import main
+    from registry.bases import load_base
+    from registry.expert_file import save_expert
+    from tests.tiny import random_lora_expert
+
+    base = load_base(str(tiny_whisper_dir), device="cpu")
+    teacher = tmp_path / "uk-teacher.safetensors"
+    save_expert(random_lora_expert(base.model, base, "uk", 1), teacher)
+    calls = []
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def table(name: str, max_train: str) -> dict:
+        calls.clear()
+        assert main(["--base", str(tiny_whisper_dir), "--data", str(uk_pt_corpus), "--languages", "uk",
+                     "--untouched", "", "--teachers", str(tmp_path / "{lang}-teacher.safetensors"),
+                     "--max-train", max_train, "--epochs", "1", "--test-limit", "1", "--batch-size", "4",
+                     "--path", "lowrank", "--kd-only", "--no-lora", "--work", str(tmp_path / "work"),
+                     "--out", str(tmp_path / "out"), "--name", name]) == 0
+        return json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"]
+
+    first = table("a", "2")
+    assert len(calls) == 3  # base, teacher, student
+    assert len(list((tmp_path / "work" / "decoded").glob("uk-*.json"))) == 2
+    second = table("b", "3")
+    assert len(calls) == 1  # the student only
+    assert second["base"]["test"] == first["base"]["test"] and second["teacher"]["test"] == first["teacher"]["test"]
+    save_expert(random_lora_expert(base.model, base, "uk", 2), teacher)  # retrained in place
+    table("c", "3")
+    assert len(calls) == 2  # the new teacher, and the student (cached as trained on the new teacher's cache key)
+
+
 def test_a_pseudo_labelled_corpus_is_named_under_the_table(tmp_path):
     """Students trained on a held_out_teacher.py --pseudo-label corpus: the results record its card's counts once,
     and the table says how many clips had human transcripts and how many the teacher's."""
