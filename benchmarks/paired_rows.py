@@ -8,7 +8,8 @@ in WER points (``inference.evaluation.paired_comparison``). No decoding: it read
         clsr-lowrank-both-3-pdd clsr-lowrank-both-3-glr0.01-pdd   # B against A: negative = B better
 
 A row of another table on the same test clips is named ``OTHER.json:KEY`` (refused unless both rows scored the
-same utterances):
+same utterances). Rows of the one-language tables of ``real_fusion.py`` (scores at the row's top level, the
+language in the table's ``target``) are read too, e.g. ``benchmarks/results/real_fusion.json:cs-real-100``:
 
     python benchmarks/paired_rows.py benchmarks/results/real_distill_pseudo.json --language nl \\
         benchmarks/results/real_distill_100.json:clsr-lowrank-both-3-attn-glr0.01-gb1-pdd \\
@@ -39,8 +40,13 @@ class Rows:
     def table(self, path: str) -> dict:
         if path not in self.tables:
             try:
-                self.tables[path] = json.loads(Path(path).read_text())["rows"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                data = json.loads(Path(path).read_text())
+                rows = data["rows"]
+                if "target" in data:  # one language's table (real_fusion.py): scores at each row's top level
+                    rows = {key: {"label": row.get("label", key), "test": {data["target"]: row}}
+                            for key, row in rows.items()}
+                self.tables[path] = rows
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise RowError(f"{path}: not a results JSON with rows ({e})") from e
         return self.tables[path]
 

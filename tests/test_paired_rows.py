@@ -47,3 +47,18 @@ def test_a_row_of_another_table_on_the_same_clips(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(here), "--language", "nl", f"{tmp_path / 'missing.json'}:a", "b"])
     assert "missing.json: not a results JSON" in capsys.readouterr().err
+
+
+def test_a_row_of_a_one_language_fusion_table(tmp_path, capsys):
+    """real_fusion.py's tables keep each row's scores at its top level and the language in ``target``: their rows
+    pair with a row of a per-language table; asked for another language they have no counts, which is refused."""
+    a, b = _row([5, 4, 6, 5, 7, 3, 5, 6]), _row([3, 3, 4, 4, 5, 2, 4, 4])
+    here, fusion = tmp_path / "here.json", tmp_path / "fusion.json"
+    here.write_text(json.dumps({"rows": {"b": b}}))
+    fusion.write_text(json.dumps({"target": "nl", "rows": {"target-100": {"label": "the target", **a["test"]["nl"]}}}))
+    assert main([str(here), "--language", "nl", f"{fusion}:target-100", "b"]) == 0
+    want = format_change(paired_comparison(a["test"]["nl"], b["test"]["nl"])["nl"])
+    assert capsys.readouterr().out == f"b against {fusion}:target-100: {want}\n"
+    with pytest.raises(SystemExit):
+        main([str(here), "--language", "cs", f"{fusion}:target-100", "b"])
+    assert "no per-utterance counts for 'cs'" in capsys.readouterr().err
