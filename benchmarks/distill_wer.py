@@ -222,7 +222,8 @@ class Evaluator:
     ``<work>/decoded/`` and reused by any table that decodes the same model on the same clips: the key is the base
     (``--base``), the expert file's bytes, the clips (ids, references and audio samples), the batch size, the
     device and the torch/transformers versions. Two tables on one test split (students on the human corpus and
-    on a pseudo-labelled copy of it) then decode the base and the teacher once."""
+    on a pseudo-labelled copy of it) then decode the base and the teacher once. Not in the key: a base replaced
+    in place under the same name, or a change to the decoding or scoring code; delete ``<work>/decoded/`` then."""
 
     def __init__(self, args, work: Path | None = None):
         from registry.bases import load_base
