@@ -5,6 +5,8 @@
     python benchmarks/real_fusion.py --supports de:synth,cs=runs/real/cs.safetensors --target nl --name real_fusion_nl
     python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
+    python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
+                                                                     # real Russian phone prompts as the support
 
 Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips of the Fish Fillets corpus
 (``--data``, made by ``whisper-experts corpus fetch fillets``); validation and test clips are its real ones
@@ -14,6 +16,9 @@ Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips
   ``--synth-per-language`` utterances over 70/10/20 splits, made here if missing), validated on its own
   synthetic validation split;
 * ``LANG:real``: an expert trained on ``--real-support-train`` real clips of LANG from ``--data``;
+* ``LANG:asterisk``: an expert trained on the real recorded phone prompts of LANG (one speaker, about 390
+  training clips; ``<synth-dir>/asterisk-<LANG>``, made with ``trainers.corpus.asterisk`` from Debian's
+  packages if missing), validated on their own validation split;
 * ``LANG=FILE``: an expert file already trained (for example the nl teacher of benchmarks/distill_wer.py).
 
 Every expert trained here uses ``train``'s default recipe (rank 16, decoder + encoder layers 3.., bf16 where
@@ -49,11 +54,11 @@ def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
         if "=" in item:
             lang, path = item.split("=", 1)
             out.append((lang, "file", path))
-        elif ":" in item and item.split(":", 1)[1] in ("synth", "real"):
+        elif ":" in item and item.split(":", 1)[1] in ("synth", "real", "asterisk"):
             lang, kind = item.split(":", 1)
             out.append((lang, kind, None))
         else:
-            raise SystemExit(f"--supports: {item!r} is not LANG:synth, LANG:real or LANG=FILE")
+            raise SystemExit(f"--supports: {item!r} is not LANG:synth, LANG:real, LANG:asterisk or LANG=FILE")
     return out
 
 
@@ -64,6 +69,18 @@ def synth_corpus(lang: str, args) -> str:
     if not (path / "dataset_dict.json").is_file():
         per_language = synth_size(lang, args)
         synthesize_corpus(SynthConfig(languages=(lang,), per_language=per_language, seed=args.seed), path)
+    return str(path)
+
+
+def asterisk_corpus(lang: str, args) -> str:
+    """LANG's corpus of Asterisk phone prompts (``<synth-dir>/asterisk-<LANG>``), fetched and made if missing."""
+    from registry.home import home_dir
+    from trainers.corpus import asterisk
+
+    path = Path(args.synth_dir) / f"asterisk-{lang}"
+    if not (path / "corpus.json").is_file():
+        root = asterisk.fetch_packages(home_dir() / "downloads" / "asterisk", [lang])
+        asterisk.build_corpus(root, [lang], path, overwrite=path.exists(), progress=False)
     return str(path)
 
 
@@ -124,6 +141,12 @@ def scored(base, expert, utterances, cache: Path | None = None) -> dict:
     return out
 
 
+def _train_size(data: str) -> int:
+    from trainers.corpus.loading import load_corpus
+
+    return len(load_corpus(data)["train"])
+
+
 def plot(results: dict, path: Path) -> None:
     """The search plot (validation WER against the fusion weights) from a results file's trials."""
     from trainers.fusion import SearchResult, Trial, plot_search
@@ -158,6 +181,10 @@ def run(args, results: dict, save) -> None:
         elif kind == "synth":
             name = f"{lang}-espeak"
             expert, secs = trained(name, synth_corpus(lang, args), lang, None, args)
+        elif kind == "asterisk":
+            name = f"{lang}-asterisk"
+            expert, secs = trained(name, asterisk_corpus(lang, args), lang, None, args)
+            results.setdefault("asterisk_sizes", {})[lang] = _train_size(asterisk_corpus(lang, args))
         else:
             name = f"{lang}-real-{args.real_support_train}"
             expert, secs = trained(name, args.data, lang, args.real_support_train, args)
@@ -222,6 +249,8 @@ def table(results: dict) -> str:
               f"search {rows['fused']['search_minutes']:.1f} min. "
               + "".join(f"Synthetic {lang}: {n} espeak-ng utterances (70% trained on). "
                         for lang, n in results.get("synth_sizes", {}).items())
+              + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
+                        for lang, n in results.get("asterisk_sizes", {}).items())
               + f"Command: `{results['command']}`\n")
     return "\n".join(md)
 
@@ -231,11 +260,12 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="cs", help="target language (default cs)")
     p.add_argument("--target-train", type=int, default=100, help="real training clips of the target (default 100)")
     p.add_argument("--supports", default="sk:synth,pl:synth,cs:synth,nl:real",
-                   help="LANG:synth, LANG:real or LANG=FILE, comma-separated (default sk:synth,pl:synth,cs:synth,"
-                        "nl:real)")
+                   help="LANG:synth, LANG:real, LANG:asterisk or LANG=FILE, comma-separated "
+                        "(default sk:synth,pl:synth,cs:synth,nl:real)")
     p.add_argument("--real-support-train", type=int, default=300, help="real clips of a LANG:real support")
     p.add_argument("--synth-per-language", type=int, default=700, help="utterances of a made espeak-ng corpus")
-    p.add_argument("--synth-dir", default="data", help="where espeak-ng corpora are (made if missing)")
+    p.add_argument("--synth-dir", default="data", help="where the supports' corpora are, espeak-ng <LANG>-espeak "
+                   "and Asterisk asterisk-<LANG> (made if missing)")
     p.add_argument("--data", default="data/fillets", help="the real corpus (whisper-experts corpus fetch fillets)")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")

@@ -74,10 +74,18 @@ installed game instead. Whole game levels go to train / validation / test (about
 always the same levels), so no test scene is trained on. Empty or undecodable clips are skipped and counted.
 The import is `corpus from-dir` over a metadata.jsonl listing the game's clips.
 
+`asterisk`: the voice prompts of the Asterisk telephone exchange (CC-BY-SA-3.0), one professional speaker per
+language, about 560 prompts (25 min) each, in English, Spanish, French, Italian and Russian (packages
+asterisk-core-sounds-<lang> and -<lang>-g722, wide-band G.722). Phone-menu lines, numbers, dates, letters;
+tones and silences are left out. One speaker, shared phrases: prompts are dealt to the splits one by one (by a
+hash of their name), so its test split is an optimistic one. The project uses Russian as real speech of a
+language related to Czech.
+
 examples:
   whisper-experts corpus fetch fillets --languages cs,nl --out data/fillets
   whisper-experts corpus fetch fillets --languages cs --out data/fillets-cs
   whisper-experts corpus fetch fillets --from /usr/share/games/fillets-ng --languages nl --out data/fillets-nl
+  whisper-experts corpus fetch asterisk --languages ru --out data/asterisk-ru
 """
 
 INFO_DESCRIPTION = """\
@@ -204,18 +212,19 @@ def _from_dir(args) -> int:
 
 def _fetch(args) -> int:
     from registry.home import home_dir
-    from trainers.corpus import fillets
+    from trainers.corpus import asterisk, fillets
     from trainers.corpus.loading import load_corpus
 
-    languages = split_list(args.languages) or list(fillets.LANGUAGES)
+    source = {"fillets": fillets, "asterisk": asterisk}[args.source]
+    languages = split_list(args.languages) or list(source.LANGUAGES)
     if args.source_dir:
-        game = fillets.game_root(args.source_dir)
+        root = fillets.game_root(args.source_dir) if source is fillets else Path(args.source_dir)
     else:
-        cache = Path(args.cache) if args.cache else home_dir() / "downloads" / "fillets"
-        print(f"fetching Debian's Fish Fillets NG packages into {cache}")
-        game = fillets.fetch_packages(cache, languages)
-    made = fillets.build_corpus(game, languages, args.out, overwrite=args.overwrite,
-                                split=args.split or (0.7, 0.1, 0.2))
+        cache = Path(args.cache) if args.cache else home_dir() / "downloads" / args.source
+        print(f"fetching Debian's {args.source} packages for {','.join(languages)} into {cache}")
+        root = source.fetch_packages(cache, languages)
+    made = source.build_corpus(root, languages, args.out, overwrite=args.overwrite,
+                               split=args.split or (0.7, 0.1, 0.2))
     print(f"{made['clips']} clips with transcripts; {sum(made['unrecorded_lines'].values())} lines without a "
           "recording left out")
     _report_skipped(made["skipped"])
@@ -318,17 +327,19 @@ def register(subparsers) -> None:
                          help="leave out rows whose audio cannot be decoded or is empty (listed at the end)")
     from_hf.set_defaults(func=_from_hf)
 
-    fetch = _sub(sub, "fetch", "make a real-speech corpus from a public source (fillets: Czech, Dutch)",
-                 FETCH_DESCRIPTION)
-    fetch.add_argument("source", choices=["fillets"], help="fillets: Fish Fillets NG voice acting (Debian)")
+    fetch = _sub(sub, "fetch", "make a real-speech corpus from a public source (fillets: Czech, Dutch; "
+                 "asterisk: en, es, fr, it, ru phone prompts)", FETCH_DESCRIPTION)
+    fetch.add_argument("source", choices=["fillets", "asterisk"],
+                       help="fillets: Fish Fillets NG voice acting; asterisk: Asterisk voice prompts (both Debian)")
     fetch.add_argument("--out", required=True, help="output corpus directory")
-    fetch.add_argument("--languages", help="comma-separated, among cs,nl (default both)")
+    fetch.add_argument("--languages", help="comma-separated; fillets: among cs,nl, asterisk: among en,es,fr,it,ru "
+                                           "(default all)")
     fetch.add_argument("--cache", help="where the packages are downloaded and unpacked "
-                                       "(default <home>/downloads/fillets)")
+                                       "(default <home>/downloads/<source>)")
     fetch.add_argument("--from", dest="source_dir", metavar="DIR",
                        help="an unpacked copy of the packages (or the game directory) instead of downloading")
     fetch.add_argument("--split", type=_fractions, metavar="TRAIN,VAL,TEST",
-                       help="shares of clips by whole levels (default 0.7,0.1,0.2)")
+                       help="shares of clips (fillets: by whole levels; asterisk: by prompt; default 0.7,0.1,0.2)")
     fetch.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
     fetch.set_defaults(func=_fetch)
 

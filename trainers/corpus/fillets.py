@@ -10,32 +10,27 @@ transcripts, one Lua file per game level and language::
 
 ``fetch_packages`` downloads and unpacks the packages with ``apt-get download`` + ``dpkg-deb -x`` (no root,
 no install); ``read_dialogs`` pairs clips with their lines; ``split_levels`` deals whole game levels to
-train / validation / test, so a test scene and its sentences are never trained on; ``audiofolder`` writes
-an ``audiofolder`` ``metadata.jsonl`` (in a temporary folder), and the import itself is
+train / validation / test, so a test scene and its sentences are never trained on; the import itself is
+:func:`trainers.corpus.debian.import_listing`, an ``audiofolder`` listing read by
 :func:`trainers.corpus.importers.corpus_from_dir`, the path a user's own recordings take. ``build_corpus``
 does all of it (``corpus fetch fillets`` and the quickstart call it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.corpus.debian import fetch_debs, import_listing
 from trainers.corpus.languages import CorpusError
 
 GAME_DIR = Path("usr/share/games/fillets-ng")
 LANGUAGES = ("cs", "nl")  # the languages Debian ships voice packages for
 DATA_PACKAGE = "fillets-ng-data"
-METADATA = "metadata.jsonl"
 # A Lua string literal in double quotes, with backslash escapes.
 _STRING = r'"((?:[^"\\]|\\.)*)"'
 _CALL = re.compile(r"\b(dialogId|dialogStr)\s*\(\s*" + _STRING
@@ -144,26 +139,10 @@ def split_levels(counts: dict[str, int], fractions: tuple[float, float, float] =
     return out
 
 
-@contextlib.contextmanager
-def audiofolder(game: Path, clips: Iterable[Clip], splits: dict[str, str]) -> Iterator[Path]:
-    """A temporary ``audiofolder`` over the game's clips: ``metadata.jsonl`` (file_name, transcription, language,
-    split, speaker) beside a ``sound`` link to the game's sound directory, which is never written to (it may
-    be an installed, read-only game). :func:`trainers.corpus.importers.corpus_from_dir` reads it."""
-    with tempfile.TemporaryDirectory(prefix="fillets-") as tmp:
-        folder = Path(tmp)
-        (folder / "sound").symlink_to((game / "sound").resolve(), target_is_directory=True)
-        with (folder / METADATA).open("w", encoding="utf-8") as f:
-            for c in clips:
-                f.write(json.dumps({"file_name": c.audio.relative_to(game).as_posix(), "transcription": c.text,
-                                    "language": c.language, "split": splits[c.level], "speaker": c.speaker},
-                                   ensure_ascii=False) + "\n")
-        yield folder
-
-
 def fetch_packages(dest: str | os.PathLike, languages: Sequence[str] = LANGUAGES) -> Path:
     """Download Debian's Fish Fillets NG data packages for ``languages`` and unpack them into ``dest``.
 
-    Uses ``apt-get download`` (no root needed, nothing installed) and ``dpkg-deb -x``. Packages already
+    Uses :func:`trainers.corpus.debian.fetch_debs` (no root needed, nothing installed); packages already
     unpacked there are not fetched again.
 
     Returns:
@@ -173,26 +152,7 @@ def fetch_packages(dest: str | os.PathLike, languages: Sequence[str] = LANGUAGES
     unknown = sorted(set(languages) - set(LANGUAGES))
     if unknown:
         raise FilletsError(f"no Fish Fillets voice package for {', '.join(unknown)}; Debian has {', '.join(LANGUAGES)}")
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise FilletsError(f"{tool} not found: fetching the Fish Fillets packages needs Debian or Ubuntu; on "
-                               f"another system unpack the .deb files yourself and pass their root with --from")
-    stamps = dest / ".fetched"
-    wanted = [DATA_PACKAGE] + [f"{DATA_PACKAGE}-{lang}" for lang in languages]
-    todo = [p for p in wanted if not (stamps / p).is_file()]
-    if todo:
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-            run = subprocess.run(["apt-get", "download", *todo], cwd=tmp, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise FilletsError(
-                    f"apt-get download {' '.join(todo)} failed: {run.stderr.strip().splitlines()[-1:] or '?'}; "
-                    f"check the network and run `apt-get update` (packages are in Debian and Ubuntu 'main')")
-            for deb in sorted(Path(tmp).glob("*.deb")):
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
-            stamps.mkdir(exist_ok=True)
-            for p in todo:
-                (stamps / p).touch()
+    fetch_debs(dest, [DATA_PACKAGE] + [f"{DATA_PACKAGE}-{lang}" for lang in languages], FilletsError)
     return game_root(dest)
 
 
@@ -206,20 +166,18 @@ def build_corpus(game: Path, languages: Sequence[str], out: str | os.PathLike, *
     """
     from collections import defaultdict
 
-    from trainers.corpus.importers import corpus_from_dir
-    from trainers.corpus.loading import save_corpus
-
     clips, missing = read_dialogs(game, languages)
     counts: dict[str, int] = defaultdict(int)
     for clip in clips:
         counts[clip.level] += 1
     splits = split_levels(dict(counts), split)
     skipped: list[tuple[str, str]] = []
-    with audiofolder(game, clips, splits) as folder:
-        corpus = corpus_from_dir(folder, skip_bad=True, skipped=skipped, progress=progress)
-    save_corpus(corpus, out, overwrite=overwrite, progress=False, card={
-        "kind": "recorded", "source": "fish-fillets-ng (Debian packages fillets-ng-data, fillets-ng-data-"
-        + ", fillets-ng-data-".join(languages) + "; GPL-2)", "split": "by game level",
-        "levels": {s: sorted(lvl for lvl, v in splits.items() if v == s) for s in ("train", "validation", "test")},
-        "skipped": len(skipped), "unrecorded_lines": missing})
+    rows = ({"file_name": c.audio.relative_to(game / "sound").as_posix(), "transcription": c.text,
+             "language": c.language, "split": splits[c.level], "speaker": c.speaker} for c in clips)
+    card = {"kind": "recorded", "source": "fish-fillets-ng (Debian packages fillets-ng-data, fillets-ng-data-"
+            + ", fillets-ng-data-".join(languages) + "; GPL-2)", "split": "by game level",
+            "levels": {s: sorted(lvl for lvl, v in splits.items() if v == s) for s in ("train", "validation", "test")},
+            "unrecorded_lines": missing}
+    import_listing(game / "sound", rows, out, link="sound", card=card, overwrite=overwrite, progress=progress,
+                   skipped=skipped)
     return {"clips": len(clips), "unrecorded_lines": missing, "skipped": skipped}
