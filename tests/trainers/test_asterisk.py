@@ -96,8 +96,9 @@ def test_fetch_from_an_unpacked_copy_writes_a_corpus_split_by_prompt(tmp_path, c
     assert {s: set(load_corpus(again)[s]["id"]) for s in corpus} == ids
 
 
-def test_fetch_refuses_a_language_without_a_package(tmp_path):
+def test_fetch_and_read_refuse_a_language_without_a_package(tmp_path):
     from trainers.corpus.asterisk import fetch_packages
 
-    with pytest.raises(AsteriskError, match="no Asterisk sound package for cs; Debian has en, es, fr, it, ru"):
-        fetch_packages(tmp_path, ["cs"])
+    for call in (fetch_packages, read_prompts):
+        with pytest.raises(AsteriskError, match="no Asterisk sound package for cs; Debian has en, es, fr, it, ru"):
+            call(tmp_path, ["cs"])

@@ -77,6 +77,12 @@ def parse_transcripts(listing: str) -> list[tuple[str, str]]:
     return out
 
 
+def _check_languages(languages: Sequence[str]) -> None:
+    unknown = sorted(set(languages) - set(LANGUAGES))
+    if unknown:
+        raise AsteriskError(f"no Asterisk sound package for {', '.join(unknown)}; Debian has {', '.join(LANGUAGES)}")
+
+
 def _voice_dir(root: Path, language: str) -> Path | None:
     sounds = root / SOUNDS
     voices = sorted(p for p in sounds.glob(f"{language}_*") if p.is_dir()) if sounds.is_dir() else []
@@ -103,6 +109,7 @@ def read_prompts(root: str | os.PathLike, languages: Sequence[str]) -> tuple[lis
     Raises:
         AsteriskError: a language's transcripts or recordings are not there (naming the package to fetch).
     """
+    _check_languages(languages)
     root = Path(root).expanduser()
     prompts, missing = [], {}
     for lang in languages:
@@ -126,9 +133,7 @@ def read_prompts(root: str | os.PathLike, languages: Sequence[str]) -> tuple[lis
 
 def fetch_packages(dest: str | os.PathLike, languages: Sequence[str]) -> Path:
     """Download and unpack the transcript and G.722 packages of ``languages`` into ``dest``; return ``dest``."""
-    unknown = sorted(set(languages) - set(LANGUAGES))
-    if unknown:
-        raise AsteriskError(f"no Asterisk sound package for {', '.join(unknown)}; Debian has {', '.join(LANGUAGES)}")
+    _check_languages(languages)
     return fetch_debs(dest, [p for lang in languages for p in packages(lang)], AsteriskError)
 
 
