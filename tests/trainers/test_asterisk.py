@@ -18,6 +18,7 @@ LISTING = """; Core Asterisk Sounds in Russian
 
 activated: Активировано
 beep: [this is a simple beep tone]
+confbridge-join: <beep ascending>
 conf-adminmenu: conf-adminmenu: Нажмите 1, чтобы выключить микрофон.
 is:
 letters/dot: Точка [.]

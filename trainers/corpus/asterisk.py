@@ -8,9 +8,10 @@ each), and ``asterisk-core-sounds-<lang>`` the transcripts, one ``name: text`` l
     usr/share/doc/asterisk-core-sounds-<lang>/core-sounds-<lang>.txt.gz
 
 Prompts are menu lines, voicemail messages, numbers, dates, letters ("Нажмите решётку"); tones and silences
-(transcribed ``[beep]``, ``(10 seconds of silence)``) are left out. There is one speaker per language and
-prompts share phrases, so clips are dealt to train / validation / test one by one (by a hash of their name):
-the test split is the same voice and the same phone-menu register, an optimistic test of a language expert.
+(transcribed ``[beep]``, ``<beep ascending>``, ``(10 seconds of silence)``) are left out. There is one speaker
+per language and prompts share phrases, so clips are dealt to train / validation / test one by one (by a hash
+of their name): the test split is the same voice and the same phone-menu register, an optimistic test of a
+language expert.
 The project uses Russian as real speech of a related language for a Czech expert (issue 16 item 3).
 
 ``fetch_packages`` downloads and unpacks the packages (:func:`trainers.corpus.debian.fetch_debs`),
@@ -60,9 +61,10 @@ def packages(language: str) -> list[str]:
 def parse_transcripts(listing: str) -> list[tuple[str, str]]:
     """``(name, text)`` for each ``name: text`` line of a ``core-sounds-<lang>.txt`` listing.
 
-    Comments (``;``) and empty lines are skipped; bracketed notes (``[ascending tones]``, ``Точка [.]``) are
-    removed; a line whose text is empty or only a parenthesized description (``(1 second of silence)``) is
-    left out; a text that repeats its name first (``conf-adminmenu: conf-adminmenu: ...``) loses the repeat.
+    Comments (``;``) and empty lines are skipped; bracketed notes (``[ascending tones]``, ``Точка [.]``,
+    ``<beep ascending>``) are removed; a line whose text is empty or only a parenthesized description
+    (``(1 second of silence)``) is left out; a text that repeats its name first
+    (``conf-adminmenu: conf-adminmenu: ...``) loses the repeat.
     """
     out = []
     for line in listing.splitlines():
@@ -71,7 +73,7 @@ def parse_transcripts(listing: str) -> list[tuple[str, str]]:
             continue
         name, text = (part.strip() for part in line.split(":", 1))
         text = text.removeprefix(f"{name}:")
-        text = " ".join(re.sub(r"\[[^\]]*\]", " ", text).split())
+        text = " ".join(re.sub(r"\[[^\]]*\]|<[^>]*>", " ", text).split())
         if name and text and not re.fullmatch(r"\([^)]*\)", text):
             out.append((name, text))
     return out
