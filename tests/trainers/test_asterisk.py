@@ -103,3 +103,16 @@ def test_fetch_and_read_refuse_a_language_without_a_package(tmp_path):
     for call in (fetch_packages, read_prompts):
         with pytest.raises(AsteriskError, match="no Asterisk sound package for cs; Debian has en, es, fr, it, ru"):
             call(tmp_path, ["cs"])
+
+
+def test_a_cache_that_cannot_be_written_is_named_with_the_fix(tmp_path, monkeypatch):
+    import shutil
+
+    from trainers.corpus.asterisk import fetch_packages
+
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/bin/{tool}")  # not reached: the cache fails first
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(AsteriskError, match=r"cannot download asterisk-core-sounds-ru, .* into .*a-file/cache: "
+                                            r".*; pass --cache DIR on a writable disk"):
+        fetch_packages(blocker / "cache", ["ru"])

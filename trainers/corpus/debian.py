@@ -25,7 +25,8 @@ def fetch_debs(dest: str | os.PathLike, packages: Sequence[str], error: type[Cor
     leaves nothing half-unpacked behind it: the ``.deb`` files go to a temporary folder inside ``dest``.
 
     Raises:
-        error: the tools are missing (not Debian or Ubuntu), or ``apt-get download`` failed (its last line).
+        error: the tools are missing (not Debian or Ubuntu), ``dest`` cannot be written, or ``apt-get download``
+            or ``dpkg-deb`` failed (their last line).
 
     Returns:
         ``dest``.
@@ -37,19 +38,29 @@ def fetch_debs(dest: str | os.PathLike, packages: Sequence[str], error: type[Cor
                         f"system unpack the .deb files yourself and pass their root with --from")
     stamps = dest / ".fetched"
     todo = [p for p in packages if not (stamps / p).is_file()]
-    if todo:
+    if not todo:
+        return dest
+    try:
         dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-            run = subprocess.run(["apt-get", "download", *todo], cwd=tmp, capture_output=True, text=True)
-            if run.returncode != 0:
-                raise error(
-                    f"apt-get download {' '.join(todo)} failed: {run.stderr.strip().splitlines()[-1:] or '?'}; "
-                    f"check the network and run `apt-get update` (the packages are in Debian and Ubuntu 'main')")
-            for deb in sorted(Path(tmp).glob("*.deb")):
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
-            stamps.mkdir(exist_ok=True)
-            for p in todo:
-                (stamps / p).touch()
+        download = tempfile.TemporaryDirectory(dir=dest, prefix=".download-")
+    except OSError as err:
+        raise error(f"cannot download {', '.join(todo)} into {dest}: {err.strerror or err}; pass --cache DIR on a "
+                    f"writable disk with room for the packages") from err
+    with download as tmp:
+        run = subprocess.run(["apt-get", "download", *todo], cwd=tmp, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise error(
+                f"apt-get download {' '.join(todo)} failed: {run.stderr.strip().splitlines()[-1:] or '?'}; "
+                f"check the network and run `apt-get update` (the packages are in Debian and Ubuntu 'main')")
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            unpack = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True)
+            if unpack.returncode != 0:
+                raise error(f"dpkg-deb could not unpack {deb.name} into {dest}: "
+                            f"{unpack.stderr.strip().splitlines()[-1:] or '?'}; free some space or pass --cache DIR "
+                            f"on another disk, then run the command again (what was unpacked is fetched again)")
+        stamps.mkdir(exist_ok=True)
+        for p in todo:
+            (stamps / p).touch()
     return dest
 
 
