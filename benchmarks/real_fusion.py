@@ -183,8 +183,9 @@ def run(args, results: dict, save) -> None:
             expert, secs = trained(name, synth_corpus(lang, args), lang, None, args)
         elif kind == "asterisk":
             name = f"{lang}-asterisk"
-            expert, secs = trained(name, asterisk_corpus(lang, args), lang, None, args)
-            results.setdefault("asterisk_sizes", {})[lang] = _train_size(asterisk_corpus(lang, args))
+            data = asterisk_corpus(lang, args)
+            expert, secs = trained(name, data, lang, None, args)
+            results.setdefault("asterisk_sizes", {})[lang] = _train_size(data)
         else:
             name = f"{lang}-real-{args.real_support_train}"
             expert, secs = trained(name, args.data, lang, args.real_support_train, args)
