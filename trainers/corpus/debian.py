@@ -21,8 +21,9 @@ from trainers.corpus.languages import CorpusError
 def fetch_debs(dest: str | os.PathLike, packages: Sequence[str], error: type[CorpusError] = CorpusError) -> Path:
     """Download ``packages`` with ``apt-get download`` and unpack each into ``dest`` with ``dpkg-deb -x``.
 
-    Packages already unpacked there (stamped under ``dest/.fetched``) are not fetched again. A failed download
-    leaves nothing half-unpacked behind it: the ``.deb`` files go to a temporary folder inside ``dest``.
+    Packages already unpacked there (stamped under ``dest/.fetched``) are not fetched again. The ``.deb`` files
+    go to a temporary folder inside ``dest`` and are removed after; no package is stamped before all of them are
+    unpacked, so after a failure the next call fetches and unpacks them all again.
 
     Raises:
         error: the tools are missing (not Debian or Ubuntu), ``dest`` cannot be written, or ``apt-get download``
