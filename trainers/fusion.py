@@ -372,3 +372,34 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_similarity(sim, path: str, title: str = "") -> str:
+    """PNG heatmaps of a :class:`~lora_experts.similarity.Similarity`: encoder, decoder and all deltas, each
+    cell's cosine written in it and each expert's delta norm on the diagonal (where the cosine is 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in ("encoder", "decoder", "all") if any(x > 0 for x in sim.norms[g])]
+    n = len(sim.names)
+    side = max(3.2, 0.75 * n + 1.2)
+    fig, axes = plt.subplots(1, len(groups), figsize=(side * len(groups) + 1.5, side + 0.8), squeeze=False,
+                             sharey=True, layout="constrained")
+    for k, (ax, group) in enumerate(zip(axes[0], groups)):
+        image = ax.imshow(sim.cosine[group], vmin=-1, vmax=1, cmap="RdBu_r")
+        for i in range(n):
+            for j in range(n):
+                value = sim.cosine[group][i][j]
+                text = ("–" if value != value else f"{value:.2f}") if i != j else f"|Δ|\n{sim.norms[group][i]:.2g}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if i == j else "black")
+        ax.set_xticks(range(n), sim.names, rotation=45, ha="right", fontsize=8)
+        if k == 0:
+            ax.set_yticks(range(n), sim.names, fontsize=8)
+        ax.set_title(f"{group} deltas")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine")
+    fig.suptitle(title or "cosine similarity of the experts' task vectors (diagonal: each delta's norm)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

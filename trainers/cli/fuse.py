@@ -24,6 +24,10 @@ changes run once on the dev set. A PNG of dev WER against the weights is written
 
 Without --target: a multi-language merge with fixed weights (--weights, or the method's defaults).
 
+--similarity fuses nothing: it prints how alike the experts are (cosine similarity of their task vectors, the
+encoder's and the decoder's deltas apart, and each delta's norm) and draws it as a heatmap. A support whose
+delta is near-orthogonal to the target's (cosine about 0) and larger adds mostly its own change to a fusion.
+
 Methods: linear (exact sum, stored as concatenated LoRA ranks), svd (exact sum truncated to --option rank=R),
 task_arithmetic (target + lam x mean of supports), ties (--option density=, lam=), dare_linear / dare_ties
 (--option drop_rate=), magnitude_prune (--option density=), lors (--option rank_ratio=, density=,
@@ -40,6 +44,7 @@ examples:
   whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \\
       --name cs-fused-dec
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
+  whisper-experts fuse --similarity --experts cs-real-100,sk-espeak,runs/real/nl.safetensors --run-dir runs/sim
 """
 
 
@@ -65,6 +70,8 @@ def _run(args) -> int:
             opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
             print(f"{name:16s} {opts}")
         return 0
+    if args.similarity:
+        return _similarity(args)
     from inference.kinds import expert_kind
     from registry.bases import load_base
     from registry.expert_file import check_compatible
@@ -144,6 +151,30 @@ def _run(args) -> int:
     return 0
 
 
+def _similarity(args) -> int:
+    """``--similarity``: the cosine matrices and norms of the experts' task vectors (printed, JSON, PNG)."""
+    from lora_experts.similarity import expert_similarity
+    from registry.lookup import open_expert
+    from trainers.fusion import plot_similarity
+
+    names = split_list(args.experts)
+    if not names or len(names) < 2:
+        raise ValueError("--similarity compares experts: give --experts A,B,... (registry specs or expert files)")
+    experts = [open_expert(n, args.registry)[0] for n in names]
+    labels = [Path(n).stem if Path(n).expanduser().is_file() else n for n in names]
+    sim = expert_similarity(experts, labels)
+    for group in ("encoder", "decoder", "all"):
+        print(sim.markdown(group) + "\n")
+    run_dir = Path(args.run_dir or Path("runs") / "similarity")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "similarity.json").write_text(json.dumps({"experts": names, **sim.as_dict()}, indent=2))
+    try:
+        print(f"plot: {plot_similarity(sim, str(run_dir / 'similarity.png'))}")
+    except ImportError:
+        print("(no plot: pip install matplotlib)")
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("fuse", help="fuse experts (weights searched on dev WER) or merge languages",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,4 +201,8 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="fuse experts trained on another base anyway")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and their options")
+    p.add_argument("--similarity", action="store_true",
+                   help="fuse nothing: print the cosine similarity and norms of the experts' task vectors "
+                        "(encoder, decoder, all) and write similarity.json and .png to --run-dir "
+                        "(default runs/similarity)")
     p.set_defaults(func=_run)
