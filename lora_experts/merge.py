@@ -147,14 +147,20 @@ def merge(task_vectors: Sequence[Mapping[str, Delta]], weights: Sequence[float] 
     return MergeResult(merged, method, weights, recorded, errors, relative_error(errors, norms) if errors else None)
 
 
-def _common_base(parents: Sequence[Expert], names: Sequence[str]) -> dict:
+def common_base(parents: Sequence[Expert], names: Sequence[str], verb: str = "fused") -> dict:
+    """The base model record the experts share (their manifests' ``base``).
+
+    Raises:
+        ValueError: two experts of different bases, named with both fingerprints (their deltas cannot be
+            ``verb``: they live in different weight spaces).
+    """
     first = parents[0].manifest["base"]
     for expert, name in zip(parents[1:], names[1:]):
         other = expert.manifest["base"]
         if other.get("fingerprint") != first.get("fingerprint"):
             raise ValueError(f"expert {name} was trained on base {other.get('name')} ({other.get('fingerprint')}) "
                              f"but {names[0]} on {first.get('name')} ({first.get('fingerprint')}); only experts of "
-                             "one base model can be fused")
+                             f"one base model can be {verb}")
     return first
 
 
@@ -174,7 +180,7 @@ def fused_expert(result: MergeResult, parents: Sequence[Expert], names: Sequence
     if len(names) != len(parents) or (result.weights is not None and len(result.weights) != len(parents)):
         raise ValueError(f"{len(parents)} parents, {len(names)} names and {len(result.weights or parents)} weights; "
                          "give one of each per fused expert, in the order they were merged")
-    base = _common_base(parents, names)
+    base = common_base(parents, names)
     if languages is None:
         pool = parents[:1] if result.method == "task_arithmetic" else parents
         languages = list(dict.fromkeys(lang for p in pool for lang in p.languages))
@@ -197,6 +203,6 @@ def fuse_experts(experts: Sequence[Expert], weights: Sequence[float] | None = No
                  names: Sequence[str] | None = None, languages: Sequence[str] | None = None, seed: int = 0,
                  device: str | torch.device | None = None, **options) -> tuple[Expert, MergeResult]:
     """Fuse stored ``lora`` / ``task_vector`` experts into one expert (see :func:`merge`, :func:`fused_expert`)."""
-    _common_base(experts, list(names) if names is not None else [f"#{i}" for i in range(len(experts))])
+    common_base(experts, list(names) if names is not None else [f"#{i}" for i in range(len(experts))])
     result = merge([task_vector(e) for e in experts], weights, method, seed=seed, device=device, **options)
     return fused_expert(result, experts, names, languages=languages), result

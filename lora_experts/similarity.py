@@ -126,13 +126,8 @@ def expert_similarity(experts: Sequence, names: Sequence[str]) -> Similarity:
         ValueError: experts of different base models (their deltas live in different weight spaces), or a kind
             without a task vector (``clsr``), named with the reason.
     """
+    from lora_experts.merge import common_base
     from lora_experts.task_vectors import task_vector
 
-    first = experts[0].manifest["base"]
-    for expert, name in zip(experts[1:], names[1:]):
-        other = expert.manifest["base"]
-        if other.get("fingerprint") != first.get("fingerprint"):
-            raise ValueError(f"expert {name} was trained on base {other.get('name')} ({other.get('fingerprint')}) "
-                             f"but {names[0]} on {first.get('name')} ({first.get('fingerprint')}); only experts "
-                             "of one base model can be compared")
+    common_base(experts, names, verb="compared")
     return similarity([task_vector(e) for e in experts], names)
