@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-train", type=int, default=50, help="target training utterances (default 50)")
     p.add_argument("--support-train", type=int, default=400, help="support training utterances (default 400)")
     p.add_argument("--method", default="linear")
-    p.add_argument("--search", default="grid", choices=["grid", "bayes"])
+    p.add_argument("--search", default="grid", choices=["grid", "interpolate", "bayes"])
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=1, help="corpus seed (default 1, as benchmarks/expert_wer.py)")

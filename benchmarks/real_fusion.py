@@ -24,7 +24,8 @@ Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips
 Every expert trained here uses ``train``'s default recipe (rank 16, decoder + encoder layers 3.., bf16 where
 native; at most ``--epochs`` epochs, best validation WER kept) and is cached under ``--runs``. The fusion
 weights (target first) are searched on the target's real validation WER (``trainers.fusion.fuse_for_target``,
-``--search bayes``: every weight free, or ``grid``: one lambda for the pooled supports), the target alone always
+``--search bayes``: every weight free, ``grid``: one lambda for the pooled supports, or ``interpolate``: the
+target's weight 1 - lambda), the target alone always
 among the candidates. Test rows: whisper-base, the target expert alone, each support alone, the fused expert;
 WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
 (rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/fillets", help="the real corpus (whisper-experts corpus fetch fillets)")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")
-    p.add_argument("--search", default="bayes", choices=["grid", "bayes"])
+    p.add_argument("--search", default="bayes", choices=["grid", "interpolate", "bayes"])
     p.add_argument("--support-scope", default="all", choices=["all", "decoder"],
                    help="fuse the supports' decoder deltas only (decoder) or all of them (default all)")
     p.add_argument("--trials", type=int, default=12)

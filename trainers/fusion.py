@@ -12,10 +12,13 @@ Search strategies (:func:`candidate_weights`):
 
 - ``grid``: the task-arithmetic paper's lambda in [0, 1]: weights ``[1, lambda/n, ..., lambda/n]`` for the target
   and its n supports (the pooled support scaled by lambda).
+- ``interpolate``: weight interpolation (model soups): ``[1 - lambda, lambda/n, ..., lambda/n]`` for lambda in
+  [0, 1], so the weights always sum to 1. For supports as strong as the target and pointing the same way (an
+  expert of the same language trained on other clips), where adding them at full weight overshoots.
 - ``bayes``: Optuna's TPE sampler over every weight in [-1.5, 1.5] (LoraHub's range), minimizing
   ``WER + l1 * sum |w|`` (LoraHub's L1 penalty).
 
-Both always try the target-only point ``[1, 0, ..., 0]`` first, and the result is the trial with the lowest dev
+Every search tries the target-only point ``[1, 0, ..., 0]`` first, and the result is the trial with the lowest dev
 WER, so the fused expert is never worse on dev than the target expert alone.
 """
 
@@ -38,7 +41,7 @@ from registry.expert_file import Expert
 from trainers.data import encode_from, encode_until
 
 FUSION_ADAPTER = "fusion"
-SEARCHES = ("fixed", "grid", "bayes")
+SEARCHES = ("fixed", "grid", "interpolate", "bayes")
 
 
 @dataclass
@@ -188,13 +191,16 @@ class FusionApplier:
 
 def candidate_weights(search: str, n: int, trials: int, *,
                       bounds: tuple[float, float] = (-1.5, 1.5)) -> list[list[float]]:
-    """The weight vectors a non-adaptive search tries (``grid``), target first; ``bayes`` proposes its own."""
-    if search != "grid":
-        raise ValueError(f"candidate_weights is for the grid search, not {search!r}")
+    """The weight vectors a non-adaptive search tries (``grid``, ``interpolate``), the target alone first; ``bayes``
+    proposes its own."""
+    if search not in ("grid", "interpolate"):
+        raise ValueError(f"candidate_weights is for the grid and interpolate searches, not {search!r}")
     if n == 1:
         return [[1.0]]
     steps = max(2, trials)
-    return [[1.0] + [lam / (n - 1)] * (n - 1) for lam in (i / (steps - 1) for i in range(steps))]
+    lams = [i / (steps - 1) for i in range(steps)]
+    target = (lambda lam: 1.0) if search == "grid" else (lambda lam: round(1.0 - lam, 6))
+    return [[target(lam)] + [lam / (n - 1)] * (n - 1) for lam in lams]
 
 
 def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "grid", trials: int = 11, *,
@@ -204,7 +210,7 @@ def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "
 
     Args:
         score: weights -> ``{"wer", "cer"}`` on the dev set (applies the fusion, decodes, scores).
-        search: ``fixed`` (just ``weights``), ``grid`` or ``bayes`` (see the module docstring).
+        search: ``fixed`` (just ``weights``), ``grid``, ``interpolate`` or ``bayes`` (see the module docstring).
         trials: candidates to score, the target-only point included.
         l1: ``bayes``: penalty on ``sum |w|`` added to the WER in the search objective (not in the choice).
         bounds: ``bayes``: range of every weight.
@@ -234,8 +240,8 @@ def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "
         if weights is None or len(weights) != n:
             raise ValueError(f"fixed weights need one weight per expert ({n}), e.g. --weights 0.7,0.3")
         run([float(x) for x in weights])
-    elif search == "grid":
-        for w in candidate_weights("grid", n, trials):
+    elif search in ("grid", "interpolate"):
+        for w in candidate_weights(search, n, trials):
             run(w)
     else:
         try:

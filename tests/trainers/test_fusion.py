@@ -98,6 +98,18 @@ def test_grid_starts_from_the_target_alone_and_scales_the_pooled_support():
     assert candidate_weights("grid", 1, 5) == [[1.0]]
 
 
+def test_interpolate_starts_from_the_target_alone_and_keeps_the_weights_summing_to_one():
+    weights = candidate_weights("interpolate", 3, 3)
+    assert weights == [[1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.0, 0.5, 0.5]]
+    assert all(sum(w) == pytest.approx(1.0) for w in candidate_weights("interpolate", 2, 6))
+    seen = []
+    result = search_weights(lambda w: seen.append(w) or {"wer": 0.5 + (w[0] - 0.6) ** 2, "cer": 0.2}, 2,
+                            "interpolate", 6, progress=False)
+    assert seen[0] == [1.0, 0.0] and result.best.weights == pytest.approx([0.6, 0.4])
+    with pytest.raises(ValueError, match="grid and interpolate"):
+        candidate_weights("bayes", 2, 3)
+
+
 def test_grid_search_picks_the_lowest_dev_wer():
     seen = []
 

@@ -14,8 +14,9 @@ task_vector and sparse experts (a clsr expert has no task vector and is refused,
 
 For a target language (--target, --dev): the target's own expert comes first in --experts, support experts
 of related languages after it. The fusion weights are searched on the target's validation WER: --search grid
-tries the task-arithmetic paper's lambda in [0, 1] (weights 1, lambda/n, ..., lambda/n), --search bayes runs
-Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. Both try the target alone first, so
+tries the task-arithmetic paper's lambda in [0, 1] (weights 1, lambda/n, ..., lambda/n), --search interpolate
+the same lambdas as a weight interpolation (1 - lambda, lambda/n, ...: a model soup), --search bayes runs
+Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. All try the target alone first, so
 the result is never worse on dev than the target expert. --weights fixes the weights instead (no search).
 --support-scope decoder fuses only the supports' decoder deltas and keeps the target's encoder: for supports
 trained on other speech (espeak-ng, another recording setup), whose encoder deltas learned that speech.
@@ -186,7 +187,8 @@ def register(subparsers) -> None:
     p.add_argument("--dev-limit", type=int, help="at most N dev utterances")
     p.add_argument("--method", default="linear", help="merge method (default linear; see --list-methods)")
     p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a merge method option, repeatable")
-    p.add_argument("--search", choices=["grid", "bayes"], default="grid", help="weight search (default grid)")
+    p.add_argument("--search", choices=["grid", "interpolate", "bayes"], default="grid",
+                   help="weight search (default grid; interpolate: target 1 - lambda, supports lambda)")
     p.add_argument("--trials", type=int, default=11, help="candidates scored, the target alone included (default 11)")
     p.add_argument("--weights", help="fixed weights, one per expert (no search)")
     p.add_argument("--support-scope", choices=["all", "decoder"], default="all",
