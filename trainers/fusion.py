@@ -339,8 +339,13 @@ def search_panels(result: SearchResult, names: Sequence[str]) -> tuple[list[list
     columns = [tuple(t.weights[i] for t in result.trials) for i in range(len(names))]
     panels: dict[tuple, list[int]] = {}
     fixed = []
+    # An interpolation (weights summing to 1 in every trial) moves the target against the supports: one panel
+    # for the supports says it all, the target's weight is named instead.
+    soup = len(names) > 1 and len(set(columns[0])) > 1 and all(abs(sum(t.weights) - 1) < 1e-6 for t in result.trials)
     for i, col in enumerate(columns):
-        if len(set(col)) == 1:
+        if soup and i == 0:
+            fixed.append(f"{names[0]} at 1 - the supports' weight")
+        elif len(set(col)) == 1:
             fixed.append(f"{names[i]} fixed at {col[0]:g}")
         else:
             panels.setdefault(col, []).append(i)

@@ -269,6 +269,8 @@ def test_the_search_plot_gives_one_panel_per_weight_that_moved():
 
     grid = [trial(1.0, 0.0, 0.0), trial(1.0, 0.1, 0.1), trial(1.0, 0.2, 0.2)]
     assert search_panels(SearchResult(grid, grid[1]), ["t", "a", "b"]) == ([[1, 2]], ["t fixed at 1"])
+    soup = [trial(1.0, 0.0), trial(0.6, 0.4), trial(0.2, 0.8)]
+    assert search_panels(SearchResult(soup, soup[1]), ["t", "s"]) == ([[1]], ["t at 1 - the supports' weight"])
     free = [trial(1.0, 0.0), trial(0.5, 0.3)]
     assert search_panels(SearchResult(free, free[0]), ["t", "a"]) == ([[0], [1]], [])
     one = [trial(1.0, 0.0)]
