@@ -249,6 +249,12 @@ def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir,
     assert (tmp_path / "run" / "search.png").is_file() and (tmp_path / "run" / "search.json").is_file()
     fused = registry.get("uk-fused@latest")
     assert fused.manifest["lineage"]["search"] == "grid" and len(fused.manifest["lineage"]["trials"]) == 3
+    # Fixed weights scored on dev: one row, not called the target alone.
+    assert main(["fuse", "--target", "uk", "--experts", "uk-small,ru-espeak", "--weights", "0.6,0", "--dev",
+                 str(uk_corpus), "--dev-split", "test", "--name", "uk-shrunk", "--run-dir", str(tmp_path / "run1"),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "| fixed weights | 0.6,0 |" in out and "alone" not in out
     # A multi-language merge with the method's default weights, and a method option.
     assert main(["fuse", "--experts", "uk-small,ru-espeak", "--method", "ties", "--option", "density=0.3",
                  "--name", "multi2", "--run-dir", str(tmp_path / "run2"), *common]) == 0

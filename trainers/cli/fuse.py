@@ -134,11 +134,12 @@ def _run(args) -> int:
     if dev is not None:
         target_only = result.trials[0]
         print("\n| fusion | weights | dev WER % | dev CER % |\n|---|---|---|---|")
-        print(f"| {names[0]} alone | {','.join(f'{w:g}' for w in target_only.weights)} | "
-              f"{100 * target_only.wer:.1f} | {100 * target_only.cer:.1f} |")
+        if search != "fixed":  # a search's first trial is the target alone; fixed weights are one trial
+            print(f"| {names[0]} alone | {','.join(f'{w:g}' for w in target_only.weights)} | "
+                  f"{100 * target_only.wer:.1f} | {100 * target_only.cer:.1f} |")
         b = result.best
-        print(f"| chosen ({search}, {len(result.trials)} trials) | {','.join(f'{w:g}' for w in b.weights)} | "
-              f"{100 * b.wer:.1f} | {100 * b.cer:.1f} |")
+        chosen = "fixed weights" if search == "fixed" else f"chosen ({search}, {len(result.trials)} trials)"
+        print(f"| {chosen} | {','.join(f'{w:g}' for w in b.weights)} | {100 * b.wer:.1f} | {100 * b.cer:.1f} |")
         if len(result.trials) > 1:
             try:
                 png = plot_search(result, names, str(run_dir / "search.png"),
