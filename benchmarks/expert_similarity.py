@@ -12,7 +12,6 @@ seconds on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,29 +40,19 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="expert_similarity", help="results file stem (default expert_similarity)")
     args = p.parse_args(argv)
 
-    from lora_experts.similarity import expert_similarity
-    from registry.lookup import open_expert
-    from trainers.fusion import plot_similarity
+    from trainers.fusion import write_similarity
 
     items = parse_experts(args.experts)
-    experts = [open_expert(spec, args.registry)[0] for _, spec in items]
-    labels = [label for label, _ in items]
-    sim = expert_similarity(experts, labels)
     command = recorded(Path(__file__).name, argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"command": command, "experts": dict(items), **sim.as_dict()},
-                                                      indent=2))
-    groups = ("all", "decoder", "encoder")
-    md = "\n\n".join(sim.markdown(g) for g in groups)
+    sim, png = write_similarity([spec for _, spec in items], [label for label, _ in items], out, args.name,
+                                args.registry, {"command": command, "experts": dict(items)})
+    md = "\n\n".join(sim.markdown(g) for g in ("all", "decoder", "encoder"))
     md += (f"\n\nCosine similarity of the experts' task vectors (each LoRA delta `scale * B @ A`, summed over the "
            f"modules of the group; 1 on the diagonal), and each delta's Frobenius norm. Command: `{command}`\n")
     (out / f"{args.name}.md").write_text(md)
     print(md)
-    try:
-        print(f"plot: {plot_similarity(sim, str(out / f'{args.name}.png'))}")
-    except ImportError:
-        print("(no plot: pip install matplotlib)")
+    print(f"plot: {png}" if png else "(no plot: pip install matplotlib)")
     return 0
 
 

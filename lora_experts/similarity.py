@@ -103,7 +103,7 @@ def similarity(task_vectors: Sequence[Mapping[str, Delta]], names: Sequence[str]
     gram = {g: torch.zeros(n, n, dtype=torch.float64) for g in GROUPS}
     for i in range(n):
         for j in range(i, n):
-            for key in task_vectors[i].keys() & task_vectors[j].keys():
+            for key in sorted(task_vectors[i].keys() & task_vectors[j].keys()):  # a fixed order: the same sums
                 value = delta_inner(task_vectors[i][key], task_vectors[j][key])
                 for g in {group_of(key), "all"} & set(GROUPS):
                     gram[g][i, j] += value

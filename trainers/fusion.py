@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from pathlib import Path
+
 import torch
 
 from inference.decoding import duration_bound, log_mel, transcribe_batch
@@ -199,8 +201,7 @@ def candidate_weights(search: str, n: int, trials: int, *,
         return [[1.0]]
     steps = max(2, trials)
     lams = [i / (steps - 1) for i in range(steps)]
-    target = (lambda lam: 1.0) if search == "grid" else (lambda lam: round(1.0 - lam, 6))
-    return [[target(lam)] + [lam / (n - 1)] * (n - 1) for lam in lams]
+    return [[1.0 if search == "grid" else round(1.0 - lam, 6)] + [lam / (n - 1)] * (n - 1) for lam in lams]
 
 
 def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "grid", trials: int = 11, *,
@@ -383,6 +384,28 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_similarity(specs: Sequence[str], labels: Sequence[str], out: Path, stem: str,
+                     registry: str | None = None, extra: dict | None = None):
+    """Compare the experts named by ``specs`` (files or registry specs), write ``<out>/<stem>.json`` (``extra``
+    first) and the heatmap ``<out>/<stem>.png``; what ``fuse --similarity`` and benchmarks/expert_similarity.py do.
+
+    Returns:
+        (the :class:`~lora_experts.similarity.Similarity`, the PNG's path or None without matplotlib).
+    """
+    import json
+
+    from lora_experts.similarity import expert_similarity
+    from registry.lookup import open_expert
+
+    sim = expert_similarity([open_expert(spec, registry)[0] for spec in specs], list(labels))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({**(extra or {}), **sim.as_dict()}, indent=2))
+    try:
+        return sim, plot_similarity(sim, str(out / f"{stem}.png"))
+    except ImportError:
+        return sim, None
 
 
 def plot_similarity(sim, path: str, title: str = "") -> str:

@@ -155,25 +155,17 @@ def _run(args) -> int:
 
 def _similarity(args) -> int:
     """``--similarity``: the cosine matrices and norms of the experts' task vectors (printed, JSON, PNG)."""
-    from lora_experts.similarity import expert_similarity
-    from registry.lookup import open_expert
-    from trainers.fusion import plot_similarity
+    from trainers.fusion import write_similarity
 
     names = split_list(args.experts)
     if not names or len(names) < 2:
         raise ValueError("--similarity compares experts: give --experts A,B,... (registry specs or expert files)")
-    experts = [open_expert(n, args.registry)[0] for n in names]
     labels = [Path(n).stem if Path(n).expanduser().is_file() else n for n in names]
-    sim = expert_similarity(experts, labels)
+    sim, png = write_similarity(names, labels, Path(args.run_dir or Path("runs") / "similarity"), "similarity",
+                                args.registry, {"experts": names})
     for group in ("encoder", "decoder", "all"):
         print(sim.markdown(group) + "\n")
-    run_dir = Path(args.run_dir or Path("runs") / "similarity")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "similarity.json").write_text(json.dumps({"experts": names, **sim.as_dict()}, indent=2))
-    try:
-        print(f"plot: {plot_similarity(sim, str(run_dir / 'similarity.png'))}")
-    except ImportError:
-        print("(no plot: pip install matplotlib)")
+    print(f"plot: {png}" if png else "(no plot: pip install matplotlib)")
     return 0
 
 
