@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -247,6 +248,13 @@ def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir,
     out = capsys.readouterr().out
     assert "stored uk-fused@1" in out and "| uk-small alone | 1,0 |" in out
     assert (tmp_path / "run" / "search.png").is_file() and (tmp_path / "run" / "search.json").is_file()
+    # Each support's cosine with the target is said before the search, and kept with it.
+    from lora_experts.similarity import expert_similarity
+
+    cos = expert_similarity(experts[:2], ["uk-small", "ru-espeak"]).cosine["all"][0][1]
+    assert f"support ru-espeak: cosine {cos:+.3f} with uk-small (all deltas)" in out
+    saved = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert saved["support_cosines"] == {"ru-espeak": pytest.approx(cos)}
     fused = registry.get("uk-fused@latest")
     assert fused.manifest["lineage"]["search"] == "grid" and len(fused.manifest["lineage"]["trials"]) == 3
     # Fixed weights scored on dev: one row, not called the target alone.
