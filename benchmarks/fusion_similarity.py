@@ -163,9 +163,11 @@ def plot(rows: list[dict], path: Path) -> str | None:
         marker = {"interpolate": "s", "grid": "o"}.get(r["search"], "^")
         lang = r["target"].split("-")[0]
         ax.scatter(r["cosine"], 100 * r["dev_change"], marker=marker, color=colors.get(lang, "tab:gray"), s=45)
-        label = "+".join(s.replace(f"{lang}-", "") if s.startswith(f"{lang}-{lang}") else s for s in r["supports"])
+        # a LANG=FILE support is named LANG-<file stem>: cs-cs-rest-100 reads cs-rest-100
+        label = "+".join(s[len(lang) + 1:] if s.startswith(f"{lang}-{lang}-") else s for s in r["supports"])
         ax.annotate(f"{label} ({r['search']}{', dec' if r['scope'] == 'decoder' else ''})",
                     (r["cosine"], 100 * r["dev_change"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.margins(x=0.2)
     ax.axhline(-10, color="tab:red", ls="--", lw=1, label="goal: -10%")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("cosine(target, supports) of the fused deltas")
