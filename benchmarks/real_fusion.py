@@ -7,6 +7,9 @@
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
                                                                      # real Russian phone prompts as the support
+    python benchmarks/real_fusion.py --target-seed 1 --supports cs=runs/real/cs-rest-100.safetensors \
+        --search fixed --weights 0.6,0.4 --name real_fusion_cs_twin_seed1
+                                                      # the target retrained with seed 1, weights chosen before
 
 Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips of the Fish Fillets corpus
 (``--data``, made by ``whisper-experts corpus fetch fillets``); validation and test clips are its real ones
@@ -25,8 +28,11 @@ Every expert trained here uses ``train``'s default recipe (rank 16, decoder + en
 native; at most ``--epochs`` epochs, best validation WER kept) and is cached under ``--runs``. The fusion
 weights (target first) are searched on the target's real validation WER (``trainers.fusion.fuse_for_target``,
 ``--search bayes``: every weight free, ``grid``: one lambda for the pooled supports, or ``interpolate``: the
-target's weight 1 - lambda), the target alone always
-among the candidates. Test rows: whisper-base, the target expert alone, each support alone, the fused expert;
+target's weight 1 - lambda; the target alone always among the candidates), or given (``--search fixed
+--weights``: chosen beforehand, for example by another seed's search; scored on validation for the record).
+``--target-seed`` retrains the target with another seed (named ``<target>-real-<N>-seed<S>``): a 100-clip
+expert's test WER moves about 5% from seed to seed, so a fusion gain is checked against more than one draw of
+the target. Test rows: whisper-base, the target expert alone, each support alone, the fused expert;
 WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
 (rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
 only its new rows).
@@ -98,7 +104,7 @@ def synth_size(lang: str, args) -> int:
     return min(usable, args.synth_per_language)
 
 
-def trained(name: str, data: str, lang: str, max_train: int | None, args) -> tuple[object, float]:
+def trained(name: str, data: str, lang: str, max_train: int | None, args, seed: int = 0) -> tuple[object, float]:
     """``train``'s default recipe on ``data`` (cached as ``<runs>/<name>.safetensors`` + its timing)."""
     from registry.expert_file import load_expert, save_expert
     from trainers.train_lora import TrainConfig, train_lora_expert
@@ -109,7 +115,7 @@ def trained(name: str, data: str, lang: str, max_train: int | None, args) -> tup
         return load_expert(path), json.loads(timing.read_text())["seconds"]
     t0 = time.time()
     cfg = TrainConfig(data=data, languages=(lang,), base=args.base, epochs=args.epochs, patience=args.patience,
-                      max_train=max_train, test=False, progress=False, run_dir=str(runs / f"run-{name}"))
+                      max_train=max_train, test=False, progress=False, run_dir=str(runs / f"run-{name}"), seed=seed)
     expert, _ = train_lora_expert(cfg)
     runs.mkdir(parents=True, exist_ok=True)
     save_expert(expert, path)
@@ -171,9 +177,9 @@ def run(args, results: dict, save) -> None:
     supports = parse_supports(args.supports)
     results["synth_sizes"] = {lang: synth_size(lang, args) for lang, kind, _ in supports if kind == "synth"}
     experts, names, minutes = [], [], {}
-    t_name = f"{target}-real-{args.target_train}"
+    t_name = f"{target}-real-{args.target_train}" + (f"-seed{args.target_seed}" if args.target_seed else "")
     if not args.supports_only:
-        expert, secs = trained(t_name, args.data, target, args.target_train, args)
+        expert, secs = trained(t_name, args.data, target, args.target_train, args, seed=args.target_seed)
         experts.append(expert), names.append(t_name)
         minutes[t_name] = round(secs / 60, 1)
     for lang, kind, path in supports:
@@ -204,11 +210,13 @@ def run(args, results: dict, save) -> None:
     test = utterances_from_dataset(corpus["test"], [target], args.test_limit)
     t0 = time.time()
     fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, search=args.search,
-                                    trials=args.trials, progress=False, support_scope=args.support_scope)
+                                    trials=args.trials, progress=False, support_scope=args.support_scope,
+                                    weights=args.weights)
     search_minutes = round((time.time() - t0) / 60, 1)
     results.update(target=target, target_train=args.target_train, support_scope=args.support_scope,
                    trials=search.trace(), names=names)
-    plot(results, Path(args.out) / f"{args.name}.png")
+    if args.search != "fixed":  # one trial is no search to plot
+        plot(results, Path(args.out) / f"{args.name}.png")
     cache = Path(args.runs) / "test-scores"
     rows = {"base": {"label": f"{Path(args.base).name} (no expert)", **scored(base, None, test, cache)}}
     for name, expert in zip(names, experts):
@@ -216,14 +224,16 @@ def run(args, results: dict, save) -> None:
                       "train_minutes": minutes[name], **scored(base, expert, test, cache)}
     target_only = list(search.best.weights) == [1.0] + [0.0] * (len(names) - 1)
     scope = "" if args.support_scope == "all" else f", supports' {args.support_scope} only"
-    rows["fused"] = {"label": f"fused ({args.method}, {args.search} search, {len(search.trials)} trials{scope})"
+    how = "weights fixed beforehand" if args.search == "fixed" else f"{args.search} search, {len(search.trials)} trials"
+    rows["fused"] = {"label": f"fused ({args.method}, {how}{scope})"
                               + (": the target alone" if target_only else ""),
                      "weights": dict(zip(names, search.best.weights)), "search_minutes": search_minutes,
                      # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
                      **{k: v for k, v in (rows[t_name] if target_only else scored(base, fused, test, cache)).items()
                         if k not in ("label", "train_minutes")}}
     results.update({"base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),  # target, trials: above
-                    "dev_wer": {"target_only": search.trials[0].wer, "fused": search.best.wer}, "rows": rows})
+                    "dev_wer": {"target_only": None if args.search == "fixed" else search.trials[0].wer,
+                                "fused": search.best.wer}, "rows": rows})
     save()
 
 
@@ -244,11 +254,15 @@ def table(results: dict) -> str:
                   f"{weight} | {'–' if train is None else f'{train:.1f}'} |")
     dev = results["dev_wer"]
     n = own["n"]
+    if dev["target_only"] is None:  # --search fixed: the weights were chosen before this run
+        dev_note = (f"Weights fixed beforehand; validation WER of the fused expert on {results['dev_n']} real "
+                    f"validation clips {100 * dev['fused']:.1f}. ")
+    else:
+        dev_note = (f"Weights searched on {results['dev_n']} real validation clips: validation WER "
+                    f"{100 * dev['target_only']:.1f} (target alone) -> {100 * dev['fused']:.1f} (fused); "
+                    f"search {rows['fused']['search_minutes']:.1f} min. ")
     md.append(f"\nTest: {n} real {results['target']} clips of held-out game levels, {results['base']}, greedy, "
-              f"language forced, bounded by audio duration. Weights searched on {results['dev_n']} real validation "
-              f"clips: validation WER {100 * dev['target_only']:.1f} (target alone) -> "
-              f"{100 * dev['fused']:.1f} (fused); "
-              f"search {rows['fused']['search_minutes']:.1f} min. "
+              f"language forced, bounded by audio duration. " + dev_note
               + "".join(f"Synthetic {lang}: {n} espeak-ng utterances (70% trained on). "
                         for lang, n in results.get("synth_sizes", {}).items())
               + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
@@ -271,7 +285,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/fillets", help="the real corpus (whisper-experts corpus fetch fillets)")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")
-    p.add_argument("--search", default="bayes", choices=["grid", "interpolate", "bayes"])
+    p.add_argument("--search", default="bayes", choices=["grid", "interpolate", "bayes", "fixed"],
+                   help="how the weights are found on the target's validation clips (default bayes); fixed: "
+                        "--weights as given")
+    p.add_argument("--weights", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                   help="with --search fixed: one weight per expert, the target's first (e.g. 0.6,0.4)")
+    p.add_argument("--target-seed", type=int, default=0,
+                   help="seed of the target's training (default 0; others are named <target>-real-<N>-seed<S>)")
     p.add_argument("--support-scope", default="all", choices=["all", "decoder"],
                    help="fuse the supports' decoder deltas only (decoder) or all of them (default all)")
     p.add_argument("--trials", type=int, default=12)
@@ -296,6 +316,11 @@ def main(argv=None) -> int:
     path = out / f"{args.name}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.table_only:
+        n_experts = len(parse_supports(args.supports)) + 1
+        if (args.search == "fixed") != (args.weights is not None):
+            p.error("--search fixed and --weights go together: give both, or neither")
+        if args.weights is not None and len(args.weights) != n_experts:
+            p.error(f"--weights: {len(args.weights)} given, one per expert needed ({n_experts}: the target first)")
         for lang, kind, given in parse_supports(args.supports):  # refuse a bad spec before training anything
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")
@@ -306,7 +331,7 @@ def main(argv=None) -> int:
     if "rows" not in results:
         print(f"no results in {path} yet")
         return 1
-    if args.table_only and "names" in results:
+    if args.table_only and "names" in results and len(results.get("trials", [])) > 1:
         plot(results, out / f"{args.name}.png")
     md = table(results)
     (out / f"{args.name}.md").write_text(md)

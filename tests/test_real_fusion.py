@@ -12,3 +12,42 @@ def test_support_specs_name_synthetic_real_asterisk_and_file_experts():
         ("sk", "synth", None), ("nl", "real", None), ("ru", "asterisk", None), ("de", "file", "runs/de.safetensors")]
     with pytest.raises(SystemExit, match="'ru:phone' is not LANG:synth, LANG:real, LANG:asterisk or LANG=FILE"):
         parse_supports("ru:phone")
+
+
+def test_fixed_weights_go_with_search_fixed_one_per_expert(capsys, tmp_path):
+    """``--search fixed`` and ``--weights`` are refused apart, and a weight count that is not one per expert (the
+    target first) is refused by name, before anything is trained."""
+    from benchmarks.real_fusion import main
+
+    out = ["--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        main(["--supports", "sk:synth", "--search", "fixed", *out])
+    assert "--search fixed and --weights go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--supports", "sk:synth", "--weights", "0.6,0.4", *out])
+    assert "--search fixed and --weights go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--supports", "sk:synth,pl:synth", "--search", "fixed", "--weights", "0.6,0.4", *out])
+    assert "--weights: 2 given, one per expert needed (3: the target first)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_fixed_weights_table_says_the_weights_were_not_searched():
+    """With weights fixed beforehand there is no target-alone validation trial: the table says so instead."""
+    from benchmarks.real_fusion import table
+
+    def row(label, errors):
+        utts = [{"id": f"u{i}", "language": "cs", "word_errors": e, "words": 10} for i, e in enumerate(errors)]
+        return {"label": label, "wer": sum(errors) / (10 * len(errors)), "cer": 0.2, "n": len(errors),
+                "wer_ci95": [0.3, 0.6], "utterances": utts}
+
+    results = {"command": "python benchmarks/real_fusion.py --search fixed --weights 0.6,0.4", "target": "cs",
+               "base": "whisper-base", "target_expert": "cs-real-100-seed1", "dev_n": 151,
+               "dev_wer": {"target_only": None, "fused": 0.61},
+               "rows": {"cs-real-100-seed1": row("cs-real-100-seed1 alone (the target)", [5, 4, 6, 5]),
+                        "fused": {**row("fused (linear, weights fixed beforehand)", [4, 4, 5, 4]),
+                                  "weights": {"cs-real-100-seed1": 0.6, "cs-cs-rest-100": 0.4},
+                                  "search_minutes": 3.0}}}
+    md = table(results)
+    assert "Weights fixed beforehand; validation WER of the fused expert on 151 real validation clips 61.0" in md
+    assert "| fused (linear, weights fixed beforehand) |" in md and "+0.60 |" in md
