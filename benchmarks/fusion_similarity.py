@@ -103,7 +103,7 @@ def measure(stems: list[str], out: Path, name: str,
             row["norm_ratio"] = norm_s / math.sqrt(gram[idx[0]][idx[0]])
         dev = results["dev_wer"]["target_only"]
         mixed = [t for t in results["trials"] if any(w != 0 for w in t["weights"][1:])]
-        if mixed:  # the support's best showing: the best trial that gives it any weight
+        if mixed and dev is not None:  # the support's best showing (None: --search fixed, no target-alone trial)
             best = min(mixed, key=lambda t: t["wer"])
             row["dev_change"], row["dev_weights"] = best["wer"] / dev - 1, best["weights"]
         row["weights"] = results["rows"]["fused"]["weights"]
@@ -135,7 +135,8 @@ def table(rows: list[dict], command: str) -> str:
             cos(r, g) for g in ("all", "encoder", "decoder"))
         ratio = f"{r['norm_ratio']:.2f}" if "norm_ratio" in r else "–"
         alone = "; ".join(format_change(c) or "–" for c in r["alone"].values())
-        dev = ("–" if "dev_change" not in r else f"{100 * r['dev_change']:+.1f}% at ("
+        dev = ("weights fixed beforehand" if r["search"] == "fixed" else "–" if "dev_change" not in r
+               else f"{100 * r['dev_change']:+.1f}% at ("
                + ", ".join(f"{w:.2f}" for w in r["dev_weights"]) + f"), {r['search']} search")
         chosen = "the target alone" if r["chose_target"] else format_change(r["fused"]) or "–"
         md.append(f"| {r['results']} | {r['target']} | {sup} | {sims} | {ratio} | {alone} | {dev} | {chosen} |")

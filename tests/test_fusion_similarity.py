@@ -63,6 +63,11 @@ def test_table_and_plot_from_results_files(tmp_path):
     (out / "real_fusion_gone.json").write_text(json.dumps(_results(
         f"{base} --supports pl:synth --search grid", ["cs-real-100", "pl-espeak"], [1.0, 0.0],
         [([1.0, 0.0], 0.60), ([1.0, 0.2], 0.61)])))
+    save_expert(lora_expert(SHAPES, 4, 8, seed=2, languages=("cs",)), runs / "cs-real-100-seed1.safetensors")
+    fixed = _results(f"{base} --supports cs={twin} --target-seed 1 --search fixed --weights 0.6,0.4",
+                     ["cs-real-100-seed1", "cs-twin"], [0.6, 0.4], [([0.6, 0.4], 0.55)])
+    fixed["dev_wer"]["target_only"] = None  # weights chosen beforehand: no target-alone trial
+    (out / "real_fusion_fixed.json").write_text(json.dumps(fixed))
 
     assert main(["--out", str(out), "--name", "fs"]) == 0
     md = (out / "fs.md").read_text()
@@ -79,9 +84,12 @@ def test_table_and_plot_from_results_files(tmp_path):
     assert "-10.0% at (0.60, 0.40), interpolate search | -20% (-10.0 [" in md
     assert "| real_fusion_sk |" in md and "+3.3% at (1.00, 0.20), grid search | the target alone |" in md
     assert "missing: pl-espeak" in md
+    assert "dev_change" not in rows["real_fusion_fixed"]
+    assert "| real_fusion_fixed | cs-real-100-seed1 | cs-twin |" in md and "| weights fixed beforehand | -20% (" in md
     assert "Command: `python benchmarks/fusion_similarity.py --out" in md
     assert (out / "fs.png").stat().st_size > 0 and (out / "fs_matrix.png").stat().st_size > 0
-    assert json.loads((out / "fs_matrix.json").read_text())["names"] == ["cs-real-100", "sk-espeak", "cs-twin"]
+    assert sorted(json.loads((out / "fs_matrix.json").read_text())["names"]) == [
+        "cs-real-100", "cs-real-100-seed1", "cs-twin", "sk-espeak"]
 
 
 def test_refuses_a_missing_results_file(tmp_path, capsys):
