@@ -7,7 +7,7 @@
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
                                                                      # real Russian phone prompts as the support
-    python benchmarks/real_fusion.py --target-seed 1 --supports cs=runs/real/cs-rest-100.safetensors \
+    python benchmarks/real_fusion.py --target-seed 1 --supports cs=runs/real/cs-rest-100.safetensors \\
         --search fixed --weights 0.6,0.4 --name real_fusion_cs_twin_seed1
                                                       # the target retrained with seed 1, weights chosen before
 
