@@ -1,0 +1,172 @@
+"""Is a fusion gain larger than the target's seed-to-seed spread? (issue 16, item 3)
+
+    python benchmarks/seed_spread.py          # real_fusion_cs_twin_seed0, _seed1, _seed2: seconds, nothing decoded
+    python benchmarks/seed_spread.py --results real_fusion_cs_twin_seed0,real_fusion_cs_twin_seed1 --name twin2
+
+A 100-clip expert is one draw: retrained with another seed on the same clips, its test WER moved 5% (session 32),
+as much as the best fusion gain. This reads ``benchmarks/real_fusion.py`` results of one target trained with
+several seeds (``--target-seed``) and fused with the same supports at the same weights fixed beforehand
+(``--search fixed --weights``), all scored on the same test clips, made for example by
+
+    python benchmarks/real_fusion.py --target-seed 1 --supports cs=runs/real/cs-rest-100.safetensors \\
+        --search fixed --weights 0.6,0.4 --name real_fusion_cs_twin_seed1
+
+and writes ``<out>/<name>.{md,json,png}``:
+
+* per seed, the target alone and the fused expert (WER with its 95% interval) and the fused expert's paired change;
+* each seed's target against the first one's: the spread one draw of the target carries;
+* over the seeds: per clip, the word errors averaged over the seeds, the target's against the fused expert's,
+  with a paired bootstrap over clips (the clips are the sample, the seeds averaged out). This is the comparison
+  that says whether fusing helps this recipe, not one lucky or unlucky draw of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.command import recorded  # noqa: E402
+
+DEFAULT = "real_fusion_cs_twin_seed0,real_fusion_cs_twin_seed1,real_fusion_cs_twin_seed2"
+
+
+def target_seed(results: dict) -> int:
+    """The ``--target-seed`` a results file's recorded command ran with (0 when it gave none)."""
+    argv = shlex.split(results["command"])
+    return int(argv[argv.index("--target-seed") + 1]) if "--target-seed" in argv[:-1] else 0
+
+
+def averaged(rows: list[dict]) -> dict:
+    """One row whose per-clip word errors are the mean over ``rows`` (the same clips in each)."""
+    first = rows[0]["utterances"]
+    by_id = [{(u["language"], u["id"]): u for u in r["utterances"]} for r in rows]
+    utts = [{**u, "word_errors": sum(b[(u["language"], u["id"])]["word_errors"] for b in by_id) / len(rows)}
+            for u in first]
+    return {"wer": sum(u["word_errors"] for u in utts) / sum(u["words"] for u in utts), "utterances": utts}
+
+
+def _clips(row: dict) -> set:
+    return {(u["language"], u["id"]) for u in row["utterances"]}
+
+
+def load(stems: list[str], out: Path) -> list[dict]:
+    """The results files, one per seed: target row, fused row, weights; refused unless all score the same clips
+    with the same supports at the same weights."""
+    runs = []
+    for stem in stems:
+        path = out / f"{stem}.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such results file (make it with benchmarks/real_fusion.py --target-seed "
+                             f"N --search fixed --weights ... --name {stem})")
+        res = json.loads(path.read_text())
+        if "rows" not in res:
+            raise SystemExit(f"{path}: its run has not finished (no test rows)")
+        target = res["rows"][res["target_expert"]]
+        fused = res["rows"]["fused"]
+        runs.append({"results": stem, "seed": target_seed(res), "target_expert": res["target_expert"],
+                     "target": target, "fused": fused, "weights": list(fused["weights"].values()),
+                     "supports": list(fused["weights"])[1:], "language": res["target"]})
+    first = runs[0]
+    for run in runs[1:]:
+        if _clips(run["target"]) != _clips(first["target"]) or _clips(run["fused"]) != _clips(first["target"]):
+            raise SystemExit(f"{run['results']} scored other test clips than {first['results']}: seeds compare only "
+                             "on the same clips")
+        if run["supports"] != first["supports"] or run["weights"] != first["weights"]:
+            raise SystemExit(f"{run['results']} fused {run['supports']} at {run['weights']}, {first['results']} "
+                             f"{first['supports']} at {first['weights']}: give runs of one fusion recipe")
+    if len({r["seed"] for r in runs}) != len(runs):
+        raise SystemExit("two results files ran with the same --target-seed: give one per seed")
+    return runs
+
+
+def measure(runs: list[dict]) -> dict:
+    from inference.evaluation import paired_comparison
+
+    def change(a, b):
+        return next(iter(paired_comparison(a, b).values()))
+
+    per_seed = [{"results": r["results"], "seed": r["seed"], "target_expert": r["target_expert"],
+                 "target_wer": r["target"]["wer"], "target_ci95": r["target"].get("wer_ci95"),
+                 "fused_wer": r["fused"]["wer"], "fused_ci95": r["fused"].get("wer_ci95"),
+                 "fused_vs_target": change(r["target"], r["fused"]),
+                 "target_vs_first": None if i == 0 else change(runs[0]["target"], r["target"])}
+                for i, r in enumerate(runs)]
+    mean_target, mean_fused = averaged([r["target"] for r in runs]), averaged([r["fused"] for r in runs])
+    return {"language": runs[0]["language"], "supports": runs[0]["supports"], "weights": runs[0]["weights"],
+            "n": len(runs[0]["target"]["utterances"]), "per_seed": per_seed,
+            "mean": {"target_wer": mean_target["wer"], "fused_wer": mean_fused["wer"],
+                     "fused_vs_target": change(mean_target, mean_fused)}}
+
+
+def table(m: dict, command: str) -> str:
+    from inference.confidence import format_change, format_ci
+
+    md = ["| target seed | target alone: test WER % [95% CI] | its change against the first seed's | fused: test WER % "
+          "[95% CI] | fused against its target [paired 95% CI] |", "|---|---|---|---|---|"]
+    for s in m["per_seed"]:
+        md.append(f"| {s['seed']} ({s['target_expert']}) | {format_ci(s['target_wer'], s['target_ci95'])} | "
+                  f"{format_change(s['target_vs_first']) or '–'} | {format_ci(s['fused_wer'], s['fused_ci95'])} | "
+                  f"{format_change(s['fused_vs_target'])} |")
+    mean = m["mean"]
+    md.append(f"| **mean of {len(m['per_seed'])} seeds** | {100 * mean['target_wer']:.1f} | – | "
+              f"{100 * mean['fused_wer']:.1f} | **{format_change(mean['fused_vs_target'])}** |")
+    spread = [s["target_wer"] for s in m["per_seed"]]
+    weights = ", ".join(f"{w:.2f}" for w in m["weights"])
+    md.append(f"\nTest: {m['n']} real {m['language']} clips, the same for every row. Fused: the target with "
+              f"{', '.join(m['supports'])} at weights ({weights}), fixed beforehand (target first). The target "
+              f"alone spans {100 * min(spread):.1f} to {100 * max(spread):.1f} over the seeds. Mean row: per clip, "
+              "the word errors averaged over the seeds, paired bootstrap over clips. "
+              f"Command: `{command}`\n")
+    return "\n".join(md)
+
+
+def plot(m: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for s in m["per_seed"]:
+        ax.plot([0, 1], [100 * s["target_wer"], 100 * s["fused_wer"]], "o-", label=f"seed {s['seed']}")
+    ax.plot([0, 1], [100 * m["mean"]["target_wer"], 100 * m["mean"]["fused_wer"]], "ks--", lw=2,
+            label="mean of the seeds")
+    ax.set_xticks([0, 1], ["target alone", "fused"])
+    ax.set_xlim(-0.3, 1.3)
+    ax.set_ylabel("test WER %")
+    ax.set_title(f"{m['language']}: the target per seed, alone and fused\nwith {', '.join(m['supports'])}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=DEFAULT,
+                   help="real_fusion.py results stems, one per target seed, comma-separated (default: "
+                        "the Czech target with the Czech twin at seeds 0, 1, 2)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where the results files are")
+    p.add_argument("--name", default="seed_spread", help="output stem (default seed_spread)")
+    args = p.parse_args(argv)
+    stems = [s.strip() for s in args.results.split(",") if s.strip()]
+    if len(stems) < 2:
+        p.error("--results: give at least two results files (one per target seed)")
+    out = Path(args.out)
+    m = measure(load(stems, out))
+    md = table(m, recorded(Path(__file__).name, argv))
+    (out / f"{args.name}.json").write_text(json.dumps(m, indent=2))
+    (out / f"{args.name}.md").write_text(md)
+    plot(m, out / f"{args.name}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
