@@ -22,3 +22,14 @@ def recorded(script: str, argv: Sequence[str] | None = None, drop: Iterable[str]
     skip = set(drop)
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in skip]
     return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(a) for a in args)])
+
+
+def recorded_option(command: str, flag: str, default: str | None = None) -> str | None:
+    """The value ``flag`` had in a recorded ``command`` (the last one given, as argparse reads it), else
+    ``default``: what a results file's run used, read back from the line :func:`recorded` wrote."""
+    argv = shlex.split(command)
+    value = default
+    for name, given in zip(argv, argv[1:]):
+        if name == flag:
+            value = given
+    return value

@@ -21,26 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.command import recorded  # noqa: E402
+from benchmarks.command import recorded, recorded_option  # noqa: E402
 from benchmarks.real_fusion import parse_supports  # noqa: E402
 
 
 def expert_files(results: dict, runs_default: str = "runs/real-fusion") -> dict[str, Path]:
     """Every expert a real_fusion results file names (target first) -> where it is stored, from its command."""
     names = results.get("names") or list(results["rows"]["fused"]["weights"])
-    argv = shlex.split(results["command"])[2:]
-    runs, given = runs_default, {}
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--runs":
-            runs = value
-        elif flag == "--supports":
-            given = {f"{lang}-{Path(path).stem}": Path(path)
-                     for lang, kind, path in parse_supports(value) if kind == "file"}
+    runs = recorded_option(results["command"], "--runs", runs_default)
+    given = {f"{lang}-{Path(path).stem}": Path(path)
+             for lang, kind, path in parse_supports(recorded_option(results["command"], "--supports", ""))
+             if kind == "file"}
     return {name: given.get(name, Path(runs) / f"{name}.safetensors") for name in names}
 
 
@@ -115,8 +110,7 @@ def measure(stems: list[str], out: Path, name: str,
 
 
 def _search(command: str) -> str:
-    argv = shlex.split(command)
-    return argv[argv.index("--search") + 1] if "--search" in argv[:-1] else "bayes"
+    return recorded_option(command, "--search", "bayes")
 
 
 def table(rows: list[dict], command: str) -> str:

@@ -154,6 +154,11 @@ def _train_size(data: str) -> int:
     return len(load_corpus(data)["train"])
 
 
+def searched(results: dict) -> bool:
+    """Whether a run searched its weights (``--search fixed`` scores one trial: no search to plot)."""
+    return len(results.get("trials", [])) > 1
+
+
 def plot(results: dict, path: Path) -> None:
     """The search plot (validation WER against the fusion weights) from a results file's trials."""
     from trainers.fusion import SearchResult, Trial, plot_search
@@ -215,7 +220,7 @@ def run(args, results: dict, save) -> None:
     search_minutes = round((time.time() - t0) / 60, 1)
     results.update(target=target, target_train=args.target_train, support_scope=args.support_scope,
                    trials=search.trace(), names=names)
-    if args.search != "fixed":  # one trial is no search to plot
+    if searched(results):
         plot(results, Path(args.out) / f"{args.name}.png")
     cache = Path(args.runs) / "test-scores"
     rows = {"base": {"label": f"{Path(args.base).name} (no expert)", **scored(base, None, test, cache)}}
@@ -316,12 +321,13 @@ def main(argv=None) -> int:
     path = out / f"{args.name}.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.table_only:
-        n_experts = len(parse_supports(args.supports)) + 1
+        supports = parse_supports(args.supports)
+        n_experts = len(supports) + 1
         if (args.search == "fixed") != (args.weights is not None):
             p.error("--search fixed and --weights go together: give both, or neither")
         if args.weights is not None and len(args.weights) != n_experts:
             p.error(f"--weights: {len(args.weights)} given, one per expert needed ({n_experts}: the target first)")
-        for lang, kind, given in parse_supports(args.supports):  # refuse a bad spec before training anything
+        for lang, kind, given in supports:  # refuse a bad spec before training anything
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")
         results = {"command": recorded(Path(__file__).name, argv)}
@@ -331,7 +337,7 @@ def main(argv=None) -> int:
     if "rows" not in results:
         print(f"no results in {path} yet")
         return 1
-    if args.table_only and "names" in results and len(results.get("trials", [])) > 1:
+    if args.table_only and "names" in results and searched(results):
         plot(results, out / f"{args.name}.png")
     md = table(results)
     (out / f"{args.name}.md").write_text(md)

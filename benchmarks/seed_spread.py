@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.command import recorded  # noqa: E402
+from benchmarks.command import recorded, recorded_option  # noqa: E402
 
 DEFAULT = "real_fusion_cs_twin_seed0,real_fusion_cs_twin_seed1,real_fusion_cs_twin_seed2"
 
 
 def target_seed(results: dict) -> int:
     """The ``--target-seed`` a results file's recorded command ran with (0 when it gave none)."""
-    argv = shlex.split(results["command"])
-    return int(argv[argv.index("--target-seed") + 1]) if "--target-seed" in argv[:-1] else 0
+    return int(recorded_option(results["command"], "--target-seed", "0"))
 
 
 def averaged(rows: list[dict]) -> dict:

@@ -210,6 +210,16 @@ def test_recorded_commands_paste_back_into_a_shell():
     line = recorded("distill_wer.py", argv, drop=("--table-only",))
     assert line.startswith("python benchmarks/distill_wer.py --untouched '' --teachers ")
     assert shlex.split(line)[2:] == argv[:-1]
+
+
+def test_recorded_options_read_back_as_argparse_read_them():
+    """A results file's recorded command gives back the value of a flag (the last one given) or the default."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.command import recorded, recorded_option
+
+    line = recorded("real_fusion.py", ["--search", "fixed", "--name", "it's", "--search", "grid"])
+    assert recorded_option(line, "--search") == "grid" and recorded_option(line, "--name") == "it's"
+    assert recorded_option(line, "--target-seed", "0") == "0"
     assert recorded("merge_speed.py", ["--repeats", "3"]) == "python benchmarks/merge_speed.py --repeats 3"
 
 
