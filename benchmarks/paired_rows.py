@@ -9,11 +9,13 @@ in WER points (``inference.evaluation.paired_comparison``). No decoding: it read
 
 A row of another table on the same test clips is named ``OTHER.json:KEY`` (refused unless both rows scored the
 same utterances). Rows of the one-language tables of ``real_fusion.py`` (scores at the row's top level, the
-language in the table's ``target``) are read too, e.g. ``benchmarks/results/real_fusion.json:cs-real-100``:
+language in the table's ``target``) are read too, e.g. ``benchmarks/results/real_fusion.json:cs-real-100``, and
+those of ``cut_student.py`` (scores under each language at the row's top level):
 
     python benchmarks/paired_rows.py benchmarks/results/real_distill_pseudo.json --language nl \\
         benchmarks/results/real_distill_100.json:clsr-lowrank-both-3-attn-glr0.01-gb1-pdd \\
         clsr-lowrank-both-3-kd-attn-glr0.01-gb1-pdd
+    python benchmarks/paired_rows.py benchmarks/results/cut_student_nl_dec4.json --language nl base student_kd
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class Rows:
                 rows = data["rows"]
                 if "target" in data:  # one language's table (real_fusion.py): scores at each row's top level
                     rows = {key: {"label": row.get("label", key), "test": {data["target"]: row}}
+                            for key, row in rows.items()}
+                elif "languages" in data and not any("test" in row for row in rows.values()):
+                    # scores keyed by language at each row's top level (cut_student.py)
+                    rows = {key: {"label": row.get("label", key),
+                                  "test": {lang: row[lang] for lang in data["languages"] if lang in row}}
                             for key, row in rows.items()}
                 self.tables[path] = rows
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -62,3 +62,17 @@ def test_a_row_of_a_one_language_fusion_table(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(here), "--language", "cs", f"{fusion}:target-100", "b"])
     assert "no per-utterance counts for 'cs'" in capsys.readouterr().err
+
+
+def test_rows_of_a_cut_student_table(tmp_path, capsys):
+    """cut_student.py's tables keep each row's scores under its language at the row's top level (beside label and
+    parameter count), the languages listed in ``languages``; their rows pair among themselves and with others."""
+    a, b = _row([5, 4, 6, 5, 7, 3, 5, 6]), _row([3, 3, 4, 4, 5, 2, 4, 4])
+    cut, other = tmp_path / "cut.json", tmp_path / "other.json"
+    cut.write_text(json.dumps({"languages": ["nl"], "rows": {
+        "base": {"label": "whisper-base", "params": 72_600_000, "nl": a["test"]["nl"]},
+        "student_kd": {"label": "cut", "params": 64_200_000, "nl": b["test"]["nl"]}}}))
+    other.write_text(json.dumps({"rows": {"b": b}}))
+    assert main([str(cut), "--language", "nl", "base", "student_kd", "base", f"{other}:b"]) == 0
+    want = format_change(paired_comparison(a["test"]["nl"], b["test"]["nl"])["nl"])
+    assert capsys.readouterr().out == f"student_kd against base: {want}\n{other}:b against base: {want}\n"
