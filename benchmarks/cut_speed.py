@@ -109,24 +109,22 @@ def table(results: dict) -> str:
     names = list(results["models"])
     base = names[0]
     t = results["times"]
-    label = {m: f"{results['models'][m]['label']}" for m in names}
+    label = {m: results["models"][m]["label"] for m in names}
     head = "| batch | output tokens | " + " | ".join(f"{label[m]} s" for m in names) + " |"
     md = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def cell(m, value, ref):
-        return f"{value:.2f}" if m == base else f"{value:.2f} ({value / ref:.2f}x)"
+    def line(b, what, value, scale=1.0, digits=2):
+        """One row: ``value(model)`` for each model (times ``scale``), the cuts also as a fraction of the base."""
+        ref = value(base)
+        cells = [f"{scale * value(m):.{digits}f}" + ("" if m == base else f" ({value(m) / ref:.2f}x)")
+                 for m in names]
+        return f"| {b} | {what} | " + " | ".join(cells) + " |"
 
-    for b in results["batch_sizes"]:
-        for n in results["tokens"]:
-            ref = t[base][str(b)]["seconds"][str(n)]
-            md.append(f"| {b} | {n} | " + " | ".join(cell(m, t[m][str(b)]["seconds"][str(n)], ref)
-                                                   for m in names) + " |")
-        ref_f, ref_p = t[base][str(b)]["fixed_s"], t[base][str(b)]["per_token_s"]
-        md.append(f"| {b} | fixed cost (fit) | " + " | ".join(cell(m, t[m][str(b)]["fixed_s"], ref_f)
-                                                              for m in names) + " |")
-        md.append(f"| {b} | per token, ms (fit) | "
-                  + " | ".join(f"{1000 * t[m][str(b)]['per_token_s']:.1f}" + (
-                      "" if m == base else f" ({t[m][str(b)]['per_token_s'] / ref_p:.2f}x)") for m in names) + " |")
+    for b in map(str, results["batch_sizes"]):
+        for n in map(str, results["tokens"]):
+            md.append(line(b, n, lambda m: t[m][b]["seconds"][n]))
+        md.append(line(b, "fixed cost (fit)", lambda m: t[m][b]["fixed_s"]))
+        md.append(line(b, "per token, ms (fit)", lambda m: t[m][b]["per_token_s"], 1000.0, 1))
     layers = "; ".join(f"{label[m]}: decoder layers {results['models'][m]['layers']}" for m in names[1:])
     md.append(f"\nMedian of {results['rounds']} timed rounds (one untimed round first), greedy `generate` made to "
               f"emit exactly N tokens, language forced ({results['language']}), real clips of {results['data']} "
