@@ -82,13 +82,14 @@ def load_teacher_source(student_base, *, teacher: str | None = None, teachers=()
 
 
 def make_trainer(cfg: DistillConfig, callbacks: list) -> L.Trainer:
-    """The run's Trainer: best-by-``val_wer`` checkpoint, early stopping, CSV (+ TensorBoard) logs under run_dir."""
+    """The run's Trainer: best-by-``val_wer`` checkpoint, early stopping, CSV (+ TensorBoard) logs under run_dir
+    (the checkpoint in the CSV log's version folder, ``run_dir/logs/version_N/checkpoints``: one folder per run)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     run_dir = Path(cfg.run_dir)
-    callbacks = [*callbacks, ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
-                                             save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"),
+    callbacks = [*callbacks, ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1,
+                                             filename="best-{epoch}-{val_wer:.4f}"),
                  EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
                                check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     loggers = [CSVLogger(run_dir, name="logs")]
@@ -172,7 +173,8 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     trained = time.time()
     report = {"languages": languages, "history": keep.history, "teacher": data.teacher_report,
               "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)},
-              "rank": trainer.global_rank, "world_size": trainer.world_size}
+              "rank": trainer.global_rank, "world_size": trainer.world_size,
+              "checkpoint": trainer.checkpoint_callback.best_model_path or None}
     test = cfg.test and trainer.is_global_zero
     if cfg.kind == "clsr":
         from trainers.clsr_experts import clsr_experts

@@ -116,7 +116,9 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
                    checkpoints: bool = True, **options) -> L.Trainer:
     """The Lightning ``Trainer`` of every expert recipe (LoRA, sparse, fine-tune): ``cfg``'s epochs, steps,
     accumulation, precision (bf16-mixed on CUDA by default), strategy and devices; ``keep`` plus early stopping
-    on validation WER, and (``checkpoints``) the best epoch's checkpoint under ``run_dir/checkpoints``.
+    on validation WER, and (``checkpoints``) the best epoch's checkpoint beside the first logger's files
+    (``run_dir/logs/version_N/checkpoints``, as Lightning places it: a rerun in the same ``run_dir`` gets its own
+    version folder, never a stale checkpoint of an earlier run beside its own).
 
     Args:
         options: further ``Trainer`` arguments.
@@ -126,8 +128,8 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
     callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
                                      check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     if checkpoints:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor="val_wer", mode="min",
-                                         save_top_k=1, filename="best-{epoch}-{val_wer:.4f}"))
+        callbacks.append(ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1,
+                                         filename="best-{epoch}-{val_wer:.4f}"))
     else:
         options["enable_checkpointing"] = False
     return L.Trainer(
@@ -187,7 +189,8 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
 
     report = {"history": keep.history, "best_epoch": keep.best_epoch, "best_val_wer": keep.best_wer,
               "seconds": {"prepare": round(prepared - t0, 1), "train": round(trained - prepared, 1)},
-              "rank": trainer.global_rank, "world_size": trainer.world_size}
+              "rank": trainer.global_rank, "world_size": trainer.world_size,
+              "checkpoint": trainer.checkpoint_callback.best_model_path or None}
     model = model.cpu().eval()
     remove_experts(model)
     test = None

@@ -68,7 +68,8 @@ def test_gate_kd_and_per_language_metrics_are_logged_and_checkpoints_hold_expert
     assert any(float(r["train_kd"]) > 0 for r in rows if r.get("train_kd"))
     noise = [float(r["noise_scale"]) for r in rows if r.get("noise_scale")]
     assert noise[0] == 0.0 and noise == sorted(noise) and noise[-1] < 5.0
-    state = torch.load(next(run.glob("checkpoints/*.ckpt")), weights_only=False, map_location="cpu")["state_dict"]
+    checkpoint = next(run.glob("logs/version_*/checkpoints/*.ckpt"))  # in its run's own version folder
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")["state_dict"]
     assert state and all(".experts." in k or ".gates." in k for k in state)
 
 

@@ -39,17 +39,31 @@ def test_expert_has_a_complete_manifest(trained, tiny_whisper_dir):
 
 
 def test_checkpoints_hold_the_expert_only_and_loss_goes_down(trained):
-    cfg, expert, _ = trained
+    cfg, expert, report = trained
     from pathlib import Path
 
-    ckpts = list((Path(cfg.run_dir) / "checkpoints").glob("*.ckpt"))
-    assert len(ckpts) == 1
+    ckpts = list(Path(cfg.run_dir).glob("logs/version_*/checkpoints/*.ckpt"))
+    assert len(ckpts) == 1 and str(ckpts[0]) == report["checkpoint"]
     state = torch.load(ckpts[0], weights_only=False, map_location="cpu")["state_dict"]
     assert state and all("lora_" in k for k in state)
     assert len(state) == len(expert.tensors)
     rows = list(csv.DictReader(open(next(Path(cfg.run_dir).glob("logs/*/metrics.csv")))))
     losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
     assert losses[-1] < losses[0]
+
+
+def test_a_rerun_in_the_same_run_dir_keeps_its_checkpoint_apart(uk_corpus, tiny_whisper_dir, tmp_path):
+    """A run started again in a used run directory (after an interruption, say) writes its checkpoint in its own
+    version folder, beside its own logs: never next to a stale checkpoint of the earlier run."""
+    from pathlib import Path
+
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=2, epochs=1,
+                      batch_size=4, lr=1e-2, warmup_steps=1, run_dir=str(tmp_path), progress=False, test=False)
+    first = Path(train_lora_expert(cfg)[1]["checkpoint"])
+    second = Path(train_lora_expert(cfg)[1]["checkpoint"])
+    assert first.exists() and second.exists() and first.parent != second.parent
+    assert [p.name for p in second.parent.iterdir()] == [second.name]
+    assert (second.parent.parent / "metrics.csv").exists()  # the checkpoint sits with its own run's logs
 
 
 def test_encoder_cache_gives_the_same_loss_as_the_live_encoder(uk_corpus, tiny_whisper_dir, tmp_path):

@@ -156,6 +156,8 @@ def _run(args) -> int:
     if "test" in report:
         _print_test(report["test"])
     print(f"\nlogs, report.json and expert files in {run_dir}")
+    if report.get("checkpoint"):
+        print(f"best epoch's Lightning checkpoint: {report['checkpoint']}")
     return 0
 
 

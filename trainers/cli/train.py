@@ -180,6 +180,8 @@ def _run(args) -> int:
         print(f"\ntask_vector expert: {report['parameters']:,} fine-tuned parameters")
     print(f"\nbest epoch {report['best_epoch']} (validation WER {100 * report['best_val_wer']:.1f}%); "
           f"expert file {run_dir / 'expert.safetensors'}; logs in {run_dir}")
+    if report.get("checkpoint"):
+        print(f"best epoch's Lightning checkpoint: {report['checkpoint']}")
     return 0
 
 
