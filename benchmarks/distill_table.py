@@ -88,5 +88,6 @@ def table(results: dict) -> str:
     n = next((r["n"] for r in base.get("test", {}).values()), "?")
     md.append(f"\nTest WER/CER % (normalized) on {n} held-out utterances per language; students trained on "
               f"{setup['max_train']} utterances per language ({setup['base']}, {setup['epochs']} epochs max, best "
-              f"validation epoch). Commands: {'; '.join(f'`{c}`' for c in setup['commands'])}\n")
+              f"validation epoch" + (f"; teachers on {setup['teacher_base']}" if setup.get("teacher_base") else "")
+              + f"). Commands: {'; '.join(f'`{c}`' for c in setup['commands'])}\n")
     return "\n".join(md)

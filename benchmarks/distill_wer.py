@@ -117,6 +117,9 @@ def teacher_file(lang: str, args, work: Path) -> tuple[Path, float | None]:
     given = Path(args.teachers.format(lang=lang))
     if given.is_file():
         return given, None
+    if args.teacher_base:  # teachers are trained on --base here; one for another base must be given
+        raise SystemExit(f"teacher {given} (--teachers) not found: with --teacher-base {args.teacher_base}, give "
+                         f"an expert file trained on {args.teacher_base} (whisper-experts train --base ...)")
     cfg = lora_config(lang, args, work / f"run-{lang}-teacher", None)  # all training utterances
     name = tag(base=args.base, data=cfg.data, e=args.epochs, r=args.rank, **lora_knobs(args))
     path = work / f"{lang}-teacher-{name}.safetensors"
@@ -198,6 +201,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
     cfg = DistillConfig(data=corpus_for(lang, args), languages=(lang,), base=args.base, kind="clsr", path=path,
                         rank=args.rank, alpha=2.0 * args.rank, side=args.side, encoder_start=args.encoder_start,
                         attention=args.attention, teachers=(str(teacher),) if kd else (),
+                        teacher_base=args.teacher_base if kd else None,
                         teacher_cache=str(work / "teacher-cache") if kd else None,
                         lr=args.clsr_lr, gate_lr=args.gate_lr, decoder_lr=args.decoder_lr,
                         path_dropout=args.path_dropout, path_dropout_on=args.path_dropout_on,
@@ -211,7 +215,7 @@ def clsr_student(lang: str, args, work: Path, path: str, teacher: Path | None):
                                              f"{layout_suffix(args)}"))
     knobs = dict(base=args.base, data=cfg.data, n=args.max_train, e=args.epochs, lr=args.clsr_lr, p=path, r=args.rank,
                  side=args.side, k=args.encoder_start, t=str(teacher), s=args.train_seed, **variant(args)[2],
-                 **kd_knobs)
+                 **kd_knobs, **({"tb": args.teacher_base} if kd and args.teacher_base else {}))
     return cached(work / f"{lang}-clsr-{path}{'-kd' if kd else ''}-{tag(**knobs)}.safetensors",
                   lambda: train_distilled(cfg)[0][0])
 
@@ -243,15 +247,19 @@ def run(args, results: dict, work: Path, save) -> None:
     from registry.expert_file import check_compatible, load_expert
 
     teachers = {lang: teacher_file(lang, args, work) for lang in langs}
+    # The teachers' base: the students' own, or --teacher-base (a student cut from it: benchmarks/cut_student.py)
+    tev = Evaluator(argparse.Namespace(**{**vars(args), "base": args.teacher_base}), work, corpus_for) \
+        if args.teacher_base else ev
     for path, _ in teachers.values():  # a teacher for another base (e.g. the defaults with a --base) is refused
-        check_compatible(load_expert(path).manifest, ev.base, what=f"teacher {path} (--teachers)")
+        check_compatible(load_expert(path).manifest, tev.base, what=f"teacher {path} (--teachers)")
     if not done("teacher"):
         experts = {lang: load_expert(path) for lang, (path, _) in teachers.items()}
         utt = {lang: e.manifest.get("data", {}).get("utterances") for lang, e in experts.items()}
-        rows["teacher"] = {"label": f"teacher: base + LoRA on {'/'.join(str(n) for n in set(utt.values()))} utt.",
-                           "test": {l: ev.stored(l, teachers[l][0]) for l in langs}, "untouched": {},
+        on = f"{Path(args.teacher_base).name} " if args.teacher_base else "base "
+        rows["teacher"] = {"label": f"teacher: {on}+ LoRA on {'/'.join(str(n) for n in set(utt.values()))} utt.",
+                           "test": {l: tev.stored(l, teachers[l][0]) for l in langs}, "untouched": {},
                            "stored": {l: e.num_parameters for l, e in experts.items()},
-                           "active": total + max(e.num_parameters for e in experts.values()),
+                           "active": tev.parameters() + max(e.num_parameters for e in experts.values()),
                            "minutes": _minutes([s for _, s in teachers.values()]),
                            "files": {l: str(p) for l, (p, _) in teachers.items()}}
         save()
@@ -328,6 +336,9 @@ def main(argv=None) -> int:
     p.add_argument("--untouched", default=None, help="languages not trained, evaluated under every model (default: "
                    "the stored table's, so a new row joins it; nl,ru for a new table)")
     p.add_argument("--base", default="whisper-base")
+    p.add_argument("--teacher-base", default=None, help="the teachers' base when it is not --base (a larger "
+                   "Whisper; --base then a student cut from it, as benchmarks/cut_student.py makes); --teachers "
+                   "must then name existing expert files of that base")
     p.add_argument("--data", help="one corpus with every language (default data/<lang>-expert per language)")
     p.add_argument("--teachers", default="runs/{lang}-expert/expert.safetensors",
                    help="teacher expert file per language, a pattern with {lang}; trained on the whole training "
@@ -402,7 +413,8 @@ def main(argv=None) -> int:
     if args.languages:
         setup = {"languages": args.languages, "untouched": args.untouched, "base": args.base, "data": args.data,
                  "max_train": args.max_train, "epochs": args.epochs, "test_limit": args.test_limit,
-                 **({"lora_recipe": args.lora_recipe} if args.lora_recipe != "decoder" else {})}
+                 **({"lora_recipe": args.lora_recipe} if args.lora_recipe != "decoder" else {}),
+                 **({"teacher_base": args.teacher_base} if args.teacher_base else {})}
         if {k: v for k, v in results.get("setup", {}).items() if k != "commands"} != setup:
             if results:
                 print(f"{results_path}: another setup; starting a new table")

@@ -53,6 +53,42 @@ def test_kd_only_and_no_lora_train_just_the_kd_row(uk_pt_corpus, tiny_whisper_di
         main(argv + ["--kd-only", "--no-kd"])
 
 
+def test_a_cut_student_is_taught_by_experts_of_its_larger_base(uk_pt_corpus, tiny_whisper_dir, tmp_path):
+    """--teacher-base: the students' base is a student cut from the teachers' base (benchmarks/cut_student.py's
+    setup); the teacher row is decoded on the teachers' base, the CLSR + KD student trains on the cut base against
+    it, and the table says where the teachers ran. A teacher missing there is not trained on the student's base:
+    the run stops naming the file."""
+    import json
+
+    import pytest
+
+    from benchmarks.distill_wer import main
+    from registry.bases import load_base
+    from registry.expert_file import save_expert
+    from registry.shrink import shrink_base
+    from tests.tiny import random_lora_expert
+
+    big = load_base(str(tiny_whisper_dir), device="cpu")
+    save_expert(random_lora_expert(big.model, big, "uk", 1), tmp_path / "uk-teacher.safetensors")
+    shrink_base(str(tiny_whisper_dir), "tiny-cut1", 1, overwrite=True, progress=None)
+    small = load_base("tiny-cut1", device="cpu")
+    argv = ["--base", "tiny-cut1", "--teacher-base", str(tiny_whisper_dir), "--data", str(uk_pt_corpus),
+            "--languages", "uk", "--untouched", "", "--max-train", "2", "--epochs", "1", "--test-limit", "1",
+            "--batch-size", "4", "--path", "lowrank", "--kd-only", "--no-lora", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"), "--name", "t"]
+    assert main(argv + ["--teachers", str(tmp_path / "{lang}-teacher.safetensors")]) == 0
+    results = json.loads((tmp_path / "out" / "t.json").read_text())
+    rows = results["rows"]
+    assert sorted(rows) == ["base", "clsr-lowrank-decoder-0-kd", "teacher"]
+    big_params, small_params = (sum(p.numel() for p in b.model.parameters()) for b in (big, small))
+    assert small_params < big_params and results["base_parameters"] == small_params
+    assert rows["teacher"]["active"] > big_params and tiny_whisper_dir.name in rows["teacher"]["label"]
+    assert rows["clsr-lowrank-decoder-0-kd"]["test"]["uk"]["n"] == 1
+    assert f"teachers on {tiny_whisper_dir}" in (tmp_path / "out" / "t.md").read_text()
+    with pytest.raises(SystemExit, match="--teacher-base"):
+        main(argv + ["--teachers", str(tmp_path / "{lang}-missing.safetensors"), "--name", "u"])
+
+
 def test_a_second_table_on_the_same_clips_reuses_the_base_and_teacher_scores(uk_pt_corpus, tiny_whisper_dir,
                                                                             tmp_path, monkeypatch):
     """The base's and the teacher's test scores are kept under <work>/decoded/ keyed by the model and the clips:
