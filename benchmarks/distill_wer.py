@@ -14,6 +14,8 @@
     python benchmarks/distill_wer.py --path lowrank --validate-gates soft  # students whose best epoch is chosen
                                                                        # (and that are decoded) with soft gates
     python benchmarks/distill_wer.py --languages ''          # only rewrite the table from the JSON
+    python benchmarks/distill_wer.py --base whisper-base-dec4-kd --teacher-base whisper-base ...
+                                              # students on a base cut from the teachers' (cut_student.py's)
 
     # smoke test: a tiny random Whisper and 8 utterances per language (teachers trained on the fly)
     python -c "from tests.tiny import make_tiny_whisper; make_tiny_whisper('runs/tiny-whisper')"

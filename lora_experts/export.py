@@ -73,6 +73,44 @@ def export_hf(expert: Expert, out_dir: str | os.PathLike, name: str = "expert", 
     return out_dir
 
 
+def merge_into_base(expert: Expert, name: str, *, identity: dict | None = None, base: Base | None = None,
+                    home=None, overwrite: bool = False, force: bool = False, progress=print) -> Path:
+    """Register the expert's base with the expert merged in as a new base ``name``: a student whose shared weights
+    were distilled (``distill --kind full`` stores them as a ``task_vector`` of the cut base) becomes a base that
+    language experts train and load on. Unlike :func:`export_hf`, no language becomes the generation default.
+
+    Args:
+        expert: a ``lora``, ``task_vector`` or ``sparse`` expert.
+        name: the new base's name.
+        identity: how the expert was named (``registry.lookup.open_expert``'s second value), kept in the base's
+            record (``base.json``, ``merged``) with the base it was merged into.
+        base: the loaded base to merge into (default: the one the manifest names); it is changed.
+        overwrite: replace an existing base of that name.
+        force: merge even if the base's weight fingerprint differs from the expert's.
+
+    Returns:
+        The registered directory.
+    """
+    from registry.bases import import_base
+    from registry.home import bases_dir
+
+    if (bases_dir(home) / name).exists() and not overwrite:  # refused before any work, naming both ways out
+        raise FileExistsError(f"a base named {name} exists ({bases_dir(home) / name}): choose another --name, or "
+                              "pass --overwrite to replace it")
+    what = (identity or {}).get("ref") or (identity or {}).get("file") or "expert"
+    check_mergeable(expert, what)
+    base = base or load_base(expert.manifest["base"].get("name") or "whisper-base", home=home, device="cpu")
+    merged = merged_model(expert, what, base=base, force=force)
+    lineage = {"into": merged.name, "fingerprint": merged.fingerprint, "expert": identity or {},
+               "kind": expert.kind, "languages": list(expert.languages)}
+    with tempfile.TemporaryDirectory(prefix=".merge-") as tmp:
+        out = Path(tmp) / name
+        merged.model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+        merged.processor.save_pretrained(out)
+        return import_base(out, name, home=home, overwrite=overwrite, progress=progress,
+                           record_extra={"merged": lineage})
+
+
 def export_ct2_expert(expert: Expert, out_dir: str | os.PathLike, name: str = "expert", *,
                       quantization: str = "int8", base: Base | None = None, force: bool = False) -> Path:
     """Write the base with ``expert`` merged in as a CTranslate2 model directory that faster-whisper's

@@ -66,3 +66,35 @@ def test_shrink_registers_a_base_that_distill_teaches_from_the_full_one(uk_pt_co
     m = Registry(tmp_path / "registry").get("dec1-clsr").manifest
     assert m["base"]["fingerprint"] == student.fingerprint
     assert m["lineage"]["teacher"]["teachers"][0]["base"]["fingerprint"] == full.fingerprint
+
+
+def test_merge_registers_a_distilled_student_as_a_base(tiny_whisper_dir, tmp_path, capsys):
+    """`base merge`: a student's trained weights (an expert of the cut base) merged in and registered as a base of
+    its own, its record naming the expert and the base it went into; the base's weights are the student's plus
+    the expert's delta; an existing name is refused unless --overwrite."""
+    from lora_experts.task_vectors import task_vector
+    from registry.bases import load_base
+    from registry.expert_file import save_expert
+    from tests.tiny import random_lora_expert
+
+    assert main(["base", "shrink", str(tiny_whisper_dir), "--decoder-layers", "1", "--name", "tiny-cut-m"]) == 0
+    student = load_base("tiny-cut-m", device="cpu")
+    expert = random_lora_expert(student.model, student, "uk", 3)
+    save_expert(expert, tmp_path / "kd.safetensors")
+    capsys.readouterr()
+    assert main(["base", "merge", str(tmp_path / "kd.safetensors"), "--name", "tiny-cut-m-kd"]) == 0
+    assert "merged in" in capsys.readouterr().out
+    merged = load_base("tiny-cut-m-kd", device="cpu")
+    assert merged.fingerprint not in (student.fingerprint, expert.manifest["base"]["fingerprint"])
+    record = json.loads((merged.path / "base.json").read_text())["merged"]
+    assert record["into"] == "tiny-cut-m" and record["fingerprint"] == student.fingerprint
+    assert record["expert"]["file"] == str(tmp_path / "kd.safetensors") and record["kind"] == "lora"
+    weights, before = dict(merged.model.named_parameters()), dict(student.model.named_parameters())
+    deltas = task_vector(expert, as_dense=True)
+    assert deltas
+    for key, delta in deltas.items():  # the student's weights plus the delta, parameter by parameter
+        torch.testing.assert_close(weights[key], before[key] + delta)
+    assert main(["base", "info", "tiny-cut-m-kd"]) == 0
+    assert "merged" in capsys.readouterr().out
+    assert main(["base", "merge", str(tmp_path / "kd.safetensors"), "--name", "tiny-cut-m-kd"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

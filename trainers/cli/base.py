@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from registry.bundles import BUNDLES
 from trainers.cli.common import print_table
@@ -20,6 +22,7 @@ examples:
   whisper-experts base list
   whisper-experts base info whisper-base
   whisper-experts base shrink whisper-base --decoder-layers 2 --name whisper-base-dec2   # a distillation student
+  whisper-experts base merge nl-dec4-student --name whisper-base-dec4-kd   # a distilled student's weights merged in
 """
 
 
@@ -37,6 +40,18 @@ def _shrink(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from lora_experts.export import merge_into_base
+    from registry.lookup import open_expert
+
+    expert, identity = open_expert(args.expert, args.registry)
+    path = merge_into_base(expert, args.name, identity=identity, overwrite=args.overwrite, force=args.force)
+    print(f"registered {args.name} ({path}): {expert.manifest['base'].get('name')} with "
+          f"{identity.get('ref') or identity.get('file')} merged in; train or load experts on it with "
+          f"--base {args.name}")
+    return 0
+
+
 def _list(args) -> int:
     from registry.bases import list_bases
 
@@ -46,7 +61,7 @@ def _list(args) -> int:
 
 
 def _info(args) -> int:
-    from registry.bases import load_base
+    from registry.bases import BASE_RECORD, load_base
 
     base = load_base(args.name, device="cpu")
     cfg = base.model.config
@@ -58,6 +73,14 @@ def _info(args) -> int:
         ("mel bins", cfg.num_mel_bins), ("vocabulary", cfg.vocab_size),
         ("multilingual", base.multilingual), ("languages", len(base.languages)),
     ]
+    record = Path(base.path or "") / BASE_RECORD
+    made = json.loads(record.read_text()) if base.path and record.is_file() else {}
+    if shrunk := made.get("shrunk_from"):  # base shrink
+        rows.append(("cut from", f"{shrunk['base']}: decoder layers {shrunk['decoder_layers']} of "
+                                 f"{shrunk['of_decoder_layers']}"))
+    if merged := made.get("merged"):  # base merge
+        expert = merged["expert"].get("ref") or merged["expert"].get("file") or "an expert"
+        rows.append(("merged", f"{merged['into']} + {expert} ({merged['kind']})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -130,6 +153,28 @@ def register(subparsers) -> None:
                          "and the last), or which ones (0,3,5)")
     sh.add_argument("--overwrite", action="store_true", help="replace an existing base of that name")
     sh.set_defaults(func=_shrink)
+    mg = sub.add_parser("merge", help="register a base with an expert's weights merged in (a distilled student)",
+                        description="Add an expert's weight delta to its base and register the result as a base of "
+                                    "its own. This is how a distilled student becomes a base: `distill --kind full` "
+                                    "trains a cut student's shared weights and stores them as a task_vector expert "
+                                    "of the cut base; merged, language experts (LoRA, CLSR) train on the student "
+                                    "with --base NAME. The base's record (`base info`, base.json) names the expert "
+                                    "and the base it was merged into. EXPERT is an expert file or a registry spec "
+                                    "(name, name@3, name@tag); lora, task_vector and sparse experts merge."
+                                    "\n\nexamples:\n"
+                                    "  whisper-experts base shrink whisper-base --decoder-layers 4 --name "
+                                    "whisper-base-dec4\n"
+                                    "  whisper-experts distill --base whisper-base-dec4 --kind full --teacher "
+                                    "whisper-base+nl-teacher ... --name nl-dec4-student\n"
+                                    "  whisper-experts base merge nl-dec4-student --name whisper-base-dec4-kd",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mg.add_argument("expert", help="expert file or registry spec")
+    mg.add_argument("--name", required=True, help="name to register the merged base under")
+    mg.add_argument("--registry", default=None, help="registry directory (default <home>/registry)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing base of that name")
+    mg.add_argument("--force", action="store_true",
+                    help="merge even if the base's weight fingerprint differs from the one the expert records")
+    mg.set_defaults(func=_merge)
     ls = sub.add_parser("list", help="show imported and installable bases",
                         description="Show imported bases and bundled ones available to import.\n\nexample:\n"
                                     "  whisper-experts base list",
