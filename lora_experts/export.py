@@ -73,6 +73,12 @@ def export_hf(expert: Expert, out_dir: str | os.PathLike, name: str = "expert", 
     return out_dir
 
 
+def expert_label(identity: dict | None) -> str:
+    """How an expert is named in messages and records: its registry ref, else its file, else ``expert``
+    (``identity`` as ``registry.lookup.open_expert`` returns it)."""
+    return (identity or {}).get("ref") or (identity or {}).get("file") or "expert"
+
+
 def merge_into_base(expert: Expert, name: str, *, identity: dict | None = None, base: Base | None = None,
                     home=None, overwrite: bool = False, force: bool = False, progress=print) -> Path:
     """Register the expert's base with the expert merged in as a new base ``name``: a student whose shared weights
@@ -91,24 +97,20 @@ def merge_into_base(expert: Expert, name: str, *, identity: dict | None = None, 
     Returns:
         The registered directory.
     """
-    from registry.bases import import_base
+    from registry.bases import register_model
     from registry.home import bases_dir
 
     if (bases_dir(home) / name).exists() and not overwrite:  # refused before any work, naming both ways out
         raise FileExistsError(f"a base named {name} exists ({bases_dir(home) / name}): choose another --name, or "
                               "pass --overwrite to replace it")
-    what = (identity or {}).get("ref") or (identity or {}).get("file") or "expert"
+    what = expert_label(identity)
     check_mergeable(expert, what)
     base = base or load_base(expert.manifest["base"].get("name") or "whisper-base", home=home, device="cpu")
     merged = merged_model(expert, what, base=base, force=force)
     lineage = {"into": merged.name, "fingerprint": merged.fingerprint, "expert": identity or {},
                "kind": expert.kind, "languages": list(expert.languages)}
-    with tempfile.TemporaryDirectory(prefix=".merge-") as tmp:
-        out = Path(tmp) / name
-        merged.model.to(torch.float32).save_pretrained(out, safe_serialization=True)
-        merged.processor.save_pretrained(out)
-        return import_base(out, name, home=home, overwrite=overwrite, progress=progress,
-                           record_extra={"merged": lineage})
+    return register_model(merged.model.to(torch.float32), merged.processor, name, home=home, overwrite=overwrite,
+                          progress=progress, record_extra={"merged": lineage})
 
 
 def export_ct2_expert(expert: Expert, out_dir: str | os.PathLike, name: str = "expert", *,

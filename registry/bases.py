@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,18 @@ def import_base(source: str | os.PathLike | None = None, name: str | None = None
         atomic_write_text(staging / BASE_RECORD, json.dumps(record, indent=2))
     say(f"imported {name} -> {target} in {time.time() - t0:.1f}s (fingerprint {record['fingerprint']})")
     return target
+
+
+def register_model(model, processor, name: str, *, home=None, overwrite: bool = False, progress=print,
+                   record_extra: dict | None = None) -> Path:
+    """Register an in-memory Whisper (a student cut from a base, a base with an expert merged in) as the base
+    ``name``: written as a Hugging Face directory and imported as :func:`import_base` imports one, with
+    ``record_extra`` saying how it was made."""
+    with tempfile.TemporaryDirectory(prefix=".register-") as tmp:
+        out = Path(tmp) / name
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+        return import_base(out, name, home=home, overwrite=overwrite, progress=progress, record_extra=record_extra)
 
 
 def list_bases(home=None) -> list[dict]:

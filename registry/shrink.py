@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -87,7 +86,7 @@ def shrink_base(source: str | os.PathLike, name: str, decoder_layers: int | str 
     Returns:
         The registered base directory.
     """
-    from registry.bases import import_base, load_base
+    from registry.bases import load_base, register_model
 
     say = progress or (lambda *_: None)
     base = load_base(source, home=home, device="cpu", progress=progress)
@@ -100,9 +99,5 @@ def shrink_base(source: str | os.PathLike, name: str, decoder_layers: int | str 
         f"({after / before:.0%} of {before / 1e6:.1f}M)")
     lineage = {"base": base.name, "fingerprint": base.fingerprint, "decoder_layers": layers,
                "of_decoder_layers": total}
-    with tempfile.TemporaryDirectory(prefix=".shrink-") as tmp:
-        out = Path(tmp) / name
-        student.save_pretrained(out)
-        base.processor.save_pretrained(out)
-        return import_base(out, name, home=home, overwrite=overwrite, progress=progress,
-                           record_extra={"shrunk_from": lineage})
+    return register_model(student, base.processor, name, home=home, overwrite=overwrite, progress=progress,
+                          record_extra={"shrunk_from": lineage})

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from registry.bundles import BUNDLES
 from trainers.cli.common import print_table
@@ -41,14 +39,13 @@ def _shrink(args) -> int:
 
 
 def _merge(args) -> int:
-    from lora_experts.export import merge_into_base
+    from lora_experts.export import expert_label, merge_into_base
     from registry.lookup import open_expert
 
     expert, identity = open_expert(args.expert, args.registry)
     path = merge_into_base(expert, args.name, identity=identity, overwrite=args.overwrite, force=args.force)
-    print(f"registered {args.name} ({path}): {expert.manifest['base'].get('name')} with "
-          f"{identity.get('ref') or identity.get('file')} merged in; train or load experts on it with "
-          f"--base {args.name}")
+    print(f"registered {args.name} ({path}): {expert.manifest['base'].get('name')} with {expert_label(identity)} "
+          f"merged in; train or load experts on it with --base {args.name}")
     return 0
 
 
@@ -61,7 +58,7 @@ def _list(args) -> int:
 
 
 def _info(args) -> int:
-    from registry.bases import BASE_RECORD, load_base
+    from registry.bases import load_base
 
     base = load_base(args.name, device="cpu")
     cfg = base.model.config
@@ -73,14 +70,14 @@ def _info(args) -> int:
         ("mel bins", cfg.num_mel_bins), ("vocabulary", cfg.vocab_size),
         ("multilingual", base.multilingual), ("languages", len(base.languages)),
     ]
-    record = Path(base.path or "") / BASE_RECORD
-    made = json.loads(record.read_text()) if base.path and record.is_file() else {}
+    made = base.info  # its record (base.json), read when it was loaded
     if shrunk := made.get("shrunk_from"):  # base shrink
         rows.append(("cut from", f"{shrunk['base']}: decoder layers {shrunk['decoder_layers']} of "
                                  f"{shrunk['of_decoder_layers']}"))
     if merged := made.get("merged"):  # base merge
-        expert = merged["expert"].get("ref") or merged["expert"].get("file") or "an expert"
-        rows.append(("merged", f"{merged['into']} + {expert} ({merged['kind']})"))
+        from lora_experts.export import expert_label
+
+        rows.append(("merged", f"{merged['into']} + {expert_label(merged['expert'])} ({merged['kind']})"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
