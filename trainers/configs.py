@@ -73,6 +73,10 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without a better validation WER
     init_from: str | None = None  # warm start from this expert (registry spec or file)
     run_dir: str = "runs/expert"  # logs and checkpoints (checkpoints hold the expert only)
+    # Continue an interrupted LoRA run from its Lightning checkpoint (the run's logs/version_N/checkpoints/last.ckpt)
+    # with the options it was started with (--epochs may grow); its optimizer, schedule, early stopping, history and
+    # best expert so far carry over
+    resume: str | None = None
     # Cache what the expert cannot change: the encoder output, or the input of the lowest adapted encoder layer.
     cache_encoder: bool = True
     cache_dir: str | None = None  # encoder cache directory (default <corpus>/.cache, each corpus its own)
@@ -138,6 +142,8 @@ class SparseTrainConfig(TrainConfig):
     mask_from: str | None = None  # take dW from this expert (registry spec or file) instead of training phase 1
 
     def __post_init__(self):
+        if self.resume:
+            raise ValueError("--resume continues a LoRA run; a sparse expert's two phases start afresh")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1) (0.99 keeps 1% of the entries), got {self.sparsity}")
         if self.mask_scope not in get_args(MaskScope):
@@ -164,6 +170,8 @@ class FullTrainConfig(TrainConfig):
     def __post_init__(self):
         if self.init_from:
             raise ValueError("a fine-tune starts from the base; --init-from applies to LoRA experts")
+        if self.resume:
+            raise ValueError("--resume continues a LoRA run; a fine-tune writes no checkpoints to resume from")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class KeepBestExpert(L.Callback):
     """Keeps a copy of the expert's matrices from the epoch with the lowest validation WER (and the run's
-    Lightning precision, which the manifest records)."""
+    Lightning precision, which the manifest records). Its state travels in the run's checkpoints, so a resumed run
+    (``--resume``) still returns the best epoch's expert when that epoch came before the interruption."""
 
     def __init__(self):
         self.best_wer = float("inf")
@@ -36,9 +37,35 @@ class KeepBestExpert(L.Callback):
         self.tensors: dict[str, torch.Tensor] | None = None
         self.history: list[dict] = []
         self.precision: str | None = None
+        self._legacy: dict | None = None  # a checkpoint without this callback's state: its own score and epoch
 
     def on_fit_start(self, trainer, module):
         self.precision = str(trainer.precision)
+
+    def state_dict(self) -> dict:
+        return {"best_wer": self.best_wer, "best_epoch": self.best_epoch, "tensors": self.tensors,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_wer, self.best_epoch = state["best_wer"], state["best_epoch"]
+        self.tensors, self.history = state["tensors"], list(state["history"])
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        # Checkpoints written before this callback had a state: a best-epoch checkpoint's weights are its expert.
+        if not any(key.startswith("KeepBestExpert") for key in checkpoint.get("callbacks", {})):
+            scores = [s for key, s in checkpoint.get("callbacks", {}).items() if key.startswith("ModelCheckpoint")]
+            current = scores[0].get("current_score") if scores else None
+            if current is not None:
+                self._legacy = {"epoch": checkpoint["epoch"], "step": checkpoint["global_step"],
+                                "val_wer": float(current)}
+
+    def on_train_start(self, trainer, module):
+        # Lightning has restored the module's weights by now: they are the legacy checkpoint's expert.
+        if self._legacy is not None and self.tensors is None:
+            self.best_wer, self.best_epoch = self._legacy["val_wer"], self._legacy["epoch"]
+            self.tensors = copy.deepcopy(module.expert_tensors())
+            self.history.append(self._legacy)
+        self._legacy = None
 
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking:
@@ -49,6 +76,38 @@ class KeepBestExpert(L.Callback):
         if wer < self.best_wer:
             self.best_wer, self.best_epoch = wer, trainer.current_epoch
             self.tensors = copy.deepcopy(module.expert_tensors())
+
+
+def resume_checkpoint(path: str, module) -> None:
+    """Check that ``path`` is a checkpoint this LoRA run can continue from, before Lightning loads it: a readable
+    checkpoint of ``whisper-experts train`` whose expert has this run's shape and whose optimizer settings are this
+    run's (they live on in the restored optimizer and schedule). Raises ``ValueError`` naming the file and the fix.
+    """
+    from lora_experts.config import LoraExpertConfig
+
+    file = Path(path)
+    fix = "an interrupted run's checkpoint is <run_dir>/logs/version_N/checkpoints/last.ckpt (or best-*.ckpt)"
+    if not file.is_file():
+        raise ValueError(f"--resume {path}: no such checkpoint file; {fix}")
+    try:
+        with torch.serialization.safe_globals([LoraExpertConfig]):
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise ValueError(f"--resume {path}: not a readable Lightning checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); {fix}") from e
+    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "epoch"} <= set(checkpoint):
+        raise ValueError(f"--resume {path}: not a checkpoint of `whisper-experts train` (no expert state or "
+                         f"hyperparameters in it); {fix}")
+    theirs, ours = checkpoint["hyper_parameters"], dict(module.hparams)
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in ours.items()
+              if k != "val_max_new_tokens" and theirs.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume {path}: that run was started with other options ({'; '.join(differ)}); resume "
+                         "with the options it started with (only --epochs, --patience and the like may change)")
+    expected = {k for k in module.state_dict() if "lora_" in k}
+    if set(checkpoint["state_dict"]) != expected:
+        raise ValueError(f"--resume {path}: its expert's matrices are not this run's ({len(checkpoint['state_dict'])} "
+                         f"in the file, {len(expected)} here): it was trained on another base or layout")
 
 
 def _resolve_expert(spec: str) -> Expert:
@@ -116,7 +175,8 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
                    checkpoints: bool = True, **options) -> L.Trainer:
     """The Lightning ``Trainer`` of every expert recipe (LoRA, sparse, fine-tune): ``cfg``'s epochs, steps,
     accumulation, precision (bf16-mixed on CUDA by default), strategy and devices; ``keep`` plus early stopping
-    on validation WER, and (``checkpoints``) the best epoch's checkpoint beside the first logger's files
+    on validation WER, and (``checkpoints``) the best epoch's checkpoint and the last one (``last.ckpt``, what
+    ``--resume`` continues from) beside the first logger's files
     (``run_dir/logs/version_N/checkpoints``, as Lightning places it: a rerun in the same ``run_dir`` gets its own
     version folder, never a stale checkpoint of an earlier run beside its own).
 
@@ -128,7 +188,8 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
     callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
                                      check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     if checkpoints:
-        callbacks.append(ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1,
+        # last.ckpt after every validation: what --resume continues an interrupted run from
+        callbacks.append(ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1, save_last=True,
                                          filename="best-{epoch}-{val_wer:.4f}"))
     else:
         options["enable_checkpointing"] = False
@@ -165,6 +226,8 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
                               warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                               label_smoothing=cfg.label_smoothing, init_from=init,
                               val_max_new_tokens=cfg.val_max_new_tokens)
+    if cfg.resume:  # checked before the data's one-time encoder pass
+        resume_checkpoint(cfg.resume, module)
     data = expert_data(cfg, base, lora.touches_encoder, lora.encoder_start)
     prepared = time.time()
 
@@ -180,7 +243,8 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     except ImportError:
         pass
     trainer = expert_trainer(cfg, run_dir, keep, loggers, deterministic=False)
-    trainer.fit(module, datamodule=data)
+    with torch.serialization.safe_globals([LoraExpertConfig]):
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
     if keep.tensors is None:  # --max-steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)
     trained = time.time()

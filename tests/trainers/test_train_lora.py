@@ -42,8 +42,9 @@ def test_checkpoints_hold_the_expert_only_and_loss_goes_down(trained):
     cfg, expert, report = trained
     from pathlib import Path
 
-    ckpts = list(Path(cfg.run_dir).glob("logs/version_*/checkpoints/*.ckpt"))
+    ckpts = list(Path(cfg.run_dir).glob("logs/version_*/checkpoints/best-*.ckpt"))
     assert len(ckpts) == 1 and str(ckpts[0]) == report["checkpoint"]
+    assert (ckpts[0].parent / "last.ckpt").is_file()  # what --resume continues from
     state = torch.load(ckpts[0], weights_only=False, map_location="cpu")["state_dict"]
     assert state and all("lora_" in k for k in state)
     assert len(state) == len(expert.tensors)
@@ -62,8 +63,67 @@ def test_a_rerun_in_the_same_run_dir_keeps_its_checkpoint_apart(uk_corpus, tiny_
     first = Path(train_lora_expert(cfg)[1]["checkpoint"])
     second = Path(train_lora_expert(cfg)[1]["checkpoint"])
     assert first.exists() and second.exists() and first.parent != second.parent
-    assert [p.name for p in second.parent.iterdir()] == [second.name]
+    assert sorted(p.name for p in second.parent.iterdir()) == sorted([second.name, "last.ckpt"])
     assert (second.parent.parent / "metrics.csv").exists()  # the checkpoint sits with its own run's logs
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(uk_corpus, tiny_whisper_dir, tmp_path):
+    """--resume: the run goes on from the checkpoint's epoch and step, its history and best expert carried over,
+    also from a checkpoint written before the best-expert callback kept a state (then its own weights are it)."""
+    from pathlib import Path
+
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=2, epochs=1,
+                      batch_size=4, lr=1e-2, warmup_steps=1, run_dir=str(tmp_path / "a"), progress=False,
+                      test=False, patience=5)
+    first = train_lora_expert(cfg)[1]
+    last = Path(first["checkpoint"]).parent / "last.ckpt"
+    steps = first["history"][0]["step"]
+    resumed = train_lora_expert(dataclasses.replace(cfg, epochs=3, resume=str(last)))[1]
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    assert resumed["history"][0] == first["history"][0]  # carried over, not re-run
+    assert [h["step"] for h in resumed["history"]] == [steps, 2 * steps, 3 * steps]
+    assert resumed["best_val_wer"] == min(h["val_wer"] for h in resumed["history"])
+
+    # A checkpoint without the callback's state (written before it had one): its weights are the kept expert
+    legacy = torch.load(last, weights_only=False, map_location="cpu")
+    legacy["callbacks"] = {k: v for k, v in legacy["callbacks"].items() if not k.startswith("KeepBestExpert")}
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    expert, report = train_lora_expert(dataclasses.replace(cfg, epochs=2, resume=str(tmp_path / "legacy.ckpt")))
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    assert report["history"][0]["val_wer"] == pytest.approx(first["history"][0]["val_wer"])
+    if report["best_epoch"] == 0:
+        saved = {k.split("model.", 1)[1]: v for k, v in legacy["state_dict"].items()}
+        assert all(torch.equal(saved[k], v) for k, v in expert.tensors.items() if k in saved)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "no such checkpoint file"),
+    ("garbage", "not a readable Lightning checkpoint"),
+    ("other rank", "rank=2"),
+])
+def test_a_bad_resume_checkpoint_is_refused_naming_it(uk_corpus, tiny_whisper_dir, tmp_path, problem, message):
+    from pathlib import Path
+
+    cfg = TrainConfig(data=str(uk_corpus), languages=("uk",), base=str(tiny_whisper_dir), rank=2, epochs=1,
+                      batch_size=4, lr=1e-2, warmup_steps=1, run_dir=str(tmp_path / "a"), progress=False,
+                      test=False)
+    path = tmp_path / "x.ckpt"
+    if problem == "garbage":
+        path.write_bytes(b"PK\x03\x04 truncated")
+    elif problem == "other rank":
+        path = Path(train_lora_expert(cfg)[1]["checkpoint"]).parent / "last.ckpt"
+        cfg = dataclasses.replace(cfg, rank=4)
+    with pytest.raises(ValueError, match=message) as err:
+        train_lora_expert(dataclasses.replace(cfg, resume=str(path)))
+    assert str(path) in str(err.value)
+
+
+def test_resume_is_for_lora_runs():
+    from trainers.configs import FullTrainConfig, SparseTrainConfig
+
+    for config in (FullTrainConfig, SparseTrainConfig):
+        with pytest.raises(ValueError, match="--resume continues a LoRA run"):
+            config(data="d", languages=("uk",), resume="last.ckpt")
 
 
 def test_encoder_cache_gives_the_same_loss_as_the_live_encoder(uk_corpus, tiny_whisper_dir, tmp_path):

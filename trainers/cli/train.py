@@ -33,6 +33,8 @@ examples:
   whisper-experts train --config examples/train_lora_uk.yaml
   whisper-experts train --data data/uk --language uk --name uk-dec --side decoder       # the cheap variant
   whisper-experts train --data data/uk --language uk --name uk-ddp --strategy ddp --devices 2
+  whisper-experts train --data data/uk --language uk --name uk-espeak \\
+      --resume runs/uk-espeak/logs/version_0/checkpoints/last.ckpt    # go on after an interruption
   whisper-experts train --data data/cs-real --data data/cs-espeak:0.5 --language cs --name cs-mix \\
       --spec-augment --speed-perturb 0.9,1.0,1.1
   whisper-experts train --data data/uk --language uk --name uk-sparse --kind sparse --sparsity 0.99
@@ -75,7 +77,8 @@ def options():
         {"--kind sparse": SparseTrainConfig, "--kind task_vector": FullTrainConfig},
         flags={"languages": Flag(("--language",)), "target_modules": Flag(("--targets",)),
                "progress": Flag(("--quiet",), const=False, help="no progress bars"),
-               "run_dir": Flag(default="runs/<name>"), "speed_perturb": Flag(metavar="FACTORS")},
+               "run_dir": Flag(default="runs/<name>"), "speed_perturb": Flag(metavar="FACTORS"),
+               "resume": Flag(metavar="CKPT")},
         custom={"data": "--data", "extra_data": "--data DIR[:WEIGHT]", "data_weight": "--data DIR:WEIGHT"},
         keys={"data": tuple[str, ...], "name": str, "out": str, "registry": str, "tags": tuple[str, ...],
               "kind": typing.Literal[KINDS]},
