@@ -36,6 +36,12 @@ class KeepBestLanguages(L.Callback):
         if not self.languages:
             self.languages = list(module.languages)
 
+    def state_dict(self) -> dict:  # travels in the checkpoints: a resumed run keeps the best epochs before it
+        return {"best": self.best, "tensors": self.tensors, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.tensors, self.history = dict(state["best"]), dict(state["tensors"]), list(state["history"])
+
     def on_validation_end(self, trainer, module):
         if trainer.sanity_checking:
             return

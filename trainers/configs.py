@@ -253,6 +253,10 @@ class DistillConfig:
     max_validation: int | None = None  # at most this many validation utterances per language
     patience: int = 3  # early stopping: epochs without a better validation WER (all languages)
     run_dir: str = "runs/distill"  # logs, checkpoints and the report
+    # Continue an interrupted run from its Lightning checkpoint (the run's logs/version_N/checkpoints/last.ckpt) with
+    # the options it was started with (--epochs may grow); its optimizer, schedule, early stopping, history and best
+    # epochs so far carry over
+    resume: str | None = None
     # Cache the student's encoder side when it leaves the encoder (or its lower layers) alone and the teacher is
     # cached (or absent).
     cache_encoder: bool = True

@@ -78,36 +78,49 @@ class KeepBestExpert(L.Callback):
             self.tensors = copy.deepcopy(module.expert_tensors())
 
 
-def resume_checkpoint(path: str, module) -> None:
-    """Check that ``path`` is a checkpoint this LoRA run can continue from, before Lightning loads it: a readable
-    checkpoint of ``whisper-experts train`` whose expert has this run's shape and whose optimizer settings are this
-    run's (they live on in the restored optimizer and schedule). Raises ``ValueError`` naming the file and the fix.
-    """
-    from lora_experts.config import LoraExpertConfig
+def checkpoint_globals():
+    """The context under which a run's Lightning checkpoint loads with ``weights_only=True``: the config classes its
+    hyperparameters hold are allowed, nothing else that is not plain data."""
+    from distill.clsr import ClsrConfig
+    from distill.losses import DistillationLossConfig
 
+    return torch.serialization.safe_globals([LoraExpertConfig, ClsrConfig, DistillationLossConfig])
+
+
+def resume_checkpoint(path: str, module, command: str = "whisper-experts train") -> None:
+    """Check that ``path`` is a checkpoint this run can continue from, before Lightning loads it: a readable
+    checkpoint of ``command`` holding the tensors ``module`` checkpoints (its expert, paths and gates: same shape
+    and layout) and the same optimizer settings (they live on in the restored optimizer and schedule).
+
+    Raises:
+        ValueError: naming the file and the fix.
+    """
     file = Path(path)
     fix = "an interrupted run's checkpoint is <run_dir>/logs/version_N/checkpoints/last.ckpt (or best-*.ckpt)"
     if not file.is_file():
         raise ValueError(f"--resume {path}: no such checkpoint file; {fix}")
     try:
-        with torch.serialization.safe_globals([LoraExpertConfig]):
+        with checkpoint_globals():
             checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         raise ValueError(f"--resume {path}: not a readable Lightning checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); {fix}") from e
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "epoch"} <= set(checkpoint):
-        raise ValueError(f"--resume {path}: not a checkpoint of `whisper-experts train` (no expert state or "
-                         f"hyperparameters in it); {fix}")
+        raise ValueError(f"--resume {path}: not a checkpoint of `{command}` (no trained state or hyperparameters in "
+                         f"it); {fix}")
     theirs, ours = checkpoint["hyper_parameters"], dict(module.hparams)
     differ = [f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in ours.items()
               if k != "val_max_new_tokens" and theirs.get(k) != v]
     if differ:
         raise ValueError(f"--resume {path}: that run was started with other options ({'; '.join(differ)}); resume "
                          "with the options it started with (only --epochs, --patience and the like may change)")
-    expected = {k for k in module.state_dict() if "lora_" in k}
-    if set(checkpoint["state_dict"]) != expected:
-        raise ValueError(f"--resume {path}: its expert's matrices are not this run's ({len(checkpoint['state_dict'])} "
-                         f"in the file, {len(expected)} here): it was trained on another base or layout")
+    probe = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(probe)  # what this run's checkpoints hold
+    shapes = {k: tuple(v.shape) for k, v in probe["state_dict"].items()}
+    if {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()} != shapes:
+        raise ValueError(f"--resume {path}: its trained tensors are not this run's ({len(checkpoint['state_dict'])} in "
+                         f"the file, {len(shapes)} here, or of other shapes): it was trained on another base, rank, "
+                         "layout or set of languages")
 
 
 def _resolve_expert(spec: str) -> Expert:
@@ -243,7 +256,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     except ImportError:
         pass
     trainer = expert_trainer(cfg, run_dir, keep, loggers, deterministic=False)
-    with torch.serialization.safe_globals([LoraExpertConfig]):
+    with checkpoint_globals():
         trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
     if keep.tensors is None:  # --max-steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)

@@ -285,3 +285,27 @@ def test_lightning_fit_stores_clsr_experts(uk_pt_corpus, tiny_whisper_dir, tmp_p
     hp = expert.manifest["hyperparameters"]
     assert hp["kd_weight"] == 0.0 and hp["side"] == "decoder"
     assert any((tmp_path / "encoder-cache").glob("enc-*.npy"))  # no teacher: the decoder-only student used the cache
+
+
+def test_an_interrupted_clsr_run_resumes_from_its_last_checkpoint(uk_pt_corpus, tiny_whisper_dir, tmp_path):
+    """distill --resume: the epochs go on from the checkpoint, each language's best epoch and the history carried
+    over; a checkpoint of another language set or path rank is refused before any work, naming the file."""
+    from trainers.configs import DistillConfig
+    from trainers.train_distill import train_distilled
+
+    cfg = DistillConfig(data=str(uk_pt_corpus), languages=("uk", "pt"), base=str(tiny_whisper_dir), kind="clsr",
+                        path="lowrank", rank=2, epochs=1, max_train=3, batch_size=4, lr=0.01, warmup_steps=0,
+                        val_max_new_tokens=4, progress=False, test=False, run_dir=str(tmp_path / "run"))
+    first = train_distilled(cfg)[1]
+    last = Path(first["checkpoint"]).parent / "last.ckpt"
+    assert last.is_file()
+    experts, report = train_distilled(DistillConfig(**{**cfg.__dict__, "epochs": 2, "resume": str(last)}))
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    assert report["history"][0] == first["history"][0]
+    assert report["history"][1]["step"] == 2 * report["history"][0]["step"]
+    assert {e.manifest["languages"][0] for e in experts} == {"uk", "pt"}
+    for change, message in (({"languages": ("uk",)}, "languages: \\['uk', 'pt'\\] there"),
+                            ({"rank": 4}, "trained tensors are not this run's")):
+        with pytest.raises(ValueError, match=message) as err:
+            train_distilled(DistillConfig(**{**cfg.__dict__, **change, "resume": str(last)}))
+        assert str(last) in str(err.value)

@@ -59,6 +59,7 @@ examples:
   whisper-experts distill --teacher openai/whisper-large-v2 --teacher-cache cache/teacher --data data/uk --languages uk
   whisper-experts distill --teachers uk-espeak,ru-espeak --kind lora --data data/uk-ru --name uk-ru-student
   whisper-experts distill --data data/uk --languages uk --max-steps 200 --registry /srv/experts
+  whisper-experts distill ... --resume runs/<name>/logs/version_0/checkpoints/last.ckpt   # after an interruption
   whisper-experts base shrink whisper-base --decoder-layers 2 --name whisper-base-dec2
   whisper-experts distill --base whisper-base-dec2 --teacher-base whisper-base --teachers cs-real,nl-real \\
       --teacher-cache cache/teacher --kind full --data data/fillets --name dec2-student
@@ -86,7 +87,7 @@ def options():
 
     return RecipeOptions("whisper-experts distill", DistillConfig,
                          flags={"progress": Flag(("--quiet",), const=False, help="no progress bars"),
-                                "run_dir": Flag(default="runs/<name>")},
+                                "run_dir": Flag(default="runs/<name>"), "resume": Flag(metavar="CKPT")},
                          keys={"name": str, "tags": tuple[str, ...]})
 
 
