@@ -176,6 +176,7 @@ def run(args, results: dict, save) -> None:
     from registry.bases import load_base
     from registry.expert_file import check_compatible, load_expert
     from trainers.corpus.loading import load_corpus
+    from trainers.cli.fuse import parse_options
     from trainers.fusion import fuse_for_target
 
     target = args.target
@@ -214,7 +215,9 @@ def run(args, results: dict, save) -> None:
     dev = utterances_from_dataset(corpus["validation"], [target])
     test = utterances_from_dataset(corpus["test"], [target], args.test_limit)
     t0 = time.time()
-    fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, search=args.search,
+    options = parse_options(args.option)
+    fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, options=options,
+                                    search=args.search,
                                     trials=args.trials, progress=False, support_scope=args.support_scope,
                                     weights=args.weights)
     search_minutes = round((time.time() - t0) / 60, 1)
@@ -230,7 +233,8 @@ def run(args, results: dict, save) -> None:
     target_only = list(search.best.weights) == [1.0] + [0.0] * (len(names) - 1)
     scope = "" if args.support_scope == "all" else f", supports' {args.support_scope} only"
     how = "weights fixed beforehand" if args.search == "fixed" else f"{args.search} search, {len(search.trials)} trials"
-    rows["fused"] = {"label": f"fused ({args.method}, {how}{scope})"
+    method = args.method + "".join(f" {k}={v}" for k, v in options.items())
+    rows["fused"] = {"label": f"fused ({method}, {how}{scope})"
                               + (": the target alone" if target_only else ""),
                      "weights": dict(zip(names, search.best.weights)), "search_minutes": search_minutes,
                      # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
@@ -290,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/fillets", help="the real corpus (whisper-experts corpus fetch fillets)")
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a merge method option, repeatable (as `whisper-experts fuse --option`), e.g. density=1.0")
     p.add_argument("--search", default="bayes", choices=["grid", "interpolate", "bayes", "fixed"],
                    help="how the weights are found on the target's validation clips (default bayes); fixed: "
                         "--weights as given")

@@ -51,7 +51,7 @@ examples:
 """
 
 
-def _options(items) -> dict:
+def parse_options(items) -> dict:
     """``["density=0.2", "variant=residual"]`` -> ``{"density": 0.2, "variant": "residual"}``."""
     out = {}
     for item in items or []:
@@ -120,7 +120,7 @@ def _run(args) -> int:
         search = "fixed"
     support_cosines = _support_cosines(experts, names, args.support_scope) if args.target and len(names) > 1 else {}
     expert, result = fuse_for_target(base, experts, names, args.target, dev, method=args.method,
-                                     options=_options(args.option), search=search, trials=args.trials,
+                                     options=parse_options(args.option), search=search, trials=args.trials,
                                      weights=weights, seed=args.seed, batch_size=args.batch_size,
                                      progress=not args.quiet, support_scope=args.support_scope)
     record = registry.add(expert, args.name)
