@@ -75,3 +75,19 @@ def test_lightning_fit_without_an_expert_name_is_refused_before_loading(tmp_path
     code = main(["lightning", "fit", "--model.languages", "[uk]", "--model.base", str(tmp_path / "no-such-base"),
                  "--data.data", str(tmp_path), "--expert.name", "../up", "--trainer.default_root_dir", str(tmp_path)])
     assert code == 2 and "../up" in capsys.readouterr().err
+
+
+def test_lightning_fit_resumes_from_its_checkpoint(uk_corpus, tiny_whisper_dir, tmp_path, capsys):
+    """LightningCLI's own --ckpt_path continues a run: the epochs go on and the best expert so far carries over."""
+    from registry.store import Registry
+
+    common = ["lightning", "fit", "--config", str(EXAMPLE), "--model.base", str(tiny_whisper_dir),
+              "--model.rank", "2", "--model.lr", "0.01", "--model.warmup_steps", "0", "--data.data", str(uk_corpus),
+              "--data.batch_size", "4", "--data.progress", "false", "--trainer.default_root_dir",
+              str(tmp_path / "run"), "--trainer.enable_progress_bar", "false", "--expert.name", "uk-lightning",
+              "--expert.registry", str(tmp_path / "registry"), "--expert.test_limit", "1"]
+    assert main([*common, "--trainer.max_epochs", "1"]) == 0
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    assert main([*common, "--trainer.max_epochs", "2", "--ckpt_path", str(checkpoint)]) == 0
+    expert = Registry(tmp_path / "registry").get("uk-lightning@2")
+    assert expert.manifest["hyperparameters"]["epochs_run"] == 2
