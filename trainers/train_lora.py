@@ -113,7 +113,7 @@ def resume_checkpoint(path: str, module, command: str = "whisper-experts train")
               if k != "val_max_new_tokens" and theirs.get(k) != v]
     if differ:
         raise ValueError(f"--resume {path}: that run was started with other options ({'; '.join(differ)}); resume "
-                         "with the options it started with (only --epochs, --patience and the like may change)")
+                         "with the options it started with (--epochs may grow)")
     probe = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(probe)  # what this run's checkpoints hold
     shapes = {k: tuple(v.shape) for k, v in probe["state_dict"].items()}
