@@ -67,7 +67,9 @@ def load(stems: list[str], out: Path) -> list[dict]:
         fused = res["rows"]["fused"]
         runs.append({"results": stem, "seed": target_seed(res), "target_expert": res["target_expert"],
                      "target": target, "fused": fused, "weights": list(fused["weights"].values()),
-                     "supports": list(fused["weights"])[1:], "language": res["target"]})
+                     "supports": list(fused["weights"])[1:], "language": res["target"],
+                     # weights a search of this run chose (on validation clips), not given with --search fixed
+                     "searched": "--search fixed" not in res.get("command", "")})
     first = runs[0]
     for run in runs[1:]:
         if _clips(run["target"]) != _clips(first["target"]) or _clips(run["fused"]) != _clips(first["target"]):
@@ -95,6 +97,7 @@ def measure(runs: list[dict]) -> dict:
                 for i, r in enumerate(runs)]
     mean_target, mean_fused = averaged([r["target"] for r in runs]), averaged([r["fused"] for r in runs])
     return {"language": runs[0]["language"], "supports": runs[0]["supports"], "weights": runs[0]["weights"],
+            "searched_by": [r["seed"] for r in runs if r["searched"]],
             "n": len(runs[0]["target"]["utterances"]), "per_seed": per_seed,
             "mean": {"target_wer": mean_target["wer"], "fused_wer": mean_fused["wer"],
                      "fused_vs_target": change(mean_target, mean_fused)}}
@@ -114,8 +117,11 @@ def table(m: dict, command: str) -> str:
               f"{100 * mean['fused_wer']:.1f} | **{format_change(mean['fused_vs_target'])}** |")
     spread = [s["target_wer"] for s in m["per_seed"]]
     weights = ", ".join(f"{w:.2f}" for w in m["weights"])
+    searched = m.get("searched_by") or []
+    chosen = (f"chosen by seed {', '.join(map(str, searched))}'s search on validation clips and fixed for the other "
+              "seeds" if searched else "fixed beforehand")
     md.append(f"\nTest: {m['n']} real {m['language']} clips, the same for every row. Fused: the target with "
-              f"{', '.join(m['supports'])} at weights ({weights}), fixed beforehand (target first). The target "
+              f"{', '.join(m['supports'])} at weights ({weights}), {chosen} (target first). The target "
               f"alone spans {100 * min(spread):.1f} to {100 * max(spread):.1f} over the seeds. Mean row: per clip, "
               "the word errors averaged over the seeds, paired bootstrap over clips. "
               f"Command: `{command}`\n")

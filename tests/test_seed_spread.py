@@ -17,10 +17,10 @@ def _row(errors: list[float], label: str = "row") -> dict:
             "utterances": utts}
 
 
-def _results(seed: int, target: list[float], fused: list[float], weights=(0.6, 0.4)) -> dict:
+def _results(seed: int, target: list[float], fused: list[float], weights=(0.6, 0.4), search="fixed") -> dict:
     name = "cs-real-100" + (f"-seed{seed}" if seed else "")
     flag = f" --target-seed {seed}" if seed else ""
-    return {"command": f"python benchmarks/real_fusion.py{flag} --supports cs=twin.safetensors --search fixed",
+    return {"command": f"python benchmarks/real_fusion.py{flag} --supports cs=twin.safetensors --search {search}",
             "target": "cs", "target_expert": name,
             "rows": {name: _row(target), "fused": {**_row(fused), "weights": dict(zip([name, "cs-twin"], weights))}}}
 
@@ -49,8 +49,16 @@ def test_table_per_seed_and_over_seeds(tmp_path):
     assert "| 1 (cs-real-100-seed1) | 40.0 [35.0, 45.0] | -33% (-20.0 [-20.0, -20.0]) |" in md
     assert "| **mean of 2 seeds** | 50.0 | – | 37.5 | **-25% (-12.5 [" in md
     assert "The target alone spans 40.0 to 60.0 over the seeds" in md
+    assert "at weights (0.60, 0.40), fixed beforehand" in md
     assert "Command: `python benchmarks/seed_spread.py --results s0,s1 --out" in md
     assert (tmp_path / "sp.png").stat().st_size > 0
+
+
+def test_weights_a_seeds_search_chose_are_said_to_be_its(tmp_path):
+    (tmp_path / "s0.json").write_text(json.dumps(_results(0, [6] * 30, [4] * 30, search="grid")))
+    (tmp_path / "s1.json").write_text(json.dumps(_results(1, [4] * 30, [4, 3] * 15)))
+    assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp"]) == 0
+    assert "chosen by seed 0's search on validation clips and fixed for the other seeds" in (tmp_path / "sp.md").read_text()
 
 
 def test_refuses_files_that_do_not_compare(tmp_path, capsys):
