@@ -58,7 +58,8 @@ def test_weights_a_seeds_search_chose_are_said_to_be_its(tmp_path):
     (tmp_path / "s0.json").write_text(json.dumps(_results(0, [6] * 30, [4] * 30, search="grid")))
     (tmp_path / "s1.json").write_text(json.dumps(_results(1, [4] * 30, [4, 3] * 15)))
     assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp"]) == 0
-    assert "chosen by seed 0's search on validation clips and fixed for the other seeds" in (tmp_path / "sp.md").read_text()
+    md = (tmp_path / "sp.md").read_text()
+    assert "chosen by seed 0's search on validation clips and fixed for the other seeds" in md
 
 
 def test_refuses_files_that_do_not_compare(tmp_path, capsys):
