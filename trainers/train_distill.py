@@ -85,12 +85,13 @@ def make_trainer(cfg: DistillConfig, callbacks: list) -> L.Trainer:
     """The run's Trainer: best-by-``val_wer`` checkpoint and ``last.ckpt`` (what ``--resume`` continues from), early
     stopping, CSV (+ TensorBoard) logs under run_dir (the checkpoints in the CSV log's version folder,
     ``run_dir/logs/version_N/checkpoints``: one folder per run)."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
+    from trainers.train_lora import best_and_last_checkpoints
+
     run_dir = Path(cfg.run_dir)
-    callbacks = [*callbacks, ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1, save_last=True,
-                                             filename="best-{epoch}-{val_wer:.4f}"),
+    callbacks = [*callbacks, best_and_last_checkpoints(),
                  EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
                                check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     loggers = [CSVLogger(run_dir, name="logs")]
@@ -120,7 +121,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
         (experts, report with the per-epoch history, best epochs, the teacher source's report, timings, test).
     """
     from trainers.language_batches import DistillDataModule
-    from trainers.train_lora import checkpoint_globals, load_checked_base, resume_checkpoint
+    from trainers.train_lora import fit, load_checked_base, resume_checkpoint
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t0 = time.time()
@@ -170,8 +171,7 @@ def train_distilled(cfg: DistillConfig) -> tuple[list[Expert], dict]:
     data.setup("fit")
     prepared = time.time()
     trainer = make_trainer(cfg, [keep])
-    with checkpoint_globals():
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
+    fit(trainer, module, data, cfg.resume)
     if not keep.history:  # max_steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)
     trained = time.time()

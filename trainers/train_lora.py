@@ -87,6 +87,22 @@ def checkpoint_globals():
     return torch.serialization.safe_globals([LoraExpertConfig, ClsrConfig, DistillationLossConfig])
 
 
+def best_and_last_checkpoints():
+    """The ``ModelCheckpoint`` of every recipe: the best epoch by validation WER (``best-{epoch}-{val_wer}.ckpt``)
+    and ``last.ckpt`` after every validation, what ``--resume`` continues an interrupted run from."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1, save_last=True,
+                           filename="best-{epoch}-{val_wer:.4f}")
+
+
+def fit(trainer: L.Trainer, module, data, resume: str | None = None) -> None:
+    """``trainer.fit``, from the checkpoint ``resume`` when given (checked by :func:`resume_checkpoint` before the
+    data was prepared), loaded weights-only."""
+    with checkpoint_globals():
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+
+
 def resume_checkpoint(path: str, module, command: str = "whisper-experts train") -> None:
     """Check that ``path`` is a checkpoint this run can continue from, before Lightning loads it: a readable
     checkpoint of ``command`` holding the tensors ``module`` checkpoints (its expert, paths and gates: same shape
@@ -196,14 +212,12 @@ def expert_trainer(cfg: TrainConfig, run_dir: Path, keep: KeepBestExpert, logger
     Args:
         options: further ``Trainer`` arguments.
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
 
     callbacks = [keep, EarlyStopping(monitor="val_wer", mode="min", patience=cfg.patience,
                                      check_on_train_epoch_end=False), *progress_bar_callbacks(cfg.progress)]
     if checkpoints:
-        # last.ckpt after every validation: what --resume continues an interrupted run from
-        callbacks.append(ModelCheckpoint(monitor="val_wer", mode="min", save_top_k=1, save_last=True,
-                                         filename="best-{epoch}-{val_wer:.4f}"))
+        callbacks.append(best_and_last_checkpoints())
     else:
         options["enable_checkpointing"] = False
     return L.Trainer(
@@ -256,8 +270,7 @@ def train_lora_expert(cfg: TrainConfig) -> tuple[Expert, dict]:
     except ImportError:
         pass
     trainer = expert_trainer(cfg, run_dir, keep, loggers, deterministic=False)
-    with checkpoint_globals():
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume, weights_only=True)
+    fit(trainer, module, data, cfg.resume)
     if keep.tensors is None:  # --max-steps ended training before an epoch's validation: validate once
         trainer.validate(module, datamodule=data, verbose=False)
     trained = time.time()
