@@ -233,7 +233,10 @@ def run(args, results: dict, save) -> None:
     target_only = list(search.best.weights) == [1.0] + [0.0] * (len(names) - 1)
     scope = "" if args.support_scope == "all" else f", supports' {args.support_scope} only"
     how = "weights fixed beforehand" if args.search == "fixed" else f"{args.search} search, {len(search.trials)} trials"
-    method = args.method + "".join(f" {k}={v}" for k, v in options.items())
+    method = args.method + "".join(f" {k}={v}" for k, v in (search.best.options or {}).items())
+    searched_options = {k: v for k, v in options.items() if isinstance(v, list)}
+    if searched_options and not target_only:
+        method += " searched over " + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in searched_options.items())
     rows["fused"] = {"label": f"fused ({method}, {how}{scope})"
                               + (": the target alone" if target_only else ""),
                      "weights": dict(zip(names, search.best.weights)), "search_minutes": search_minutes,
@@ -295,7 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="whisper-base")
     p.add_argument("--method", default="linear", help="merge method (default linear: task arithmetic)")
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
-                   help="a merge method option, repeatable (as `whisper-experts fuse --option`), e.g. density=1.0")
+                   help="a merge method option, repeatable (as `whisper-experts fuse --option`), e.g. density=1.0; "
+                        "density=0.5,1.0 searches the values with the weights")
     p.add_argument("--search", default="bayes", choices=["grid", "interpolate", "bayes", "fixed"],
                    help="how the weights are found on the target's validation clips (default bayes); fixed: "
                         "--weights as given")

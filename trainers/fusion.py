@@ -19,11 +19,17 @@ Search strategies (:func:`candidate_weights`):
   ``WER + l1 * sum |w|`` (LoraHub's L1 penalty).
 
 Every search tries the target-only point ``[1, 0, ..., 0]`` first, and the result is the trial with the lowest dev
-WER, so the fused expert is never worse on dev than the target expert alone.
+WER, so the fused expert is never worse on dev than the target expert alone. That point is the target expert
+itself whatever the method (TIES at a density below 1 would otherwise trim it, DARE drop part of it).
+
+Method options can be searched too: an option given a list of values (``{"density": [0.2, 0.5, 1.0]}``, from
+``fuse --option density=0.2,0.5,1.0``) runs the weight search once per combination of values
+(:func:`option_candidates`), and the best trial over all of them wins; every trial records its options.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -55,6 +61,7 @@ class Trial:
     cer: float
     objective: float
     seconds: float
+    options: dict | None = None  # the merge method's options this trial used (None: the method's defaults)
 
 
 @dataclass
@@ -144,8 +151,10 @@ class FusionApplier:
         self._saved: dict[str, torch.Tensor] = {}  # parameter name -> original value (dense path)
         self._adapter_layout: tuple | None = None  # (tensor shapes, scales) of the attached adapter (low-rank path)
 
-    def apply(self, weights: Sequence[float]) -> MergeResult:
-        result = merge(self.task_vectors, weights, self.method, seed=self.seed, device="cpu", **self.options)
+    def apply(self, weights: Sequence[float], options: dict | None = None) -> MergeResult:
+        """Apply the fusion at ``weights`` (with ``options`` instead of the applier's own, when given)."""
+        result = merge_candidate(self.task_vectors, weights, self.method, self.options if options is None else options,
+                        self.seed)
         if result.low_rank:
             self._restore_weights()
             tensors, hyper = lora_tensors(result.task_vector)
@@ -191,6 +200,40 @@ class FusionApplier:
             self._saved = {}
 
 
+def target_alone(weights: Sequence[float] | None) -> bool:
+    """Whether ``weights`` are ``[1, 0, ..., 0]``: the target expert alone, supports left out."""
+    return weights is not None and len(weights) > 0 and weights[0] == 1.0 and not any(weights[1:])
+
+
+def merge_candidate(task_vectors: Sequence[dict], weights: Sequence[float] | None, method: str, options: dict | None,
+           seed: int = 0) -> MergeResult:
+    """``merge`` on the CPU, except that the target alone (:func:`target_alone`) is the target's own delta
+    exactly (a ``linear`` merge), never trimmed or dropped by the method."""
+    if target_alone(weights):
+        return merge(task_vectors, weights, "linear", seed=seed, device="cpu")
+    return merge(task_vectors, weights, method, seed=seed, device="cpu", **(options or {}))
+
+
+def option_candidates(options: dict | None) -> list[dict]:
+    """Every combination of a merge method's option values: an option given a list is searched.
+
+    ``{"density": [0.2, 0.5], "lam": 1.0}`` -> ``[{"density": 0.2, "lam": 1.0}, {"density": 0.5, "lam": 1.0}]``;
+    without lists, ``[options]``.
+    """
+    options = dict(options or {})
+    for key, value in options.items():
+        if isinstance(value, list) and not value:
+            raise ValueError(f"option {key}: an empty list of values to search; give at least one")
+    keys = list(options)
+    values = [v if isinstance(v, list) else [v] for v in options.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def option_label(options: dict | None) -> str:
+    """``{"density": 0.5}`` -> ``density=0.5`` (empty for no options)."""
+    return " ".join(f"{k}={v}" for k, v in (options or {}).items())
+
+
 def candidate_weights(search: str, n: int, trials: int, *,
                       bounds: tuple[float, float] = (-1.5, 1.5)) -> list[list[float]]:
     """The weight vectors a non-adaptive search tries (``grid``, ``interpolate``), the target alone first; ``bayes``
@@ -206,7 +249,7 @@ def candidate_weights(search: str, n: int, trials: int, *,
 
 def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "grid", trials: int = 11, *,
                    weights: Sequence[float] | None = None, l1: float = 0.05, bounds: tuple[float, float] = (-1.5, 1.5),
-                   seed: int = 0, progress: bool = True) -> SearchResult:
+                   seed: int = 0, progress: bool = True, desc: str = "") -> SearchResult:
     """Search fusion weights for ``n`` experts (the target first) by dev WER.
 
     Args:
@@ -215,13 +258,14 @@ def search_weights(score: Callable[[list[float]], dict], n: int, search: str = "
         trials: candidates to score, the target-only point included.
         l1: ``bayes``: penalty on ``sum |w|`` added to the WER in the search objective (not in the choice).
         bounds: ``bayes``: range of every weight.
+        desc: added to the progress bar's label (e.g. the method options being tried).
     """
     from tqdm.auto import tqdm
 
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
     done: list[Trial] = []
-    bar = tqdm(total=1 if search == "fixed" else trials, desc=f"fusion search ({search})", unit="trial",
+    bar = tqdm(total=1 if search == "fixed" else trials, desc=f"fusion search ({search}{desc})", unit="trial",
                disable=not progress)
 
     def run(w: list[float]) -> Trial:
@@ -302,26 +346,48 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
     """
     tvs = [task_vector(e) for e in experts]
     tvs[1:] = [scoped(tv, support_scope, f"support {n}") for tv, n in zip(tvs[1:], names[1:])]
-    applier = FusionApplier(base.model, tvs, method, options, seed)
+    combos = option_candidates(options)
+    applier = FusionApplier(base.model, tvs, method, combos[0], seed)
     if dev is None:
         if search != "fixed":
             raise ValueError(f"--search {search} needs a dev set (--dev DIR) to score candidates")
+        if len(combos) > 1:
+            raise ValueError(f"options {option_label(options)}: a list of values is searched on the target's dev "
+                             "set; give a dev set (--dev DIR) or one value per option")
         # No dev set: fixed weights, or the method's defaults (None) for a multi-language merge.
-        only = Trial([float(x) for x in weights] if weights else None, math.nan, math.nan, math.nan, 0.0)
+        only = Trial([float(x) for x in weights] if weights else None, math.nan, math.nan, math.nan, 0.0, combos[0])
         result = SearchResult([only], only)
     else:
         start = first_changed_encoder_layer(tvs, base.model.config.encoder_layers)
         scorer = DevScorer(base.model, base.processor, dev, encoder_start=start, batch_size=batch_size)
+        alone: dict = {}  # the target alone is the same expert under every option: scored once
 
-        def score(w):
-            applier.apply(w)
-            return scorer()
+        def score(w, combo):
+            if target_alone(w) and alone:
+                return alone
+            applier.apply(w, combo)
+            scores = scorer()
+            if target_alone(w):
+                alone.update(scores)
+            return scores
 
+        trials_all = []
         try:
-            result = search_weights(score, len(experts), search, trials, weights=weights, seed=seed, progress=progress)
+            for combo in combos:
+                label = f", {option_label(combo)}" if len(combos) > 1 else ""
+                part = search_weights(lambda w, c=combo: score(w, c), len(experts), search, trials, weights=weights,
+                                      seed=seed, progress=progress, desc=label)
+                for t in part.trials:
+                    t.options = dict(combo)
+                trials_all.extend(part.trials)
         finally:
             applier.clear()
-    merged = merge(tvs, result.best.weights, method, seed=seed, device="cpu", **(options or {}))
+        # The best over every option combination (ties: the smallest L1 norm, then the earliest).
+        result = SearchResult(trials_all, min(trials_all, key=lambda t: (t.wer, sum(abs(x) for x in t.weights))))
+    if target is not None:  # the target alone stays the target's own delta, whatever the method
+        merged = merge_candidate(tvs, result.best.weights, method, result.best.options, seed)
+    else:
+        merged = merge(tvs, result.best.weights, method, seed=seed, device="cpu", **(result.best.options or {}))
     result.merge = merged
     metrics = {}
     if target is not None and not math.isnan(result.best.wer):
@@ -329,6 +395,8 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
     languages = [target] if target else None
     expert = fused_expert(merged, experts, names, languages=languages, metrics=metrics)
     expert.manifest["lineage"].update(search=search, trials=result.trace(), target=target)
+    if merged.method != method:  # the search kept the target alone: stored as its exact (linear) delta
+        expert.manifest["lineage"]["searched_method"] = method
     if support_scope != "all":
         expert.manifest["lineage"]["support_scope"] = support_scope
     return expert, result
@@ -366,14 +434,21 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
     import matplotlib.pyplot as plt
 
     groups, fixed = search_panels(result, names)
-    columns = [tuple(t.weights[i] for t in result.trials) for i in range(len(names))]
+    # Searched method options (a density per run of the weight search): one curve per combination.
+    curves: dict[str, list[Trial]] = {}
+    for t in result.trials:
+        curves.setdefault(option_label(t.options), []).append(t)
+    if len(curves) == 1:
+        curves = {"": result.trials}
     fig, axes = plt.subplots(1, len(groups), figsize=(max(7.0, 4.5 * len(groups)), 3.6), squeeze=False, sharey=True)
-    wers = [100 * t.wer for t in result.trials]
     for ax, group in zip(axes[0], groups):
-        xs = list(columns[group[0]])
-        pairs = sorted(zip(xs, wers))
-        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if len(set(xs)) == len(xs) else "o", alpha=0.7)
-        ax.plot([result.best.weights[group[0]]], [100 * result.best.wer], "r*", markersize=14, label="chosen")
+        for label, trials in curves.items():
+            xs = [t.weights[group[0]] for t in trials]
+            pairs = sorted(zip(xs, [100 * t.wer for t in trials]))
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if len(set(xs)) == len(xs) else "o",
+                    alpha=0.7, **({"label": label} if label else {}))
+        chosen = "chosen" + (f" ({option_label(result.best.options)})" if len(curves) > 1 else "")
+        ax.plot([result.best.weights[group[0]]], [100 * result.best.wer], "r*", markersize=14, label=chosen)
         ax.set_xlabel("weight of " + " = ".join(names[i] for i in group))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("dev WER %")

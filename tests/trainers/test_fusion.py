@@ -21,6 +21,8 @@ from trainers.fusion import (
     candidate_weights,
     first_changed_encoder_layer,
     fuse_for_target,
+    merge_candidate,
+    option_candidates,
     plot_search,
     search_panels,
     search_weights,
@@ -271,10 +273,81 @@ def test_fuse_command_searches_stores_and_plots(base, experts, tiny_whisper_dir,
     # Bad input is named before anything runs.
     assert main(["fuse", "--experts", "uk-small,ru-espeak", "--weights", "1", "--name", "x", *common]) == 2
     assert "2 experts" in capsys.readouterr().err
+    # Searched option values: each trial's options kept in search.json, the chosen ones printed.
+    assert main(["fuse", "--target", "uk", "--experts", "uk-small,ru-espeak", "--dev", str(uk_corpus),
+                 "--dev-split", "test", "--trials", "2", "--method", "ties", "--option", "density=0.3,1.0",
+                 "--name", "uk-ties", "--run-dir", str(tmp_path / "run3"), *common]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "run3" / "search.json").read_text())
+    assert saved["options"] == {"density": [0.3, 1.0]}
+    assert [t["options"] for t in saved["trials"]] == [{"density": 0.3}] * 2 + [{"density": 1.0}] * 2
+    assert "| uk-small alone | 1,0 |" in out and "| chosen (grid, 4 trials" in out
+    assert (tmp_path / "run3" / "search.png").is_file()
     assert main(["fuse", "--experts", "uk-small", "--option", "density", "--name", "y", *common]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
     assert main(["fuse", "--experts", "uk-small,ru-espeak", "--support-scope", "decoder", "--name", "z", *common]) == 2
     assert "--support-scope decoder applies to a target fusion" in capsys.readouterr().err
+
+
+def test_option_values_given_as_a_list_are_searched_in_every_combination():
+    assert option_candidates(None) == [{}]
+    assert option_candidates({"density": 0.2}) == [{"density": 0.2}]
+    assert option_candidates({"density": [0.2, 0.5], "lam": 1.0, "sign": ["mass", "count"]}) == [
+        {"density": 0.2, "lam": 1.0, "sign": "mass"}, {"density": 0.2, "lam": 1.0, "sign": "count"},
+        {"density": 0.5, "lam": 1.0, "sign": "mass"}, {"density": 0.5, "lam": 1.0, "sign": "count"}]
+    with pytest.raises(ValueError, match="option density: an empty list"):
+        option_candidates({"density": []})
+    from trainers.cli.fuse import parse_options
+
+    assert parse_options(["density=0.2,0.5, 1.0", "variant=prune,residual", "lam=1"]) == {
+        "density": [0.2, 0.5, 1.0], "variant": ["prune", "residual"], "lam": 1}
+    assert parse_options(["density=[0.2,0.5]", "variant=residual"]) == {"density": [0.2, 0.5], "variant": "residual"}
+    with pytest.raises(ValueError, match="an empty value in the list"):
+        parse_options(["density=0.2,,0.5"])
+
+
+def test_the_target_alone_is_the_target_itself_under_any_method(experts):
+    from lora_experts.deltas import dense
+
+    tvs = [task_vector(e) for e in experts]
+    for method, options in [("ties", {"density": 0.3}), ("dare_linear", {"drop_rate": 0.5}),
+                            ("magnitude_prune", {"density": 0.2})]:
+        alone = merge_candidate(tvs, [1.0, 0.0], method, options)
+        assert alone.method == "linear" and sorted(alone.task_vector) == sorted(tvs[0])
+        for name, delta in tvs[0].items():
+            torch.testing.assert_close(dense(alone.task_vector[name]), dense(delta))
+        trimmed = merge_candidate(tvs, [1.0, 0.5], method, options)  # with a support: the method as asked
+        assert trimmed.method == method and trimmed.options.items() >= options.items()
+
+
+def test_method_options_are_searched_with_the_weights(base, experts, uk_corpus, tmp_path, monkeypatch):
+    from inference.evaluation import utterances_from_dataset
+    from trainers import fusion
+    from trainers.corpus.loading import load_corpus
+
+    dev = utterances_from_dataset(load_corpus(str(uk_corpus))["test"], ["uk"])
+    calls = []
+    real_call = fusion.DevScorer.__call__
+    monkeypatch.setattr(fusion.DevScorer, "__call__", lambda self: calls.append(1) or real_call(self))
+    fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], "uk", dev, method="ties",
+                                    options={"density": [0.3, 1.0], "lam": 1.0}, search="grid", trials=3,
+                                    progress=False)
+    # One grid per density, the target alone first in each; scored once (it is the same expert in both).
+    assert [t.options for t in result.trials] == [{"density": 0.3, "lam": 1.0}] * 3 + [{"density": 1.0, "lam": 1.0}] * 3
+    assert [t.weights for t in result.trials] == [[1.0, 0.0], [1.0, 0.5], [1.0, 1.0]] * 2
+    assert len(calls) == 5 and result.trials[0].wer == result.trials[3].wer
+    assert result.best.wer == min(t.wer for t in result.trials)
+    lineage = fused.manifest["lineage"]
+    assert [t["options"] for t in lineage["trials"]] == [t.options for t in result.trials]
+    if result.best.weights == [1.0, 0.0]:  # the target kept: its exact delta, said so
+        assert lineage["method"] == "linear" and lineage["searched_method"] == "ties"
+    else:
+        assert lineage["method"] == "ties" and lineage["options"] == result.best.options
+    png = plot_search(result, ["uk-small", "ru-espeak"], str(tmp_path / "search.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="a list of values is searched on the target's dev set"):
+        fuse_for_target(base, experts, ["a", "b"], "uk", None, method="ties", options={"density": [0.3, 1.0]},
+                        search="fixed", weights=[1.0, 0.5], progress=False)
 
 
 def test_the_search_plot_gives_one_panel_per_weight_that_moved():

@@ -34,7 +34,10 @@ search.json: on real speech no support below 0.05 helped at any weight.
 Methods: linear (exact sum, stored as concatenated LoRA ranks), svd (exact sum truncated to --option rank=R),
 task_arithmetic (target + lam x mean of supports), ties (--option density=, lam=), dare_linear / dare_ties
 (--option drop_rate=), magnitude_prune (--option density=), lors (--option rank_ratio=, density=,
-variant=prune|residual). Options of a method: `whisper-experts fuse --list-methods`.
+variant=prune|residual). Options of a method: `whisper-experts fuse --list-methods`. An option given several
+values (--option density=0.2,0.5,1.0) is searched with the weights: the weight search runs once per value
+(per combination, for several such options) and the best on dev wins; the target alone is always the target
+expert itself, never trimmed or dropped by the method.
 
 The fused expert is stored in the registry under --name with its lineage: parents, method, options, weights,
 and the dev WER of every trial.
@@ -46,22 +49,36 @@ examples:
   whisper-experts fuse --target uk --experts uk-small,ru-espeak --weights 1,0.4 --name uk-fixed
   whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \\
       --name cs-fused-dec
+  whisper-experts fuse --target cs --experts cs-real-100,cs-espeak --method ties --option density=0.2,0.5,1.0 \
+      --trials 6 --dev data/fillets --name cs-ties
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
   whisper-experts fuse --similarity --experts cs-real-100,sk-espeak,runs/real/nl.safetensors --run-dir runs/sim
 """
 
 
+def _option_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_options(items) -> dict:
-    """``["density=0.2", "variant=residual"]`` -> ``{"density": 0.2, "variant": "residual"}``."""
+    """``["density=0.2", "variant=residual"]`` -> ``{"density": 0.2, "variant": "residual"}``; a comma-separated
+    value is a list of values to search: ``density=0.2,0.5,1.0`` -> ``{"density": [0.2, 0.5, 1.0]}``."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {item!r}: expected NAME=VALUE, e.g. --option density=0.2")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if "," in value and not value.lstrip().startswith(("[", "{", '"')):
+            parts = [v.strip() for v in value.split(",")]
+            if not all(parts):
+                raise ValueError(f"--option {item!r}: an empty value in the list; give NAME=V1,V2,..., e.g. "
+                                 "--option density=0.2,0.5,1.0")
+            out[key] = [_option_value(v) for v in parts]
+        else:
+            out[key] = _option_value(value)
     return out
 
 
@@ -79,7 +96,7 @@ def _run(args) -> int:
     from registry.bases import load_base
     from registry.expert_file import check_compatible
     from registry.store import Registry
-    from trainers.fusion import fuse_for_target, plot_search
+    from trainers.fusion import fuse_for_target, option_label, plot_search, target_alone
 
     names = split_list(args.experts)
     if not names or not args.name:
@@ -119,17 +136,18 @@ def _run(args) -> int:
     if not args.target:
         search = "fixed"
     support_cosines = _support_cosines(experts, names, args.support_scope) if args.target and len(names) > 1 else {}
+    options = parse_options(args.option)
     expert, result = fuse_for_target(base, experts, names, args.target, dev, method=args.method,
-                                     options=parse_options(args.option), search=search, trials=args.trials,
+                                     options=options, search=search, trials=args.trials,
                                      weights=weights, seed=args.seed, batch_size=args.batch_size,
                                      progress=not args.quiet, support_scope=args.support_scope)
     record = registry.add(expert, args.name)
     run_dir = Path(args.run_dir or Path("runs") / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "search.json").write_text(json.dumps({"experts": names, "method": args.method, "search": search,
-                                                     "support_cosines": support_cosines,
-                                                     "trials": result.trace(), "best": result.trace()[
-                                                         result.trials.index(result.best)]}, indent=2))
+    best = result.trace()[result.trials.index(result.best)]
+    (run_dir / "search.json").write_text(json.dumps({"experts": names, "method": args.method, "options": options,
+                                                     "search": search, "support_cosines": support_cosines,
+                                                     "trials": result.trace(), "best": best}, indent=2))
     if args.out:
         from registry.expert_file import save_expert
 
@@ -137,12 +155,15 @@ def _run(args) -> int:
     print(f"stored {record.ref} ({expert.kind}, {expert.num_parameters:,} parameters) in the registry")
     if dev is not None:
         target_only = result.trials[0]
+        searched_options = len({option_label(t.options) for t in result.trials}) > 1
         print("\n| fusion | weights | dev WER % | dev CER % |\n|---|---|---|---|")
         if search != "fixed":  # a search's first trial is the target alone; fixed weights are one trial
             print(f"| {names[0]} alone | {','.join(f'{w:g}' for w in target_only.weights)} | "
                   f"{100 * target_only.wer:.1f} | {100 * target_only.cer:.1f} |")
         b = result.best
         chosen = "fixed weights" if search == "fixed" else f"chosen ({search}, {len(result.trials)} trials)"
+        if searched_options and not target_alone(b.weights):
+            chosen += f", {option_label(b.options)}"
         print(f"| {chosen} | {','.join(f'{w:g}' for w in b.weights)} | {100 * b.wer:.1f} | {100 * b.cer:.1f} |")
         if len(result.trials) > 1:
             try:
@@ -211,7 +232,8 @@ def register(subparsers) -> None:
     p.add_argument("--dev-split", default="validation", help="split of --dev (default validation)")
     p.add_argument("--dev-limit", type=int, help="at most N dev utterances")
     p.add_argument("--method", default="linear", help="merge method (default linear; see --list-methods)")
-    p.add_argument("--option", action="append", metavar="NAME=VALUE", help="a merge method option, repeatable")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a merge method option, repeatable; NAME=V1,V2,... searches the values on dev")
     p.add_argument("--search", choices=["grid", "interpolate", "bayes"], default="grid",
                    help="weight search (default grid; interpolate: target 1 - lambda, supports lambda)")
     p.add_argument("--trials", type=int, default=11, help="candidates scored, the target alone included (default 11)")
