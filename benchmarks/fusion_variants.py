@@ -32,13 +32,10 @@ def _clips(row: dict) -> set:
     return {(u["language"], u["id"]) for u in row["utterances"]}
 
 
-def option_label(options: dict | None) -> str:
-    return " ".join(f"{k}={v}" for k, v in (options or {}).items())
-
-
 def recipe(res: dict) -> str:
     """``ties density=0.5, grid``: the run's method, its chosen options and its search, from its results file."""
     from benchmarks.command import recorded_option
+    from trainers.fusion import option_label
 
     command = res.get("command", "")
     method = recorded_option(command, "--method", "linear")
@@ -100,6 +97,8 @@ def measure(runs: list[dict]) -> dict:
 
 def curves(run: dict) -> dict[str, list[list[float]]]:
     """Option label -> [[pooled support weight, validation WER], ...] of a run's search trials."""
+    from trainers.fusion import option_label
+
     out: dict[str, list[list[float]]] = {}
     for t in run.get("trials", []):
         out.setdefault(option_label(t.get("options")), []).append([sum(t["weights"][1:]), t["wer"]])
