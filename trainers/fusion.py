@@ -435,9 +435,12 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
 
     groups, fixed = search_panels(result, names)
     # Searched method options (a density per run of the weight search): one curve per combination.
+    # Labelled by the options that vary (density=0.5), not those every trial shares.
+    keys = {k for t in result.trials for k in (t.options or {})}
+    varying = [k for k in sorted(keys) if len({repr((t.options or {}).get(k)) for t in result.trials}) > 1]
     curves: dict[str, list[Trial]] = {}
     for t in result.trials:
-        curves.setdefault(option_label(t.options), []).append(t)
+        curves.setdefault(option_label({k: (t.options or {}).get(k) for k in varying}), []).append(t)
     if len(curves) == 1:
         curves = {"": result.trials}
     fig, axes = plt.subplots(1, len(groups), figsize=(max(7.0, 4.5 * len(groups)), 3.6), squeeze=False, sharey=True)
@@ -447,7 +450,8 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
             pairs = sorted(zip(xs, [100 * t.wer for t in trials]))
             ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if len(set(xs)) == len(xs) else "o",
                     alpha=0.7, **({"label": label} if label else {}))
-        chosen = "chosen" + (f" ({option_label(result.best.options)})" if len(curves) > 1 else "")
+        best = {k: (result.best.options or {}).get(k) for k in varying}
+        chosen = "chosen" + (f" ({option_label(best)})" if len(curves) > 1 else "")
         ax.plot([result.best.weights[group[0]]], [100 * result.best.wer], "r*", markersize=14, label=chosen)
         ax.set_xlabel("weight of " + " = ".join(names[i] for i in group))
         ax.grid(alpha=0.3)
