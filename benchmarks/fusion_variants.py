@@ -134,12 +134,14 @@ def plot(m: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in m["runs"]:
-        head = r["recipe"].split(",")[0]
+        # The recipe without its search: "ties density=1.0, supports' decoder only"
+        parts = r["recipe"].split(": ")[0].split(", ")
+        rest = "".join(f", {x}" for x in parts[2:])
         for label, points in r["curves"].items():
             if len(points) < 2:
                 continue
             points = sorted(points)
-            name = head if len(r["curves"]) == 1 else f"{head.split(' ')[0]} {label}"
+            name = parts[0] + rest if len(r["curves"]) == 1 else f"{parts[0].split(' ')[0]} {label}{rest}"
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", alpha=0.75, label=name)
         ax.plot([sum(r["weights"][1:])], [100 * r["dev_fused"]], "*", markersize=13, color="red")
     ax.set_xlabel("weight of the supports (pooled)")
