@@ -49,7 +49,7 @@ examples:
   whisper-experts fuse --target uk --experts uk-small,ru-espeak --weights 1,0.4 --name uk-fixed
   whisper-experts fuse --target cs --experts cs-real-100,sk-espeak --support-scope decoder --dev data/fillets \\
       --name cs-fused-dec
-  whisper-experts fuse --target cs --experts cs-real-100,cs-espeak --method ties --option density=0.2,0.5,1.0 \
+  whisper-experts fuse --target cs --experts cs-real-100,cs-espeak --method ties --option density=0.2,0.5,1.0 \\
       --trials 6 --dev data/fillets --name cs-ties
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
   whisper-experts fuse --similarity --experts cs-real-100,sk-espeak,runs/real/nl.safetensors --run-dir runs/sim
