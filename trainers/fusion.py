@@ -153,8 +153,8 @@ class FusionApplier:
 
     def apply(self, weights: Sequence[float], options: dict | None = None) -> MergeResult:
         """Apply the fusion at ``weights`` (with ``options`` instead of the applier's own, when given)."""
-        result = merge_candidate(self.task_vectors, weights, self.method, self.options if options is None else options,
-                        self.seed)
+        result = merge_candidate(self.task_vectors, weights, self.method,
+                                 self.options if options is None else options, self.seed)
         if result.low_rank:
             self._restore_weights()
             tensors, hyper = lora_tensors(result.task_vector)
@@ -205,8 +205,8 @@ def target_alone(weights: Sequence[float] | None) -> bool:
     return weights is not None and len(weights) > 0 and weights[0] == 1.0 and not any(weights[1:])
 
 
-def merge_candidate(task_vectors: Sequence[dict], weights: Sequence[float] | None, method: str, options: dict | None,
-           seed: int = 0) -> MergeResult:
+def merge_candidate(task_vectors: Sequence[dict], weights: Sequence[float] | None, method: str,
+                    options: dict | None, seed: int = 0) -> MergeResult:
     """``merge`` on the CPU, except that the target alone (:func:`target_alone`) is the target's own delta
     exactly (a ``linear`` merge), never trimmed or dropped by the method."""
     if target_alone(weights):
