@@ -78,20 +78,31 @@ def load(stems: list[str], out: Path) -> list[dict]:
     return runs
 
 
-def measure(runs: list[dict]) -> dict:
+def measure(runs: list[dict], against: str | None = None) -> dict:
+    """Per run its recipe, choice and paired change against the target alone (and against the fused row of run
+    ``against``, a control, when given)."""
     from inference.evaluation import paired_comparison
 
+    control = None
+    if against is not None:
+        found = [r for r in runs if r["results"] == against]
+        if not found:
+            raise SystemExit(f"--against {against}: not one of --results ({', '.join(r['results'] for r in runs)})")
+        control = found[0]["rows"]["fused"]
     rows = []
     for run in runs:
         target, fused = run["rows"][run["target_expert"]], run["rows"]["fused"]
+        versus = (None if control is None or run["results"] == against
+                  else next(iter(paired_comparison(control, fused).values())))
         rows.append({"results": run["results"], "recipe": recipe(run), "supports": list(fused["weights"])[1:],
                      "weights": list(fused["weights"].values()),
                      "dev_target": run["dev_wer"]["target_only"], "dev_fused": run["dev_wer"]["fused"],
                      "target_wer": target["wer"], "wer": fused["wer"], "wer_ci95": fused.get("wer_ci95"),
-                     "vs_target": next(iter(paired_comparison(target, fused).values())),
+                     "vs_target": next(iter(paired_comparison(target, fused).values())), "vs_control": versus,
                      "curves": curves(run)})
     target = runs[0]["rows"][runs[0]["target_expert"]]
     return {"language": runs[0]["target"], "target_expert": runs[0]["target_expert"], "n": target["n"],
+            "against": against,
             "target_wer": target["wer"], "target_ci95": target.get("wer_ci95"), "runs": rows}
 
 
@@ -108,15 +119,19 @@ def curves(run: dict) -> dict[str, list[list[float]]]:
 def table(m: dict, command: str) -> str:
     from inference.confidence import format_change, format_ci
 
+    against = m.get("against")
+    extra = f" vs {against} [paired 95% CI] |" if against else ""
     md = ["| recipe | supports at weights (target first) | validation WER %: target alone -> fused | test WER %: "
-          "target alone | fused [95% CI] | vs the target alone [paired 95% CI] | results |",
-          "|---|---|---|---|---|---|---|"]
+          "target alone | fused [95% CI] | vs the target alone [paired 95% CI] |" + extra + " results |",
+          "|---|---|---|---|---|---|" + ("---|" if against else "") + "---|"]
     for r in m["runs"]:
         before = "–" if r["dev_target"] is None else f"{100 * r['dev_target']:.1f}"
         weights = ", ".join(f"{w:.2f}" for w in r["weights"])
+        versus = format_change(r["vs_control"]) if r.get("vs_control") else "–"
+        control = f" {versus} |" if against else ""
         md.append(f"| {r['recipe']} | {', '.join(r['supports'])} at ({weights}) | {before} -> "
                   f"{100 * r['dev_fused']:.1f} | {100 * r['target_wer']:.1f} | {format_ci(r['wer'], r['wer_ci95'])} | "
-                  f"{format_change(r['vs_target'])} | {r['results']} |")
+                  f"{format_change(r['vs_target'])} |{control} {r['results']} |")
     retrained = len({r["target_wer"] for r in m["runs"]}) > 1
     note = (f" The target expert ({m['target_expert']}) was retrained between some runs (same clips and seed; its "
             "test WER differs slightly): each change is against its own run's target." if retrained else "")
@@ -160,12 +175,14 @@ def main(argv=None) -> int:
     p.add_argument("--results", required=True, help="real_fusion.py results stems of one target, comma-separated")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where the results files are")
     p.add_argument("--name", default="fusion_variants", help="output stem (default fusion_variants)")
+    p.add_argument("--against", help="one of --results, a control: every other fused row's paired change against "
+                                     "its fused row too (same clips)")
     args = p.parse_args(argv)
     stems = [s.strip() for s in args.results.split(",") if s.strip()]
     if len(stems) < 2:
         p.error("--results: give at least two results files (one per recipe)")
     out = Path(args.out)
-    m = measure(load(stems, out))
+    m = measure(load(stems, out), args.against)
     md = table(m, recorded(Path(__file__).name, argv))
     (out / f"{args.name}.json").write_text(json.dumps(m, indent=2))
     (out / f"{args.name}.md").write_text(md)

@@ -52,6 +52,14 @@ def test_recipes_side_by_side(tmp_path):
     assert m["runs"][1]["curves"] == {"density=0.5": [[0.0, 0.63], [0.4, 0.62]],
                                       "density=1.0": [[0.0, 0.63], [0.4, 0.6]]}
     assert (tmp_path / "fv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Against a control run: every other fused row's paired change against the control's fused row.
+    assert main(["--results", "lin,ties", "--out", str(tmp_path), "--name", "fv2", "--against", "lin"]) == 0
+    md = (tmp_path / "fv2.md").read_text()
+    assert "| vs lin [paired 95% CI] | results |" in md
+    assert "| – | lin |" in md  # the control itself
+    assert "-20% (-10.0 [-10.0, -10.0]) | -19% (-9.5 [" in md
+    with pytest.raises(SystemExit, match="--against other: not one of --results"):
+        main(["--results", "lin,ties", "--out", str(tmp_path), "--against", "other"])
 
 
 def test_options_of_a_run_from_before_trials_kept_them_come_from_its_command():
