@@ -136,7 +136,8 @@ def table(m: dict, command: str) -> str:
     note = (f" The target expert ({m['target_expert']}) was retrained between some runs (same clips and seed; its "
             "test WER differs slightly): each change is against its own run's target." if retrained else "")
     md.append(f"\nTest: {m['n']} real {m['language']} clips, the same for every row; each row is its run's choice on "
-              "validation clips (a grid's weights, a searched option's value), the test clips only score it."
+              "validation clips (a grid's weights, a searched option's value; a `fixed` row's weights were given "
+              "beforehand), the test clips only score it."
               f"{note} Command: `{command}`\n")
     return "\n".join(md)
 
