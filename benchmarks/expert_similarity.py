@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="expert_similarity", help="results file stem (default expert_similarity)")
     args = p.parse_args(argv)
 
-    from trainers.fusion import write_similarity
+    from trainers.fusion_plots import write_similarity
 
     items = parse_experts(args.experts)
     command = recorded(Path(__file__).name, argv)

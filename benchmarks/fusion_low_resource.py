@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     from inference.evaluation import utterances_from_dataset
     from registry.bases import load_base
     from trainers.corpus.loading import load_corpus
-    from trainers.fusion import fuse_for_target, plot_search
+    from trainers.fusion import fuse_for_target
+    from trainers.fusion_plots import plot_search
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def paired(results: dict, name: str) -> dict | None:
 def measure(stems: list[str], out: Path, name: str,
             registry: str | None = None) -> tuple[list[dict], list[str], object]:
     """One row per results file; the experts found and their Similarity (None when fewer than two are here)."""
-    from trainers.fusion import write_similarity
+    from trainers.fusion_plots import write_similarity
 
     loaded = []
     for stem in stems:

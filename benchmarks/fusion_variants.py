@@ -26,23 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.command import recorded  # noqa: E402
-
-
-def _clips(row: dict) -> set:
-    return {(u["language"], u["id"]) for u in row["utterances"]}
+from benchmarks.seed_spread import clips, finished_results  # noqa: E402
 
 
 def recipe(res: dict) -> str:
     """``ties density=0.5, grid``: the run's method, its chosen options and its search, from its results file."""
     from benchmarks.command import recorded_option
-    from trainers.fusion import option_label
+    from trainers.fusion import Trial, best_trial, option_label
 
     command = res.get("command", "")
     method = recorded_option(command, "--method", "linear")
     trials = res.get("trials", [])
     fused = res["rows"]["fused"]
-    chosen = min(trials, key=lambda t: (t["wer"], sum(abs(x) for x in t["weights"]))) if trials else {}
-    options = chosen.get("options")
+    options = best_trial([Trial(**t) for t in trials]).options if trials else None
     if options is None:  # a run from before trials kept their options: as given on its command line
         from trainers.cli.fuse import parse_options
 
@@ -60,19 +56,14 @@ def load(stems: list[str], out: Path) -> list[dict]:
     """The results files; refused unless all fuse the same target expert and score the same test clips."""
     runs = []
     for stem in stems:
-        path = out / f"{stem}.json"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no such results file (make it with benchmarks/real_fusion.py --name {stem})")
-        res = json.loads(path.read_text())
-        if "rows" not in res:
-            raise SystemExit(f"{path}: its run has not finished (no test rows)")
+        res = finished_results(out, stem, f"benchmarks/real_fusion.py --name {stem}")
         runs.append({"results": stem, **res})
     first = runs[0]
     for run in runs[1:]:
         if run["target_expert"] != first["target_expert"]:
             raise SystemExit(f"{run['results']} fused target {run['target_expert']}, {first['results']} "
                              f"{first['target_expert']}: recipes compare only on one target expert")
-        if _clips(run["rows"][run["target_expert"]]) != _clips(first["rows"][first["target_expert"]]):
+        if clips(run["rows"][run["target_expert"]]) != clips(first["rows"][first["target_expert"]]):
             raise SystemExit(f"{run['results']} scored other test clips than {first['results']}: recipes compare "
                              "only on the same clips")
     return runs

@@ -161,10 +161,11 @@ def searched(results: dict) -> bool:
 
 def plot(results: dict, path: Path) -> None:
     """The search plot (validation WER against the fusion weights) from a results file's trials."""
-    from trainers.fusion import SearchResult, Trial, plot_search
+    from trainers.fusion import SearchResult, Trial, best_trial
+    from trainers.fusion_plots import plot_search
 
     trials = [Trial(**t) for t in results["trials"]]
-    best = min(trials, key=lambda t: (t.wer, sum(abs(x) for x in t.weights)))  # as the search chose
+    best = best_trial(trials)  # as the search chose
     scope = " (decoder deltas only)" if results.get("support_scope", "all") != "all" else ""
     plot_search(SearchResult(trials, best), results["names"], str(path),
                 title=f"{results['target']} ({results['target_train']} real clips) + supports{scope}:\n"

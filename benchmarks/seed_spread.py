@@ -47,8 +47,21 @@ def averaged(rows: list[dict]) -> dict:
     return {"wer": sum(u["word_errors"] for u in utts) / sum(u["words"] for u in utts), "utterances": utts}
 
 
-def _clips(row: dict) -> set:
+def clips(row: dict) -> set:
+    """The (language, id) of every clip a results row scored."""
     return {(u["language"], u["id"]) for u in row["utterances"]}
+
+
+def finished_results(out: Path, stem: str, make: str) -> dict:
+    """``<out>/<stem>.json`` of a finished ``real_fusion.py`` run; refused by path when missing (``make``: the
+    command that makes it) or unfinished."""
+    path = out / f"{stem}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such results file (make it with {make})")
+    res = json.loads(path.read_text())
+    if "rows" not in res:
+        raise SystemExit(f"{path}: its run has not finished (no test rows)")
+    return res
 
 
 def load(stems: list[str], out: Path) -> list[dict]:
@@ -56,13 +69,8 @@ def load(stems: list[str], out: Path) -> list[dict]:
     with the same supports at the same weights."""
     runs = []
     for stem in stems:
-        path = out / f"{stem}.json"
-        if not path.is_file():
-            raise SystemExit(f"{path}: no such results file (make it with benchmarks/real_fusion.py --target-seed "
-                             f"N --search fixed --weights ... --name {stem})")
-        res = json.loads(path.read_text())
-        if "rows" not in res:
-            raise SystemExit(f"{path}: its run has not finished (no test rows)")
+        res = finished_results(out, stem, "benchmarks/real_fusion.py --target-seed N --search fixed --weights ... "
+                               f"--name {stem}")
         target = res["rows"][res["target_expert"]]
         fused = res["rows"]["fused"]
         runs.append({"results": stem, "seed": target_seed(res), "target_expert": res["target_expert"],
@@ -72,7 +80,7 @@ def load(stems: list[str], out: Path) -> list[dict]:
                      "searched": "--search fixed" not in res.get("command", "")})
     first = runs[0]
     for run in runs[1:]:
-        if _clips(run["target"]) != _clips(first["target"]) or _clips(run["fused"]) != _clips(first["target"]):
+        if clips(run["target"]) != clips(first["target"]) or clips(run["fused"]) != clips(first["target"]):
             raise SystemExit(f"{run['results']} scored other test clips than {first['results']}: seeds compare only "
                              "on the same clips")
         if run["supports"] != first["supports"] or run["weights"] != first["weights"]:

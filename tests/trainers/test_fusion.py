@@ -23,10 +23,9 @@ from trainers.fusion import (
     fuse_for_target,
     merge_candidate,
     option_candidates,
-    plot_search,
-    search_panels,
     search_weights,
 )
+from trainers.fusion_plots import plot_search, search_panels
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,8 @@ def _run(args) -> int:
     from registry.bases import load_base
     from registry.expert_file import check_compatible
     from registry.store import Registry
-    from trainers.fusion import fuse_for_target, option_label, plot_search, target_alone
+    from trainers.fusion import fuse_for_target, option_label, target_alone
+    from trainers.fusion_plots import plot_search
 
     names = split_list(args.experts)
     if not names or not args.name:
@@ -208,7 +209,7 @@ def _support_cosines(experts, names, scope: str) -> dict[str, float]:
 
 def _similarity(args) -> int:
     """``--similarity``: the cosine matrices and norms of the experts' task vectors (printed, JSON, PNG)."""
-    from trainers.fusion import write_similarity
+    from trainers.fusion_plots import write_similarity
 
     names = split_list(args.experts)
     if not names or len(names) < 2:

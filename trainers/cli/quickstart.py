@@ -191,7 +191,8 @@ def _fusion_step(args, out: Path, support, support_ref: str) -> None:
     from registry.store import Registry
     from trainers.corpus.loading import load_corpus
     from trainers.corpus.synth import SynthConfig, synthesize_corpus
-    from trainers.fusion import fuse_for_target, plot_search
+    from trainers.fusion import fuse_for_target
+    from trainers.fusion_plots import plot_search
     from trainers.configs import DECODER_RECIPE
     from trainers.train_lora import TrainConfig, train_lora_expert
 
