@@ -3,6 +3,8 @@
     python benchmarks/real_fusion.py                                 # cs-100 real + sk, pl, cs synthetic + nl real
     python benchmarks/real_fusion.py --supports sk:synth,pl:synth    # only the related languages
     python benchmarks/real_fusion.py --supports de:synth,cs=runs/real/cs.safetensors --target nl --name real_fusion_nl
+    python benchmarks/real_fusion.py --supports sk:synth,pl:synth --method ties --option density=1.0 \\
+        --search grid --trials 6 --scaled-target --name real_fusion_cs_skpl_ties_ctl   # with the shrinkage control
     python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
@@ -36,6 +38,9 @@ the target. Test rows: whisper-base, the target expert alone, each support alone
 WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
 (rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
 only its new rows).
+``--scaled-target`` adds the shrinkage control: the target alone scaled (no support) at the grid's lambdas,
+its scale chosen on validation and tested like the fused expert, which is then compared with it too (a merge
+that takes a smaller step than the target, as TIES's disjoint mean does, gains from that shrinkage alone).
 The goal (issue 16): fused at least 10% relative better than the target alone.
 
 Writes ``<out>/<name>.{json,md}`` and the search plot ``<out>/<name>.png``.
@@ -155,8 +160,9 @@ def _train_size(data: str) -> int:
 
 
 def searched(results: dict) -> bool:
-    """Whether a run searched its weights (``--search fixed`` scores one trial: no search to plot)."""
-    return len(results.get("trials", [])) > 1
+    """Whether a run has a search to plot (``--search fixed`` scores one trial; with ``--scaled-target``, its
+    control is a curve)."""
+    return len(results.get("trials", [])) > 1 or bool(results.get("scaled_target"))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -166,8 +172,9 @@ def plot(results: dict, path: Path) -> None:
 
     trials = [Trial(**t) for t in results["trials"]]
     best = best_trial(trials)  # as the search chose
+    control = [Trial(**t) for t in results.get("scaled_target", [])]
     scope = " (decoder deltas only)" if results.get("support_scope", "all") != "all" else ""
-    plot_search(SearchResult(trials, best), results["names"], str(path),
+    plot_search(SearchResult(trials, best, control=control), results["names"], str(path),
                 title=f"{results['target']} ({results['target_train']} real clips) + supports{scope}:\n"
                       "validation WER vs fusion weights")
 
@@ -220,10 +227,12 @@ def run(args, results: dict, save) -> None:
     fused, search = fuse_for_target(base, experts, names, target, dev, method=args.method, options=options,
                                     search=args.search,
                                     trials=args.trials, progress=False, support_scope=args.support_scope,
-                                    weights=args.weights)
+                                    weights=args.weights, scaled_target=args.scaled_target)
     search_minutes = round((time.time() - t0) / 60, 1)
     results.update(target=target, target_train=args.target_train, support_scope=args.support_scope,
                    trials=search.trace(), names=names)
+    if search.control:
+        results["scaled_target"] = search.control_trace()
     if searched(results):
         plot(results, Path(args.out) / f"{args.name}.png")
     cache = Path(args.runs) / "test-scores"
@@ -244,10 +253,37 @@ def run(args, results: dict, save) -> None:
                      # weights (1, 0, ...) are the target expert itself: its row, not decoded twice
                      **{k: v for k, v in (rows[t_name] if target_only else scored(base, fused, test, cache)).items()
                         if k not in ("label", "train_minutes")}}
+    control = search.control_best
+    if control is not None:  # the shrinkage control at the scale validation chose
+        scale = control.weights[0]
+        rows["scaled"] = {"label": f"control: {t_name} alone scaled by {scale:g} (scale chosen on validation)",
+                          "scale": scale, "dev_wer": control.wer,
+                          **{k: v for k, v in (rows[t_name] if scale == 1.0 else
+                                               scored(base, scaled_expert(experts[0], t_name, scale, target), test,
+                                                      cache)).items() if k not in ("label", "train_minutes")}}
     results.update({"base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),  # target, trials: above
                     "dev_wer": {"target_only": None if args.search == "fixed" else search.trials[0].wer,
                                 "fused": search.best.wer}, "rows": rows})
     save()
+
+
+def scaled_expert(expert, name: str, scale: float, language: str):
+    """``expert``'s delta times ``scale`` (the shrinkage control's row), as a storable expert."""
+    from lora_experts.merge import fused_expert, merge
+    from lora_experts.task_vectors import task_vector
+
+    return fused_expert(merge([task_vector(expert)], [scale], "linear", device="cpu"), [expert], [name],
+                        languages=[language])
+
+
+def control_note(results: dict) -> str:
+    """The shrinkage control's validation curve, in words (empty without ``--scaled-target``)."""
+    control = results.get("scaled_target")
+    if not control:
+        return ""
+    curve = ", ".join(f"{t['weights'][0]:g}: {100 * t['wer']:.1f}" for t in control)
+    return (f"Shrinkage control: the target alone scaled, no support (validation WER by scale: {curve}); its "
+            "test row is the scale validation chose. ")
 
 
 def table(results: dict) -> str:
@@ -261,6 +297,9 @@ def table(results: dict) -> str:
     weights = rows["fused"]["weights"]
     for key, r in rows.items():
         change = "–" if key == t_name else format_change(next(iter(paired_comparison(own, r).values()), None))
+        if key == "fused" and "scaled" in rows:  # the supports against the shrinkage control, same clips
+            beyond = format_change(next(iter(paired_comparison(rows["scaled"], r).values()), None))
+            change += f"; vs the scaled control {beyond}"
         weight = f"{weights[key]:+.2f}" if key in weights else "–"
         train = r.get("train_minutes")
         md.append(f"| {r['label']} | {format_ci(r['wer'], r.get('wer_ci95'))} | {100 * r['cer']:.1f} | {change} | "
@@ -280,6 +319,7 @@ def table(results: dict) -> str:
                         for lang, n in results.get("synth_sizes", {}).items())
               + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
                         for lang, n in results.get("asterisk_sizes", {}).items())
+              + control_note(results)
               + f"Command: `{results['command']}`\n")
     return "\n".join(md)
 
@@ -308,6 +348,9 @@ def main(argv=None) -> int:
                    help="with --search fixed: one weight per expert, the target's first (e.g. 0.6,0.4)")
     p.add_argument("--target-seed", type=int, default=0,
                    help="seed of the target's training (default 0; others are named <target>-real-<N>-seed<S>)")
+    p.add_argument("--scaled-target", action="store_true",
+                   help="a control for shrinkage: also search the target alone's own scale on validation (as many "
+                        "trials as the fusion's grid) and test it; the fused row is compared with it too")
     p.add_argument("--support-scope", default="all", choices=["all", "decoder"],
                    help="fuse the supports' decoder deltas only (decoder) or all of them (default all)")
     p.add_argument("--trials", type=int, default=12)

@@ -22,6 +22,12 @@ Every search tries the target-only point ``[1, 0, ..., 0]`` first, and the resul
 WER, so the fused expert is never worse on dev than the target expert alone. That point is the target expert
 itself whatever the method (TIES at a density below 1 would otherwise trim it, DARE drop part of it).
 
+A control for shrinkage (``scaled_target=True``, ``fuse --scaled-target``): the target alone scaled by each of
+the grid's lambdas in (0, 1) (weights ``[s, 0, ..., 0]``), scored on the same dev set with the same number of
+trials. A fusion whose disjoint mean (TIES) or interpolation takes a smaller step than the target's own can gain
+from that shrinkage alone: on real Czech the 100-clip target scaled to 0.6 was as good on test as TIES with three
+supports (docs/results.md, issue 16 item 3). The control is reported beside the search, not chosen from.
+
 Method options can be searched too: an option given a list of values (``{"density": [0.2, 0.5, 1.0]}``, from
 ``fuse --option density=0.2,0.5,1.0``) runs the weight search once per combination of values
 (:func:`option_candidates`), and the best trial over all of them wins; every trial records its options.
@@ -74,9 +80,20 @@ class SearchResult:
     trials: list[Trial]
     best: Trial
     merge: MergeResult | None = field(default=None, repr=False)
+    control: list[Trial] = field(default_factory=list)  # the target alone scaled (``scaled_target``), scale 1 last
 
     def trace(self) -> list[dict]:
         return [asdict(t) for t in self.trials]
+
+    def control_trace(self) -> list[dict]:
+        return [asdict(t) for t in self.control]
+
+    @property
+    def control_best(self) -> Trial | None:
+        """The best scaled target on dev (lowest WER; ties go to the larger scale: the less shrunk), or None."""
+        if not self.control:
+            return None
+        return min(self.control, key=lambda t: (t.wer, -t.weights[0]))
 
 
 def first_changed_encoder_layer(task_vectors: Sequence[dict], num_layers: int) -> int:
@@ -208,11 +225,23 @@ def target_alone(weights: Sequence[float] | None) -> bool:
     return weights is not None and len(weights) > 0 and weights[0] == 1.0 and not any(weights[1:])
 
 
+def target_scaled(weights: Sequence[float] | None) -> bool:
+    """Whether ``weights`` are ``[s, 0, ..., 0]`` with ``s != 0``: the target alone, scaled by ``s``."""
+    return weights is not None and len(weights) > 0 and weights[0] != 0 and not any(weights[1:])
+
+
+def scale_candidates(trials: int) -> list[float]:
+    """The scales of the shrinkage control: the grid's lambdas strictly between 0 and 1, then 1 (the target
+    itself); ``trials`` 6 -> ``[0.2, 0.4, 0.6, 0.8, 1.0]``."""
+    steps = max(3, trials)
+    return [round(i / (steps - 1), 6) for i in range(1, steps - 1)] + [1.0]
+
+
 def merge_candidate(task_vectors: Sequence[dict], weights: Sequence[float] | None, method: str,
                     options: dict | None, seed: int = 0) -> MergeResult:
-    """``merge`` on the CPU, except that the target alone (:func:`target_alone`) is the target's own delta
-    exactly (a ``linear`` merge), never trimmed or dropped by the method."""
-    if target_alone(weights):
+    """``merge`` on the CPU, except that the target alone, scaled or not (:func:`target_scaled`), is the
+    target's own delta times its weight exactly (a ``linear`` merge), never trimmed or dropped by the method."""
+    if target_scaled(weights):
         return merge(task_vectors, weights, "linear", seed=seed, device="cpu")
     return merge(task_vectors, weights, method, seed=seed, device="cpu", **(options or {}))
 
@@ -332,7 +361,7 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
                     dev: Sequence[Utterance] | None, *, method: str = "linear", options: dict | None = None,
                     search: str = "grid", trials: int = 11, weights: Sequence[float] | None = None,
                     seed: int = 0, batch_size: int = 16, progress: bool = True,
-                    support_scope: str = "all") -> tuple[Expert, SearchResult]:
+                    support_scope: str = "all", scaled_target: bool = False) -> tuple[Expert, SearchResult]:
     """Fuse ``experts`` (the target language's first) with weights searched on the dev WER.
 
     Args:
@@ -342,6 +371,8 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
         support_scope: ``"all"``, or ``"decoder"``: only the supports' decoder deltas take part, so the
             encoder (the acoustics) is the target expert's alone; for supports trained on other speech
             (a synthesizer, other recording conditions) whose encoder deltas learned that speech.
+        scaled_target: also score the shrinkage control (the target alone scaled by
+            :func:`scale_candidates` of ``trials``) into ``SearchResult.control``; needs a dev set.
 
     Returns:
         (the fused expert, with the search trace in its lineage and the dev WER in its metrics; the search).
@@ -351,6 +382,8 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
     combos = option_candidates(options)
     applier = FusionApplier(base.model, tvs, method, combos[0], seed)
     if dev is None:
+        if scaled_target:
+            raise ValueError("the scaled-target control is scored on the target's dev set; give one (--dev DIR)")
         if search != "fixed":
             raise ValueError(f"--search {search} needs a dev set (--dev DIR) to score candidates")
         if len(combos) > 1:
@@ -382,9 +415,12 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
                 for t in part.trials:
                     t.options = dict(combo)
                 trials_all.extend(part.trials)
+            control = _scaled_control(lambda w: score(w, combos[0]), len(experts), trials, progress) \
+                if scaled_target else []
         finally:
             applier.clear()
-        result = SearchResult(trials_all, best_trial(trials_all))  # the best over every option combination
+        # the best over every option combination; the control is reported, never chosen
+        result = SearchResult(trials_all, best_trial(trials_all), control=control)
     if target is not None:  # the target alone stays the target's own delta, whatever the method
         merged = merge_candidate(tvs, result.best.weights, method, result.best.options, seed)
     else:
@@ -400,4 +436,21 @@ def fuse_for_target(base, experts: Sequence[Expert], names: Sequence[str], targe
         expert.manifest["lineage"]["searched_method"] = method
     if support_scope != "all":
         expert.manifest["lineage"]["support_scope"] = support_scope
+    if result.control:
+        expert.manifest["lineage"]["scaled_target_control"] = result.control_trace()
     return expert, result
+
+
+def _scaled_control(score: Callable[[list[float]], dict], n: int, trials: int, progress: bool) -> list[Trial]:
+    """The target alone at each of :func:`scale_candidates` (the last, 1, is the target expert itself: scored
+    once per search)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for s in tqdm(scale_candidates(trials), desc="shrinkage control (target alone, scaled)", unit="trial",
+                  disable=not progress):
+        w = [s] + [0.0] * (n - 1)
+        t0 = time.perf_counter()
+        r = score(w)
+        out.append(Trial(w, r["wer"], r["cer"], r["wer"], time.perf_counter() - t0))
+    return out

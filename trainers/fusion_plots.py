@@ -34,7 +34,9 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
     """PNG of dev WER against the weights: one panel per weight the search varied, the chosen trial marked.
 
     Experts whose weights moved together in every trial (a grid's pooled support weight) share a panel; a
-    weight the search held fixed (the target's 1 in a grid) gets none and is named in the title instead."""
+    weight the search held fixed (the target's 1 in a grid) gets none and is named in the title instead.
+    A shrinkage control (``result.control``: the target alone scaled) gets its own last panel, and its best
+    dev WER is a dotted line across the search's panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,8 +52,13 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
         curves.setdefault(option_label({k: (t.options or {}).get(k) for k in varying}), []).append(t)
     if len(curves) == 1:
         curves = {"": result.trials}
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(7.0, 4.5 * len(groups)), 3.6), squeeze=False, sharey=True)
+    panels = len(groups) + bool(result.control)
+    fig, axes = plt.subplots(1, panels, figsize=(max(7.0, 4.5 * panels), 3.6), squeeze=False, sharey=True)
+    control = result.control_best
     for ax, group in zip(axes[0], groups):
+        if control is not None:
+            ax.axhline(100 * control.wer, color="grey", linestyle=":",
+                       label=f"{names[0]} alone x {control.weights[0]:g} (best scaled)")
         for label, trials in curves.items():
             xs = [t.weights[group[0]] for t in trials]
             pairs = sorted(zip(xs, [100 * t.wer for t in trials]))
@@ -62,6 +69,15 @@ def plot_search(result: SearchResult, names: Sequence[str], path: str, title: st
         ax.plot([result.best.weights[group[0]]], [100 * result.best.wer], "r*", markersize=14, label=chosen)
         ax.set_xlabel("weight of " + " = ".join(names[i] for i in group))
         ax.grid(alpha=0.3)
+    if control is not None:  # the shrinkage control: the target alone at each scale, no support
+        ax = axes[0][-1]
+        pairs = sorted((t.weights[0], 100 * t.wer) for t in result.control)
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "s-", color="grey", alpha=0.8)
+        ax.plot([control.weights[0]], [100 * control.wer], "k*", markersize=12, label="best scaled target")
+        ax.set_xlabel(f"scale of {names[0]} alone (no support)")
+        ax.set_title("shrinkage control", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     axes[0][0].set_ylabel("dev WER %")
     axes[0][0].legend()
     head = title or "fusion weight search"

@@ -23,7 +23,9 @@ from trainers.fusion import (
     fuse_for_target,
     merge_candidate,
     option_candidates,
+    scale_candidates,
     search_weights,
+    target_scaled,
 )
 from trainers.fusion_plots import plot_search, search_panels
 
@@ -361,3 +363,71 @@ def test_the_search_plot_gives_one_panel_per_weight_that_moved():
     assert search_panels(SearchResult(free, free[0]), ["t", "a"]) == ([[0], [1]], [])
     one = [trial(1.0, 0.0)]
     assert search_panels(SearchResult(one, one[0]), ["t", "a"]) == ([[0]], ["a fixed at 0"])
+
+
+def test_the_shrinkage_control_scores_the_target_alone_scaled(base, experts, uk_corpus, tmp_path, monkeypatch):
+    from inference.evaluation import utterances_from_dataset
+    from lora_experts.deltas import dense
+    from trainers import fusion
+    from trainers.corpus.loading import load_corpus
+
+    assert scale_candidates(6) == [0.2, 0.4, 0.6, 0.8, 1.0] and scale_candidates(2) == [0.5, 1.0]
+    assert target_scaled([0.6, 0.0, 0.0]) and target_scaled([1.0, 0.0]) and not target_scaled([0.6, 0.1])
+    assert not target_scaled([0.0, 0.0])
+    tvs = [task_vector(e) for e in experts]
+    shrunk = merge_candidate(tvs, [0.6, 0.0], "ties", {"density": 0.3})  # never trimmed: the target times 0.6
+    assert shrunk.method == "linear"
+    for name, delta in tvs[0].items():
+        torch.testing.assert_close(dense(shrunk.task_vector[name]), 0.6 * dense(delta))
+
+    dev = utterances_from_dataset(load_corpus(str(uk_corpus))["test"], ["uk"])
+    calls = []
+    real_call = fusion.DevScorer.__call__
+    monkeypatch.setattr(fusion.DevScorer, "__call__", lambda self: calls.append(1) or real_call(self))
+    fused, result = fuse_for_target(base, experts, ["uk-small", "ru-espeak"], "uk", dev, method="ties",
+                                    options={"density": 1.0}, search="grid", trials=3, progress=False,
+                                    scaled_target=True)
+    # Control: scales 0.5 and 1; the target alone (scale 1) is not decoded twice. 3 grid trials + 1 new scale.
+    assert [t.weights for t in result.control] == [[0.5, 0.0], [1.0, 0.0]] and len(calls) == 4
+    assert result.control[1].wer == result.trials[0].wer
+    assert result.best in result.trials  # reported, never chosen from
+    assert result.control_best.wer == min(t.wer for t in result.control)
+    assert [t["weights"] for t in fused.manifest["lineage"]["scaled_target_control"]] == [[0.5, 0.0], [1.0, 0.0]]
+    # The scaled candidate is applied as the target's delta times 0.5: the same logits as the slow reference.
+    clean = copy.deepcopy(base.model)
+    applier = FusionApplier(base.model, tvs, "ties", {"density": 0.3})
+    try:
+        applier.apply([0.5, 0.0])
+        torch.testing.assert_close(_logits(base.model), _reference(clean, tvs, [0.5, 0.0]))
+    finally:
+        applier.clear()
+    png = plot_search(result, ["uk-small", "ru-espeak"], str(tmp_path / "search.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="scaled-target control is scored on the target's dev set"):
+        fuse_for_target(base, experts, ["a", "b"], "uk", None, search="fixed", weights=[1.0, 0.5], progress=False,
+                        scaled_target=True)
+
+
+def test_fuse_command_reports_the_shrinkage_control(base, experts, tiny_whisper_dir, uk_corpus, tmp_path, capsys):
+    from registry.store import Registry
+    from trainers.cli import main
+    from trainers.cli.fuse import shrinkage_verdict
+
+    reg = tmp_path / "registry"
+    registry = Registry(str(reg))
+    registry.add(experts[0], "uk-small")
+    registry.add(experts[1], "ru-espeak")
+    assert main(["fuse", "--target", "uk", "--experts", "uk-small,ru-espeak", "--dev", str(uk_corpus),
+                 "--dev-split", "test", "--trials", "3", "--scaled-target", "--name", "uk-ctl", "--run-dir",
+                 str(tmp_path / "run"), "--base", str(tiny_whisper_dir), "--registry", str(reg), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| control: uk-small alone, best scale of 2 |" in out
+    assert "the supports do not beat uk-small" in out or "the supports beat uk-small" in out
+    saved = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert [t["weights"] for t in saved["scaled_target"]] == [[0.5, 0.0], [1.0, 0.0]]
+    # The verdict's two readings, and the fix it names.
+    control = Trial([0.6, 0.0], 0.40, 0.2, 0.40, 1.0)
+    worse = shrinkage_verdict(Trial([1.0, 0.4], 0.41, 0.2, 0.41, 1.0), control, "cs-100")
+    assert "do not beat cs-100 alone scaled by 0.6" in worse and "--weights 0.6,0" in worse
+    better = shrinkage_verdict(Trial([1.0, 0.4], 0.37, 0.2, 0.37, 1.0), control, "cs-100")
+    assert "beat cs-100 alone at its best scale (0.6) by 3.0 WER points" in better

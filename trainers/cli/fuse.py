@@ -20,6 +20,10 @@ Optuna's TPE over every weight in [-1.5, 1.5] with LoraHub's L1 penalty. All try
 the result is never worse on dev than the target expert. --weights fixes the weights instead (no search).
 --support-scope decoder fuses only the supports' decoder deltas and keeps the target's encoder: for supports
 trained on other speech (espeak-ng, another recording setup), whose encoder deltas learned that speech.
+--scaled-target adds a control for shrinkage: the target alone scaled by the grid's lambdas in (0, 1), the
+same number of trials, on the same dev set. A merge that takes a smaller step than the target (TIES's disjoint
+mean, an interpolation) can gain from that alone; the control says whether the supports add anything beyond
+it (it is reported beside the search and drawn in the plot, never chosen: fix --weights S,0,... to keep it).
 The base loads once; candidates are applied in place; the encoder layers below the lowest one an expert
 changes run once on the dev set. A PNG of dev WER against the weights is written beside the run.
 
@@ -51,6 +55,8 @@ examples:
       --name cs-fused-dec
   whisper-experts fuse --target cs --experts cs-real-100,cs-espeak --method ties --option density=0.2,0.5,1.0 \\
       --trials 6 --dev data/fillets --name cs-ties
+  whisper-experts fuse --target cs --experts cs-real-100,sk-espeak,pl-espeak --method ties --option density=1.0 \\
+      --trials 6 --scaled-target --dev data/fillets --name cs-ties-checked
   whisper-experts fuse --experts de-espeak,nl-espeak,it-espeak,pt-espeak --method lors --name multi4
   whisper-experts fuse --similarity --experts cs-real-100,sk-espeak,runs/real/nl.safetensors --run-dir runs/sim
 """
@@ -141,14 +147,17 @@ def _run(args) -> int:
     expert, result = fuse_for_target(base, experts, names, args.target, dev, method=args.method,
                                      options=options, search=search, trials=args.trials,
                                      weights=weights, seed=args.seed, batch_size=args.batch_size,
-                                     progress=not args.quiet, support_scope=args.support_scope)
+                                     progress=not args.quiet, support_scope=args.support_scope,
+                                     scaled_target=args.scaled_target)
     record = registry.add(expert, args.name)
     run_dir = Path(args.run_dir or Path("runs") / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     best = result.trace()[result.trials.index(result.best)]
     (run_dir / "search.json").write_text(json.dumps({"experts": names, "method": args.method, "options": options,
                                                      "search": search, "support_cosines": support_cosines,
-                                                     "trials": result.trace(), "best": best}, indent=2))
+                                                     "trials": result.trace(), "best": best,
+                                                     **({"scaled_target": result.control_trace()}
+                                                        if result.control else {})}, indent=2))
     if args.out:
         from registry.expert_file import save_expert
 
@@ -166,6 +175,12 @@ def _run(args) -> int:
         if searched_options and not target_alone(b.weights):
             chosen += f", {option_label(b.options)}"
         print(f"| {chosen} | {','.join(f'{w:g}' for w in b.weights)} | {100 * b.wer:.1f} | {100 * b.cer:.1f} |")
+        control = result.control_best
+        if control is not None:
+            print(f"| control: {names[0]} alone, best scale of {len(result.control)} | "
+                  f"{','.join(f'{w:g}' for w in control.weights)} | {100 * control.wer:.1f} | "
+                  f"{100 * control.cer:.1f} |")
+            print("\n" + shrinkage_verdict(b, control, names[0]))
         if len(result.trials) > 1:
             try:
                 png = plot_search(result, names, str(run_dir / "search.png"),
@@ -177,6 +192,20 @@ def _run(args) -> int:
         print(f"relative Frobenius error of the {args.method} fusion vs the exact sum: "
               f"{100 * result.merge.relative_error:.2f}%")
     return 0
+
+
+def shrinkage_verdict(best, control, target: str) -> str:
+    """One line: do the supports beat the target alone at its best scale on dev (the shrinkage control)?"""
+    from trainers.fusion import target_scaled
+
+    gap = 100 * (best.wer - control.wer)
+    if target_scaled(best.weights) or gap >= 0:
+        return (f"the supports do not beat {target} alone scaled by {control.weights[0]:g} on dev "
+                f"({100 * best.wer:.1f} vs {100 * control.wer:.1f}% WER): what a fusion gains here, shrinking the "
+                f"target gains too; to keep the scaled target: --weights "
+                f"{','.join(f'{w:g}' for w in control.weights)}")
+    return (f"the supports beat {target} alone at its best scale ({control.weights[0]:g}) by {-gap:.1f} WER points "
+            "on dev (check it on held-out clips: a dev-set search favours whatever it searched)")
 
 
 # Below this cosine with the target no support helped on real speech (docs/results.md, issue 16 item 3)
@@ -242,6 +271,9 @@ def register(subparsers) -> None:
     p.add_argument("--support-scope", choices=["all", "decoder"], default="all",
                    help="what of the support experts is fused: all (default), or decoder: their decoder deltas "
                         "only, the encoder staying the target's (supports trained on synthetic or other speech)")
+    p.add_argument("--scaled-target", action="store_true",
+                   help="also score the target alone scaled by the grid's lambdas (a control for shrinkage: do "
+                        "the supports add anything beyond a smaller step of the target?); reported, not chosen")
     p.add_argument("--base", help="base model (default: the experts' base)")
     p.add_argument("--registry", help="registry directory (default <home>/registry)")
     p.add_argument("--out", help="also write the fused expert file here")
