@@ -17,7 +17,10 @@ and writes ``<out>/<name>.{md,json,png}``:
 * each seed's target against the first one's: the spread one draw of the target carries;
 * over the seeds: per clip, the word errors averaged over the seeds, the target's against the fused expert's,
   with a paired bootstrap over clips (the clips are the sample, the seeds averaged out). This is the comparison
-  that says whether fusing helps this recipe, not one lucky or unlucky draw of it.
+  that says whether fusing helps this recipe, not one lucky or unlucky draw of it;
+* where every run has the shrinkage control (``real_fusion.py --scaled-target``: the target alone scaled, its scale
+  chosen on each seed's validation clips), that control per seed and over the seeds, and the fused expert against
+  it: what the supports add beyond a smaller step of the target.
 """
 
 from __future__ import annotations
@@ -75,12 +78,14 @@ def load(stems: list[str], out: Path) -> list[dict]:
         fused = res["rows"]["fused"]
         runs.append({"results": stem, "seed": target_seed(res), "target_expert": res["target_expert"],
                      "target": target, "fused": fused, "weights": list(fused["weights"].values()),
+                     "scaled": res["rows"].get("scaled"),
                      "supports": list(fused["weights"])[1:], "language": res["target"],
                      # weights a search of this run chose (on validation clips), not given with --search fixed
                      "searched": "--search fixed" not in res.get("command", "")})
     first = runs[0]
     for run in runs[1:]:
-        if clips(run["target"]) != clips(first["target"]) or clips(run["fused"]) != clips(first["target"]):
+        if any(clips(row) != clips(first["target"]) for row in (run["target"], run["fused"], run["scaled"] or
+                                                                  first["target"])):
             raise SystemExit(f"{run['results']} scored other test clips than {first['results']}: seeds compare only "
                              "on the same clips")
         if run["supports"] != first["supports"] or run["weights"] != first["weights"]:
@@ -104,25 +109,40 @@ def measure(runs: list[dict]) -> dict:
                  "target_vs_first": None if i == 0 else change(runs[0]["target"], r["target"])}
                 for i, r in enumerate(runs)]
     mean_target, mean_fused = averaged([r["target"] for r in runs]), averaged([r["fused"] for r in runs])
+    control = None
+    if all(r["scaled"] for r in runs):  # the shrinkage control, its scale chosen on each seed's validation clips
+        for s, r in zip(per_seed, runs):
+            s.update(control_scale=r["scaled"].get("scale"), control_wer=r["scaled"]["wer"],
+                     control_ci95=r["scaled"].get("wer_ci95"), fused_vs_control=change(r["scaled"], r["fused"]))
+        mean_control = averaged([r["scaled"] for r in runs])
+        control = {"control_wer": mean_control["wer"], "control_vs_target": change(mean_target, mean_control),
+                   "fused_vs_control": change(mean_control, mean_fused)}
     return {"language": runs[0]["language"], "supports": runs[0]["supports"], "weights": runs[0]["weights"],
             "searched_by": [r["seed"] for r in runs if r["searched"]],
             "n": len(runs[0]["target"]["utterances"]), "per_seed": per_seed,
             "mean": {"target_wer": mean_target["wer"], "fused_wer": mean_fused["wer"],
-                     "fused_vs_target": change(mean_target, mean_fused)}}
+                     "fused_vs_target": change(mean_target, mean_fused), **(control or {})}}
 
 
 def table(m: dict, command: str) -> str:
     from inference.confidence import format_change, format_ci
 
+    mean = m["mean"]
+    ctl = "control_wer" in mean  # the shrinkage control in every run
     md = ["| target seed | target alone: test WER % [95% CI] | its change against the first seed's | fused: test WER % "
-          "[95% CI] | fused against its target [paired 95% CI] |", "|---|---|---|---|---|"]
+          "[95% CI] | fused against its target [paired 95% CI] |"
+          + (" control: the target scaled (scale), test WER % | fused against the control [paired 95% CI] |"
+             if ctl else ""), "|---|---|---|---|---|" + ("---|---|" if ctl else "")]
     for s in m["per_seed"]:
         md.append(f"| {s['seed']} ({s['target_expert']}) | {format_ci(s['target_wer'], s['target_ci95'])} | "
                   f"{format_change(s['target_vs_first']) or '–'} | {format_ci(s['fused_wer'], s['fused_ci95'])} | "
-                  f"{format_change(s['fused_vs_target'])} |")
-    mean = m["mean"]
+                  f"{format_change(s['fused_vs_target'])} |"
+                  + (f" ({s['control_scale']:g}) {format_ci(s['control_wer'], s['control_ci95'])} | "
+                     f"{format_change(s['fused_vs_control'])} |" if ctl else ""))
     md.append(f"| **mean of {len(m['per_seed'])} seeds** | {100 * mean['target_wer']:.1f} | – | "
-              f"{100 * mean['fused_wer']:.1f} | **{format_change(mean['fused_vs_target'])}** |")
+              f"{100 * mean['fused_wer']:.1f} | **{format_change(mean['fused_vs_target'])}** |"
+              + (f" {100 * mean['control_wer']:.1f} ({format_change(mean['control_vs_target'])} against the "
+                 f"target) | **{format_change(mean['fused_vs_control'])}** |" if ctl else ""))
     spread = [s["target_wer"] for s in m["per_seed"]]
     weights = ", ".join(f"{w:.2f}" for w in m["weights"])
     searched = m.get("searched_by") or []
@@ -132,7 +152,9 @@ def table(m: dict, command: str) -> str:
               f"{', '.join(m['supports'])} at weights ({weights}), {chosen} (target first). The target "
               f"alone spans {100 * min(spread):.1f} to {100 * max(spread):.1f} over the seeds. Mean row: per clip, "
               "the word errors averaged over the seeds, paired bootstrap over clips. "
-              f"Command: `{command}`\n")
+              + ("Control: the target alone scaled, nothing added, at the scale each seed's validation clips "
+                 "chose (`real_fusion.py --scaled-target`). " if ctl else "")
+              + f"Command: `{command}`\n")
     return "\n".join(md)
 
 
@@ -143,12 +165,14 @@ def plot(m: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ctl = "control_wer" in m["mean"]
+    keys = ["target_wer"] + (["control_wer"] if ctl else []) + ["fused_wer"]
+    xs = list(range(len(keys)))
     for s in m["per_seed"]:
-        ax.plot([0, 1], [100 * s["target_wer"], 100 * s["fused_wer"]], "o-", label=f"seed {s['seed']}")
-    ax.plot([0, 1], [100 * m["mean"]["target_wer"], 100 * m["mean"]["fused_wer"]], "ks--", lw=2,
-            label="mean of the seeds")
-    ax.set_xticks([0, 1], ["target alone", "fused"])
-    ax.set_xlim(-0.3, 1.3)
+        ax.plot(xs, [100 * s[k] for k in keys], "o-", label=f"seed {s['seed']}")
+    ax.plot(xs, [100 * m["mean"][k] for k in keys], "ks--", lw=2, label="mean of the seeds")
+    ax.set_xticks(xs, ["target alone"] + (["target scaled\n(control)"] if ctl else []) + ["fused"])
+    ax.set_xlim(-0.3, xs[-1] + 0.3)
     ax.set_ylabel("test WER %")
     ax.set_title(f"{m['language']}: the target per seed, alone and fused\nwith {', '.join(m['supports'])}",
                  fontsize=10)

@@ -76,3 +76,25 @@ def test_refuses_files_that_do_not_compare(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--results", "s0", "--out", str(tmp_path)])
     assert "at least two results files" in capsys.readouterr().err
+
+
+def test_the_shrinkage_control_per_seed_and_over_seeds(tmp_path):
+    """Runs with ``--scaled-target``: each seed's control (its own scale) and the fused expert against it."""
+    runs = [_results(0, [6] * 30, [4] * 30), _results(1, [4] * 30, [4, 3] * 15)]
+    for run, scale, errors in zip(runs, (0.6, 1.0), ([5] * 30, [4] * 30)):
+        run["rows"]["scaled"] = {**_row(errors), "scale": scale}
+    for i, run in enumerate(runs):
+        (tmp_path / f"s{i}.json").write_text(json.dumps(run))
+    assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp"]) == 0
+    md = (tmp_path / "sp.md").read_text()
+    m = json.loads((tmp_path / "sp.json").read_text())
+    assert m["mean"]["control_wer"] == pytest.approx(0.45)
+    assert m["mean"]["fused_vs_control"]["relative"] == pytest.approx(0.375 / 0.45 - 1)
+    assert "| (0.6) 50.0 [45.0, 55.0] | -20% (-10.0 [-10.0, -10.0]) |" in md
+    assert "| 45.0 (-10% (-5.0 [" in md and "Control: the target alone scaled" in md
+    # One run without the control: the table is the plain one.
+    del runs[1]["rows"]["scaled"]
+    (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
+    assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp2"]) == 0
+    plain = (tmp_path / "sp2.md").read_text()
+    assert "Control: the target" not in plain and "control: the target scaled" not in plain
