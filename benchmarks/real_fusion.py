@@ -38,9 +38,11 @@ the target. Test rows: whisper-base, the target expert alone, each support alone
 WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
 (rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
 only its new rows).
-``--scaled-target`` adds the shrinkage control: the target alone scaled (no support) at the grid's lambdas,
-its scale chosen on validation and tested like the fused expert, which is then compared with it too (a merge
-that takes a smaller step than the target, as TIES's disjoint mean does, gains from that shrinkage alone).
+``--scaled-target`` adds two shrinkage controls (a merge that takes a smaller step than the target, as TIES's
+disjoint mean does, gains from that shrinkage alone): the target alone scaled (no support) at the grid's
+lambdas, its scale chosen on validation; and the target scaled by the fused expert's own step along it (the
+fused delta projected on the target's, ``lora_experts.similarity.step_along``; what is left is the supports'
+own part). Both are tested like the fused expert, which is compared with each on the same clips.
 The goal (issue 16): fused at least 10% relative better than the target alone.
 
 Writes ``<out>/<name>.{json,md}`` and the search plot ``<out>/<name>.png``.
@@ -254,13 +256,18 @@ def run(args, results: dict, save) -> None:
                      **{k: v for k, v in (rows[t_name] if target_only else scored(base, fused, test, cache)).items()
                         if k not in ("label", "train_minutes")}}
     control = search.control_best
-    if control is not None:  # the shrinkage control at the scale validation chose
-        scale = control.weights[0]
-        rows["scaled"] = {"label": f"control: {t_name} alone scaled by {scale:g} (scale chosen on validation)",
-                          "scale": scale, "dev_wer": control.wer,
-                          **{k: v for k, v in (rows[t_name] if scale == 1.0 else
-                                               scored(base, scaled_expert(experts[0], t_name, scale, target), test,
-                                                      cache)).items() if k not in ("label", "train_minutes")}}
+    if control is not None:  # the shrinkage controls: the scale validation chose, and the fused expert's own step
+        from lora_experts.similarity import step_along
+        from lora_experts.task_vectors import task_vector
+
+        step, rest = step_along(search.merge.task_vector, task_vector(experts[0]))
+        results["fused_step"] = {"along_target": step, "orthogonal": rest}
+        for key, scale, why in [("scaled", control.weights[0], "scale chosen on validation"),
+                                ("matched", round(step, 3), "the fused expert's step along the target")]:
+            row = rows[t_name] if scale == 1.0 else scored(base, scaled_expert(experts[0], t_name, scale, target),
+                                                          test, cache)
+            rows[key] = {"label": f"control: {t_name} alone scaled by {scale:g} ({why})", "scale": scale,
+                         **{k: v for k, v in row.items() if k not in ("label", "train_minutes")}}
     results.update({"base": Path(args.base).name, "target_expert": t_name, "dev_n": len(dev),  # target, trials: above
                     "dev_wer": {"target_only": None if args.search == "fixed" else search.trials[0].wer,
                                 "fused": search.best.wer}, "rows": rows})
@@ -277,13 +284,26 @@ def scaled_expert(expert, name: str, scale: float, language: str):
 
 
 def control_note(results: dict) -> str:
-    """The shrinkage control's validation curve, in words (empty without ``--scaled-target``)."""
+    """The shrinkage controls in words, and the fused expert against each on the same clips (empty without
+    ``--scaled-target``)."""
+    from inference.confidence import format_change
+    from inference.evaluation import paired_comparison
+
     control = results.get("scaled_target")
     if not control:
         return ""
+    rows = results["rows"]
     curve = ", ".join(f"{t['weights'][0]:g}: {100 * t['wer']:.1f}" for t in control)
-    return (f"Shrinkage control: the target alone scaled, no support (validation WER by scale: {curve}); its "
-            "test row is the scale validation chose. ")
+    note = (f"Shrinkage controls: the target alone scaled, no support (validation WER by scale: {curve}), at the "
+            "scale validation chose")
+    step = results.get("fused_step")
+    if step:
+        note += (f", and at the fused expert's own step along the target ({step['along_target']:.2f}; the fused "
+                 f"delta is that times the target's plus a part orthogonal to it of {step['orthogonal']:.2f} times "
+                 "the target's norm: the supports' own)")
+    against = [f"{format_change(next(iter(paired_comparison(rows[k], rows['fused']).values()), None))} against "
+               f"the target scaled by {rows[k]['scale']:g}" for k in ("scaled", "matched") if k in rows]
+    return note + ". Fused: " + "; ".join(against) + " (paired, same clips). "
 
 
 def table(results: dict) -> str:
@@ -297,9 +317,6 @@ def table(results: dict) -> str:
     weights = rows["fused"]["weights"]
     for key, r in rows.items():
         change = "–" if key == t_name else format_change(next(iter(paired_comparison(own, r).values()), None))
-        if key == "fused" and "scaled" in rows:  # the supports against the shrinkage control, same clips
-            beyond = format_change(next(iter(paired_comparison(rows["scaled"], r).values()), None))
-            change += f"; vs the scaled control {beyond}"
         weight = f"{weights[key]:+.2f}" if key in weights else "–"
         train = r.get("train_minutes")
         md.append(f"| {r['label']} | {format_ci(r['wer'], r.get('wer_ci95'))} | {100 * r['cer']:.1f} | {change} | "

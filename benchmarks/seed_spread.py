@@ -18,9 +18,10 @@ and writes ``<out>/<name>.{md,json,png}``:
 * over the seeds: per clip, the word errors averaged over the seeds, the target's against the fused expert's,
   with a paired bootstrap over clips (the clips are the sample, the seeds averaged out). This is the comparison
   that says whether fusing helps this recipe, not one lucky or unlucky draw of it;
-* where every run has the shrinkage control (``real_fusion.py --scaled-target``: the target alone scaled, its scale
-  chosen on each seed's validation clips), that control per seed and over the seeds, and the fused expert against
-  it: what the supports add beyond a smaller step of the target.
+* where every run has the shrinkage control ``--control`` names (``real_fusion.py --scaled-target``: the target
+  alone scaled, ``matched`` at the fused expert's own step along the target, ``scaled`` at the scale each seed's
+  validation clips chose), that control per seed and over the seeds, and the fused expert against it: what the
+  supports add beyond a smaller step of the target.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def finished_results(out: Path, stem: str, make: str) -> dict:
     return res
 
 
-def load(stems: list[str], out: Path) -> list[dict]:
+def load(stems: list[str], out: Path, control: str = "matched") -> list[dict]:
     """The results files, one per seed: target row, fused row, weights; refused unless all score the same clips
     with the same supports at the same weights."""
     runs = []
@@ -78,7 +79,7 @@ def load(stems: list[str], out: Path) -> list[dict]:
         fused = res["rows"]["fused"]
         runs.append({"results": stem, "seed": target_seed(res), "target_expert": res["target_expert"],
                      "target": target, "fused": fused, "weights": list(fused["weights"].values()),
-                     "scaled": res["rows"].get("scaled"),
+                     "scaled": res["rows"].get(control),
                      "supports": list(fused["weights"])[1:], "language": res["target"],
                      # weights a search of this run chose (on validation clips), not given with --search fixed
                      "searched": "--search fixed" not in res.get("command", "")})
@@ -115,8 +116,9 @@ def measure(runs: list[dict]) -> dict:
             s.update(control_scale=r["scaled"].get("scale"), control_wer=r["scaled"]["wer"],
                      control_ci95=r["scaled"].get("wer_ci95"), fused_vs_control=change(r["scaled"], r["fused"]))
         mean_control = averaged([r["scaled"] for r in runs])
-        control = {"control_wer": mean_control["wer"], "control_vs_target": change(mean_target, mean_control),
-                   "fused_vs_control": change(mean_control, mean_fused)}
+        control = {"control_label": runs[0]["scaled"]["label"].split("(")[-1].rstrip(")")}
+        control.update({"control_wer": mean_control["wer"], "control_vs_target": change(mean_target, mean_control),
+                   "fused_vs_control": change(mean_control, mean_fused)})
     return {"language": runs[0]["language"], "supports": runs[0]["supports"], "weights": runs[0]["weights"],
             "searched_by": [r["seed"] for r in runs if r["searched"]],
             "n": len(runs[0]["target"]["utterances"]), "per_seed": per_seed,
@@ -152,8 +154,8 @@ def table(m: dict, command: str) -> str:
               f"{', '.join(m['supports'])} at weights ({weights}), {chosen} (target first). The target "
               f"alone spans {100 * min(spread):.1f} to {100 * max(spread):.1f} over the seeds. Mean row: per clip, "
               "the word errors averaged over the seeds, paired bootstrap over clips. "
-              + ("Control: the target alone scaled, nothing added, at the scale each seed's validation clips "
-                 "chose (`real_fusion.py --scaled-target`). " if ctl else "")
+              + (f"Control: the target alone scaled, nothing added, at {mean.get('control_label', '')} of each "
+                 "seed (`real_fusion.py --scaled-target`). " if ctl else "")
               + f"Command: `{command}`\n")
     return "\n".join(md)
 
@@ -190,12 +192,16 @@ def main(argv=None) -> int:
                         "the Czech target with the Czech twin at seeds 0, 1, 2)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where the results files are")
     p.add_argument("--name", default="seed_spread", help="output stem (default seed_spread)")
+    p.add_argument("--control", default="matched", choices=["matched", "scaled"],
+                   help="the shrinkage control compared, where every run has it (real_fusion.py --scaled-target): "
+                        "matched, the target at the fused expert's own step (default), or scaled, at the scale "
+                        "validation chose")
     args = p.parse_args(argv)
     stems = [s.strip() for s in args.results.split(",") if s.strip()]
     if len(stems) < 2:
         p.error("--results: give at least two results files (one per target seed)")
     out = Path(args.out)
-    m = measure(load(stems, out))
+    m = measure(load(stems, out, args.control))
     md = table(m, recorded(Path(__file__).name, argv))
     (out / f"{args.name}.json").write_text(json.dumps(m, indent=2))
     (out / f"{args.name}.md").write_text(md)

@@ -21,7 +21,7 @@ import torch
 
 from lora_experts.deltas import Delta, LowRank
 
-__all__ = ["GROUPS", "Similarity", "delta_inner", "expert_similarity", "group_of", "similarity"]
+__all__ = ["GROUPS", "Similarity", "delta_inner", "expert_similarity", "group_of", "similarity", "step_along"]
 
 GROUPS = ("encoder", "decoder", "all")
 
@@ -117,6 +117,25 @@ def similarity(task_vectors: Sequence[Mapping[str, Delta]], names: Sequence[str]
         cosine[g] = [[float(c) for c in row] for row in cos]
         norms[g] = [float(x) for x in norm]
     return Similarity(list(names), cosine, norms)
+
+
+def step_along(delta: Mapping[str, Delta], direction: Mapping[str, Delta]) -> tuple[float, float]:
+    """How far ``delta`` goes along ``direction`` (task vectors of one base), and what is left orthogonal to it.
+
+    For a fusion and its target: ``delta = coef * direction + rest``, ``rest`` orthogonal to ``direction``; a fusion
+    is the target scaled by ``coef`` plus the supports' own part. Returns ``(coef, |rest| / |direction|)``; a
+    module only one of them changes counts in the norms (zero in the other).
+
+    Raises:
+        ValueError: ``direction`` is zero (nothing to project on).
+    """
+    along = sum(delta_inner(delta[k], direction[k]) for k in sorted(delta.keys() & direction.keys()))
+    dd = sum(delta_inner(v, v) for _, v in sorted(delta.items()))
+    tt = sum(delta_inner(v, v) for _, v in sorted(direction.items()))
+    if tt <= 0:
+        raise ValueError("the direction to project on is a zero task vector (an expert that changes nothing)")
+    coef = along / tt
+    return coef, max(dd - coef * coef * tt, 0.0) ** 0.5 / tt ** 0.5
 
 
 def expert_similarity(experts: Sequence, names: Sequence[str]) -> Similarity:

@@ -53,15 +53,15 @@ def test_a_fixed_weights_table_says_the_weights_were_not_searched():
     assert "| fused (linear, weights fixed beforehand) |" in md and "+0.60 |" in md
 
 
-def test_the_shrinkage_control_has_its_row_and_the_fused_row_is_compared_with_it(tmp_path):
-    """``--scaled-target``: the control's test row, the fused row's paired change against it, its validation
-    curve in the note, and the plot's extra panel (drawn from the JSON, as ``--table-only`` does)."""
+def test_the_shrinkage_controls_have_their_rows_and_the_fused_row_is_compared_with_each(tmp_path):
+    """``--scaled-target``: the controls' test rows, the fused row's paired change against each, the validation
+    curve and the fused step in the note, and the plot's extra panel (drawn from the JSON, as ``--table-only``)."""
     from benchmarks.real_fusion import plot, searched, table
 
-    def row(label, errors):
+    def row(label, errors, **extra):
         utts = [{"id": f"u{i}", "language": "cs", "word_errors": e, "words": 10} for i, e in enumerate(errors)]
         return {"label": label, "wer": sum(errors) / (10 * len(errors)), "cer": 0.2, "n": len(errors),
-                "wer_ci95": [0.3, 0.6], "utterances": utts}
+                "wer_ci95": [0.3, 0.6], "utterances": utts, **extra}
 
     def trial(w, wer):
         return {"weights": w, "wer": wer, "cer": 0.2, "objective": wer, "seconds": 1.0, "options": None}
@@ -71,16 +71,21 @@ def test_the_shrinkage_control_has_its_row_and_the_fused_row_is_compared_with_it
                "target_train": 100, "base": "whisper-base", "target_expert": "cs-real-100", "dev_n": 151,
                "dev_wer": {"target_only": None, "fused": 0.61}, "names": ["cs-real-100", "cs-espeak"],
                "trials": [trial([1.0, 0.2], 0.61)], "scaled_target": control,
+               "fused_step": {"along_target": 0.506, "orthogonal": 0.343},
                "rows": {"cs-real-100": row("cs-real-100 alone (the target)", [5, 4, 6, 5]),
                         "fused": {**row("fused (ties)", [4, 4, 5, 4]), "weights": {"cs-real-100": 1.0,
                                                                                  "cs-espeak": 0.2}},
                         "scaled": row("control: cs-real-100 alone scaled by 0.5 (scale chosen on validation)",
-                                      [4, 4, 5, 5])}}
+                                      [4, 4, 5, 5], scale=0.5),
+                        "matched": row("control: cs-real-100 alone scaled by 0.506 (the fused expert's step)",
+                                       [4, 4, 5, 4], scale=0.506)}}
     md = table(results)
     assert "| control: cs-real-100 alone scaled by 0.5 (scale chosen on validation) |" in md
-    fused_line = next(line for line in md.splitlines() if line.startswith("| fused (ties)"))
-    assert "; vs the scaled control -6% (" in fused_line  # 17 word errors against 18, on the same clips
     assert "validation WER by scale: 0.5: 63.0, 1: 62.0" in md
+    assert "own step along the target (0.51; " in md and "orthogonal to it of 0.34 times" in md
+    # 17 word errors against 18 and against 17, on the same clips
+    assert "Fused: -6% (-2.5 [" in md and "against the target scaled by 0.5; +0% (+0.0 [+0.0, +0.0]) against " \
+        "the target scaled by 0.506 (paired, same clips)" in md
     assert searched(results)  # one fixed trial, but the control is a curve
     plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

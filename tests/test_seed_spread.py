@@ -82,7 +82,8 @@ def test_the_shrinkage_control_per_seed_and_over_seeds(tmp_path):
     """Runs with ``--scaled-target``: each seed's control (its own scale) and the fused expert against it."""
     runs = [_results(0, [6] * 30, [4] * 30), _results(1, [4] * 30, [4, 3] * 15)]
     for run, scale, errors in zip(runs, (0.6, 1.0), ([5] * 30, [4] * 30)):
-        run["rows"]["scaled"] = {**_row(errors), "scale": scale}
+        run["rows"]["matched"] = {**_row(errors, "control: x scaled by 0.5 (the fused expert's step along the target)"),
+                                  "scale": scale}
     for i, run in enumerate(runs):
         (tmp_path / f"s{i}.json").write_text(json.dumps(run))
     assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp"]) == 0
@@ -91,9 +92,10 @@ def test_the_shrinkage_control_per_seed_and_over_seeds(tmp_path):
     assert m["mean"]["control_wer"] == pytest.approx(0.45)
     assert m["mean"]["fused_vs_control"]["relative"] == pytest.approx(0.375 / 0.45 - 1)
     assert "| (0.6) 50.0 [45.0, 55.0] | -20% (-10.0 [-10.0, -10.0]) |" in md
-    assert "| 45.0 (-10% (-5.0 [" in md and "Control: the target alone scaled" in md
+    assert "| 45.0 (-10% (-5.0 [" in md
+    assert "Control: the target alone scaled, nothing added, at the fused expert's step along the target" in md
     # One run without the control: the table is the plain one.
-    del runs[1]["rows"]["scaled"]
+    del runs[1]["rows"]["matched"]
     (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
     assert main(["--results", "s0,s1", "--out", str(tmp_path), "--name", "sp2"]) == 0
     plain = (tmp_path / "sp2.md").read_text()

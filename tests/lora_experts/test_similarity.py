@@ -91,3 +91,22 @@ def test_fuse_similarity_command_prints_and_writes_json_and_plot(tmp_path, capsy
     assert "--similarity compares experts" in capsys.readouterr().err
     assert main(["fuse", "--similarity", "--experts", f"{paths[0]},nope", "--registry", str(tmp_path / "r")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_step_along_splits_a_delta_into_the_targets_direction_and_the_rest():
+    from lora_experts.similarity import step_along
+
+    torch.manual_seed(0)
+    target = {"a": torch.randn(4, 3), "b": LowRank(torch.randn(2, 6), torch.randn(5, 2), 0.5)}
+    other = {"a": torch.randn(4, 3), "c": torch.randn(2, 2)}
+    dense_t = torch.cat([target["a"].flatten(), dense(target["b"]).flatten()])
+    # the other's part orthogonal to the target (module "c" the target never touches is orthogonal already)
+    proj = float(torch.dot(other["a"].flatten(), target["a"].flatten())) / float(dense_t.dot(dense_t))
+    rest = {"a": other["a"] - proj * target["a"], "b": -proj * dense(target["b"]), "c": other["c"]}
+    fused = {"a": 0.4 * target["a"] + rest["a"], "b": 0.4 * dense(target["b"]) + rest["b"], "c": rest["c"]}
+    coef, ratio = step_along(fused, target)
+    rest_norm = sum(float((v ** 2).sum()) for v in rest.values()) ** 0.5
+    assert coef == pytest.approx(0.4, abs=1e-6) and ratio == pytest.approx(rest_norm / float(dense_t.norm()), rel=1e-5)
+    assert step_along(target, target) == pytest.approx((1.0, 0.0), abs=1e-6)
+    with pytest.raises(ValueError, match="zero task vector"):
+        step_along(target, {"a": torch.zeros(4, 3)})

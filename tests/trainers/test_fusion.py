@@ -425,6 +425,17 @@ def test_fuse_command_reports_the_shrinkage_control(base, experts, tiny_whisper_
     assert "the supports do not beat uk-small" in out or "the supports beat uk-small" in out
     saved = json.loads((tmp_path / "run" / "search.json").read_text())
     assert [t["weights"] for t in saved["scaled_target"]] == [[0.5, 0.0], [1.0, 0.0]]
+    if saved["best"]["weights"] == [1.0, 0.0]:  # the target kept: no fused step to speak of
+        assert "fused_step" not in saved and "the fused delta is" not in out
+    else:
+        assert saved["fused_step"]["orthogonal"] > 0 and "the fused delta is " in out
+    # Fixed weights with a support: the step is said (the support's own part is orthogonal to the target).
+    assert main(["fuse", "--target", "uk", "--experts", "uk-small,ru-espeak", "--weights", "1,0.5", "--dev",
+                 str(uk_corpus), "--dev-split", "test", "--name", "uk-fixed", "--run-dir", str(tmp_path / "run2"),
+                 "--base", str(tiny_whisper_dir), "--registry", str(reg), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    step = json.loads((tmp_path / "run2" / "search.json").read_text())["fused_step"]
+    assert f"the fused delta is {step['along_target']:.2f} x uk-small's" in out and step["orthogonal"] > 0
     # The verdict's two readings, and the fix it names.
     control = Trial([0.6, 0.0], 0.40, 0.2, 0.40, 1.0)
     worse = shrinkage_verdict(Trial([1.0, 0.4], 0.41, 0.2, 0.41, 1.0), control, "cs-100")

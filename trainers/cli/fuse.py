@@ -24,6 +24,8 @@ trained on other speech (espeak-ng, another recording setup), whose encoder delt
 same number of trials, on the same dev set. A merge that takes a smaller step than the target (TIES's disjoint
 mean, an interpolation) can gain from that alone; the control says whether the supports add anything beyond
 it (it is reported beside the search and drawn in the plot, never chosen: fix --weights S,0,... to keep it).
+Every target fusion also prints the fused delta's step along the target's (it is that many times the target
+plus a part orthogonal to it, the supports' own), kept in search.json as fused_step.
 The base loads once; candidates are applied in place; the encoder layers below the lowest one an expert
 changes run once on the dev set. A PNG of dev WER against the weights is written beside the run.
 
@@ -150,12 +152,14 @@ def _run(args) -> int:
                                      progress=not args.quiet, support_scope=args.support_scope,
                                      scaled_target=args.scaled_target)
     record = registry.add(expert, args.name)
+    step = _fused_step(result, experts[0]) if args.target and len(names) > 1 else None
     run_dir = Path(args.run_dir or Path("runs") / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     best = result.trace()[result.trials.index(result.best)]
     (run_dir / "search.json").write_text(json.dumps({"experts": names, "method": args.method, "options": options,
                                                      "search": search, "support_cosines": support_cosines,
                                                      "trials": result.trace(), "best": best,
+                                                     **({"fused_step": step} if step else {}),
                                                      **({"scaled_target": result.control_trace()}
                                                         if result.control else {})}, indent=2))
     if args.out:
@@ -181,6 +185,10 @@ def _run(args) -> int:
                   f"{','.join(f'{w:g}' for w in control.weights)} | {100 * control.wer:.1f} | "
                   f"{100 * control.cer:.1f} |")
             print("\n" + shrinkage_verdict(b, control, names[0]))
+        if step:
+            print(f"the fused delta is {step['along_target']:.2f} x {names[0]}'s, plus a part orthogonal to it of "
+                  f"{step['orthogonal']:.2f} x its norm (the supports' own): compare with {names[0]} alone scaled "
+                  f"by {step['along_target']:.2f}")
         if len(result.trials) > 1:
             try:
                 png = plot_search(result, names, str(run_dir / "search.png"),
@@ -192,6 +200,19 @@ def _run(args) -> int:
         print(f"relative Frobenius error of the {args.method} fusion vs the exact sum: "
               f"{100 * result.merge.relative_error:.2f}%")
     return 0
+
+
+def _fused_step(result, target) -> dict | None:
+    """The fused delta's step along the target expert's and the part orthogonal to it (None when the search
+    kept the target alone, scaled or not)."""
+    from lora_experts.similarity import step_along
+    from lora_experts.task_vectors import task_vector
+    from trainers.fusion import target_scaled
+
+    if result.merge is None or target_scaled(result.best.weights):
+        return None
+    along, rest = step_along(result.merge.task_vector, task_vector(target))
+    return {"along_target": along, "orthogonal": rest}
 
 
 def shrinkage_verdict(best, control, target: str) -> str:
