@@ -184,12 +184,12 @@ def _run(args) -> int:
             print(f"| control: {names[0]} alone, best scale of {len(result.control)} | "
                   f"{','.join(f'{w:g}' for w in control.weights)} | {100 * control.wer:.1f} | "
                   f"{100 * control.cer:.1f} |")
-            print("\n" + shrinkage_verdict(b, control, names[0]))
+            print("\n" + shrinkage_verdict(b, control, names[0], supports=len(names) > 1))
         if step:
             print(f"the fused delta is {step['along_target']:.2f} x {names[0]}'s, plus a part orthogonal to it of "
                   f"{step['orthogonal']:.2f} x its norm (the supports' own): compare with {names[0]} alone scaled "
                   f"by {step['along_target']:.2f}")
-        if len(result.trials) > 1:
+        if len(result.trials) > 1 or result.control:
             try:
                 png = plot_search(result, names, str(run_dir / "search.png"),
                                   title=f"{args.name}: dev WER ({args.target}) vs fusion weights")
@@ -215,18 +215,27 @@ def _fused_step(result, target) -> dict | None:
     return {"along_target": along, "orthogonal": rest}
 
 
-def shrinkage_verdict(best, control, target: str) -> str:
-    """One line: do the supports beat the target alone at its best scale on dev (the shrinkage control)?"""
+def shrinkage_verdict(best, control, target: str, supports: bool = True) -> str:
+    """One line: do the supports beat the target alone at its best scale on dev (the shrinkage control)? Without
+    supports (one expert): does a smaller step of it do better than the expert itself?"""
     from trainers.fusion import target_scaled
 
-    gap = 100 * (best.wer - control.wer)
-    if target_scaled(best.weights) or gap >= 0:
-        return (f"the supports do not beat {target} alone scaled by {control.weights[0]:g} on dev "
-                f"({100 * best.wer:.1f} vs {100 * control.wer:.1f}% WER): what a fusion gains here, shrinking the "
-                f"target gains too; to keep the scaled target: --weights "
-                f"{','.join(f'{w:g}' for w in control.weights)}")
-    return (f"the supports beat {target} alone at its best scale ({control.weights[0]:g}) by {-gap:.1f} WER points "
-            "on dev (check it on held-out clips: a dev-set search favours whatever it searched)")
+    fused, scaled = round(100 * best.wer, 1), round(100 * control.wer, 1)
+    keep = f"--weights {','.join(f'{w:g}' for w in control.weights)}"
+    if control.weights[0] == 1.0:
+        if not supports:
+            return f"no smaller step of {target} does better on dev than {target} itself ({scaled:.1f}% WER)"
+        if target_scaled(best.weights) or fused >= scaled:
+            return (f"neither the supports nor a smaller step of {target} beat {target} alone on dev "
+                    f"({scaled:.1f}% WER)")
+    elif not supports or target_scaled(best.weights) or fused >= scaled:
+        head = (f"{target} scaled by {control.weights[0]:g} scores {scaled:.1f}% WER on dev against "
+                f"{fused:.1f} for {target} itself" if not supports else
+                f"the supports do not beat {target} alone scaled by {control.weights[0]:g} on dev "
+                f"({fused:.1f} vs {scaled:.1f}% WER): what the fusion gains here, shrinking the target gains too")
+        return f"{head}; to keep the scaled expert: {keep} (check it on held-out clips)"
+    return (f"the supports beat {target} alone at its best scale ({control.weights[0]:g}) by {scaled - fused:.1f} "
+            "WER points on dev (check it on held-out clips: a dev-set search favours whatever it searched)")
 
 
 # Below this cosine with the target no support helped on real speech (docs/results.md, issue 16 item 3)
