@@ -154,8 +154,8 @@ def table(m: dict, command: str) -> str:
               f"{', '.join(m['supports'])} at weights ({weights}), {chosen} (target first). The target "
               f"alone spans {100 * min(spread):.1f} to {100 * max(spread):.1f} over the seeds. Mean row: per clip, "
               "the word errors averaged over the seeds, paired bootstrap over clips. "
-              + (f"Control: the target alone scaled, nothing added, at {mean.get('control_label', '')} of each "
-                 "seed (`real_fusion.py --scaled-target`). " if ctl else "")
+              + ("Control: the target alone scaled, nothing added (`real_fusion.py --scaled-target`); its scale "
+                 f"per seed: {mean.get('control_label', '')}. " if ctl else "")
               + f"Command: `{command}`\n")
     return "\n".join(md)
 

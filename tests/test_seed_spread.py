@@ -93,7 +93,7 @@ def test_the_shrinkage_control_per_seed_and_over_seeds(tmp_path):
     assert m["mean"]["fused_vs_control"]["relative"] == pytest.approx(0.375 / 0.45 - 1)
     assert "| (0.6) 50.0 [45.0, 55.0] | -20% (-10.0 [-10.0, -10.0]) |" in md
     assert "| 45.0 (-10% (-5.0 [" in md
-    assert "Control: the target alone scaled, nothing added, at the fused expert's step along the target" in md
+    assert "its scale per seed: the fused expert's step along the target." in md
     # One run without the control: the table is the plain one.
     del runs[1]["rows"]["matched"]
     (tmp_path / "s1.json").write_text(json.dumps(runs[1]))
