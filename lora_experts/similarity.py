@@ -129,13 +129,12 @@ def step_along(delta: Mapping[str, Delta], direction: Mapping[str, Delta]) -> tu
     Raises:
         ValueError: ``direction`` is zero (nothing to project on).
     """
-    along = sum(delta_inner(delta[k], direction[k]) for k in sorted(delta.keys() & direction.keys()))
-    dd = sum(delta_inner(v, v) for _, v in sorted(delta.items()))
-    tt = sum(delta_inner(v, v) for _, v in sorted(direction.items()))
+    sim = similarity([delta, direction], ["delta", "direction"])  # one Gram matrix, the shared inner products
+    (norm, tt), cos = sim.norms["all"], sim.cosine["all"][0][1]
     if tt <= 0:
         raise ValueError("the direction to project on is a zero task vector (an expert that changes nothing)")
-    coef = along / tt
-    return coef, max(dd - coef * coef * tt, 0.0) ** 0.5 / tt ** 0.5
+    cos = 0.0 if norm <= 0 else cos
+    return cos * norm / tt, norm * max(1.0 - cos * cos, 0.0) ** 0.5 / tt
 
 
 def expert_similarity(experts: Sequence, names: Sequence[str]) -> Similarity:
