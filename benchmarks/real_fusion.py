@@ -4,7 +4,9 @@
     python benchmarks/real_fusion.py --supports sk:synth,pl:synth    # only the related languages
     python benchmarks/real_fusion.py --supports de:synth,cs=runs/real/cs.safetensors --target nl --name real_fusion_nl
     python benchmarks/real_fusion.py --supports sk:synth,pl:synth --method ties --option density=1.0 \\
-        --search grid --trials 6 --scaled-target --name real_fusion_cs_skpl_ties_ctl   # with the shrinkage control
+        --search grid --trials 6 --name real_fusion_cs_skpl_ties_ctl   # TIES; the shrinkage controls are on by default
+    python benchmarks/real_fusion.py --supports cs:synth-domain --method ties --option density=1.0 \\
+        --search grid --trials 6 --name real_fusion_cs_domain_ties   # synthetic Czech of the training levels' text
     python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
@@ -20,6 +22,9 @@ Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips
 * ``LANG:synth``: an expert trained on an espeak-ng corpus of LANG (``<synth-dir>/<LANG>-espeak``,
   ``--synth-per-language`` utterances over 70/10/20 splits, made here if missing), validated on its own
   synthetic validation split;
+* ``LANG:synth-domain``: the same, but espeak-ng reads the transcripts of ``--data``'s training levels in LANG
+  (in-domain text: a low-resource language often has a script or subtitles of its domain but few recordings;
+  never a validation or test level's text), ``<synth-dir>/<LANG>-espeak-domain``;
 * ``LANG:real``: an expert trained on ``--real-support-train`` real clips of LANG from ``--data``;
 * ``LANG:asterisk``: an expert trained on the real recorded phone prompts of LANG (one speaker, about 390
   training clips; ``<synth-dir>/asterisk-<LANG>``, made with ``trainers.corpus.asterisk`` from Debian's
@@ -38,11 +43,12 @@ the target. Test rows: whisper-base, the target expert alone, each support alone
 WER with its 95% bootstrap interval, and each row's paired change against the target alone on the same clips
 (rows are cached under ``<runs>/test-scores`` by base, expert and clips, so a run with other supports decodes
 only its new rows).
-``--scaled-target`` adds two shrinkage controls (a merge that takes a smaller step than the target, as TIES's
-disjoint mean does, gains from that shrinkage alone): the target alone scaled (no support) at the grid's
-lambdas, its scale chosen on validation; and the target scaled by the fused expert's own step along it (the
-fused delta projected on the target's, ``lora_experts.similarity.step_along``; what is left is the supports'
-own part). Both are tested like the fused expert, which is compared with each on the same clips.
+``--scaled-target`` (on by default; ``--no-scaled-target`` for none) adds two shrinkage controls (a merge that
+takes a smaller step than the target, as TIES's disjoint mean does, gains from that shrinkage alone): the target
+alone scaled (no support) at the grid's lambdas, its scale chosen on validation; and the target scaled by the fused
+expert's own step along it (the fused delta projected on the target's, ``lora_experts.similarity.step_along``;
+what is left is the supports' own part). Both are tested like the fused expert, which is compared with each on
+the same clips.
 The goal (issue 16): fused at least 10% relative better than the target alone.
 
 Writes ``<out>/<name>.{json,md}`` and the search plot ``<out>/<name>.png``.
@@ -68,11 +74,12 @@ def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
         if "=" in item:
             lang, path = item.split("=", 1)
             out.append((lang, "file", path))
-        elif ":" in item and item.split(":", 1)[1] in ("synth", "real", "asterisk"):
+        elif ":" in item and item.split(":", 1)[1] in ("synth", "synth-domain", "real", "asterisk"):
             lang, kind = item.split(":", 1)
             out.append((lang, kind, None))
         else:
-            raise SystemExit(f"--supports: {item!r} is not LANG:synth, LANG:real, LANG:asterisk or LANG=FILE")
+            raise SystemExit(f"--supports: {item!r} is not LANG:synth, LANG:synth-domain, LANG:real, LANG:asterisk "
+                             "or LANG=FILE")
     return out
 
 
@@ -84,6 +91,43 @@ def synth_corpus(lang: str, args) -> str:
         per_language = synth_size(lang, args)
         synthesize_corpus(SynthConfig(languages=(lang,), per_language=per_language, seed=args.seed), path)
     return str(path)
+
+
+def domain_text(lang: str, args) -> Path:
+    """LANG's transcripts of ``--data``'s training split, one per line (``<synth-dir>/<LANG>-domain.txt``)."""
+    from trainers.corpus.loading import load_corpus
+
+    path = Path(args.synth_dir) / f"{lang}-domain.txt"
+    if not path.is_file():
+        train = load_corpus(args.data)["train"]
+        lines = [text for text, code in zip(train["text"], train["language"]) if code == lang]
+        if not lines:
+            raise SystemExit(f"--supports {lang}:synth-domain: {args.data} has no {lang} training clips to take "
+                             f"the text from")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def domain_corpus(lang: str, args) -> str:
+    """LANG's espeak-ng corpus over its in-domain text (``<synth-dir>/<LANG>-espeak-domain``), made if missing."""
+    from trainers.corpus.synth import SynthConfig, synthesize_corpus
+
+    path = Path(args.synth_dir) / f"{lang}-espeak-domain"
+    if not (path / "dataset_dict.json").is_file():
+        config = SynthConfig(languages=(lang,), per_language=domain_size(lang, args), seed=args.seed,
+                             text_files={lang: (domain_text(lang, args),)})
+        synthesize_corpus(config, path)
+    return str(path)
+
+
+def domain_size(lang: str, args) -> int:
+    """Utterances of LANG's in-domain espeak-ng corpus: ``--synth-per-language`` or the usable lines, fewer kept."""
+    from trainers.corpus.sources import sentences
+
+    available = len(sentences(lang, {lang: (domain_text(lang, args),)}, builtin=False))
+    usable = available - max(2, available // 20)
+    return max(3, min(usable, args.synth_per_language))
 
 
 def asterisk_corpus(lang: str, args) -> str:
@@ -192,6 +236,9 @@ def run(args, results: dict, save) -> None:
     target = args.target
     supports = parse_supports(args.supports)
     results["synth_sizes"] = {lang: synth_size(lang, args) for lang, kind, _ in supports if kind == "synth"}
+    domain = {lang: domain_size(lang, args) for lang, kind, _ in supports if kind == "synth-domain"}
+    if domain:
+        results["domain_sizes"] = domain
     experts, names, minutes = [], [], {}
     t_name = f"{target}-real-{args.target_train}" + (f"-seed{args.target_seed}" if args.target_seed else "")
     if not args.supports_only:
@@ -204,6 +251,9 @@ def run(args, results: dict, save) -> None:
         elif kind == "synth":
             name = f"{lang}-espeak"
             expert, secs = trained(name, synth_corpus(lang, args), lang, None, args)
+        elif kind == "synth-domain":
+            name = f"{lang}-espeak-domain"
+            expert, secs = trained(name, domain_corpus(lang, args), lang, None, args)
         elif kind == "asterisk":
             name = f"{lang}-asterisk"
             data = asterisk_corpus(lang, args)
@@ -334,6 +384,8 @@ def table(results: dict) -> str:
               f"language forced, bounded by audio duration. " + dev_note
               + "".join(f"Synthetic {lang}: {n} espeak-ng utterances (70% trained on). "
                         for lang, n in results.get("synth_sizes", {}).items())
+              + "".join(f"Synthetic in-domain {lang}: {n} espeak-ng utterances of the training levels' transcripts "
+                        f"(70% trained on). " for lang, n in results.get("domain_sizes", {}).items())
               + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
                         for lang, n in results.get("asterisk_sizes", {}).items())
               + control_note(results)
@@ -365,9 +417,10 @@ def main(argv=None) -> int:
                    help="with --search fixed: one weight per expert, the target's first (e.g. 0.6,0.4)")
     p.add_argument("--target-seed", type=int, default=0,
                    help="seed of the target's training (default 0; others are named <target>-real-<N>-seed<S>)")
-    p.add_argument("--scaled-target", action="store_true",
-                   help="a control for shrinkage: also search the target alone's own scale on validation (as many "
-                        "trials as the fusion's grid) and test it; the fused row is compared with it too")
+    p.add_argument("--scaled-target", action=argparse.BooleanOptionalAction, default=True,
+                   help="a control for shrinkage (default on; --no-scaled-target: none): also search the target "
+                        "alone's own scale on validation (as many trials as the fusion's grid) and test it, and the "
+                        "target at the fused expert's own step; the fused row is compared with both")
     p.add_argument("--support-scope", default="all", choices=["all", "decoder"],
                    help="fuse the supports' decoder deltas only (decoder) or all of them (default all)")
     p.add_argument("--trials", type=int, default=12)

@@ -8,10 +8,65 @@ from benchmarks.real_fusion import parse_supports
 
 
 def test_support_specs_name_synthetic_real_asterisk_and_file_experts():
-    assert parse_supports("sk:synth, nl:real,ru:asterisk,de=runs/de.safetensors") == [
-        ("sk", "synth", None), ("nl", "real", None), ("ru", "asterisk", None), ("de", "file", "runs/de.safetensors")]
-    with pytest.raises(SystemExit, match="'ru:phone' is not LANG:synth, LANG:real, LANG:asterisk or LANG=FILE"):
+    assert parse_supports("sk:synth, nl:real,ru:asterisk,de=runs/de.safetensors,cs:synth-domain") == [
+        ("sk", "synth", None), ("nl", "real", None), ("ru", "asterisk", None), ("de", "file", "runs/de.safetensors"),
+        ("cs", "synth-domain", None)]
+    with pytest.raises(SystemExit, match="'ru:phone' is not LANG:synth, LANG:synth-domain, LANG:real, "
+                                         "LANG:asterisk or LANG=FILE"):
         parse_supports("ru:phone")
+
+
+def _corpus(path):
+    """A real-speech-shaped corpus: cs and nl training clips, cs validation and test clips of other lines."""
+    import datasets
+    import numpy as np
+
+    from trainers.corpus.loading import make_row, rows_to_dataset
+
+    tone = np.sin(np.arange(8000) * 0.1).astype(np.float32) * 0.3
+
+    def split(rows):
+        return rows_to_dataset([make_row(id=f"{lang}-{i}", audio=tone, text=text, language=lang, source="test")
+                                for i, (lang, text) in enumerate(rows)])
+
+    datasets.DatasetDict(
+        train=split([("cs", "Ty amfory padají nelidsky pomalu."), ("nl", "Dat is een mooie vis."),
+                     ("cs", "Konečně vidím nějakou novou lebku."), ("cs", "Vidíš toho koníka v té skříni?"),
+                     ("cs", "Musíme odsud dostat tu velkou ocelovou trubku.")]),
+        validation=split([("cs", "Tohle je věta jen z validační úrovně.")]),
+        test=split([("cs", "Tohle je věta jen z testovací úrovně.")]),
+    ).save_to_disk(str(path))
+
+
+def test_the_in_domain_support_reads_only_the_training_levels_text(tmp_path):
+    """``LANG:synth-domain``: espeak-ng reads LANG's transcripts of the real corpus's training split, never a
+    validation or test level's line nor another language's; a language without training clips is refused by name."""
+    from types import SimpleNamespace
+
+    from benchmarks.real_fusion import domain_corpus, domain_size, domain_text
+    from trainers.corpus.loading import load_corpus
+
+    _corpus(tmp_path / "real")
+    args = SimpleNamespace(data=str(tmp_path / "real"), synth_dir=str(tmp_path / "synth"), synth_per_language=700,
+                           seed=1)
+    text = domain_text("cs", args).read_text(encoding="utf-8")
+    assert text.splitlines() == ["Ty amfory padají nelidsky pomalu.", "Konečně vidím nějakou novou lebku.",
+                                 "Vidíš toho koníka v té skříni?", "Musíme odsud dostat tu velkou ocelovou trubku."]
+    assert domain_size("cs", args) == 3  # four usable lines less two in reserve, but at least one per split
+    args.synth_per_language = 3
+    corpus = load_corpus(domain_corpus("cs", args))  # real espeak-ng
+    said = [t for split in corpus.values() for t in split["text"]]
+    assert len(said) == 3 and set(said) <= set(text.splitlines())
+    with pytest.raises(SystemExit, match="has no de training clips to take the text from"):
+        domain_text("de", args)
+
+
+def test_the_shrinkage_controls_are_on_unless_turned_off(capsys):
+    from benchmarks.real_fusion import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--scaled-target, --no-scaled-target" in capsys.readouterr().out
 
 
 def test_fixed_weights_go_with_search_fixed_one_per_expert(capsys, tmp_path):
