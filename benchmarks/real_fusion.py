@@ -125,8 +125,7 @@ def domain_size(lang: str, args) -> int:
     """Utterances of LANG's in-domain espeak-ng corpus: ``--synth-per-language`` or the usable lines, fewer kept."""
     from trainers.corpus.sources import sentences
 
-    available = len(sentences(lang, {lang: (domain_text(lang, args),)}, builtin=False))
-    usable = available - max(2, available // 20)
+    usable = usable_sentences(len(sentences(lang, {lang: (domain_text(lang, args),)}, builtin=False)))
     return max(3, min(usable, args.synth_per_language))
 
 
@@ -142,13 +141,18 @@ def asterisk_corpus(lang: str, args) -> str:
     return str(path)
 
 
+def usable_sentences(available: int) -> int:
+    """Sentences usable out of ``available``: a few are kept in reserve for clips espeak-ng renders unusable."""
+    return available - max(2, available // 20)
+
+
 def synth_size(lang: str, args) -> int:
     """Utterances of LANG's espeak-ng corpus: ``--synth-per-language``, or fewer where fewer sentences are offline
     (Slovak has 312: 297 utterances, the rest in reserve), said before anything is trained."""
     from trainers.corpus.sources import sentences
 
     available = len(sentences(lang))
-    usable = available - max(2, available // 20)  # a few kept in reserve for clips espeak-ng renders unusable
+    usable = usable_sentences(available)
     if usable < args.synth_per_language:
         print(f"{lang}: only {available} sentences offline, so its synthetic corpus has {usable} utterances "
               f"(not {args.synth_per_language})", flush=True)
