@@ -7,6 +7,8 @@
         --search grid --trials 6 --name real_fusion_cs_skpl_ties_ctl   # TIES; the shrinkage controls are on by default
     python benchmarks/real_fusion.py --supports cs:synth-domain --method ties --option density=1.0 \\
         --search grid --trials 6 --name real_fusion_cs_domain_ties   # synthetic Czech of the training levels' text
+    python benchmarks/real_fusion.py --supports cs:synth-domain --synth-per-language 1200 --domain-train-fraction 0.85 \\
+        --method ties --option density=1.0 --search grid --trials 6 --name real_fusion_cs_domain_full_ties  # all of it
     python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
@@ -24,7 +26,9 @@ Target: ``--target`` (cs) with only ``--target-train`` (100) real training clips
   synthetic validation split;
 * ``LANG:synth-domain``: the same, but espeak-ng reads the transcripts of ``--data``'s training levels in LANG
   (in-domain text: a low-resource language often has a script or subtitles of its domain but few recordings;
-  never a validation or test level's text), ``<synth-dir>/<LANG>-espeak-domain``;
+  never a validation or test level's text), ``<synth-dir>/<LANG>-espeak-domain`` (at other sizes or
+  ``--domain-train-fraction`` shares, ``-<utterances>[-train<percent>]`` is added to the corpus's and expert's
+  names; a cached ``<LANG>-domain.txt`` made from another corpus is refused, not reused);
 * ``LANG:real``: an expert trained on ``--real-support-train`` real clips of LANG from ``--data``;
 * ``LANG:asterisk``: an expert trained on the real recorded phone prompts of LANG (one speaker, about 390
   training clips; ``<synth-dir>/asterisk-<LANG>``, made with ``trainers.corpus.asterisk`` from Debian's
@@ -94,29 +98,50 @@ def synth_corpus(lang: str, args) -> str:
 
 
 def domain_text(lang: str, args) -> Path:
-    """LANG's transcripts of ``--data``'s training split, one per line (``<synth-dir>/<LANG>-domain.txt``)."""
+    """LANG's transcripts of ``--data``'s training split, one per line (``<synth-dir>/<LANG>-domain.txt``).
+
+    A text file already there from another corpus (or an older copy of this one) is refused, not reused: the
+    in-domain support would otherwise be trained on text that is not ``--data``'s."""
     from trainers.corpus.loading import load_corpus
 
     path = Path(args.synth_dir) / f"{lang}-domain.txt"
-    if not path.is_file():
-        train = load_corpus(args.data)["train"]
-        lines = [text for text, code in zip(train["text"], train["language"]) if code == lang]
-        if not lines:
-            raise SystemExit(f"--supports {lang}:synth-domain: {args.data} has no {lang} training clips to take "
-                             f"the text from")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train = load_corpus(args.data)["train"]
+    lines = [text for text, code in zip(train["text"], train["language"]) if code == lang]
+    if not lines:
+        raise SystemExit(f"--supports {lang}:synth-domain: {args.data} has no {lang} training clips to take "
+                         f"the text from")
+    text = "\n".join(lines) + "\n"
+    if path.is_file():
+        if path.read_text(encoding="utf-8") != text:
+            raise SystemExit(f"--supports {lang}:synth-domain: {path} holds other text than the {lang} training "
+                             f"transcripts of {args.data} (made from another corpus?); give another --synth-dir, or "
+                             f"delete {path} and {Path(args.synth_dir) / f'{lang}-espeak-domain'}* to remake them")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
+def domain_tag(lang: str, args) -> str:
+    """The in-domain corpus's and expert's name suffix: none at the defaults (700 utterances, 70% of them in
+    train), else ``-<utterances>`` and ``-train<percent>``, so runs of other sizes never reuse each other's."""
+    size, share = domain_size(lang, args), args.domain_train_fraction
+    if args.synth_per_language == 700 and share == 0.7:
+        return ""
+    return f"-{size}" + ("" if share == 0.7 else f"-train{round(share * 100)}")
+
+
 def domain_corpus(lang: str, args) -> str:
-    """LANG's espeak-ng corpus over its in-domain text (``<synth-dir>/<LANG>-espeak-domain``), made if missing."""
+    """LANG's espeak-ng corpus over its in-domain text (``<synth-dir>/<LANG>-espeak-domain<tag>``), made if
+    missing; ``--domain-train-fraction`` of it in train, 10% in validation, the rest in test (unused here)."""
     from trainers.corpus.synth import SynthConfig, synthesize_corpus
 
-    path = Path(args.synth_dir) / f"{lang}-espeak-domain"
+    path = Path(args.synth_dir) / f"{lang}-espeak-domain{domain_tag(lang, args)}"
     if not (path / "dataset_dict.json").is_file():
+        share = args.domain_train_fraction
         config = SynthConfig(languages=(lang,), per_language=domain_size(lang, args), seed=args.seed,
-                             text_files={lang: (domain_text(lang, args),)})
+                             text_files={lang: (domain_text(lang, args),)}, train_fraction=share,
+                             validation_fraction=0.1, test_fraction=round(0.9 - share, 6))
         synthesize_corpus(config, path)
     return str(path)
 
@@ -256,7 +281,7 @@ def run(args, results: dict, save) -> None:
             name = f"{lang}-espeak"
             expert, secs = trained(name, synth_corpus(lang, args), lang, None, args)
         elif kind == "synth-domain":
-            name = f"{lang}-espeak-domain"
+            name = f"{lang}-espeak-domain{domain_tag(lang, args)}"
             expert, secs = trained(name, domain_corpus(lang, args), lang, None, args)
         elif kind == "asterisk":
             name = f"{lang}-asterisk"
@@ -406,6 +431,9 @@ def main(argv=None) -> int:
                         "(default sk:synth,pl:synth,cs:synth,nl:real)")
     p.add_argument("--real-support-train", type=int, default=300, help="real clips of a LANG:real support")
     p.add_argument("--synth-per-language", type=int, default=700, help="utterances of a made espeak-ng corpus")
+    p.add_argument("--domain-train-fraction", type=float, default=0.7,
+                   help="share of a LANG:synth-domain corpus in its train split (default 0.7; validation 0.1, test "
+                        "the rest, which nothing here uses: 0.85 trains on more of the text)")
     p.add_argument("--synth-dir", default="data", help="where the supports' corpora are, espeak-ng <LANG>-espeak "
                    "and Asterisk asterisk-<LANG> (made if missing)")
     p.add_argument("--data", default="data/fillets", help="the real corpus (whisper-experts corpus fetch fillets)")
@@ -455,6 +483,9 @@ def main(argv=None) -> int:
             p.error("--search fixed and --weights go together: give both, or neither")
         if args.weights is not None and len(args.weights) != n_experts:
             p.error(f"--weights: {len(args.weights)} given, one per expert needed ({n_experts}: the target first)")
+        if not 0.1 <= args.domain_train_fraction <= 0.85:
+            p.error(f"--domain-train-fraction {args.domain_train_fraction}: give 0.1 to 0.85 (validation takes 0.1, "
+                    "test at least 0.05)")
         for lang, kind, given in supports:  # refuse a bad spec before training anything
             if kind == "file" and not Path(given).is_file():
                 p.error(f"--supports {lang}={given}: no such expert file")

@@ -43,22 +43,46 @@ def test_the_in_domain_support_reads_only_the_training_levels_text(tmp_path):
     validation or test level's line nor another language's; a language without training clips is refused by name."""
     from types import SimpleNamespace
 
-    from benchmarks.real_fusion import domain_corpus, domain_size, domain_text
+    from benchmarks.real_fusion import domain_corpus, domain_size, domain_tag, domain_text
     from trainers.corpus.loading import load_corpus
 
     _corpus(tmp_path / "real")
     args = SimpleNamespace(data=str(tmp_path / "real"), synth_dir=str(tmp_path / "synth"), synth_per_language=700,
-                           seed=1)
+                           seed=1, domain_train_fraction=0.7)
     text = domain_text("cs", args).read_text(encoding="utf-8")
     assert text.splitlines() == ["Ty amfory padají nelidsky pomalu.", "Konečně vidím nějakou novou lebku.",
                                  "Vidíš toho koníka v té skříni?", "Musíme odsud dostat tu velkou ocelovou trubku."]
     assert domain_size("cs", args) == 3  # four usable lines less two in reserve, but at least one per split
+    assert domain_tag("cs", args) == ""  # the defaults keep session 39's names
     args.synth_per_language = 3
-    corpus = load_corpus(domain_corpus("cs", args))  # real espeak-ng
+    made = domain_corpus("cs", args)
+    assert made.endswith("cs-espeak-domain-3")  # another size never reuses the 700-utterance corpus or its expert
+    corpus = load_corpus(made)  # real espeak-ng
     said = [t for split in corpus.values() for t in split["text"]]
     assert len(said) == 3 and set(said) <= set(text.splitlines())
     with pytest.raises(SystemExit, match="has no de training clips to take the text from"):
         domain_text("de", args)
+    args.domain_train_fraction = 0.85
+    assert domain_tag("cs", args) == "-3-train85"
+
+
+def test_the_in_domain_text_of_another_corpus_is_refused_not_reused(tmp_path):
+    """The in-domain text is cached beside the synthetic corpora; a copy made from another corpus (or edited) is
+    refused with the file and the fix named, and left as it was."""
+    from types import SimpleNamespace
+
+    from benchmarks.real_fusion import domain_text
+
+    _corpus(tmp_path / "real")
+    stale = tmp_path / "synth" / "cs-domain.txt"
+    stale.parent.mkdir()
+    stale.write_text("Věta z jiného korpusu.\n", encoding="utf-8")
+    args = SimpleNamespace(data=str(tmp_path / "real"), synth_dir=str(tmp_path / "synth"), synth_per_language=700,
+                           seed=1, domain_train_fraction=0.7)
+    with pytest.raises(SystemExit, match=r"cs-domain.txt holds other text than the cs training transcripts of .*"
+                                         r"give another --synth-dir, or delete"):
+        domain_text("cs", args)
+    assert stale.read_text(encoding="utf-8") == "Věta z jiného korpusu.\n"
 
 
 def test_the_shrinkage_controls_are_on_unless_turned_off(capsys):
@@ -67,6 +91,16 @@ def test_the_shrinkage_controls_are_on_unless_turned_off(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--scaled-target, --no-scaled-target" in capsys.readouterr().out
+
+
+def test_an_in_domain_train_share_that_leaves_no_validation_is_refused(capsys, tmp_path):
+    from benchmarks.real_fusion import main
+
+    with pytest.raises(SystemExit):
+        main(["--supports", "cs:synth-domain", "--domain-train-fraction", "0.95", "--out", str(tmp_path),
+              "--runs", str(tmp_path / "runs")])
+    assert "--domain-train-fraction 0.95: give 0.1 to 0.85" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_fixed_weights_go_with_search_fixed_one_per_expert(capsys, tmp_path):
