@@ -7,8 +7,9 @@
         --search grid --trials 6 --name real_fusion_cs_skpl_ties_ctl   # TIES; the shrinkage controls are on by default
     python benchmarks/real_fusion.py --supports cs:synth-domain --method ties --option density=1.0 \\
         --search grid --trials 6 --name real_fusion_cs_domain_ties   # synthetic Czech of the training levels' text
-    python benchmarks/real_fusion.py --supports cs:synth-domain --synth-per-language 1200 --domain-train-fraction 0.85 \\
-        --method ties --option density=1.0 --search grid --trials 6 --name real_fusion_cs_domain_full_ties  # all of it
+    python benchmarks/real_fusion.py --supports cs:synth-domain --synth-per-language 1200 \\
+        --domain-train-fraction 0.85 --method ties --option density=1.0 --search grid --trials 6 \\
+        --name real_fusion_cs_domain_full_ties        # all of that text, 85% of it in the support's train split
     python benchmarks/real_fusion.py --table-only                    # rewrite the table (and plot) from the JSON
     python benchmarks/real_fusion.py --supports de:synth,sk:synth --supports-only  # only train those experts
     python benchmarks/real_fusion.py --supports ru:asterisk --search grid --trials 6 --name real_fusion_cs_ru
