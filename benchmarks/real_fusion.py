@@ -269,6 +269,7 @@ def run(args, results: dict, save) -> None:
     domain = {lang: domain_size(lang, args) for lang, kind, _ in supports if kind == "synth-domain"}
     if domain:
         results["domain_sizes"] = domain
+        results["domain_train_fraction"] = args.domain_train_fraction
     experts, names, minutes = [], [], {}
     t_name = f"{target}-real-{args.target_train}" + (f"-seed{args.target_seed}" if args.target_seed else "")
     if not args.supports_only:
@@ -415,7 +416,8 @@ def table(results: dict) -> str:
               + "".join(f"Synthetic {lang}: {n} espeak-ng utterances (70% trained on). "
                         for lang, n in results.get("synth_sizes", {}).items())
               + "".join(f"Synthetic in-domain {lang}: {n} espeak-ng utterances of the training levels' transcripts "
-                        f"(70% trained on). " for lang, n in results.get("domain_sizes", {}).items())
+                        f"({round(100 * results.get('domain_train_fraction', 0.7))}% trained on). "
+                        for lang, n in results.get("domain_sizes", {}).items())
               + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
                         for lang, n in results.get("asterisk_sizes", {}).items())
               + control_note(results)

@@ -140,6 +140,11 @@ def test_a_fixed_weights_table_says_the_weights_were_not_searched():
     md = table(results)
     assert "Weights fixed beforehand; validation WER of the fused expert on 151 real validation clips 61.0" in md
     assert "| fused (linear, weights fixed beforehand) |" in md and "+0.60 |" in md
+    assert "in-domain" not in md
+    md = table({**results, "domain_sizes": {"cs": 1016}, "domain_train_fraction": 0.85})
+    assert "Synthetic in-domain cs: 1016 espeak-ng utterances of the training levels' transcripts (85% trained " \
+           "on)" in md
+    assert "(70% trained on)" in table({**results, "domain_sizes": {"cs": 700}})  # session 39's runs: the default
 
 
 def test_the_shrinkage_controls_have_their_rows_and_the_fused_row_is_compared_with_each(tmp_path):
