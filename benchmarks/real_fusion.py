@@ -70,6 +70,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.command import recorded  # noqa: E402
 from benchmarks.scores import score_key  # noqa: E402
+from benchmarks.support_corpora import (DOMAIN_TRAIN_FRACTION, SYNTH_PER_LANGUAGE, asterisk_corpus,  # noqa: E402
+                                        domain_corpus, domain_size, domain_tag, synth_corpus, synth_size)
 
 
 def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
@@ -86,103 +88,6 @@ def parse_supports(text: str) -> list[tuple[str, str, str | None]]:
             raise SystemExit(f"--supports: {item!r} is not LANG:synth, LANG:synth-domain, LANG:real, LANG:asterisk "
                              "or LANG=FILE")
     return out
-
-
-def synth_corpus(lang: str, args) -> str:
-    from trainers.corpus.synth import SynthConfig, synthesize_corpus
-
-    path = Path(args.synth_dir) / f"{lang}-espeak"
-    if not (path / "dataset_dict.json").is_file():
-        per_language = synth_size(lang, args)
-        synthesize_corpus(SynthConfig(languages=(lang,), per_language=per_language, seed=args.seed), path)
-    return str(path)
-
-
-def domain_text(lang: str, args) -> Path:
-    """LANG's transcripts of ``--data``'s training split, one per line (``<synth-dir>/<LANG>-domain.txt``).
-
-    A text file already there from another corpus (or an older copy of this one) is refused, not reused: the
-    in-domain support would otherwise be trained on text that is not ``--data``'s."""
-    from trainers.corpus.loading import load_corpus
-
-    path = Path(args.synth_dir) / f"{lang}-domain.txt"
-    train = load_corpus(args.data)["train"]
-    lines = [text for text, code in zip(train["text"], train["language"]) if code == lang]
-    if not lines:
-        raise SystemExit(f"--supports {lang}:synth-domain: {args.data} has no {lang} training clips to take "
-                         f"the text from")
-    text = "\n".join(lines) + "\n"
-    if path.is_file():
-        if path.read_text(encoding="utf-8") != text:
-            raise SystemExit(f"--supports {lang}:synth-domain: {path} holds other text than the {lang} training "
-                             f"transcripts of {args.data} (made from another corpus?); give another --synth-dir, or "
-                             f"delete {path} and {Path(args.synth_dir) / f'{lang}-espeak-domain'}* to remake them")
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def domain_tag(lang: str, args) -> str:
-    """The in-domain corpus's and expert's name suffix: none at the defaults (700 utterances, 70% of them in
-    train), else ``-<utterances>`` and ``-train<percent>``, so runs of other sizes never reuse each other's."""
-    size, share = domain_size(lang, args), args.domain_train_fraction
-    if args.synth_per_language == 700 and share == 0.7:
-        return ""
-    return f"-{size}" + ("" if share == 0.7 else f"-train{round(share * 100)}")
-
-
-def domain_corpus(lang: str, args) -> str:
-    """LANG's espeak-ng corpus over its in-domain text (``<synth-dir>/<LANG>-espeak-domain<tag>``), made if
-    missing; ``--domain-train-fraction`` of it in train, 10% in validation, the rest in test (unused here)."""
-    from trainers.corpus.synth import SynthConfig, synthesize_corpus
-
-    path = Path(args.synth_dir) / f"{lang}-espeak-domain{domain_tag(lang, args)}"
-    if not (path / "dataset_dict.json").is_file():
-        share = args.domain_train_fraction
-        config = SynthConfig(languages=(lang,), per_language=domain_size(lang, args), seed=args.seed,
-                             text_files={lang: (domain_text(lang, args),)}, train_fraction=share,
-                             validation_fraction=0.1, test_fraction=round(0.9 - share, 6))
-        synthesize_corpus(config, path)
-    return str(path)
-
-
-def domain_size(lang: str, args) -> int:
-    """Utterances of LANG's in-domain espeak-ng corpus: ``--synth-per-language`` or the usable lines, fewer kept."""
-    from trainers.corpus.sources import sentences
-
-    usable = usable_sentences(len(sentences(lang, {lang: (domain_text(lang, args),)}, builtin=False)))
-    return max(3, min(usable, args.synth_per_language))
-
-
-def asterisk_corpus(lang: str, args) -> str:
-    """LANG's corpus of Asterisk phone prompts (``<synth-dir>/asterisk-<LANG>``), fetched and made if missing."""
-    from registry.home import home_dir
-    from trainers.corpus import asterisk
-
-    path = Path(args.synth_dir) / f"asterisk-{lang}"
-    if not (path / "corpus.json").is_file():
-        root = asterisk.fetch_packages(home_dir() / "downloads" / "asterisk", [lang])
-        asterisk.build_corpus(root, [lang], path, overwrite=path.exists(), progress=False)
-    return str(path)
-
-
-def usable_sentences(available: int) -> int:
-    """Sentences usable out of ``available``: a few are kept in reserve for clips espeak-ng renders unusable."""
-    return available - max(2, available // 20)
-
-
-def synth_size(lang: str, args) -> int:
-    """Utterances of LANG's espeak-ng corpus: ``--synth-per-language``, or fewer where fewer sentences are offline
-    (Slovak has 312: 297 utterances, the rest in reserve), said before anything is trained."""
-    from trainers.corpus.sources import sentences
-
-    available = len(sentences(lang))
-    usable = usable_sentences(available)
-    if usable < args.synth_per_language:
-        print(f"{lang}: only {available} sentences offline, so its synthetic corpus has {usable} utterances "
-              f"(not {args.synth_per_language})", flush=True)
-    return min(usable, args.synth_per_language)
 
 
 def trained(name: str, data: str, lang: str, max_train: int | None, args, seed: int = 0) -> tuple[object, float]:
@@ -416,7 +321,7 @@ def table(results: dict) -> str:
               + "".join(f"Synthetic {lang}: {n} espeak-ng utterances (70% trained on). "
                         for lang, n in results.get("synth_sizes", {}).items())
               + "".join(f"Synthetic in-domain {lang}: {n} espeak-ng utterances of the training levels' transcripts "
-                        f"({round(100 * results.get('domain_train_fraction', 0.7))}% trained on). "
+                        f"({round(100 * results.get('domain_train_fraction', DOMAIN_TRAIN_FRACTION))}% trained on). "
                         for lang, n in results.get("domain_sizes", {}).items())
               + "".join(f"Asterisk {lang}: {n} real phone prompts of one speaker trained on. "
                         for lang, n in results.get("asterisk_sizes", {}).items())
@@ -433,8 +338,9 @@ def main(argv=None) -> int:
                    help="LANG:synth, LANG:real, LANG:asterisk or LANG=FILE, comma-separated "
                         "(default sk:synth,pl:synth,cs:synth,nl:real)")
     p.add_argument("--real-support-train", type=int, default=300, help="real clips of a LANG:real support")
-    p.add_argument("--synth-per-language", type=int, default=700, help="utterances of a made espeak-ng corpus")
-    p.add_argument("--domain-train-fraction", type=float, default=0.7,
+    p.add_argument("--synth-per-language", type=int, default=SYNTH_PER_LANGUAGE,
+                   help="utterances of a made espeak-ng corpus")
+    p.add_argument("--domain-train-fraction", type=float, default=DOMAIN_TRAIN_FRACTION,
                    help="share of a LANG:synth-domain corpus in its train split (default 0.7; validation 0.1, test "
                         "the rest, which nothing here uses: 0.85 trains on more of the text)")
     p.add_argument("--synth-dir", default="data", help="where the supports' corpora are, espeak-ng <LANG>-espeak "

@@ -43,7 +43,7 @@ def test_the_in_domain_support_reads_only_the_training_levels_text(tmp_path):
     validation or test level's line nor another language's; a language without training clips is refused by name."""
     from types import SimpleNamespace
 
-    from benchmarks.real_fusion import domain_corpus, domain_size, domain_tag, domain_text
+    from benchmarks.support_corpora import domain_corpus, domain_size, domain_tag, domain_text
     from trainers.corpus.loading import load_corpus
 
     _corpus(tmp_path / "real")
@@ -71,7 +71,7 @@ def test_the_in_domain_text_of_another_corpus_is_refused_not_reused(tmp_path):
     refused with the file and the fix named, and left as it was."""
     from types import SimpleNamespace
 
-    from benchmarks.real_fusion import domain_text
+    from benchmarks.support_corpora import domain_text
 
     _corpus(tmp_path / "real")
     stale = tmp_path / "synth" / "cs-domain.txt"
